@@ -1,0 +1,55 @@
+//! The shared state every request handler sees: configuration, signing secret, the runbook
+//! catalog, running runs, metrics, and what was captured from the process at startup.
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+
+use crate::catalog::Catalog;
+use crate::config::Config;
+use crate::jwt::Validation;
+use crate::metrics::Metrics;
+use crate::run::Registry;
+
+/// Leeway for `exp`/`nbf` checks.
+pub const TOKEN_LEEWAY_SECONDS: i64 = 30;
+
+pub struct App {
+    pub config: Config,
+    pub secret: Vec<u8>,
+    pub catalog: Catalog,
+    pub runs: Registry,
+    pub metrics: Metrics,
+    /// The server's environment at startup.
+    pub server_env: HashMap<String, String>,
+    /// The server's environment minus the variables scripts must never see.
+    pub script_base_env: Vec<(String, String)>,
+    /// The soft descriptor limit the server started with, given back to scripts.
+    pub nofile_soft: Option<u64>,
+    /// The port actually listened on.
+    pub port: u16,
+    /// Where run logs live.
+    pub runs_dir: PathBuf,
+}
+
+impl App {
+    pub fn token_validation(&self) -> Validation<'_> {
+        Validation {
+            issuer: &self.config.jwt_issuer,
+            audience: &self.config.jwt_audience,
+            leeway_seconds: TOKEN_LEEWAY_SECONDS,
+            now: chrono::Utc::now().timestamp(),
+        }
+    }
+
+    pub fn server_var(&self, name: &str) -> Option<String> {
+        self.server_env.get(name).cloned()
+    }
+
+    /// `RUNBOOK_URL` for scripts.
+    pub fn runbook_url(&self) -> String {
+        format!(
+            "{}://{}:{}/api/runbooks",
+            self.config.api_protocol, self.config.api_host, self.port
+        )
+    }
+}

@@ -1,0 +1,470 @@
+//! Safe access to the runbooks directory: listing runbooks and resolving names and input paths
+//! so that nothing outside the directory is ever read.
+
+use std::fmt;
+use std::fs::{self, File, OpenOptions};
+use std::io::{self, BufRead, BufReader, Read};
+use std::os::unix::fs::OpenOptionsExt;
+use std::path::{Path, PathBuf};
+
+/// The runbooks directory.
+#[derive(Debug, Clone)]
+pub struct Catalog {
+    /// Canonical path of the directory.
+    root: PathBuf,
+}
+
+/// One runbook in a listing.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CatalogEntry {
+    pub filename: String,
+    /// Text of the H1 on the first line, trimmed.
+    pub name: String,
+    /// Path relative to the runbooks directory (the file name, as runbooks are not nested).
+    pub path: String,
+}
+
+#[derive(Debug)]
+#[non_exhaustive]
+pub enum CatalogError {
+    /// The name cannot be a runbook file name (separator, `..`, control character, not `.md`).
+    InvalidName,
+    /// No such runbook: missing, not a regular file, or a symlink leading outside the directory.
+    NotFound,
+    Io(io::Error),
+}
+
+impl fmt::Display for CatalogError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            CatalogError::InvalidName => f.write_str("invalid runbook file name"),
+            CatalogError::NotFound => f.write_str("runbook not found"),
+            CatalogError::Io(error) => write!(f, "cannot read the runbooks directory: {error}"),
+        }
+    }
+}
+
+impl std::error::Error for CatalogError {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        match self {
+            CatalogError::Io(error) => Some(error),
+            CatalogError::InvalidName | CatalogError::NotFound => None,
+        }
+    }
+}
+
+/// How much of a file is read to find its first line when listing.
+const FIRST_LINE_LIMIT: u64 = 8 * 1024;
+
+const RUNBOOK_EXTENSION: &str = ".md";
+
+impl Catalog {
+    /// Opens the runbooks directory; it must exist and be a directory.
+    pub fn open(root: &Path) -> Result<Catalog, CatalogError> {
+        let root = fs::canonicalize(root).map_err(CatalogError::Io)?;
+        let metadata = fs::metadata(&root).map_err(CatalogError::Io)?;
+        if !metadata.is_dir() {
+            return Err(CatalogError::Io(io::Error::new(
+                io::ErrorKind::NotADirectory,
+                "the runbooks directory is not a directory",
+            )));
+        }
+        Ok(Catalog { root })
+    }
+
+    /// The canonical path of the runbooks directory.
+    pub fn root(&self) -> &Path {
+        &self.root
+    }
+
+    /// Files directly in root ending `.md` whose first line is an H1 (`# `), sorted by filename.
+    /// Files that [`Catalog::resolve`] refuses are left out, as are unreadable ones.
+    pub fn list(&self) -> Result<Vec<CatalogEntry>, CatalogError> {
+        let mut entries = Vec::new();
+        for dir_entry in fs::read_dir(&self.root).map_err(CatalogError::Io)? {
+            let dir_entry = match dir_entry {
+                Ok(dir_entry) => dir_entry,
+                Err(error) => {
+                    log::warn!("skipping an unreadable entry of the runbooks directory: {error}");
+                    continue;
+                }
+            };
+            let Ok(filename) = dir_entry.file_name().into_string() else {
+                continue;
+            };
+            let Ok(path) = self.resolve(&filename) else {
+                continue;
+            };
+            match first_line_title(&path) {
+                Ok(Some(name)) => entries.push(CatalogEntry {
+                    path: filename.clone(),
+                    filename,
+                    name,
+                }),
+                Ok(None) => {}
+                Err(error) => log::warn!("skipping an unreadable runbook: {error}"),
+            }
+        }
+        entries.sort_by(|a, b| a.filename.cmp(&b.filename));
+        Ok(entries)
+    }
+
+    /// Resolve an already percent-decoded file name to a path inside root.
+    /// InvalidName: empty, contains '/', '\\', NUL, is "." or "..", contains "..", does not end
+    /// with ".md", or contains control characters.
+    /// NotFound: no such regular file, or it is a symlink whose canonical target is outside root
+    /// (never reveal which), or not a regular file.
+    /// A symlink inside root resolves to its canonical target.
+    pub fn resolve(&self, file: &str) -> Result<PathBuf, CatalogError> {
+        if !is_valid_file_name(file) {
+            return Err(CatalogError::InvalidName);
+        }
+        let candidate = self.root.join(file);
+        let metadata = fs::symlink_metadata(&candidate).map_err(absent_as_not_found)?;
+        if metadata.file_type().is_symlink() {
+            // Any failure past this point reads as "not found", so that probing through a
+            // symlink reveals nothing about what lies outside the directory.
+            let target = fs::canonicalize(&candidate).map_err(|_| CatalogError::NotFound)?;
+            let is_regular_file = fs::metadata(&target).is_ok_and(|meta| meta.is_file());
+            if !target.starts_with(&self.root) || !is_regular_file {
+                return Err(CatalogError::NotFound);
+            }
+            return Ok(target);
+        }
+        if !metadata.is_file() {
+            return Err(CatalogError::NotFound);
+        }
+        Ok(candidate)
+    }
+
+    /// resolve + read to string (NotFound / Io); non-UTF-8 content is decoded lossily.
+    pub fn read(&self, file: &str) -> Result<(PathBuf, String), CatalogError> {
+        let path = self.resolve(file)?;
+        let mut bytes = Vec::new();
+        open_regular_file(&path)?
+            .read_to_end(&mut bytes)
+            .map_err(CatalogError::Io)?;
+        let text = match String::from_utf8(bytes) {
+            Ok(text) => text,
+            Err(error) => String::from_utf8_lossy(error.as_bytes()).into_owned(),
+        };
+        Ok((path, text))
+    }
+
+    /// For `Input:` entries: resolve a path relative to the runbook's directory (root) and
+    /// refuse anything whose canonical path is outside root. Returns the canonical path, or None
+    /// if missing/outside. Root itself counts as inside.
+    pub fn resolve_input(&self, input: &str) -> Option<PathBuf> {
+        if input.trim().is_empty() || input.contains('\0') {
+            return None;
+        }
+        let canonical = fs::canonicalize(self.root.join(input)).ok()?;
+        canonical.starts_with(&self.root).then_some(canonical)
+    }
+
+    /// Whether `path` exists and its canonical path lies inside root (root included). Meant for
+    /// checking each entry met while copying an input folder.
+    pub fn contains(&self, path: &Path) -> bool {
+        fs::canonicalize(path).is_ok_and(|canonical| canonical.starts_with(&self.root))
+    }
+}
+
+fn is_valid_file_name(file: &str) -> bool {
+    !file.is_empty()
+        && file != "."
+        && file != ".."
+        && !file.contains(['/', '\\', '\0'])
+        && !file.contains("..")
+        && file.ends_with(RUNBOOK_EXTENSION)
+        && !file.chars().any(char::is_control)
+}
+
+/// Errors that mean "there is no such file" become NotFound; others stay I/O errors.
+fn absent_as_not_found(error: io::Error) -> CatalogError {
+    match error.raw_os_error() {
+        Some(libc::ENOENT | libc::ENOTDIR | libc::ENAMETOOLONG | libc::ELOOP) => {
+            CatalogError::NotFound
+        }
+        _ if error.kind() == io::ErrorKind::NotFound => CatalogError::NotFound,
+        _ => CatalogError::Io(error),
+    }
+}
+
+/// Opens a resolved runbook for reading without following a symlink swapped in since it was
+/// resolved and without blocking on a FIFO; anything but a regular file is NotFound.
+fn open_regular_file(path: &Path) -> Result<File, CatalogError> {
+    let file = OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK)
+        .open(path)
+        .map_err(absent_as_not_found)?;
+    let metadata = file.metadata().map_err(CatalogError::Io)?;
+    if !metadata.is_file() {
+        return Err(CatalogError::NotFound);
+    }
+    Ok(file)
+}
+
+/// The title of the H1 on the first line of the file, or None if the first line is not an H1.
+fn first_line_title(path: &Path) -> Result<Option<String>, CatalogError> {
+    let file = open_regular_file(path)?;
+    let mut first_line = Vec::new();
+    BufReader::new(file.take(FIRST_LINE_LIMIT))
+        .read_until(b'\n', &mut first_line)
+        .map_err(CatalogError::Io)?;
+    let line = String::from_utf8_lossy(&first_line);
+    let line = line.strip_prefix('\u{feff}').unwrap_or(&line);
+    let line = line.strip_suffix('\n').unwrap_or(line);
+    let line = line.strip_suffix('\r').unwrap_or(line);
+    Ok(h1_title(line).map(str::to_string))
+}
+
+/// The title of an H1 line (`#` followed by a space, a tab or nothing), trimmed.
+fn h1_title(line: &str) -> Option<&str> {
+    let rest = line.strip_prefix('#')?;
+    if rest.is_empty() || rest.starts_with([' ', '\t']) {
+        Some(rest.trim())
+    } else {
+        None
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::unix::fs::symlink;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    /// A directory under the system temp dir, removed when dropped.
+    struct TempDir(PathBuf);
+
+    impl TempDir {
+        fn new(label: &str) -> TempDir {
+            static COUNTER: AtomicUsize = AtomicUsize::new(0);
+            let path = std::env::temp_dir().join(format!(
+                "runbookd-catalog-{label}-{}-{}",
+                std::process::id(),
+                COUNTER.fetch_add(1, Ordering::Relaxed)
+            ));
+            fs::create_dir_all(&path).unwrap();
+            TempDir(path)
+        }
+
+        fn write(&self, name: &str, content: &[u8]) -> PathBuf {
+            let path = self.0.join(name);
+            fs::write(&path, content).unwrap();
+            path
+        }
+    }
+
+    impl Drop for TempDir {
+        fn drop(&mut self) {
+            let _ = fs::remove_dir_all(&self.0);
+        }
+    }
+
+    fn not_found<T: fmt::Debug>(result: Result<T, CatalogError>) -> bool {
+        matches!(result, Err(CatalogError::NotFound))
+    }
+
+    fn invalid<T: fmt::Debug>(result: Result<T, CatalogError>) -> bool {
+        matches!(result, Err(CatalogError::InvalidName))
+    }
+
+    #[test]
+    fn open_requires_an_existing_directory() {
+        let dir = TempDir::new("open");
+        let file = dir.write("plain.md", b"# x\n");
+        assert!(matches!(Catalog::open(&file), Err(CatalogError::Io(_))));
+        assert!(matches!(
+            Catalog::open(&dir.0.join("missing")),
+            Err(CatalogError::Io(_))
+        ));
+        let catalog = Catalog::open(&dir.0.join(".")).unwrap();
+        assert_eq!(catalog.root(), fs::canonicalize(&dir.0).unwrap());
+    }
+
+    #[test]
+    fn lists_runbooks_sorted_and_skips_others() {
+        let dir = TempDir::new("list");
+        let outside = TempDir::new("list-outside");
+        dir.write("zeta.md", b"# Zeta\nbody\n");
+        dir.write("alpha.md", b"#   Alpha  \r\n");
+        dir.write("bom.md", "\u{feff}# Bom".as_bytes());
+        dir.write("prose.md", b"Not a heading\n# Later\n");
+        dir.write("h2.md", b"## Sub\n");
+        dir.write("nospace.md", b"#Tight\n");
+        dir.write("empty.md", b"");
+        dir.write("notes.txt", b"# Text\n");
+        dir.write("UPPER.MD", b"# Upper\n");
+        dir.write("latin1.md", b"# Caf\xe9\n");
+        fs::create_dir(dir.0.join("folder.md")).unwrap();
+        symlink(dir.0.join("zeta.md"), dir.0.join("link.md")).unwrap();
+        let secret = outside.write("secret.md", b"# Secret\n");
+        symlink(&secret, dir.0.join("escape.md")).unwrap();
+        symlink(dir.0.join("gone.md"), dir.0.join("dangling.md")).unwrap();
+
+        let catalog = Catalog::open(&dir.0).unwrap();
+        let listed: Vec<(String, String, String)> = catalog
+            .list()
+            .unwrap()
+            .into_iter()
+            .map(|entry| (entry.filename, entry.name, entry.path))
+            .collect();
+        let expected = [
+            ("alpha.md", "Alpha"),
+            ("bom.md", "Bom"),
+            ("latin1.md", "Caf\u{fffd}"),
+            ("link.md", "Zeta"),
+            ("zeta.md", "Zeta"),
+        ];
+        let expected: Vec<(String, String, String)> = expected
+            .iter()
+            .map(|(file, name)| (file.to_string(), name.to_string(), file.to_string()))
+            .collect();
+        assert_eq!(listed, expected);
+    }
+
+    #[test]
+    fn traversal_and_malformed_names_are_invalid() {
+        let dir = TempDir::new("names");
+        let catalog = Catalog::open(&dir.0).unwrap();
+        for name in [
+            "",
+            ".",
+            "..",
+            "../x.md",
+            "..md",
+            "a..b.md",
+            "sub/x.md",
+            "/etc/passwd.md",
+            "a\\b.md",
+            "x\0.md",
+            "line\nbreak.md",
+            "tab\t.md",
+            "readme.txt",
+            "readme.MD",
+            "readme.md.bak",
+        ] {
+            assert!(invalid(catalog.resolve(name)), "{name:?}");
+            assert!(invalid(catalog.read(name)), "{name:?}");
+        }
+        // Percent-encoding is decoded by the caller; here it is just an odd, missing name.
+        assert!(not_found(catalog.resolve("%2e%2e%2fx.md")));
+        assert!(not_found(
+            catalog.resolve(&format!("{}.md", "a".repeat(300)))
+        ));
+    }
+
+    #[test]
+    fn resolves_and_reads_regular_files() {
+        let dir = TempDir::new("read");
+        dir.write("ok.md", b"# Ok\nline\n");
+        dir.write("bytes.md", b"# B\n\xff\xfe end\n");
+        fs::create_dir(dir.0.join("folder.md")).unwrap();
+        let catalog = Catalog::open(&dir.0).unwrap();
+
+        let (path, text) = catalog.read("ok.md").unwrap();
+        assert_eq!(path, catalog.root().join("ok.md"));
+        assert_eq!(text, "# Ok\nline\n");
+        let (_, text) = catalog.read("bytes.md").unwrap();
+        assert_eq!(text, "# B\n\u{fffd}\u{fffd} end\n");
+        assert!(not_found(catalog.resolve("missing.md")));
+        assert!(not_found(catalog.read("missing.md")));
+        assert!(not_found(catalog.resolve("folder.md")));
+    }
+
+    #[test]
+    fn fifo_is_not_a_runbook() {
+        let dir = TempDir::new("fifo");
+        let status = std::process::Command::new("mkfifo")
+            .arg(dir.0.join("pipe.md"))
+            .status()
+            .unwrap();
+        assert!(status.success());
+        let catalog = Catalog::open(&dir.0).unwrap();
+        assert!(not_found(catalog.resolve("pipe.md")));
+        assert!(catalog.list().unwrap().is_empty());
+    }
+
+    #[test]
+    fn symlink_outside_is_refused_like_a_missing_file() {
+        let dir = TempDir::new("symlink-out");
+        let outside = TempDir::new("symlink-out-target");
+        let secret = outside.write("secret.md", b"# Secret\n");
+        symlink(&secret, dir.0.join("evil.md")).unwrap();
+        symlink(outside.0.join("missing.md"), dir.0.join("dangling.md")).unwrap();
+        symlink(&outside.0, dir.0.join("outdir.md")).unwrap();
+        let catalog = Catalog::open(&dir.0).unwrap();
+
+        assert!(not_found(catalog.resolve("evil.md")));
+        assert!(not_found(catalog.read("evil.md")));
+        assert!(not_found(catalog.resolve("dangling.md")));
+        assert!(not_found(catalog.resolve("outdir.md")));
+        assert!(catalog.list().unwrap().is_empty());
+    }
+
+    #[test]
+    fn symlink_inside_is_allowed() {
+        let dir = TempDir::new("symlink-in");
+        fs::create_dir(dir.0.join("drafts")).unwrap();
+        let target = dir.write("drafts/real.md", b"# Real\n");
+        symlink(&target, dir.0.join("alias.md")).unwrap();
+        symlink("drafts", dir.0.join("dir.md")).unwrap();
+        let catalog = Catalog::open(&dir.0).unwrap();
+
+        let (path, text) = catalog.read("alias.md").unwrap();
+        assert_eq!(path, fs::canonicalize(&target).unwrap());
+        assert_eq!(text, "# Real\n");
+        assert!(not_found(catalog.resolve("dir.md")));
+    }
+
+    #[test]
+    fn inputs_must_stay_inside_the_directory() {
+        let parent = TempDir::new("inputs");
+        let root = parent.0.join("runbooks");
+        fs::create_dir_all(root.join("CreatePackage")).unwrap();
+        fs::write(root.join("config.json"), b"{}").unwrap();
+        fs::write(parent.0.join("outside.txt"), b"secret").unwrap();
+        symlink(parent.0.join("outside.txt"), root.join("sneaky")).unwrap();
+        symlink(root.join("config.json"), root.join("friendly")).unwrap();
+        let catalog = Catalog::open(&root).unwrap();
+        let canonical_root = catalog.root().to_path_buf();
+
+        assert_eq!(
+            catalog.resolve_input("./CreatePackage"),
+            Some(canonical_root.join("CreatePackage"))
+        );
+        assert_eq!(
+            catalog.resolve_input("config.json"),
+            Some(canonical_root.join("config.json"))
+        );
+        assert_eq!(
+            catalog.resolve_input("friendly"),
+            Some(canonical_root.join("config.json"))
+        );
+        let absolute_inside = canonical_root.join("config.json");
+        assert_eq!(
+            catalog.resolve_input(absolute_inside.to_str().unwrap()),
+            Some(absolute_inside.clone())
+        );
+        assert_eq!(
+            catalog.resolve_input("./CreatePackage/../config.json"),
+            Some(absolute_inside)
+        );
+        assert_eq!(catalog.resolve_input("../outside.txt"), None);
+        assert_eq!(catalog.resolve_input("sneaky"), None);
+        assert_eq!(
+            catalog.resolve_input(parent.0.join("outside.txt").to_str().unwrap()),
+            None
+        );
+        assert_eq!(catalog.resolve_input("/etc/passwd"), None);
+        assert_eq!(catalog.resolve_input("missing"), None);
+        assert_eq!(catalog.resolve_input(""), None);
+        assert_eq!(catalog.resolve_input("a\0b"), None);
+
+        assert!(catalog.contains(&root.join("CreatePackage")));
+        assert!(!catalog.contains(&root.join("sneaky")));
+        assert!(!catalog.contains(&root.join("missing")));
+    }
+}

@@ -1,0 +1,619 @@
+//! The `# History` section of a runbook: formats execution entries and appends them to the
+//! runbook file under an exclusive lock, dropping the oldest entries beyond a maximum.
+
+use std::fmt::{self, Write as _};
+use std::fs::OpenOptions;
+use std::io::{self, Read, Seek, SeekFrom, Write};
+use std::path::Path;
+
+use chrono::{DateTime, SecondsFormat, Utc};
+
+/// What a history entry keeps of one output stream: the start, and the end when the stream was
+/// too long to keep whole.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct StreamExcerpt {
+    pub head: String,
+    /// Empty, with `omitted_bytes` 0, when the whole stream fits in `head`.
+    pub tail: String,
+    pub omitted_bytes: u64,
+}
+
+impl StreamExcerpt {
+    /// An excerpt holding a whole stream.
+    pub fn whole(text: impl Into<String>) -> StreamExcerpt {
+        StreamExcerpt {
+            head: text.into(),
+            tail: String::new(),
+            omitted_bytes: 0,
+        }
+    }
+
+    fn is_empty(&self) -> bool {
+        self.head.is_empty() && self.tail.is_empty() && self.omitted_bytes == 0
+    }
+}
+
+/// One finished execution, as recorded in the history.
+#[derive(Debug, Clone, Copy)]
+pub struct HistoryEntry<'a> {
+    pub finished_at: DateTime<Utc>,
+    pub exit_code: i32,
+    pub run_id: Option<&'a str>,
+    pub stdout: &'a StreamExcerpt,
+    pub stderr: &'a StreamExcerpt,
+}
+
+#[derive(Debug)]
+#[non_exhaustive]
+pub enum HistoryError {
+    Io(io::Error),
+}
+
+impl fmt::Display for HistoryError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            HistoryError::Io(error) => write!(f, "cannot update the runbook history: {error}"),
+        }
+    }
+}
+
+impl std::error::Error for HistoryError {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        match self {
+            HistoryError::Io(error) => Some(error),
+        }
+    }
+}
+
+impl From<io::Error> for HistoryError {
+    fn from(error: io::Error) -> HistoryError {
+        HistoryError::Io(error)
+    }
+}
+
+const FENCE: &str = "```";
+const ESCAPED_FENCE: &str = "\\`\\`\\`";
+const HISTORY_HEADING: &[u8] = b"\n# History\n";
+const ENTRY_PREFIX: &[u8] = b"### ";
+
+/// Formats an entry:
+/// `\n### <time> | Exit Code: N | Run: <id>\n\n**Stdout:**\n```\n…\n```\n\n**Stderr:**\n```\n…\n```\n`.
+/// The run part is left out without a run id, and an empty stream's block is left out.
+pub fn format_entry(e: &HistoryEntry) -> String {
+    let run_id = e.run_id.map(without_control_characters);
+    let mut text = format!(
+        "\n### {} | Exit Code: {}",
+        e.finished_at.to_rfc3339_opts(SecondsFormat::Millis, true),
+        e.exit_code
+    );
+    if let Some(run_id) = &run_id {
+        text.push_str(" | Run: ");
+        text.push_str(run_id);
+    }
+    text.push('\n');
+    push_stream(&mut text, "Stdout", e.stdout, run_id.as_deref());
+    push_stream(&mut text, "Stderr", e.stderr, run_id.as_deref());
+    text
+}
+
+fn without_control_characters(text: &str) -> String {
+    text.chars().filter(|c| !c.is_control()).collect()
+}
+
+/// Output must not be able to close the block it is shown in.
+fn escape_fences(text: &str) -> String {
+    text.replace(FENCE, ESCAPED_FENCE)
+}
+
+fn push_stream(out: &mut String, label: &str, excerpt: &StreamExcerpt, run_id: Option<&str>) {
+    if excerpt.is_empty() {
+        return;
+    }
+    let mut body = escape_fences(&excerpt.head);
+    if excerpt.omitted_bytes > 0 {
+        // Writing into a String cannot fail.
+        let _ = write!(
+            body,
+            "\n… {} bytes omitted; full log: run {} …\n",
+            excerpt.omitted_bytes,
+            run_id.unwrap_or("-")
+        );
+    }
+    body.push_str(&escape_fences(&excerpt.tail));
+    out.push_str("\n**");
+    out.push_str(label);
+    out.push_str(":**\n");
+    out.push_str(FENCE);
+    out.push('\n');
+    out.push_str(&body);
+    if !body.ends_with('\n') {
+        out.push('\n');
+    }
+    out.push_str(FENCE);
+    out.push('\n');
+}
+
+/// Appends `entry` (see [`format_entry`]) to the `# History` section of the runbook at
+/// `runbook_path`, creating the section at the end if it is missing, and drops the oldest
+/// entries so that at most `max_entries` remain. The whole update happens under an exclusive
+/// lock on the file, so concurrent appends each leave one intact entry.
+///
+/// The entry is appended at the end of the file, or at the end of the History section when
+/// another section follows it. The file is rewritten in place only when that insertion or a
+/// trim requires it. A code block left open at the end of the file is closed first.
+pub fn append(runbook_path: &Path, entry: &str, max_entries: usize) -> Result<(), HistoryError> {
+    let mut file = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(runbook_path)?;
+    file.lock()?;
+    let mut content = Vec::new();
+    file.read_to_end(&mut content)?;
+
+    let layout = Layout::of(&content);
+    let mut addition = Vec::new();
+    let insert_at = match &layout.history {
+        Some(history) if history.end < content.len() => history.end,
+        _ => {
+            if !content.is_empty() && !content.ends_with(b"\n") {
+                addition.push(b'\n');
+            }
+            if let Some(fence) = layout.open_fence {
+                addition.extend(std::iter::repeat_n(fence.marker, fence.width));
+                addition.push(b'\n');
+            }
+            if layout.history.is_none() {
+                addition.extend_from_slice(HISTORY_HEADING);
+            }
+            content.len()
+        }
+    };
+    addition.extend_from_slice(entry.as_bytes());
+    if insert_at < content.len() && !addition.ends_with(b"\n") {
+        addition.push(b'\n');
+    }
+
+    let mut updated = Vec::with_capacity(content.len() + addition.len());
+    updated.extend_from_slice(&content[..insert_at]);
+    updated.extend_from_slice(&addition);
+    updated.extend_from_slice(&content[insert_at..]);
+
+    let trimmed = match Layout::of(&updated).history {
+        Some(history) if history.entry_starts.len() > max_entries => {
+            let dropped = history.entry_starts.len() - max_entries;
+            let first = history.entry_starts[0];
+            let kept_from = history
+                .entry_starts
+                .get(dropped)
+                .copied()
+                .unwrap_or(history.end);
+            updated.drain(first..kept_from);
+            true
+        }
+        _ => false,
+    };
+
+    if trimmed || insert_at < content.len() {
+        file.seek(SeekFrom::Start(0))?;
+        file.write_all(&updated)?;
+        file.set_len(updated.len() as u64)?;
+    } else {
+        file.seek(SeekFrom::End(0))?;
+        file.write_all(&addition)?;
+    }
+    Ok(())
+}
+
+/// A code fence: the fence character and how many of them opened the block.
+#[derive(Debug, Clone, Copy)]
+struct Fence {
+    marker: u8,
+    width: usize,
+}
+
+/// Up to three spaces of indentation, as markdown allows before a fence.
+fn fence_indent(line: &[u8]) -> Option<usize> {
+    let indent = line.iter().take_while(|&&b| b == b' ').count();
+    (indent <= 3).then_some(indent)
+}
+
+/// An opening fence: three or more backticks or tildes (no backtick in a backtick info string).
+fn opening_fence(line: &[u8]) -> Option<Fence> {
+    let rest = &line[fence_indent(line)?..];
+    let marker = *rest.first()?;
+    if marker != b'`' && marker != b'~' {
+        return None;
+    }
+    let width = rest.iter().take_while(|&&b| b == marker).count();
+    if width < 3 || (marker == b'`' && rest[width..].contains(&b'`')) {
+        return None;
+    }
+    Some(Fence { marker, width })
+}
+
+/// Whether `line` closes a block opened by `fence`.
+fn closes(fence: Fence, line: &[u8]) -> bool {
+    let Some(indent) = fence_indent(line) else {
+        return false;
+    };
+    let rest = &line[indent..];
+    let width = rest.iter().take_while(|&&b| b == fence.marker).count();
+    width >= fence.width && rest[width..].iter().all(|&b| b == b' ' || b == b'\t')
+}
+
+/// The title of an H1 line (`#` followed by a space, a tab or nothing), trimmed.
+fn h1_title(line: &[u8]) -> Option<&[u8]> {
+    let rest = line.strip_prefix(b"#")?;
+    if rest.is_empty() || rest[0] == b' ' || rest[0] == b'\t' {
+        Some(rest.trim_ascii())
+    } else {
+        None
+    }
+}
+
+/// Where the History section and its entries are in a runbook file.
+struct HistorySection {
+    /// Byte offset where the section ends: the start of the next H1 line, or the end of the file.
+    end: usize,
+    /// Byte offsets of the entries' `### ` lines, oldest first.
+    entry_starts: Vec<usize>,
+}
+
+struct Layout {
+    /// The first `# History` section (the first line, being the runbook's name, never counts).
+    history: Option<HistorySection>,
+    /// The code block still open at the end of the file, if any.
+    open_fence: Option<Fence>,
+}
+
+impl Layout {
+    fn of(content: &[u8]) -> Layout {
+        let mut history: Option<HistorySection> = None;
+        let mut in_history = false;
+        let mut open_fence: Option<Fence> = None;
+        let mut line_start = 0;
+        for (index, raw_line) in content.split_inclusive(|&b| b == b'\n').enumerate() {
+            let start = line_start;
+            line_start += raw_line.len();
+            let line = raw_line.strip_suffix(b"\n").unwrap_or(raw_line);
+            let line = line.strip_suffix(b"\r").unwrap_or(line);
+            if let Some(fence) = open_fence {
+                if closes(fence, line) {
+                    open_fence = None;
+                }
+                continue;
+            }
+            if let Some(fence) = opening_fence(line) {
+                open_fence = Some(fence);
+                continue;
+            }
+            if index > 0 {
+                if let Some(title) = h1_title(line) {
+                    if in_history {
+                        if let Some(section) = history.as_mut() {
+                            section.end = start;
+                        }
+                        in_history = false;
+                    } else if history.is_none() && title.eq_ignore_ascii_case(b"history") {
+                        history = Some(HistorySection {
+                            end: content.len(),
+                            entry_starts: Vec::new(),
+                        });
+                        in_history = true;
+                    }
+                    continue;
+                }
+            }
+            if in_history && line.starts_with(ENTRY_PREFIX) {
+                if let Some(section) = history.as_mut() {
+                    section.entry_starts.push(start);
+                }
+            }
+        }
+        Layout {
+            history,
+            open_fence,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use chrono::TimeZone;
+    use std::fs;
+    use std::path::PathBuf;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    /// A file under the system temp dir, removed when dropped.
+    struct TempFile(PathBuf);
+
+    impl TempFile {
+        fn with(content: &str) -> TempFile {
+            static COUNTER: AtomicUsize = AtomicUsize::new(0);
+            let path = std::env::temp_dir().join(format!(
+                "runbookd-history-{}-{}.md",
+                std::process::id(),
+                COUNTER.fetch_add(1, Ordering::Relaxed)
+            ));
+            fs::write(&path, content).unwrap();
+            TempFile(path)
+        }
+
+        fn content(&self) -> String {
+            fs::read_to_string(&self.0).unwrap()
+        }
+    }
+
+    impl Drop for TempFile {
+        fn drop(&mut self) {
+            let _ = fs::remove_file(&self.0);
+        }
+    }
+
+    fn time() -> DateTime<Utc> {
+        Utc.with_ymd_and_hms(2026, 11, 22, 7, 15, 1).unwrap() + chrono::Duration::milliseconds(123)
+    }
+
+    fn entry_text(run_id: Option<&str>, stdout: &str, stderr: &str) -> String {
+        format_entry(&HistoryEntry {
+            finished_at: time(),
+            exit_code: 0,
+            run_id,
+            stdout: &StreamExcerpt::whole(stdout),
+            stderr: &StreamExcerpt::whole(stderr),
+        })
+    }
+
+    #[test]
+    fn formats_an_entry_with_run_id() {
+        let stdout = StreamExcerpt::whole("hello\nworld\n");
+        let stderr = StreamExcerpt::whole("warning");
+        let text = format_entry(&HistoryEntry {
+            finished_at: time(),
+            exit_code: 3,
+            run_id: Some("r1-abc"),
+            stdout: &stdout,
+            stderr: &stderr,
+        });
+        assert_eq!(
+            text,
+            "\n### 2026-11-22T07:15:01.123Z | Exit Code: 3 | Run: r1-abc\n\n**Stdout:**\n```\nhello\nworld\n```\n\n**Stderr:**\n```\nwarning\n```\n"
+        );
+    }
+
+    #[test]
+    fn formats_an_entry_without_run_id() {
+        let text = entry_text(None, "out", "");
+        assert_eq!(
+            text,
+            "\n### 2026-11-22T07:15:01.123Z | Exit Code: 0\n\n**Stdout:**\n```\nout\n```\n"
+        );
+    }
+
+    #[test]
+    fn empty_streams_are_left_out() {
+        assert_eq!(
+            entry_text(Some("r"), "", ""),
+            "\n### 2026-11-22T07:15:01.123Z | Exit Code: 0 | Run: r\n"
+        );
+        assert_eq!(
+            entry_text(Some("r"), "", "denied by RBAC\n"),
+            "\n### 2026-11-22T07:15:01.123Z | Exit Code: 0 | Run: r\n\n**Stderr:**\n```\ndenied by RBAC\n```\n"
+        );
+    }
+
+    #[test]
+    fn triple_backticks_are_escaped() {
+        let text = entry_text(Some("r"), "```\n# Script\n````sh\n``ok``\n", "");
+        assert!(text.contains("\\`\\`\\`\n# Script\n\\`\\`\\``sh\n``ok``\n```\n"));
+        let fence_lines = text.lines().filter(|line| line.starts_with("```")).count();
+        assert_eq!(fence_lines, 2);
+    }
+
+    #[test]
+    fn omitted_marker_sits_between_head_and_tail() {
+        let stdout = StreamExcerpt {
+            head: "first\n".to_string(),
+            tail: "last".to_string(),
+            omitted_bytes: 42,
+        };
+        let stderr = StreamExcerpt {
+            head: "a```".to_string(),
+            tail: "```b\n".to_string(),
+            omitted_bytes: 7,
+        };
+        let with_run = format_entry(&HistoryEntry {
+            finished_at: time(),
+            exit_code: 1,
+            run_id: Some("r1-x"),
+            stdout: &stdout,
+            stderr: &stderr,
+        });
+        assert!(with_run.contains(
+            "**Stdout:**\n```\nfirst\n\n… 42 bytes omitted; full log: run r1-x …\nlast\n```\n"
+        ));
+        assert!(with_run.contains(
+            "**Stderr:**\n```\na\\`\\`\\`\n… 7 bytes omitted; full log: run r1-x …\n\\`\\`\\`b\n```\n"
+        ));
+        let without_run = format_entry(&HistoryEntry {
+            run_id: None,
+            finished_at: time(),
+            exit_code: 1,
+            stdout: &stdout,
+            stderr: &stderr,
+        });
+        assert!(without_run.contains("… 42 bytes omitted; full log: run - …\n"));
+    }
+
+    #[test]
+    fn run_id_control_characters_are_dropped() {
+        let text = entry_text(Some("r1\n# Script"), "", "");
+        assert!(text.ends_with("| Run: r1# Script\n"));
+    }
+
+    #[test]
+    fn append_creates_the_section() {
+        let file = TempFile::with("# R\n\n# Script\n```sh\necho\n```");
+        let entry = entry_text(Some("r1"), "out\n", "");
+        append(&file.0, &entry, 10).unwrap();
+        assert_eq!(
+            file.content(),
+            format!("# R\n\n# Script\n```sh\necho\n```\n\n# History\n{entry}")
+        );
+    }
+
+    #[test]
+    fn append_to_an_existing_section_only_appends() {
+        let original = "# R\n# History\nIntro.\n";
+        let file = TempFile::with(original);
+        let first = entry_text(Some("r1"), "one\n", "");
+        let second = entry_text(Some("r2"), "two\n", "err\n");
+        append(&file.0, &first, 10).unwrap();
+        append(&file.0, &second, 10).unwrap();
+        assert_eq!(file.content(), format!("{original}{first}{second}"));
+    }
+
+    #[test]
+    fn append_closes_a_block_left_open() {
+        let file = TempFile::with("# R\n# Script\n````sh\necho hi");
+        let entry = entry_text(Some("r1"), "hi\n", "");
+        append(&file.0, &entry, 10).unwrap();
+        assert_eq!(
+            file.content(),
+            format!("# R\n# Script\n````sh\necho hi\n````\n\n# History\n{entry}")
+        );
+    }
+
+    #[test]
+    fn trimming_keeps_the_newest_entries_and_the_rest_of_the_document() {
+        let preamble = "# R\n\n# Script\n```sh\n# History\necho '### not an entry'\n```\n\n# History\nKept intro.\n";
+        let file = TempFile::with(preamble);
+        let entries: Vec<String> = (0..6)
+            .map(|i| {
+                entry_text(
+                    Some(&format!("run-{i}")),
+                    &format!("### fake heading {i}\n# Script\n"),
+                    "",
+                )
+            })
+            .collect();
+        for entry in &entries {
+            append(&file.0, entry, 3).unwrap();
+        }
+        assert_eq!(
+            file.content(),
+            format!("{preamble}{}", entries[3..].concat())
+        );
+    }
+
+    #[test]
+    fn entries_go_to_the_end_of_a_history_section_that_is_not_last() {
+        let file = TempFile::with("# R\n# History\n\n### old | Exit Code: 0\n# Notes\nkeep me\n");
+        let first = entry_text(Some("r1"), "one\n", "");
+        let second = entry_text(Some("r2"), "two\n", "");
+        append(&file.0, &first, 2).unwrap();
+        assert_eq!(
+            file.content(),
+            format!("# R\n# History\n\n### old | Exit Code: 0\n{first}# Notes\nkeep me\n")
+        );
+        append(&file.0, &second, 2).unwrap();
+        assert_eq!(
+            file.content(),
+            format!(
+                "# R\n# History\n\n{}{second}# Notes\nkeep me\n",
+                &first[1..]
+            )
+        );
+    }
+
+    #[test]
+    fn zero_max_entries_empties_the_section() {
+        let file = TempFile::with("# R\n# History\n");
+        append(&file.0, &entry_text(Some("r1"), "x\n", ""), 0).unwrap();
+        assert_eq!(file.content(), "# R\n# History\n\n");
+    }
+
+    #[test]
+    fn crlf_documents_are_understood() {
+        let original = "# R\r\n# History\r\nIntro.\r\n";
+        let file = TempFile::with(original);
+        let entries: Vec<String> = (0..3)
+            .map(|i| entry_text(Some(&format!("r{i}")), "x\n", ""))
+            .collect();
+        for entry in &entries {
+            append(&file.0, entry, 2).unwrap();
+        }
+        assert_eq!(
+            file.content(),
+            format!("{original}{}", entries[1..].concat())
+        );
+    }
+
+    #[test]
+    fn a_missing_file_is_an_error() {
+        let path = std::env::temp_dir().join(format!(
+            "runbookd-history-missing-{}.md",
+            std::process::id()
+        ));
+        assert!(matches!(
+            append(&path, "\n### x\n", 5),
+            Err(HistoryError::Io(_))
+        ));
+        assert!(!path.exists());
+    }
+
+    fn big_entries(count: usize) -> Vec<String> {
+        (0..count)
+            .map(|i| {
+                let stdout: String = (0..2000)
+                    .map(|line| format!("run {i} line {line}\n"))
+                    .collect();
+                entry_text(Some(&format!("run-{i}")), &stdout, &format!("done {i}\n"))
+            })
+            .collect()
+    }
+
+    fn append_concurrently(path: &Path, entries: &[String], max_entries: usize) {
+        std::thread::scope(|scope| {
+            for entry in entries {
+                scope.spawn(move || append(path, entry, max_entries).unwrap());
+            }
+        });
+    }
+
+    #[test]
+    fn concurrent_appends_leave_every_entry_intact() {
+        let preamble = "# R\n# History\n";
+        let file = TempFile::with(preamble);
+        let entries = big_entries(20);
+        append_concurrently(&file.0, &entries, 1000);
+
+        let content = file.content();
+        let expected_len = preamble.len() + entries.iter().map(String::len).sum::<usize>();
+        assert_eq!(content.len(), expected_len);
+        assert!(content.starts_with(preamble));
+        for entry in &entries {
+            assert_eq!(content.matches(entry.as_str()).count(), 1);
+        }
+        assert_eq!(content.matches("\n### ").count(), 20);
+    }
+
+    #[test]
+    fn concurrent_appends_with_trimming_keep_exactly_the_maximum() {
+        let preamble = "# R\n# History\n";
+        let file = TempFile::with(preamble);
+        let entries = big_entries(20);
+        append_concurrently(&file.0, &entries, 5);
+
+        let content = file.content();
+        assert!(content.starts_with(preamble));
+        let kept: Vec<&String> = entries
+            .iter()
+            .filter(|entry| content.contains(entry.as_str()))
+            .collect();
+        assert_eq!(kept.len(), 5);
+        let kept_len: usize = kept.iter().map(|entry| entry.len()).sum();
+        assert_eq!(content.len(), preamble.len() + kept_len);
+    }
+}

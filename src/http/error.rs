@@ -1,0 +1,74 @@
+//! The one place where failures become HTTP statuses: every handler returns `ApiError`, and
+//! `ApiError::status` / `ApiError::body` decide what the client sees.
+
+use std::fmt;
+
+use serde_json::json;
+
+/// A request that cannot be answered normally.
+#[derive(Debug)]
+#[non_exhaustive]
+pub enum ApiError {
+    NotFound(String),
+    MethodNotAllowed(&'static [&'static str]),
+    Unauthorized(String),
+    PayloadTooLarge,
+    BadRequest(String),
+    Forbidden(String),
+    Conflict(String),
+    Unavailable(String),
+    Internal(String),
+}
+
+impl ApiError {
+    pub fn status(&self) -> u16 {
+        match self {
+            ApiError::NotFound(_) => 404,
+            ApiError::MethodNotAllowed(_) => 405,
+            ApiError::Unauthorized(_) => 401,
+            ApiError::PayloadTooLarge => 413,
+            ApiError::BadRequest(_) => 400,
+            ApiError::Forbidden(_) => 403,
+            ApiError::Conflict(_) => 409,
+            ApiError::Unavailable(_) => 503,
+            ApiError::Internal(_) => 500,
+        }
+    }
+
+    /// Extra headers the status calls for.
+    pub fn headers(&self) -> Vec<(&'static str, String)> {
+        match self {
+            ApiError::MethodNotAllowed(allowed) => vec![("Allow", allowed.join(", "))],
+            ApiError::Unauthorized(_) => vec![(
+                "WWW-Authenticate",
+                "Bearer error=\"invalid_token\"".to_string(),
+            )],
+            ApiError::Unavailable(_) => vec![("Retry-After", "5".to_string())],
+            _ => Vec::new(),
+        }
+    }
+
+    pub fn body(&self) -> serde_json::Value {
+        json!({ "success": false, "error": self.to_string() })
+    }
+}
+
+impl fmt::Display for ApiError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            ApiError::NotFound(what) => write!(f, "{what}"),
+            ApiError::MethodNotAllowed(allowed) => {
+                write!(f, "method not allowed; allowed: {}", allowed.join(", "))
+            }
+            ApiError::Unauthorized(why) => write!(f, "unauthorized: {why}"),
+            ApiError::PayloadTooLarge => write!(f, "request body larger than 1 MiB"),
+            ApiError::BadRequest(why) => write!(f, "bad request: {why}"),
+            ApiError::Forbidden(why) => write!(f, "forbidden: {why}"),
+            ApiError::Conflict(why) => write!(f, "{why}"),
+            ApiError::Unavailable(why) => write!(f, "service unavailable: {why}"),
+            ApiError::Internal(why) => write!(f, "internal error: {why}"),
+        }
+    }
+}
+
+impl std::error::Error for ApiError {}

@@ -1,0 +1,284 @@
+//! One function per endpoint. Handlers decide what to answer and return a `Reply` or an
+//! `ApiError`; they never write to the socket (see `view` and `mod` for that).
+
+use std::sync::Arc;
+
+use serde_json::{json, Map, Value};
+
+use super::error::ApiError;
+use super::request::{json_body, read_body, Incoming};
+use super::router::Route;
+use crate::app::App;
+use crate::auth::{self, AuthError, Principal, TokenRequest};
+use crate::catalog::CatalogError;
+use crate::config::Origin;
+use crate::execute::{self, ExecError, ExecuteRequest};
+use crate::run::Run;
+use crate::runbook;
+use crate::runenv;
+use crate::validation;
+
+const WEB_PAGE: &str = include_str!("../web/index.html");
+const OPENAPI: &str = include_str!("../docs/openapi.yaml");
+
+/// What to send back.
+pub enum Reply {
+    Json(u16, Value),
+    Text(u16, &'static str, String),
+    /// Stream the run's events as SSE.
+    RunEvents(Arc<Run>),
+    /// Wait for the run and send its result object.
+    RunResult(Arc<Run>),
+}
+
+impl From<CatalogError> for ApiError {
+    fn from(e: CatalogError) -> Self {
+        match e {
+            CatalogError::InvalidName => {
+                ApiError::BadRequest("invalid runbook file name".into())
+            }
+            CatalogError::NotFound => ApiError::NotFound("runbook not found".into()),
+            other => ApiError::Internal(other.to_string()),
+        }
+    }
+}
+
+impl From<ExecError> for ApiError {
+    fn from(e: ExecError) -> Self {
+        match e {
+            ExecError::Catalog(c) => c.into(),
+            ExecError::Forbidden(why) => ApiError::Forbidden(why),
+            ExecError::Unavailable(why) => ApiError::Unavailable(why),
+            other => ApiError::Internal(other.to_string()),
+        }
+    }
+}
+
+/// Runs the route's checks in the contract's order (auth, body, JSON, RBAC) and answers.
+pub fn handle(
+    app: &Arc<App>,
+    route: Route,
+    incoming: &Incoming,
+    request: &mut tiny_http::Request,
+) -> Result<Reply, ApiError> {
+    let principal = if route.needs_token() {
+        Some(authenticate(app, incoming)?)
+    } else {
+        None
+    };
+    let principal = principal.as_ref();
+    match (route, principal) {
+        (Route::WebPage, _) => Ok(Reply::Text(200, "text/html; charset=utf-8", WEB_PAGE.into())),
+        (Route::Health, _) => Ok(Reply::Json(200, json!({"status": "ok"}))),
+        (Route::Metrics, _) => Ok(Reply::Text(
+            200,
+            "text/plain; version=0.0.4",
+            app.metrics.render(app.runs.running_count()),
+        )),
+        (Route::OpenApi, _) => Ok(Reply::Text(200, "application/yaml", OPENAPI.into())),
+        (Route::DevLogin, _) => dev_login(app, request),
+        (Route::ListRunbooks, Some(_)) => list_runbooks(app),
+        (Route::GetRunbook(file), Some(_)) => get_runbook(app, &file),
+        (Route::RequiredEnv(file), Some(_)) => required_env(app, &file),
+        (Route::Validate(file), Some(p)) => validate(app, &file, p, request),
+        (Route::Execute(file), Some(p)) => execute(app, &file, p, incoming, request),
+        (Route::Config, Some(p)) => config(app, p, incoming),
+        (_, None) => Err(ApiError::Unauthorized("missing bearer token".into())),
+    }
+}
+
+fn authenticate(app: &App, incoming: &Incoming) -> Result<Principal, ApiError> {
+    auth::authenticate(
+        incoming.header("authorization"),
+        &app.secret,
+        &app.token_validation(),
+    )
+    .map_err(|e| match e {
+        AuthError::MissingToken => ApiError::Unauthorized("missing bearer token".into()),
+        other => ApiError::Unauthorized(other.to_string()),
+    })
+}
+
+fn dev_login(app: &App, request: &mut tiny_http::Request) -> Result<Reply, ApiError> {
+    if !app.config.enable_login {
+        return Err(ApiError::NotFound("not found: dev login is disabled".into()));
+    }
+    let body = json_body(&read_body(request)?)?;
+    let subject = match body.get("subject") {
+        None | Some(Value::Null) => "dev-user-1".to_string(),
+        Some(Value::String(s)) if !s.trim().is_empty() => s.trim().to_string(),
+        Some(_) => return Err(ApiError::BadRequest("subject must be a non-empty string".into())),
+    };
+    let roles: Vec<String> = match body.get("roles") {
+        None | Some(Value::Null) => vec!["developer".to_string()],
+        Some(v @ (Value::Array(_) | Value::String(_))) => {
+            let mut claims = Map::new();
+            claims.insert("roles".into(), v.clone());
+            auth::claim_values(&claims, "roles")
+        }
+        Some(_) => return Err(ApiError::BadRequest("roles must be a list of strings".into())),
+    };
+    let now = chrono::Utc::now();
+    let expires = now + chrono::Duration::seconds(app.config.jwt_ttl.as_secs() as i64);
+    let token = auth::mint(
+        &app.secret,
+        &TokenRequest {
+            issuer: &app.config.jwt_issuer,
+            audience: &app.config.jwt_audience,
+            subject: &subject,
+            roles: &roles,
+            issued_at: now.timestamp(),
+            expires_at: expires.timestamp(),
+            run_id: None,
+        },
+    );
+    Ok(Reply::Json(
+        200,
+        json!({
+            "access_token": token,
+            "token_type": "bearer",
+            "expires_at": expires.to_rfc3339_opts(chrono::SecondsFormat::Secs, true),
+            "subject": subject,
+            "roles": roles,
+        }),
+    ))
+}
+
+fn list_runbooks(app: &App) -> Result<Reply, ApiError> {
+    let entries = app.catalog.list()?;
+    let runbooks: Vec<Value> = entries
+        .iter()
+        .map(|e| json!({"filename": e.filename, "name": e.name, "path": e.path}))
+        .collect();
+    Ok(Reply::Json(200, json!({"success": true, "runbooks": runbooks})))
+}
+
+fn get_runbook(app: &App, file: &str) -> Result<Reply, ApiError> {
+    let (_, content) = app.catalog.read(file)?;
+    let book = runbook::parse(&content);
+    Ok(Reply::Json(
+        200,
+        json!({
+            "success": true,
+            "filename": file,
+            "name": book.name,
+            "content": content,
+        }),
+    ))
+}
+
+fn required_env(app: &App, file: &str) -> Result<Reply, ApiError> {
+    let (_, content) = app.catalog.read(file)?;
+    let book = runbook::parse(&content);
+    let item = |r: &runbook::EnvRequirement| json!({"name": r.name, "description": r.description});
+    let (available, missing): (Vec<_>, Vec<_>) = book
+        .env_requirements
+        .iter()
+        .partition(|r| app.server_var(&r.name).is_some_and(|v| !v.is_empty()));
+    Ok(Reply::Json(
+        200,
+        json!({
+            "success": true,
+            "filename": file,
+            "required": book.env_requirements.iter().map(item).collect::<Vec<_>>(),
+            "available": available.into_iter().map(item).collect::<Vec<_>>(),
+            "missing": missing.into_iter().map(item).collect::<Vec<_>>(),
+        }),
+    ))
+}
+
+/// Reads `{"env_vars"?}` after the runbook is known to exist.
+fn env_vars_body(request: &mut tiny_http::Request) -> Result<runenv::RequestVars, ApiError> {
+    let body = json_body(&read_body(request)?)?;
+    runenv::check_request_vars(body.get("env_vars")).map_err(ApiError::BadRequest)
+}
+
+fn validate(
+    app: &App,
+    file: &str,
+    principal: &Principal,
+    request: &mut tiny_http::Request,
+) -> Result<Reply, ApiError> {
+    let vars = env_vars_body(request)?;
+    let (path, content) = app.catalog.read(file)?;
+    let book = runbook::parse(&content);
+    execute::authorize(app, &path, &book, principal)?;
+    let mut findings =
+        validation::validate(&book, file, &vars.vars, &|n| app.server_var(n), &app.catalog);
+    findings.warnings.extend(vars.warnings);
+    let ok = findings.errors.is_empty();
+    let mut body = json!({
+        "success": ok,
+        "runbook": file,
+        "errors": findings.errors,
+        "warnings": findings.warnings,
+    });
+    if !ok {
+        body["error"] = json!(format!("validation failed: {}", findings.errors.join("; ")));
+    }
+    Ok(Reply::Json(if ok { 200 } else { 400 }, body))
+}
+
+fn execute(
+    app: &Arc<App>,
+    file: &str,
+    principal: &Principal,
+    incoming: &Incoming,
+    request: &mut tiny_http::Request,
+) -> Result<Reply, ApiError> {
+    let vars = env_vars_body(request)?;
+    let recursion_stack = incoming
+        .header("x-recursion-stack")
+        .and_then(|h| serde_json::from_str::<Vec<String>>(h).ok())
+        .unwrap_or_default();
+    let correlation_id = incoming
+        .header("x-correlation-id")
+        .map(|c| c.chars().filter(|ch| !ch.is_control()).take(200).collect::<String>())
+        .filter(|c| !c.is_empty());
+    let run = execute::start(
+        app,
+        ExecuteRequest {
+            file: file.to_string(),
+            principal: principal.clone(),
+            vars,
+            correlation_id,
+            recursion_stack,
+        },
+    )?;
+    let wants_stream = incoming.query_flag("stream")
+        || incoming
+            .header("accept")
+            .is_some_and(|a| a.contains("text/event-stream"));
+    Ok(if wants_stream {
+        Reply::RunEvents(run)
+    } else {
+        Reply::RunResult(run)
+    })
+}
+
+fn config(app: &App, principal: &Principal, incoming: &Incoming) -> Result<Reply, ApiError> {
+    let items: Vec<Value> = app
+        .config
+        .items
+        .iter()
+        .map(|(name, value, origin)| {
+            let from = match origin {
+                Origin::Default => "default",
+                Origin::Environment => "environment",
+            };
+            json!({"name": name, "value": value, "from": from})
+        })
+        .collect();
+    Ok(Reply::Json(
+        200,
+        json!({
+            "config_items": items,
+            "token": {
+                "user_id": principal.subject,
+                "roles": principal.roles,
+                "remote_ip": incoming.remote_ip(),
+                "claims": principal.claims,
+            },
+        }),
+    ))
+}

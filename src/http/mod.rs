@@ -1,0 +1,110 @@
+//! The HTTP front: binds the listening socket (with the viewer stall timeout set on it), hands
+//! it to tiny_http, and serves each request on its own thread: route, handle, answer, and one
+//! access line. Errors are turned into responses only here, from `ApiError`.
+
+pub mod error;
+pub mod handlers;
+pub mod request;
+pub mod router;
+pub mod view;
+pub mod wire;
+
+use std::io;
+use std::net::{SocketAddr, TcpListener};
+use std::sync::Arc;
+use std::time::Instant;
+
+use crate::app::App;
+use error::ApiError;
+use handlers::Reply;
+use request::Incoming;
+
+/// Binds the listening socket. Linux copies `SO_SNDTIMEO` / `TCP_USER_TIMEOUT` from it to every
+/// accepted connection, so a viewer whose socket accepts nothing for the stall time fails.
+pub fn bind(addr: SocketAddr, stall: std::time::Duration) -> io::Result<TcpListener> {
+    let listener = TcpListener::bind(addr)?;
+    crate::sys::set_send_stall_timeout(&listener, stall)?;
+    Ok(listener)
+}
+
+/// Serves requests until the server is dropped.
+pub fn serve(app: Arc<App>, server: tiny_http::Server) {
+    for request in server.incoming_requests() {
+        let app = app.clone();
+        let spawned = std::thread::Builder::new()
+            .name("http".into())
+            .spawn(move || handle(&app, request));
+        if let Err(e) = spawned {
+            log::error!("cannot start a request thread: {e}");
+        }
+    }
+}
+
+fn handle(app: &Arc<App>, mut request: tiny_http::Request) {
+    let started = Instant::now();
+    let incoming = Incoming::from_request(&request);
+    let (label, result) = match router::route(&incoming.method, &incoming.path) {
+        Ok(route) => {
+            let label = route.label();
+            (label, handlers::handle(app, route, &incoming, &mut request))
+        }
+        Err(e) => ("unmatched", Err(e)),
+    };
+    let status = match result {
+        Ok(Reply::Json(status, body)) => respond(request, status, "application/json", body.to_string(), &[]),
+        Ok(Reply::Text(status, content_type, body)) => respond(request, status, content_type, body, &[]),
+        Ok(Reply::RunEvents(run)) => view::stream_events(app, request, &run),
+        Ok(Reply::RunResult(run)) => view::send_result(app, request, &run),
+        Err(e) => respond_error(request, &e),
+    };
+    app.metrics.request(label, status);
+    // Path only: query strings may carry tokens and are never logged.
+    log::info!(
+        target: "runbookd::access",
+        "{} {} {} {}ms {}",
+        incoming.remote_ip(),
+        incoming.method,
+        sanitize_path(&incoming.path),
+        started.elapsed().as_millis(),
+        status
+    );
+}
+
+fn sanitize_path(path: &str) -> String {
+    path.chars()
+        .take(200)
+        .map(|c| if c.is_control() { '?' } else { c })
+        .collect()
+}
+
+/// Turns an `ApiError` into its response: the one place statuses for failures are chosen.
+fn respond_error(request: tiny_http::Request, error: &ApiError) -> u16 {
+    let status = error.status();
+    respond(
+        request,
+        status,
+        "application/json",
+        error.body().to_string(),
+        &error.headers(),
+    )
+}
+
+fn respond(
+    request: tiny_http::Request,
+    status: u16,
+    content_type: &str,
+    body: String,
+    extra: &[(&'static str, String)],
+) -> u16 {
+    let mut response = tiny_http::Response::from_string(body).with_status_code(status);
+    let headers = std::iter::once(("Content-Type", content_type.to_string())).chain(extra.iter().cloned());
+    for (name, value) in headers {
+        if let Ok(header) = tiny_http::Header::from_bytes(name.as_bytes(), value.as_bytes()) {
+            response.add_header(header);
+        }
+    }
+    if let Err(e) = request.respond(response) {
+        log::debug!("response not delivered: {e}");
+    }
+    status
+}

@@ -1,0 +1,100 @@
+//! Maps a method and path to a route: 404 for an unknown path, 405 (with `Allow`) for a known
+//! path with another method. The `{file}` segment is percent-decoded here.
+
+use super::error::ApiError;
+use super::request::percent_decode;
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Route {
+    WebPage,
+    Health,
+    DevLogin,
+    Metrics,
+    OpenApi,
+    ListRunbooks,
+    GetRunbook(String),
+    RequiredEnv(String),
+    Validate(String),
+    Execute(String),
+    Config,
+}
+
+impl Route {
+    /// A fixed label for logs and metrics (never user data).
+    pub fn label(&self) -> &'static str {
+        match self {
+            Route::WebPage => "/",
+            Route::Health => "/healthz",
+            Route::DevLogin => "/dev-login",
+            Route::Metrics => "/metrics",
+            Route::OpenApi => "/docs/openapi.yaml",
+            Route::ListRunbooks => "/api/runbooks",
+            Route::GetRunbook(_) => "/api/runbooks/{file}",
+            Route::RequiredEnv(_) => "/api/runbooks/{file}/required-env",
+            Route::Validate(_) => "/api/runbooks/{file}/validate",
+            Route::Execute(_) => "/api/runbooks/{file}/execute",
+            Route::Config => "/api/config",
+        }
+    }
+
+    /// Routes under /api need a token.
+    pub fn needs_token(&self) -> bool {
+        !matches!(
+            self,
+            Route::WebPage | Route::Health | Route::DevLogin | Route::Metrics | Route::OpenApi
+        )
+    }
+}
+
+/// Finds the route; the error is the 404 or 405 to answer.
+pub fn route(method: &str, path: &str) -> Result<Route, ApiError> {
+    let segments: Vec<&str> = path.trim_start_matches('/').split('/').collect();
+    let file = |raw: &str| percent_decode(raw).unwrap_or_else(|| raw.to_string());
+    let (allowed, route): (&'static [&'static str], Route) = match segments.as_slice() {
+        [""] => (&["GET"], Route::WebPage),
+        ["healthz"] => (&["GET"], Route::Health),
+        ["dev-login"] => (&["POST"], Route::DevLogin),
+        ["metrics"] => (&["GET"], Route::Metrics),
+        ["docs", "openapi.yaml"] => (&["GET"], Route::OpenApi),
+        ["api", "config"] => (&["GET"], Route::Config),
+        ["api", "runbooks"] => (&["GET"], Route::ListRunbooks),
+        ["api", "runbooks", f] if !f.is_empty() => (&["GET"], Route::GetRunbook(file(f))),
+        ["api", "runbooks", f, "required-env"] => (&["GET"], Route::RequiredEnv(file(f))),
+        ["api", "runbooks", f, "validate"] => (&["PATCH"], Route::Validate(file(f))),
+        ["api", "runbooks", f, "execute"] => (&["POST"], Route::Execute(file(f))),
+        _ => return Err(ApiError::NotFound("not found: no such route".into())),
+    };
+    let method_ok = allowed.contains(&method) || (method == "HEAD" && allowed.contains(&"GET"));
+    if method_ok {
+        Ok(route)
+    } else {
+        Err(ApiError::MethodNotAllowed(allowed))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn routes_and_methods() {
+        assert_eq!(route("GET", "/healthz").unwrap(), Route::Health);
+        assert_eq!(
+            route("POST", "/api/runbooks/A%20B.md/execute").unwrap(),
+            Route::Execute("A B.md".into())
+        );
+        assert_eq!(
+            route("GET", "/api/runbooks/..%2Fx.md").unwrap(),
+            Route::GetRunbook("../x.md".into())
+        );
+        assert!(matches!(route("GET", "/nope"), Err(ApiError::NotFound(_))));
+        assert!(matches!(
+            route("GET", "/api/runbooks/a.md/execute"),
+            Err(ApiError::MethodNotAllowed(["POST"]))
+        ));
+        assert!(matches!(
+            route("GET", "/api/runbooks/a/b/c"),
+            Err(ApiError::NotFound(_))
+        ));
+    }
+}

@@ -1,0 +1,118 @@
+//! Writes a streamed response ourselves through `Request::into_writer()`: the status line and
+//! headers, then one HTTP chunk per batch (or, for HTTP/1.0 clients, raw bytes and a closed
+//! connection), each batch one write + flush so it leaves at once.
+
+use std::io::{self, Write};
+
+/// An open streamed response.
+pub struct StreamWriter {
+    socket: Box<dyn Write + Send>,
+    chunked: bool,
+}
+
+fn reason(status: u16) -> &'static str {
+    match status {
+        200 => "OK",
+        202 => "Accepted",
+        204 => "No Content",
+        400 => "Bad Request",
+        403 => "Forbidden",
+        404 => "Not Found",
+        500 => "Internal Server Error",
+        503 => "Service Unavailable",
+        _ => "",
+    }
+}
+
+impl StreamWriter {
+    /// Sends the head. `http10`: the client speaks HTTP/1.0, so the body is delimited by
+    /// closing the connection instead of chunked framing.
+    pub fn start(
+        request: tiny_http::Request,
+        status: u16,
+        headers: &[(&str, String)],
+    ) -> io::Result<StreamWriter> {
+        let http10 = *request.http_version() == tiny_http::HTTPVersion(1, 0);
+        let socket = request.into_writer();
+        let mut writer = StreamWriter {
+            socket,
+            chunked: !http10,
+        };
+        let mut head = format!("HTTP/1.1 {status} {}\r\n", reason(status));
+        for (name, value) in headers {
+            head.push_str(name);
+            head.push_str(": ");
+            head.push_str(value);
+            head.push_str("\r\n");
+        }
+        if writer.chunked {
+            head.push_str("Transfer-Encoding: chunked\r\n");
+        } else {
+            head.push_str("Connection: close\r\n");
+        }
+        head.push_str("\r\n");
+        writer.socket.write_all(head.as_bytes())?;
+        writer.socket.flush()?;
+        Ok(writer)
+    }
+
+    /// Sends one batch and flushes it.
+    pub fn send(&mut self, batch: &[u8]) -> io::Result<()> {
+        if batch.is_empty() {
+            return Ok(());
+        }
+        if self.chunked {
+            let mut framed = Vec::with_capacity(batch.len() + 16);
+            framed.extend_from_slice(format!("{:x}\r\n", batch.len()).as_bytes());
+            framed.extend_from_slice(batch);
+            framed.extend_from_slice(b"\r\n");
+            self.socket.write_all(&framed)?;
+        } else {
+            self.socket.write_all(batch)?;
+        }
+        self.socket.flush()
+    }
+
+    /// Ends the body.
+    pub fn finish(mut self) -> io::Result<()> {
+        if self.chunked {
+            self.socket.write_all(b"0\r\n\r\n")?;
+        }
+        self.socket.flush()
+    }
+}
+
+/// Collects small writes into batches of about `BATCH` bytes, each sent as one chunk: lets
+/// serializers that write piecemeal stream through a `StreamWriter`.
+pub struct Batcher<'a> {
+    out: &'a mut StreamWriter,
+    buf: Vec<u8>,
+}
+
+const BATCH: usize = 64 * 1024;
+
+impl<'a> Batcher<'a> {
+    pub fn new(out: &'a mut StreamWriter) -> Self {
+        Batcher {
+            out,
+            buf: Vec::with_capacity(BATCH),
+        }
+    }
+}
+
+impl Write for Batcher<'_> {
+    fn write(&mut self, data: &[u8]) -> io::Result<usize> {
+        self.buf.extend_from_slice(data);
+        if self.buf.len() >= BATCH {
+            self.out.send(&self.buf)?;
+            self.buf.clear();
+        }
+        Ok(data.len())
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        self.out.send(&self.buf)?;
+        self.buf.clear();
+        Ok(())
+    }
+}

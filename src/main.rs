@@ -1,0 +1,153 @@
+//! runbookd's entry point: reads the configuration, prepares the state directory and the
+//! runbooks, binds the socket and serves. Exit status 2 for a bad configuration.
+
+mod app;
+mod auth;
+mod catalog;
+mod chunker;
+mod config;
+mod execute;
+mod history;
+mod http;
+mod jwt;
+mod metrics;
+mod result_json;
+mod run;
+mod runbook;
+mod runenv;
+mod runlog;
+mod samples;
+mod sse;
+mod supervisor;
+mod sys;
+mod text;
+mod validation;
+
+use std::collections::HashMap;
+use std::fmt;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::Arc;
+
+use app::App;
+use config::Config;
+
+/// Why the server could not start.
+#[derive(Debug)]
+#[non_exhaustive]
+enum StartError {
+    Config(config::ConfigError),
+    Io(&'static str, std::io::Error),
+    Catalog(catalog::CatalogError),
+    Listen(String),
+}
+
+impl fmt::Display for StartError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            StartError::Config(e) => write!(f, "{e}"),
+            StartError::Io(what, e) => write!(f, "{what}: {e}"),
+            StartError::Catalog(e) => write!(f, "runbooks directory: {e}"),
+            StartError::Listen(e) => write!(f, "cannot listen: {e}"),
+        }
+    }
+}
+
+impl std::error::Error for StartError {}
+
+fn main() -> ExitCode {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    if args.iter().any(|a| a == "--help" || a == "-h") {
+        print!("{}", config::help_text());
+        return ExitCode::SUCCESS;
+    }
+    if let Some(unknown) = args.first() {
+        eprintln!("runbookd: unknown argument {unknown:?}; see runbookd --help");
+        return ExitCode::from(2);
+    }
+    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info")).init();
+    let config = match Config::from_lookup(&|name| std::env::var(name).ok()) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("runbookd: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    match start(config) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e @ StartError::Config(_)) => {
+            eprintln!("runbookd: {e}");
+            ExitCode::from(2)
+        }
+        Err(e) => {
+            eprintln!("runbookd: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn start(config: Config) -> Result<(), StartError> {
+    let secret = match &config.jwt_secret {
+        Some(s) => s.clone().into_bytes(),
+        None => {
+            log::warn!("ENABLE_LOGIN=true without JWT_SECRET: using a random secret; tokens end with this process");
+            auth::random_secret()
+                .map_err(|e| StartError::Io("cannot generate a secret", e))?
+                .into_bytes()
+        }
+    };
+    let runs_dir = config.state_dir.join("runs");
+    std::fs::create_dir_all(&runs_dir).map_err(|e| StartError::Io("cannot create STATE_DIR", e))?;
+    std::fs::create_dir_all(&config.execution_dir)
+        .map_err(|e| StartError::Io("cannot create EXECUTION_DIR", e))?;
+    let runbooks_dir: PathBuf = match &config.runbooks_dir {
+        Some(dir) => dir.clone(),
+        None => {
+            let dest = config.state_dir.join("samples");
+            samples::install(&dest).map_err(|e| StartError::Io("cannot install the samples", e))?;
+            dest
+        }
+    };
+    let catalog = catalog::Catalog::open(&runbooks_dir).map_err(StartError::Catalog)?;
+    let nofile_soft = match sys::raise_nofile_limit() {
+        Ok(soft) => Some(soft),
+        Err(e) => {
+            log::warn!("cannot raise the descriptor limit: {e}");
+            None
+        }
+    };
+    let server_env: HashMap<String, String> = std::env::vars().collect();
+    let withheld = config.withheld_env_names();
+    let script_base_env = server_env
+        .iter()
+        .filter(|(name, _)| !withheld.contains(name))
+        .map(|(n, v)| (n.clone(), v.clone()))
+        .collect();
+    let addr = SocketAddr::new(config.bind_address, config.api_port);
+    let listener = http::bind(addr, config.viewer_stall)
+        .map_err(|e| StartError::Listen(format!("{addr}: {e}")))?;
+    let local = listener
+        .local_addr()
+        .map_err(|e| StartError::Listen(e.to_string()))?;
+    let server = tiny_http::Server::from_listener(listener, None)
+        .map_err(|e| StartError::Listen(e.to_string()))?;
+    let app = Arc::new(App {
+        config,
+        secret,
+        catalog,
+        runs: run::Registry::default(),
+        metrics: metrics::Metrics::default(),
+        server_env,
+        script_base_env,
+        nofile_soft,
+        port: local.port(),
+        runs_dir,
+    });
+    println!("listening on http://{local}");
+    use std::io::Write;
+    let _ = std::io::stdout().flush();
+    log::info!("serving runbooks from {}", runbooks_dir.display());
+    http::serve(app, server);
+    Ok(())
+}

@@ -1,0 +1,641 @@
+//! The per-run log: the only path from a child's pipes to any viewer. An append-only sequence of
+//! chunks (sequence number, stream, time, bytes) written to a file as they arrive, with a bounded
+//! in-memory window of the newest chunks for live viewers. Writers (one reader thread per pipe)
+//! append under a short lock and never touch a socket; each viewer owns a `Cursor` and reads at
+//! its own pace, from memory while it keeps up and from the file when it falls behind.
+//!
+//! File format, repeated per chunk (little endian): seq u64, time_ms i64, stream u8,
+//! stream_offset u64, len u32, then `len` bytes.
+
+use std::collections::VecDeque;
+use std::fmt;
+use std::fs::File;
+use std::io::{self, Read, Seek, SeekFrom, Write};
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+
+use crate::chunker::{utf8_ceil, utf8_floor};
+
+const HEADER_LEN: usize = 8 + 8 + 1 + 8 + 4;
+/// Most bytes of recent chunks kept in memory per run.
+const WINDOW_BYTES: usize = 256 * 1024;
+/// A sparse index entry is kept every this many bytes of file, for resuming at an id.
+const INDEX_EVERY: u64 = 1024 * 1024;
+/// Sequence number of the first chunk; `done` takes the id after the last chunk.
+pub const FIRST_SEQ: u64 = 1;
+
+/// Which pipe a chunk came from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Stream {
+    Stdout,
+    Stderr,
+}
+
+impl Stream {
+    pub fn name(self) -> &'static str {
+        match self {
+            Stream::Stdout => "stdout",
+            Stream::Stderr => "stderr",
+        }
+    }
+    fn tag(self) -> u8 {
+        match self {
+            Stream::Stdout => 1,
+            Stream::Stderr => 2,
+        }
+    }
+    fn from_tag(tag: u8) -> Option<Stream> {
+        match tag {
+            1 => Some(Stream::Stdout),
+            2 => Some(Stream::Stderr),
+            _ => None,
+        }
+    }
+    fn index(self) -> usize {
+        match self {
+            Stream::Stdout => 0,
+            Stream::Stderr => 1,
+        }
+    }
+}
+
+/// One piece of output, as read from a pipe.
+#[derive(Debug)]
+pub struct Chunk {
+    pub seq: u64,
+    pub time_ms: i64,
+    pub stream: Stream,
+    /// Bytes of this stream that came before this chunk.
+    pub stream_offset: u64,
+    pub data: Vec<u8>,
+    /// Where the chunk's record starts in the file.
+    file_offset: u64,
+}
+
+impl Chunk {
+    fn record_len(&self) -> u64 {
+        (HEADER_LEN + self.data.len()) as u64
+    }
+}
+
+/// How a run ended. Set once; viewers that reach it send `done`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Outcome {
+    pub return_code: i32,
+    /// A server-side failure worth telling the user (timeout, spawn failure, full disk).
+    pub error: Option<String>,
+    pub timed_out: bool,
+    pub finished_at: chrono::DateTime<chrono::Utc>,
+}
+
+/// Why appending to the log failed.
+#[derive(Debug)]
+#[non_exhaustive]
+pub enum LogError {
+    Io(io::Error),
+    Corrupt(u64),
+}
+
+impl fmt::Display for LogError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            LogError::Io(e) => write!(f, "run log: {e}"),
+            LogError::Corrupt(offset) => write!(f, "run log unreadable at byte {offset}"),
+        }
+    }
+}
+
+impl std::error::Error for LogError {}
+
+impl From<io::Error> for LogError {
+    fn from(e: io::Error) -> Self {
+        LogError::Io(e)
+    }
+}
+
+/// Head and tail of one stream kept for the history entry, bounded by `keep` bytes.
+#[derive(Debug, Default)]
+struct Excerpt {
+    head: Vec<u8>,
+    tail: VecDeque<u8>,
+}
+
+struct State {
+    file: File,
+    file_len: u64,
+    next_seq: u64,
+    window: VecDeque<Arc<Chunk>>,
+    window_bytes: usize,
+    stream_bytes: [u64; 2],
+    excerpts: [Excerpt; 2],
+    index: Vec<(u64, u64)>,
+    write_error: Option<String>,
+    end: Option<Arc<Outcome>>,
+}
+
+/// A run's log; shared by its writers and all its viewers.
+pub struct RunLog {
+    path: PathBuf,
+    excerpt_bytes: usize,
+    state: Mutex<State>,
+    changed: Condvar,
+}
+
+/// Where a viewer is in the log.
+#[derive(Debug)]
+pub struct Cursor {
+    next_seq: u64,
+    offset: u64,
+    file: Option<File>,
+}
+
+impl Cursor {
+    /// The id of the next chunk this cursor will return.
+    pub fn next_seq(&self) -> u64 {
+        self.next_seq
+    }
+}
+
+/// What a viewer gets from `RunLog::next`.
+pub enum Next {
+    Chunks(Vec<Arc<Chunk>>),
+    /// Nothing new within the wait; the run goes on.
+    Idle,
+    /// The viewer has every chunk and the run is over.
+    End(Arc<Outcome>),
+}
+
+/// Per-stream summary of a run's output.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Totals {
+    pub stdout_bytes: u64,
+    pub stderr_bytes: u64,
+    pub last_seq: u64,
+}
+
+/// The head and tail of a stream for history, with the count of bytes between them.
+#[derive(Debug, Clone, Default)]
+pub struct StreamExcerptBytes {
+    pub head: Vec<u8>,
+    pub tail: Vec<u8>,
+    pub omitted: u64,
+}
+
+impl RunLog {
+    /// Creates the log file (which must not exist yet).
+    pub fn create(path: &Path, excerpt_bytes: usize) -> Result<RunLog, LogError> {
+        let file = File::options()
+            .read(true)
+            .append(true)
+            .create_new(true)
+            .open(path)?;
+        Ok(RunLog {
+            path: path.to_path_buf(),
+            excerpt_bytes,
+            state: Mutex::new(State {
+                file,
+                file_len: 0,
+                next_seq: FIRST_SEQ,
+                window: VecDeque::new(),
+                window_bytes: 0,
+                stream_bytes: [0; 2],
+                excerpts: [Excerpt::default(), Excerpt::default()],
+                index: vec![(FIRST_SEQ, 0)],
+                write_error: None,
+                end: None,
+            }),
+            changed: Condvar::new(),
+        })
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    fn lock(&self) -> MutexGuard<'_, State> {
+        // A panic while holding the lock leaves consistent data (every update is a few
+        // assignments after the file write), so a poisoned lock is still usable.
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Appends a chunk read from `stream`. After a write failure (full disk) further output is
+    /// counted and dropped; the failure is kept for the run's outcome.
+    pub fn append(&self, stream: Stream, data: &[u8]) {
+        if data.is_empty() {
+            return;
+        }
+        let mut st = self.lock();
+        let i = stream.index();
+        let stream_offset = st.stream_bytes[i];
+        st.stream_bytes[i] += data.len() as u64;
+        self.keep_excerpt(&mut st.excerpts[i], data);
+        if st.write_error.is_some() || st.end.is_some() {
+            return;
+        }
+        let chunk = Chunk {
+            seq: st.next_seq,
+            time_ms: chrono::Utc::now().timestamp_millis(),
+            stream,
+            stream_offset,
+            data: data.to_vec(),
+            file_offset: st.file_len,
+        };
+        let mut record = Vec::with_capacity(HEADER_LEN + data.len());
+        encode_header(&chunk, &mut record);
+        record.extend_from_slice(data);
+        if let Err(e) = st.file.write_all(&record) {
+            let len = st.file_len;
+            let _ = st.file.set_len(len);
+            log::error!("run log {}: write failed: {e}", self.path.display());
+            st.write_error = Some(format!("writing the run log failed: {e}"));
+            return;
+        }
+        if chunk.file_offset >= st.index.last().map_or(0, |e| e.1) + INDEX_EVERY {
+            st.index.push((chunk.seq, chunk.file_offset));
+        }
+        st.file_len += chunk.record_len();
+        st.next_seq += 1;
+        st.window_bytes += chunk.data.len();
+        st.window.push_back(Arc::new(chunk));
+        while st.window_bytes > WINDOW_BYTES && st.window.len() > 1 {
+            if let Some(old) = st.window.pop_front() {
+                st.window_bytes -= old.data.len();
+            }
+        }
+        drop(st);
+        self.changed.notify_all();
+    }
+
+    fn keep_excerpt(&self, ex: &mut Excerpt, data: &[u8]) {
+        let keep = self.excerpt_bytes;
+        let head_room = keep.saturating_sub(ex.head.len());
+        ex.head.extend_from_slice(&data[..head_room.min(data.len())]);
+        let tail_keep = keep / 2;
+        let take = data.len().min(tail_keep);
+        ex.tail.extend(&data[data.len() - take..]);
+        let excess = ex.tail.len().saturating_sub(tail_keep);
+        ex.tail.drain(..excess);
+    }
+
+    /// Marks the run as over; viewers that have read everything get `Next::End`. A log write
+    /// failure becomes the outcome's error if it has none.
+    pub fn finish(&self, mut outcome: Outcome) -> Arc<Outcome> {
+        let mut st = self.lock();
+        if let Some(end) = &st.end {
+            return end.clone();
+        }
+        if outcome.error.is_none() {
+            outcome.error = st.write_error.clone();
+        }
+        let _ = st.file.flush();
+        let end = Arc::new(outcome);
+        st.end = Some(end.clone());
+        drop(st);
+        self.changed.notify_all();
+        end
+    }
+
+    /// The outcome, once the run is over.
+    pub fn outcome(&self) -> Option<Arc<Outcome>> {
+        self.lock().end.clone()
+    }
+
+    /// Blocks until the run is over.
+    pub fn wait_end(&self) -> Arc<Outcome> {
+        let mut st = self.lock();
+        loop {
+            if let Some(end) = &st.end {
+                return end.clone();
+            }
+            st = self.changed.wait(st).unwrap_or_else(|p| p.into_inner());
+        }
+    }
+
+    pub fn totals(&self) -> Totals {
+        let st = self.lock();
+        Totals {
+            stdout_bytes: st.stream_bytes[0],
+            stderr_bytes: st.stream_bytes[1],
+            last_seq: st.next_seq - 1,
+        }
+    }
+
+    /// The bytes a history entry shows for `stream`: all of it if it fits in the excerpt size,
+    /// else a head and a tail of half that size each, cut at character boundaries.
+    pub fn excerpt(&self, stream: Stream) -> StreamExcerptBytes {
+        let st = self.lock();
+        let ex = &st.excerpts[stream.index()];
+        let total = st.stream_bytes[stream.index()];
+        if total <= self.excerpt_bytes as u64 {
+            return StreamExcerptBytes {
+                head: ex.head.clone(),
+                tail: Vec::new(),
+                omitted: 0,
+            };
+        }
+        let half = self.excerpt_bytes / 2;
+        let head_end = utf8_floor(&ex.head, half);
+        let tail: Vec<u8> = ex.tail.iter().copied().collect();
+        let tail_start = utf8_ceil(&tail, 0);
+        let shown = (head_end + tail.len() - tail_start) as u64;
+        StreamExcerptBytes {
+            head: ex.head[..head_end].to_vec(),
+            tail: tail[tail_start..].to_vec(),
+            omitted: total.saturating_sub(shown),
+        }
+    }
+
+    /// A cursor at the first chunk.
+    pub fn cursor_at_start(&self) -> Cursor {
+        Cursor {
+            next_seq: FIRST_SEQ,
+            offset: 0,
+            file: None,
+        }
+    }
+
+    /// Waits up to `wait` for chunks at the cursor; returns at most about `max_bytes` of them
+    /// (always at least one when any is there).
+    pub fn next(&self, cursor: &mut Cursor, max_bytes: usize, wait: Duration) -> Next {
+        let deadline = Instant::now() + wait;
+        let mut st = self.lock();
+        loop {
+            if cursor.next_seq < st.next_seq {
+                let in_window = st
+                    .window
+                    .front()
+                    .is_some_and(|front| front.seq <= cursor.next_seq);
+                if in_window {
+                    let first = st.window.front().map_or(0, |f| f.seq);
+                    let skip = usize::try_from(cursor.next_seq - first).unwrap_or(usize::MAX);
+                    let mut out = Vec::new();
+                    let mut bytes = 0;
+                    for chunk in st.window.iter().skip(skip) {
+                        if !out.is_empty() && bytes + chunk.data.len() > max_bytes {
+                            break;
+                        }
+                        bytes += chunk.data.len();
+                        out.push(chunk.clone());
+                    }
+                    if let Some(last) = out.last() {
+                        cursor.next_seq = last.seq + 1;
+                        cursor.offset = last.file_offset + last.record_len();
+                    }
+                    return Next::Chunks(out);
+                }
+                let file_len = st.file_len;
+                drop(st);
+                return match self.read_file(cursor, file_len, max_bytes) {
+                    Ok(chunks) if !chunks.is_empty() => Next::Chunks(chunks),
+                    Ok(_) | Err(_) => {
+                        // The file cannot give what memory no longer has: end this viewer.
+                        log::error!("run log {}: unreadable for a viewer", self.path.display());
+                        Next::End(self.outcome().unwrap_or_else(|| Arc::new(unreadable())))
+                    }
+                };
+            }
+            if let Some(end) = &st.end {
+                return Next::End(end.clone());
+            }
+            let now = Instant::now();
+            if now >= deadline {
+                return Next::Idle;
+            }
+            st = self
+                .changed
+                .wait_timeout(st, deadline - now)
+                .map(|(guard, _)| guard)
+                .unwrap_or_else(|p| p.into_inner().0);
+        }
+    }
+
+    fn read_file(
+        &self,
+        cursor: &mut Cursor,
+        file_len: u64,
+        max_bytes: usize,
+    ) -> Result<Vec<Arc<Chunk>>, LogError> {
+        let file = match &mut cursor.file {
+            Some(f) => f,
+            None => cursor.file.insert(File::open(&self.path)?),
+        };
+        let mut records = RecordReader::new(file, cursor.offset, file_len)?;
+        let mut out = Vec::new();
+        let mut bytes = 0;
+        while let Some(chunk) = records.next_chunk(None)? {
+            bytes += chunk.data.len();
+            cursor.next_seq = chunk.seq + 1;
+            cursor.offset = chunk.file_offset + chunk.record_len();
+            out.push(Arc::new(chunk));
+            if bytes >= max_bytes {
+                break;
+            }
+        }
+        Ok(out)
+    }
+
+    /// Reads the stored bytes of one stream, from the start, calling `sink` per chunk until it
+    /// returns false. Used to build result documents and downloads without holding them whole.
+    pub fn for_each_stored(
+        &self,
+        stream: Option<Stream>,
+        mut sink: impl FnMut(&Chunk) -> io::Result<bool>,
+    ) -> Result<(), LogError> {
+        let file_len = self.lock().file_len;
+        let mut file = File::open(&self.path)?;
+        let mut records = RecordReader::new(&mut file, 0, file_len)?;
+        while let Some(chunk) = records.next_chunk(stream)? {
+            if !sink(&chunk)? {
+                break;
+            }
+        }
+        Ok(())
+    }
+}
+
+fn unreadable() -> Outcome {
+    Outcome {
+        return_code: -1,
+        error: Some("the run log could not be read".into()),
+        timed_out: false,
+        finished_at: chrono::Utc::now(),
+    }
+}
+
+fn encode_header(chunk: &Chunk, out: &mut Vec<u8>) {
+    out.extend_from_slice(&chunk.seq.to_le_bytes());
+    out.extend_from_slice(&chunk.time_ms.to_le_bytes());
+    out.push(chunk.stream.tag());
+    out.extend_from_slice(&chunk.stream_offset.to_le_bytes());
+    let len = u32::try_from(chunk.data.len()).unwrap_or(u32::MAX);
+    out.extend_from_slice(&len.to_le_bytes());
+}
+
+/// Sequential reader of records in `[start, end)` of a log file.
+struct RecordReader<'f> {
+    file: &'f mut File,
+    offset: u64,
+    end: u64,
+}
+
+impl<'f> RecordReader<'f> {
+    fn new(file: &'f mut File, start: u64, end: u64) -> Result<Self, LogError> {
+        file.seek(SeekFrom::Start(start))?;
+        Ok(RecordReader {
+            file,
+            offset: start,
+            end,
+        })
+    }
+
+    /// The next chunk (of `only` if given, skipping others without reading their bytes).
+    fn next_chunk(&mut self, only: Option<Stream>) -> Result<Option<Chunk>, LogError> {
+        loop {
+            if self.offset + HEADER_LEN as u64 > self.end {
+                return Ok(None);
+            }
+            let mut header = [0u8; HEADER_LEN];
+            self.file.read_exact(&mut header)?;
+            let field = |from: usize| {
+                let mut b = [0u8; 8];
+                b.copy_from_slice(&header[from..from + 8]);
+                b
+            };
+            let seq = u64::from_le_bytes(field(0));
+            let time_ms = i64::from_le_bytes(field(8));
+            let stream = Stream::from_tag(header[16]).ok_or(LogError::Corrupt(self.offset))?;
+            let stream_offset = u64::from_le_bytes(field(17));
+            let mut len_bytes = [0u8; 4];
+            len_bytes.copy_from_slice(&header[25..29]);
+            let len = u32::from_le_bytes(len_bytes) as usize;
+            let record_start = self.offset;
+            let record_end = record_start + (HEADER_LEN + len) as u64;
+            if record_end > self.end {
+                return Err(LogError::Corrupt(record_start));
+            }
+            self.offset = record_end;
+            if only.is_some_and(|s| s != stream) {
+                self.file.seek(SeekFrom::Start(record_end))?;
+                continue;
+            }
+            let mut data = vec![0u8; len];
+            self.file.read_exact(&mut data)?;
+            return Ok(Some(Chunk {
+                seq,
+                time_ms,
+                stream,
+                stream_offset,
+                data,
+                file_offset: record_start,
+            }));
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn temp_log(name: &str, excerpt: usize) -> RunLog {
+        let dir = std::env::temp_dir().join(format!("runlog-test-{}-{name}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        RunLog::create(&dir.join("run.log"), excerpt).unwrap()
+    }
+
+    fn collect(log: &RunLog, cursor: &mut Cursor, max: usize) -> Vec<(u64, Stream, Vec<u8>)> {
+        let mut out = Vec::new();
+        loop {
+            match log.next(cursor, max, Duration::from_millis(0)) {
+                Next::Chunks(chunks) => {
+                    out.extend(chunks.iter().map(|c| (c.seq, c.stream, c.data.clone())))
+                }
+                Next::Idle | Next::End(_) => return out,
+            }
+        }
+    }
+
+    fn outcome(code: i32) -> Outcome {
+        Outcome {
+            return_code: code,
+            error: None,
+            timed_out: false,
+            finished_at: chrono::Utc::now(),
+        }
+    }
+
+    #[test]
+    fn viewer_reads_in_order_from_memory_and_file() {
+        let log = temp_log("order", 1024);
+        let mut expected = Vec::new();
+        // More than the window, so early chunks are only in the file.
+        for i in 0..400u64 {
+            let stream = if i % 3 == 0 { Stream::Stderr } else { Stream::Stdout };
+            let data = vec![b'a' + (i % 26) as u8; 1000 + i as usize];
+            log.append(stream, &data);
+            expected.push((i + FIRST_SEQ, stream, data));
+        }
+        log.finish(outcome(0));
+        let mut cursor = log.cursor_at_start();
+        let got = collect(&log, &mut cursor, 64 * 1024);
+        assert_eq!(got.len(), expected.len());
+        assert!(got == expected, "chunks differ");
+        assert!(matches!(
+            log.next(&mut cursor, 1024, Duration::ZERO),
+            Next::End(_)
+        ));
+        assert_eq!(log.totals().last_seq, 400);
+    }
+
+    #[test]
+    fn idle_then_live() {
+        let log = Arc::new(temp_log("live", 1024));
+        let mut cursor = log.cursor_at_start();
+        assert!(matches!(
+            log.next(&mut cursor, 1024, Duration::from_millis(10)),
+            Next::Idle
+        ));
+        let writer = {
+            let log = log.clone();
+            std::thread::spawn(move || {
+                std::thread::sleep(Duration::from_millis(50));
+                log.append(Stream::Stdout, b"late");
+            })
+        };
+        match log.next(&mut cursor, 1024, Duration::from_secs(5)) {
+            Next::Chunks(c) => assert_eq!(c[0].data, b"late"),
+            _ => panic!("expected the chunk"),
+        }
+        writer.join().unwrap();
+    }
+
+    #[test]
+    fn stored_stream_filter() {
+        let log = temp_log("filter", 1024);
+        log.append(Stream::Stdout, b"out1 ");
+        log.append(Stream::Stderr, b"err1 ");
+        log.append(Stream::Stdout, b"out2");
+        let mut out = Vec::new();
+        log.for_each_stored(Some(Stream::Stdout), |c| {
+            out.extend_from_slice(&c.data);
+            Ok(true)
+        })
+        .unwrap();
+        assert_eq!(out, b"out1 out2");
+    }
+
+    #[test]
+    fn excerpt_keeps_head_and_tail() {
+        let log = temp_log("excerpt", 10);
+        log.append(Stream::Stdout, b"0123456789");
+        let ex = log.excerpt(Stream::Stdout);
+        assert_eq!(ex.head, b"0123456789");
+        assert_eq!(ex.omitted, 0);
+        log.append(Stream::Stdout, b"abcdefghij");
+        let ex = log.excerpt(Stream::Stdout);
+        assert_eq!(ex.head, b"01234");
+        assert_eq!(ex.tail, b"fghij");
+        assert_eq!(ex.omitted, 10);
+    }
+}

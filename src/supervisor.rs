@@ -1,0 +1,332 @@
+//! Runs one child process in its own process group and moves its output into the run's log.
+//! Knows nothing of HTTP: it is given a program, an environment and a `RunLog`, and returns an
+//! `Outcome`. One reader thread per pipe appends to the log; a waiter thread learns of the main
+//! process's exit without reaping it, so the group id cannot be reused while the group is still
+//! being signalled. Descendants get `ORPHAN_GRACE_MS` to release the pipes, then the group is
+//! killed and the pipes abandoned.
+
+use std::ffi::OsString;
+use std::fmt;
+use std::io::{self, PipeReader, PipeWriter, Read};
+use std::os::fd::AsRawFd;
+use std::path::PathBuf;
+use std::os::unix::process::CommandExt;
+use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use crossbeam_channel::{select, Receiver};
+
+use crate::chunker::{Chunker, HOLD_BACK_RELEASE};
+use crate::runlog::{Outcome, RunLog, Stream};
+use crate::sys::{self, ExitStatus, Readiness};
+
+const READ_BUFFER: usize = 64 * 1024;
+/// Most bytes drained from a pipe after the readers were told to stop.
+const FINAL_DRAIN_LIMIT: usize = 1024 * 1024;
+
+/// What to start.
+#[derive(Debug, Clone)]
+pub struct Launch {
+    pub program: PathBuf,
+    pub args: Vec<OsString>,
+    pub cwd: PathBuf,
+    pub env: Vec<(String, String)>,
+    /// Soft `RLIMIT_NOFILE` the child gets back (the server raises its own).
+    pub nofile_soft: Option<u64>,
+}
+
+/// Time limits of one run.
+#[derive(Debug, Clone, Copy)]
+pub struct Limits {
+    pub timeout: Duration,
+    /// Between TERM and KILL when a run is timed out or cancelled.
+    pub kill_grace: Duration,
+    /// After the main process exits, how long descendants may keep the pipes.
+    pub orphan_grace: Duration,
+}
+
+/// Why a child could not be started.
+#[derive(Debug)]
+#[non_exhaustive]
+pub enum SpawnError {
+    /// The interpreter does not exist (shell convention: 127).
+    NotFound(io::Error),
+    /// The interpreter is not executable (shell convention: 126).
+    NotExecutable(io::Error),
+    /// The server is out of descriptors or processes; trying later may work.
+    Exhausted(io::Error),
+    Other(io::Error),
+}
+
+impl fmt::Display for SpawnError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            SpawnError::NotFound(e) => write!(f, "interpreter not found: {e}"),
+            SpawnError::NotExecutable(e) => write!(f, "interpreter not executable: {e}"),
+            SpawnError::Exhausted(e) => write!(f, "server out of resources: {e}"),
+            SpawnError::Other(e) => write!(f, "cannot start the script: {e}"),
+        }
+    }
+}
+
+impl std::error::Error for SpawnError {}
+
+impl From<io::Error> for SpawnError {
+    fn from(e: io::Error) -> Self {
+        match e.raw_os_error() {
+            Some(libc::ENOENT) | Some(libc::ENOTDIR) => SpawnError::NotFound(e),
+            Some(libc::EACCES) | Some(libc::ENOEXEC) => SpawnError::NotExecutable(e),
+            Some(libc::EMFILE) | Some(libc::ENFILE) | Some(libc::EAGAIN) | Some(libc::ENOMEM) => {
+                SpawnError::Exhausted(e)
+            }
+            _ => SpawnError::Other(e),
+        }
+    }
+}
+
+impl SpawnError {
+    /// The return code a shell would report for this failure.
+    pub fn return_code(&self) -> i32 {
+        match self {
+            SpawnError::NotFound(_) => 127,
+            SpawnError::NotExecutable(_) => 126,
+            _ => 1,
+        }
+    }
+}
+
+/// A started child whose output is flowing into the log.
+pub struct Supervised {
+    child: Child,
+    pid: u32,
+    readers: Vec<JoinHandle<()>>,
+    reader_done: Receiver<()>,
+    stop_readers: Option<PipeWriter>,
+    log: Arc<RunLog>,
+}
+
+/// How the run was brought to an end by the supervisor, if it was.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Stop {
+    TimedOut,
+    Cancelled,
+}
+
+impl Supervised {
+    /// Process id of the main process, which is also the process-group id.
+    pub fn pid(&self) -> u32 {
+        self.pid
+    }
+
+    /// Waits for the run to end (exit, timeout or `cancel`), cleans up the group, and returns
+    /// the outcome. The log is finished by the caller.
+    pub fn supervise(mut self, limits: Limits, cancel: Receiver<()>) -> (Outcome, bool) {
+        let pid = self.pid;
+        let (exit_tx, exit_rx) = crossbeam_channel::bounded::<io::Result<ExitStatus>>(1);
+        let waiter = std::thread::Builder::new()
+            .name(format!("wait-{pid}"))
+            .spawn(move || {
+                let _ = exit_tx.send(sys::wait_exit_keep_zombie(pid));
+            });
+        if let Err(e) = waiter {
+            log::error!("cannot start waiter thread: {e}");
+        }
+        let started = Instant::now();
+        let deadline = started + limits.timeout;
+        let mut stop: Option<Stop> = None;
+        let mut kill_at: Option<Instant> = None;
+        let status = loop {
+            let wake_at = kill_at.unwrap_or(deadline);
+            let wait = wake_at.saturating_duration_since(Instant::now());
+            let cancel_rx = if stop.is_none() {
+                cancel.clone()
+            } else {
+                crossbeam_channel::never()
+            };
+            select! {
+                recv(exit_rx) -> status => break status,
+                recv(cancel_rx) -> _ => {
+                    stop = Some(Stop::Cancelled);
+                    let _ = sys::terminate_group(pid);
+                    kill_at = Some(Instant::now() + limits.kill_grace);
+                },
+                default(wait) => {
+                    if kill_at.is_some() {
+                        let _ = sys::kill_group(pid);
+                        kill_at = Some(Instant::now() + Duration::from_secs(3600));
+                    } else {
+                        stop = Some(Stop::TimedOut);
+                        let _ = sys::terminate_group(pid);
+                        kill_at = Some(Instant::now() + limits.kill_grace);
+                    }
+                },
+            }
+        };
+        let status = match status {
+            Ok(Ok(status)) => Some(status),
+            Ok(Err(e)) => {
+                log::error!("waiting for process {pid} failed: {e}");
+                None
+            }
+            Err(_) => None,
+        };
+        // The main process is gone but not reaped: the group id is still ours to signal.
+        let _ = sys::terminate_group(pid);
+        let grace_end = Instant::now() + limits.orphan_grace;
+        let mut finished_readers = 0;
+        while finished_readers < self.readers.len() {
+            match self.reader_done.recv_deadline(grace_end) {
+                Ok(()) => finished_readers += 1,
+                Err(_) => break,
+            }
+        }
+        let _ = sys::kill_group(pid);
+        // Readers still blocked on pipes held by an escaped descendant are told to stop.
+        drop(self.stop_readers.take());
+        for reader in self.readers.drain(..) {
+            let _ = reader.join();
+        }
+        let reaped = self.child.wait();
+        let return_code = match (status, reaped) {
+            (Some(s), _) => s.return_code(),
+            (None, Ok(s)) => exit_code_of(s),
+            (None, Err(_)) => -1,
+        };
+        let error = match stop {
+            Some(Stop::TimedOut) => {
+                let msg = format!(
+                    "script timed out after {} s; its process group was terminated",
+                    limits.timeout.as_secs()
+                );
+                self.log
+                    .append(Stream::Stderr, format!("\nrunbookd: {msg}\n").as_bytes());
+                Some(msg)
+            }
+            Some(Stop::Cancelled) => Some("the run was cancelled".to_string()),
+            None => None,
+        };
+        let outcome = Outcome {
+            return_code,
+            error,
+            timed_out: stop == Some(Stop::TimedOut),
+            finished_at: chrono::Utc::now(),
+        };
+        (outcome, stop == Some(Stop::Cancelled))
+    }
+}
+
+fn exit_code_of(status: std::process::ExitStatus) -> i32 {
+    use std::os::unix::process::ExitStatusExt;
+    status
+        .code()
+        .or_else(|| status.signal().map(|s| 128 + s))
+        .unwrap_or(-1)
+}
+
+/// Starts the child in its own process group with its output flowing into `log`. `mask`: bytes
+/// replaced by `***` in everything stored.
+pub fn spawn(launch: &Launch, log: Arc<RunLog>, mask: Option<&str>) -> Result<Supervised, SpawnError> {
+    let (stop_read, stop_write) = io::pipe()?;
+    let mut command = Command::new(&launch.program);
+    command
+        .args(&launch.args)
+        .current_dir(&launch.cwd)
+        .env_clear()
+        .envs(launch.env.iter().map(|(k, v)| (k, v)))
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .process_group(0);
+    if let Some(soft) = launch.nofile_soft {
+        sys::restore_nofile_in_child(&mut command, soft);
+    }
+    let mut child = command.spawn()?;
+    let pid = child.id();
+    let stop_read = Arc::new(stop_read);
+    let (done_tx, done_rx) = crossbeam_channel::bounded::<()>(2);
+    let mut readers = Vec::with_capacity(2);
+    let pipes: [(Option<Box<dyn ReadFd>>, Stream); 2] = [
+        (child.stdout.take().map(|p| Box::new(p) as Box<dyn ReadFd>), Stream::Stdout),
+        (child.stderr.take().map(|p| Box::new(p) as Box<dyn ReadFd>), Stream::Stderr),
+    ];
+    for (pipe, stream) in pipes {
+        let Some(pipe) = pipe else { continue };
+        let log = log.clone();
+        let stop = stop_read.clone();
+        let done = done_tx.clone();
+        let secret = mask.map(|m| m.as_bytes().to_vec());
+        let spawned = std::thread::Builder::new()
+            .name(format!("{}-{pid}", stream.name()))
+            .spawn(move || {
+                pump(pipe, stream, &log, secret.as_deref(), &stop);
+                let _ = done.send(());
+            });
+        match spawned {
+            Ok(handle) => readers.push(handle),
+            Err(e) => {
+                let _ = sys::kill_group(pid);
+                let _ = child.wait();
+                return Err(SpawnError::Exhausted(e));
+            }
+        }
+    }
+    Ok(Supervised {
+        child,
+        pid,
+        readers,
+        reader_done: done_rx,
+        stop_readers: Some(stop_write),
+        log,
+    })
+}
+
+/// A pipe end we can both read and poll.
+trait ReadFd: Read + AsRawFd + Send {}
+impl<T: Read + AsRawFd + Send> ReadFd for T {}
+
+/// Copies one pipe into the log until EOF, or until `stop` becomes readable (its writer was
+/// dropped). Bytes held back by the chunker are released after `HOLD_BACK_RELEASE` of silence.
+fn pump(mut pipe: Box<dyn ReadFd>, stream: Stream, log: &RunLog, secret: Option<&[u8]>, stop: &PipeReader) {
+    let mut chunker = Chunker::new(secret);
+    let mut buf = vec![0u8; READ_BUFFER];
+    let fds = [stop.as_raw_fd(), pipe.as_raw_fd()];
+    loop {
+        let timeout = chunker.is_holding().then_some(HOLD_BACK_RELEASE);
+        match sys::poll_readable(&fds, timeout) {
+            Ok(Readiness::TimedOut) => log.append(stream, &chunker.flush()),
+            Ok(Readiness::Ready(1)) => match pipe.read(&mut buf) {
+                Ok(0) => break,
+                Ok(n) => log.append(stream, &chunker.push(&buf[..n])),
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => {
+                    log::warn!("reading {} failed: {e}", stream.name());
+                    break;
+                }
+            },
+            Ok(_) => {
+                // Told to stop: take what is already in the pipe, without waiting for more.
+                let mut drained = 0;
+                while drained < FINAL_DRAIN_LIMIT {
+                    match sys::poll_readable(&fds[1..], Some(Duration::ZERO)) {
+                        Ok(Readiness::Ready(_)) => match pipe.read(&mut buf) {
+                            Ok(n) if n > 0 => {
+                                drained += n;
+                                log.append(stream, &chunker.push(&buf[..n]));
+                            }
+                            _ => break,
+                        },
+                        _ => break,
+                    }
+                }
+                break;
+            }
+            Err(e) => {
+                log::warn!("poll on {} failed: {e}", stream.name());
+                break;
+            }
+        }
+    }
+    log.append(stream, &chunker.flush());
+}

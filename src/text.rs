@@ -1,0 +1,65 @@
+//! How output bytes become text for clients: lossy UTF-8 decoding (U+FFFD for invalid bytes),
+//! CR and CRLF turned into LF, and JSON string escaping that can be applied piece by piece.
+
+use std::borrow::Cow;
+use std::io::{self, Write};
+
+/// Lossy-decodes `bytes` and turns CRLF and lone CR into LF.
+pub fn normalize(bytes: &[u8]) -> Cow<'_, str> {
+    let text = String::from_utf8_lossy(bytes);
+    if !text.contains('\r') {
+        return text;
+    }
+    Cow::Owned(text.replace("\r\n", "\n").replace('\r', "\n"))
+}
+
+/// Writes `text` JSON-escaped, without surrounding quotes.
+pub fn write_json_escaped(out: &mut impl Write, text: &str) -> io::Result<()> {
+    let bytes = text.as_bytes();
+    let mut start = 0;
+    for (i, &b) in bytes.iter().enumerate() {
+        let escape: Option<&[u8]> = match b {
+            b'"' => Some(b"\\\""),
+            b'\\' => Some(b"\\\\"),
+            b'\n' => Some(b"\\n"),
+            b'\r' => Some(b"\\r"),
+            b'\t' => Some(b"\\t"),
+            0..=0x1f => None,
+            _ => continue,
+        };
+        out.write_all(&bytes[start..i])?;
+        match escape {
+            Some(e) => out.write_all(e)?,
+            None => write!(out, "\\u{:04x}", b)?,
+        }
+        start = i + 1;
+    }
+    out.write_all(&bytes[start..])
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn newlines_normalized() {
+        assert_eq!(normalize(b"a\r\nb\rc\n"), "a\nb\nc\n");
+        assert_eq!(normalize(b"plain"), "plain");
+    }
+
+    #[test]
+    fn invalid_bytes_replaced() {
+        assert_eq!(normalize(b"a\xffb"), "a\u{fffd}b");
+    }
+
+    #[test]
+    fn escaping_matches_serde() {
+        let text = "quote\" back\\ nl\n tab\t bell\u{7} é €";
+        let mut out = Vec::new();
+        out.push(b'"');
+        write_json_escaped(&mut out, text).unwrap();
+        out.push(b'"');
+        let parsed: String = serde_json::from_slice(&out).unwrap();
+        assert_eq!(parsed, text);
+    }
+}
