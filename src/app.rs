@@ -3,6 +3,7 @@
 
 use std::collections::HashMap;
 use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
 
 use crate::catalog::Catalog;
 use crate::config::Config;
@@ -29,6 +30,8 @@ pub struct App {
     pub port: u16,
     /// Where run logs live.
     pub runs_dir: PathBuf,
+    /// Set once SIGTERM/SIGINT arrived: no new runs.
+    pub shutting_down: AtomicBool,
 }
 
 impl App {
@@ -39,6 +42,10 @@ impl App {
             leeway_seconds: TOKEN_LEEWAY_SECONDS,
             now: chrono::Utc::now().timestamp(),
         }
+    }
+
+    pub fn is_shutting_down(&self) -> bool {
+        self.shutting_down.load(Ordering::SeqCst)
     }
 
     pub fn server_var(&self, name: &str) -> Option<String> {

@@ -161,12 +161,6 @@ impl Catalog {
         let canonical = fs::canonicalize(self.root.join(input)).ok()?;
         canonical.starts_with(&self.root).then_some(canonical)
     }
-
-    /// Whether `path` exists and its canonical path lies inside root (root included). Meant for
-    /// checking each entry met while copying an input folder.
-    pub fn contains(&self, path: &Path) -> bool {
-        fs::canonicalize(path).is_ok_and(|canonical| canonical.starts_with(&self.root))
-    }
 }
 
 fn is_valid_file_name(file: &str) -> bool {
@@ -462,9 +456,5 @@ mod tests {
         assert_eq!(catalog.resolve_input("missing"), None);
         assert_eq!(catalog.resolve_input(""), None);
         assert_eq!(catalog.resolve_input("a\0b"), None);
-
-        assert!(catalog.contains(&root.join("CreatePackage")));
-        assert!(!catalog.contains(&root.join("sneaky")));
-        assert!(!catalog.contains(&root.join("missing")));
     }
 }

@@ -75,7 +75,10 @@ impl Chunker {
         // A trailing proper prefix of the secret might be completed by the next read.
         if let Some(secret) = &self.secret {
             let longest = (secret.len() - 1).min(end);
-            if let Some(n) = (1..=longest).rev().find(|&n| secret.starts_with(&buf[end - n..])) {
+            if let Some(n) = (1..=longest)
+                .rev()
+                .find(|&n| secret.starts_with(&buf[end - n..]))
+            {
                 end -= n;
             }
         }

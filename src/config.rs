@@ -38,8 +38,16 @@ pub const SETTINGS: &[Setting] = &[
         "",
         "run logs and records ($STATE_DIRECTORY if set, else ./runbookd-state)",
     ),
-    setting("EXECUTION_DIR", "", "where per-run working dirs are created (system temp dir)"),
-    setting("INSTANCE_ID", "r1", "prefix of run ids (<INSTANCE_ID>-<uuid>)"),
+    setting(
+        "EXECUTION_DIR",
+        "",
+        "where per-run working dirs are created (system temp dir)",
+    ),
+    setting(
+        "INSTANCE_ID",
+        "r1",
+        "prefix of run ids (<INSTANCE_ID>-<uuid>)",
+    ),
     setting("ENABLE_LOGIN", "false", "enables POST /dev-login"),
     Setting {
         name: "JWT_SECRET",
@@ -65,10 +73,22 @@ pub const SETTINGS: &[Setting] = &[
         "65536",
         "per stream, the most written into a history entry",
     ),
-    setting("HISTORY_MAX_ENTRIES", "100", "history entries kept per runbook"),
+    setting(
+        "HISTORY_MAX_ENTRIES",
+        "100",
+        "history entries kept per runbook",
+    ),
     setting("MAX_RECURSION_DEPTH", "50", "sub-runbook depth limit"),
-    setting("API_PROTOCOL", "http", "scheme of RUNBOOK_URL given to scripts"),
-    setting("API_HOST", "localhost", "host of RUNBOOK_URL given to scripts"),
+    setting(
+        "API_PROTOCOL",
+        "http",
+        "scheme of RUNBOOK_URL given to scripts",
+    ),
+    setting(
+        "API_HOST",
+        "localhost",
+        "host of RUNBOOK_URL given to scripts",
+    ),
     setting("HEARTBEAT_SECONDS", "15", "SSE keepalive comment interval"),
     setting(
         "ORPHAN_GRACE_MS",
@@ -79,6 +99,42 @@ pub const SETTINGS: &[Setting] = &[
         "VIEWER_STALL_SECONDS",
         "30",
         "a viewer whose socket accepts nothing for this long is cut off",
+    ),
+    setting("MAX_CONCURRENT_RUNS", "64", "runs at once; more get 429"),
+    setting(
+        "CANCEL_GRACE_SECONDS",
+        "5",
+        "between TERM and KILL when a run is cancelled or timed out",
+    ),
+    setting(
+        "SHUTDOWN_GRACE_SECONDS",
+        "10",
+        "on SIGTERM/SIGINT, the longest the server takes to stop its runs and exit",
+    ),
+    setting(
+        "RUN_RETENTION_DAYS",
+        "30",
+        "finished runs older than this are pruned",
+    ),
+    setting(
+        "RUN_RETENTION_COUNT",
+        "1000",
+        "at most this many finished runs are kept",
+    ),
+    setting(
+        "STATE_MAX_BYTES",
+        "10737418240",
+        "run logs and records are pruned (oldest finished first) to stay under this",
+    ),
+    setting(
+        "RUN_LOG_MAX_BYTES",
+        "1073741824",
+        "per run, the most output stored; later output is counted and dropped",
+    ),
+    setting(
+        "TRUSTED_PROXIES",
+        "127.0.0.1,::1",
+        "comma-separated proxy addresses whose X-Real-IP / X-Forwarded-For are believed",
     ),
     setting(
         "SECRET_ENV_VARS",
@@ -91,10 +147,7 @@ pub const SETTINGS: &[Setting] = &[
 #[derive(Debug)]
 #[non_exhaustive]
 pub enum ConfigError {
-    Invalid {
-        name: &'static str,
-        reason: String,
-    },
+    Invalid { name: &'static str, reason: String },
     MissingSecret,
 }
 
@@ -144,6 +197,14 @@ pub struct Config {
     pub orphan_grace: Duration,
     pub viewer_stall: Duration,
     pub secret_env_vars: Vec<String>,
+    pub max_concurrent_runs: usize,
+    pub cancel_grace: Duration,
+    pub shutdown_grace: Duration,
+    pub run_retention_days: u64,
+    pub run_retention_count: usize,
+    pub state_max_bytes: u64,
+    pub run_log_max_bytes: u64,
+    pub trusted_proxies: Vec<IpAddr>,
     /// Each setting's effective value and origin, secrets already hidden.
     pub items: Vec<(&'static str, String, Origin)>,
 }
@@ -298,7 +359,34 @@ impl Config {
             .filter(|s| !s.is_empty())
             .map(String::from)
             .collect();
+        let max_concurrent_runs = r.number::<usize>("MAX_CONCURRENT_RUNS", 1)?;
+        let cancel_grace = Duration::from_secs(r.number::<u64>("CANCEL_GRACE_SECONDS", 0)?);
+        let shutdown_grace = Duration::from_secs(r.number::<u64>("SHUTDOWN_GRACE_SECONDS", 1)?);
+        let run_retention_days = r.number::<u64>("RUN_RETENTION_DAYS", 1)?;
+        let run_retention_count = r.number::<usize>("RUN_RETENTION_COUNT", 1)?;
+        let state_max_bytes = r.number::<u64>("STATE_MAX_BYTES", 1)?;
+        let run_log_max_bytes = r.number::<u64>("RUN_LOG_MAX_BYTES", 1024)?;
+        let proxies_text = r.text("TRUSTED_PROXIES");
+        let mut trusted_proxies = Vec::new();
+        for item in proxies_text
+            .split(',')
+            .map(str::trim)
+            .filter(|s| !s.is_empty())
+        {
+            trusted_proxies.push(item.parse().map_err(|_| ConfigError::Invalid {
+                name: "TRUSTED_PROXIES",
+                reason: format!("{item:?} is not an IP address"),
+            })?);
+        }
         Ok(Config {
+            max_concurrent_runs,
+            cancel_grace,
+            shutdown_grace,
+            run_retention_days,
+            run_retention_count,
+            state_max_bytes,
+            run_log_max_bytes,
+            trusted_proxies,
             api_port,
             bind_address,
             runbooks_dir,
@@ -340,7 +428,10 @@ impl Config {
 pub fn help_text() -> String {
     let mut out = String::from(
         "runbookd: serves a directory of markdown runbooks over HTTP and runs their scripts\n\n\
-         usage: runbookd            start the server\n       runbookd --help     this text\n\n\
+         usage: runbookd                     start the server\n\
+         \x20      runbookd monitor RUN_ID      follow a run's output (runbookd monitor --help)\n\
+         \x20      runbookd exec RUNBOOK        start a run and follow it (runbookd exec --help)\n\
+         \x20      runbookd --help              this text\n\n\
          configuration (environment variables, default in brackets):\n",
     );
     for s in SETTINGS {
@@ -404,8 +495,11 @@ mod tests {
 
     #[test]
     fn state_directory_from_systemd() {
-        let c = config_with(&[("JWT_SECRET", SECRET), ("STATE_DIRECTORY", "/var/lib/runbookd")])
-            .unwrap();
+        let c = config_with(&[
+            ("JWT_SECRET", SECRET),
+            ("STATE_DIRECTORY", "/var/lib/runbookd"),
+        ])
+        .unwrap();
         assert_eq!(c.state_dir, PathBuf::from("/var/lib/runbookd"));
     }
 

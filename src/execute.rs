@@ -7,23 +7,22 @@ use std::fmt;
 use std::fs;
 use std::io;
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::sync::Arc;
+use std::time::Instant;
 
 use crate::app::App;
 use crate::auth::{self, Principal, TokenRequest};
 use crate::catalog::CatalogError;
 use crate::history::{self, HistoryEntry, StreamExcerpt};
-use crate::run::Run;
+use crate::record::{self, RunRecord, RunStatus};
+use crate::run::{AdmitError, Run};
 use crate::runbook::{self, Runbook};
 use crate::runenv::{self, RequestVars, SystemValues};
 use crate::runlog::{Outcome, RunLog, Stream};
 use crate::supervisor::{self, Launch, Limits, SpawnError};
+use crate::sys;
 use crate::text::normalize;
 use crate::validation;
-
-/// Grace between TERM and KILL when a run is timed out.
-pub const KILL_GRACE: Duration = Duration::from_secs(5);
 
 /// Why a run could not be started at all (no run exists afterwards).
 #[derive(Debug)]
@@ -32,6 +31,7 @@ pub enum ExecError {
     Catalog(CatalogError),
     Forbidden(String),
     Unavailable(String),
+    Admission(AdmitError),
     Internal(String),
 }
 
@@ -41,6 +41,7 @@ impl fmt::Display for ExecError {
             ExecError::Catalog(e) => write!(f, "{e}"),
             ExecError::Forbidden(why) => write!(f, "{why}"),
             ExecError::Unavailable(why) => write!(f, "{why}"),
+            ExecError::Admission(e) => write!(f, "{e}"),
             ExecError::Internal(why) => write!(f, "{why}"),
         }
     }
@@ -64,13 +65,26 @@ pub struct ExecuteRequest {
 }
 
 /// Checks the caller against the runbook's Required Claims; a refusal is written to history.
-pub fn authorize(app: &App, path: &Path, book: &Runbook, principal: &Principal) -> Result<(), ExecError> {
+pub fn authorize(
+    app: &App,
+    path: &Path,
+    book: &Runbook,
+    principal: &Principal,
+) -> Result<(), ExecError> {
     let required: Vec<(String, Vec<String>)> = book
         .required_claims
         .iter()
         .map(|c| (c.claim.clone(), c.values.clone()))
         .collect();
-    if let Err(reason) = auth::check_required_claims(principal, &required) {
+    let verdict = if book.required_claims_malformed {
+        Err(
+            "RBAC: the runbook's Required Claims block cannot be read; nobody may run it"
+                .to_string(),
+        )
+    } else {
+        auth::check_required_claims(principal, &required)
+    };
+    if let Err(reason) = verdict {
         let empty = StreamExcerpt::default();
         let stderr = StreamExcerpt {
             head: reason.clone(),
@@ -92,18 +106,56 @@ pub fn authorize(app: &App, path: &Path, book: &Runbook, principal: &Principal) 
 }
 
 /// Starts a run. Validation and recursion failures still make a (failed) run, as stage0 does;
-/// only a missing runbook, RBAC and server trouble refuse to start.
+/// a missing runbook, RBAC, the concurrency limits and server trouble refuse to start.
 pub fn start(app: &Arc<App>, req: ExecuteRequest) -> Result<Arc<Run>, ExecError> {
+    if app.is_shutting_down() {
+        return Err(ExecError::Unavailable("the server is shutting down".into()));
+    }
     let (path, content) = app.catalog.read(&req.file)?;
     let book = runbook::parse(&content);
     authorize(app, &path, &book, &req.principal)?;
-
     let run_id = format!("{}-{}", app.config.instance_id, uuid::Uuid::new_v4());
-    let log_path = app.runs_dir.join(format!("{run_id}.log"));
-    let log = RunLog::create(&log_path, app.config.history_output_bytes as usize)
-        .map_err(|e| ExecError::Internal(format!("cannot create the run log: {e}")))?;
+    // A sub-runbook call of a running run does not count against MAX_CONCURRENT_RUNS, so
+    // chains cannot starve.
+    let is_subcall = !req.recursion_stack.is_empty()
+        && req
+            .principal
+            .run_id
+            .as_deref()
+            .is_some_and(|parent| app.runs.is_running(parent));
+    app.runs
+        .admit(
+            &run_id,
+            &req.file,
+            !is_subcall,
+            app.config.max_concurrent_runs,
+            book.concurrency_max,
+        )
+        .map_err(ExecError::Admission)?;
+    let started = launch(app, req, &path, &book, &run_id);
+    if started.is_err() {
+        app.runs.release(&run_id);
+    }
+    started
+}
+
+fn launch(
+    app: &Arc<App>,
+    req: ExecuteRequest,
+    path: &Path,
+    book: &Runbook,
+    run_id: &str,
+) -> Result<Arc<Run>, ExecError> {
+    let started = Instant::now();
+    let log_path = record::log_path(&app.runs_dir, run_id);
+    let log = RunLog::create(
+        &log_path,
+        app.config.history_output_bytes as usize,
+        app.config.run_log_max_bytes,
+    )
+    .map_err(|e| ExecError::Unavailable(format!("cannot create the run log: {e}")))?;
     let findings = validation::validate(
-        &book,
+        book,
         &req.file,
         &req.vars.vars,
         &|name| app.server_var(name),
@@ -124,40 +176,71 @@ pub fn start(app: &Arc<App>, req: ExecuteRequest) -> Result<Arc<Run>, ExecError>
             app.config.max_recursion_depth
         ));
     }
-    let run = Arc::new(Run {
-        id: run_id.clone(),
+    let record = RunRecord {
+        run_id: run_id.to_string(),
         runbook: req.file.clone(),
+        status: RunStatus::Running,
         user: req.principal.subject.clone(),
         started_at: chrono::Utc::now(),
-        log: Arc::new(log),
+        finished_at: None,
+        duration_ms: None,
+        return_code: None,
+        stdout_bytes: 0,
+        stderr_bytes: 0,
+        truncated: false,
+        pgid: None,
+        pgid_start_ticks: None,
+        error: None,
         errors: errors.clone(),
         warnings,
-        cancel: Mutex::new(None),
-    });
+    };
+    save_record(app, &record);
+    let run = Arc::new(Run::new(record, log_path, Some(Arc::new(log))));
+    app.runs.insert(run.clone());
     app.metrics.run_started();
-    let started = Instant::now();
+    let log = run
+        .log()
+        .map_err(|e| ExecError::Internal(format!("run log: {e}")))?;
     if !errors.is_empty() {
         let text = format!("{}\n", errors.join("\n"));
-        run.log.append(Stream::Stderr, text.as_bytes());
+        log.append(Stream::Stderr, text.as_bytes());
         let error = Some(format!("validation failed: {}", errors.join("; ")));
-        conclude(app, &run, &path, Some(&Outcome::failed(1, error)), started);
+        conclude(
+            app,
+            &run,
+            &log,
+            path,
+            Outcome::failed(1, error),
+            false,
+            started,
+        );
         return Ok(run);
     }
 
-    let work = RunDirs::create(&app.config.execution_dir, &run_id)
-        .map_err(|e| ExecError::Internal(format!("cannot create the working directory: {e}")))?;
+    let work = RunDirs::create(&app.config.execution_dir, run_id).map_err(|e| {
+        conclude_refused(app, &run, &log, path, started, &e);
+        ExecError::Unavailable(format!("cannot create the working directory: {e}"))
+    })?;
     let script = book.script.clone().unwrap_or_default();
-    let prepared = prepare(app, &book, &work, &script);
-    if let Err(e) = prepared {
+    if let Err(e) = prepare(app, book, &work, &script) {
         work.remove();
-        let msg = format!("cannot prepare the run: {e}\n");
-        run.log.append(Stream::Stderr, msg.as_bytes());
-        conclude(app, &run, &path, Some(&Outcome::failed(1, Some(msg))), started);
+        let msg = format!("runbookd: cannot prepare the run: {e}\n");
+        log.append(Stream::Stderr, msg.as_bytes());
+        conclude(
+            app,
+            &run,
+            &log,
+            path,
+            Outcome::failed(1, Some(msg)),
+            false,
+            started,
+        );
         return Ok(run);
     }
 
     let now = chrono::Utc::now().timestamp();
-    let deadline = now + (app.config.script_timeout + KILL_GRACE).as_secs() as i64 + 60;
+    let deadline =
+        now + (app.config.script_timeout + app.config.cancel_grace).as_secs() as i64 + 60;
     let run_token = auth::mint(
         &app.secret,
         &TokenRequest {
@@ -167,7 +250,7 @@ pub fn start(app: &Arc<App>, req: ExecuteRequest) -> Result<Arc<Run>, ExecError>
             roles: &req.principal.roles,
             issued_at: now,
             expires_at: deadline,
-            run_id: Some(&run_id),
+            run_id: Some(run_id),
         },
     );
     let mut stack = req.recursion_stack.clone();
@@ -187,7 +270,7 @@ pub fn start(app: &Arc<App>, req: ExecuteRequest) -> Result<Arc<Run>, ExecError>
             runbook_url: &app.runbook_url(),
             recursion_stack_json: &stack_json,
             exec_dir: &exec_dir,
-            run_id: &run_id,
+            run_id,
         },
     );
     let interpreter = runbook::interpreter_of(&script);
@@ -203,48 +286,67 @@ pub fn start(app: &Arc<App>, req: ExecuteRequest) -> Result<Arc<Run>, ExecError>
         env,
         nofile_soft: app.nofile_soft,
     };
-    let child = match supervisor::spawn(&launch, run.log.clone(), Some(&run_token)) {
+    let child = match supervisor::spawn(&launch, log.clone(), Some(&run_token)) {
         Ok(child) => child,
         Err(SpawnError::Exhausted(e)) => {
             work.remove();
-            run.log.append(Stream::Stderr, b"runbookd: server out of resources\n");
-            conclude(app, &run, &path, Some(&Outcome::failed(1, Some(e.to_string()))), started);
+            conclude_refused(app, &run, &log, path, started, &e);
             return Err(ExecError::Unavailable(format!(
-                "cannot start the script now: {e}; try again later"
+                "cannot start the script now ({e}); try again later"
             )));
         }
         Err(e) => {
             work.remove();
             let msg = format!("runbookd: {}: {e}\n", interpreter.program);
-            run.log.append(Stream::Stderr, msg.as_bytes());
-            let outcome = Outcome::failed(e.return_code(), None);
-            conclude(app, &run, &path, Some(&outcome), started);
+            log.append(Stream::Stderr, msg.as_bytes());
+            conclude(
+                app,
+                &run,
+                &log,
+                path,
+                Outcome::failed(e.return_code(), None),
+                false,
+                started,
+            );
             return Ok(run);
         }
     };
+    let pgid = child.pid();
+    let record = run.update(|r| {
+        r.pgid = Some(pgid);
+        r.pgid_start_ticks = sys::process_start_ticks(pgid).ok();
+    });
+    save_record(app, &record);
     let (cancel_tx, cancel_rx) = crossbeam_channel::bounded(1);
-    if let Ok(mut slot) = run.cancel.lock() {
-        *slot = Some(cancel_tx);
-    }
-    app.runs.insert(run.clone());
+    run.set_cancel(cancel_tx);
     let limits = Limits {
         timeout: app.config.script_timeout,
-        kill_grace: KILL_GRACE,
+        kill_grace: app.config.cancel_grace,
         orphan_grace: app.config.orphan_grace,
     };
     let thread_app = app.clone();
     let thread_run = run.clone();
+    let thread_log = log.clone();
+    let thread_path = path.to_path_buf();
     let spawned = std::thread::Builder::new()
         .name(format!("run-{}", &run_id[..run_id.len().min(16)]))
         .spawn(move || {
-            let (outcome, _cancelled) = child.supervise(limits, cancel_rx);
+            let (outcome, cancelled) = child.supervise(limits, cancel_rx);
             work.remove();
-            conclude(&thread_app, &thread_run, &path, Some(&outcome), started);
-            thread_app.runs.remove(&thread_run.id);
+            conclude(
+                &thread_app,
+                &thread_run,
+                &thread_log,
+                &thread_path,
+                outcome,
+                cancelled,
+                started,
+            );
         });
     if let Err(e) = spawned {
-        app.runs.remove(&run.id);
-        log::error!("cannot start run thread: {e}");
+        // Without a supervisor the child must not linger.
+        let _ = sys::kill_group(pgid);
+        conclude_refused(app, &run, &log, path, started, &e);
         return Err(ExecError::Unavailable(format!("cannot start the run: {e}")));
     }
     Ok(run)
@@ -261,14 +363,75 @@ impl Outcome {
     }
 }
 
-/// Ends a run: finishes its log, appends its history entry, writes the audit line.
-fn conclude(app: &App, run: &Run, path: &Path, outcome: Option<&Outcome>, started: Instant) {
-    let outcome = match outcome {
-        Some(o) => run.log.finish(o.clone()),
-        None => run.log.wait_end(),
+fn save_record(app: &App, record: &RunRecord) {
+    if let Err(e) = record::save(&app.runs_dir, record) {
+        log::error!("run {}: cannot write its record: {e}", record.run_id);
+    }
+}
+
+/// Ends a run the server could not start after all (the client gets 503).
+fn conclude_refused(
+    app: &App,
+    run: &Run,
+    log: &RunLog,
+    path: &Path,
+    started: Instant,
+    e: &io::Error,
+) {
+    let msg = format!("runbookd: the server could not start the script: {e}\n");
+    log.append(Stream::Stderr, msg.as_bytes());
+    conclude(
+        app,
+        run,
+        log,
+        path,
+        Outcome::failed(1, Some(msg)),
+        false,
+        started,
+    );
+}
+
+/// Ends a run: finishes its log (viewers then send `done`), writes its record, history entry,
+/// metrics and audit line, and frees its running slot.
+fn conclude(
+    app: &App,
+    run: &Run,
+    log: &RunLog,
+    path: &Path,
+    outcome: Outcome,
+    cancelled: bool,
+    started: Instant,
+) {
+    let outcome = log.finish(outcome);
+    let totals = log.totals();
+    let status = if run.interrupted() {
+        RunStatus::Interrupted
+    } else if cancelled {
+        RunStatus::Cancelled
+    } else if outcome.timed_out {
+        RunStatus::TimedOut
+    } else if outcome.return_code == 0 && outcome.error.is_none() {
+        RunStatus::Succeeded
+    } else {
+        RunStatus::Failed
     };
+    let limit = app.config.max_output_bytes;
+    let record = run.update(|r| {
+        r.status = status;
+        r.finished_at = Some(outcome.finished_at);
+        r.duration_ms = Some(started.elapsed().as_millis() as u64);
+        r.return_code = Some(outcome.return_code);
+        r.stdout_bytes = totals.stdout_bytes;
+        r.stderr_bytes = totals.stderr_bytes;
+        r.truncated =
+            totals.stdout_bytes > limit || totals.stderr_bytes > limit || log.capped_at().is_some();
+        r.error = outcome.error.clone();
+        r.pgid = None;
+        r.pgid_start_ticks = None;
+    });
+    save_record(app, &record);
     let excerpt = |stream| {
-        let ex = run.log.excerpt(stream);
+        let ex = log.excerpt(stream);
         StreamExcerpt {
             head: normalize(&ex.head).into_owned(),
             tail: normalize(&ex.tail).into_owned(),
@@ -286,28 +449,22 @@ fn conclude(app: &App, run: &Run, path: &Path, outcome: Option<&Outcome>, starte
     if let Err(e) = history::append(path, &entry, app.config.history_max_entries) {
         log::error!("run {}: cannot write history: {e}", run.id);
     }
-    let totals = run.log.totals();
-    let result = if outcome.timed_out {
-        "timed_out"
-    } else if outcome.return_code == 0 && outcome.error.is_none() {
-        "succeeded"
-    } else {
-        "failed"
-    };
     app.metrics
-        .run_finished(result, totals.stdout_bytes + totals.stderr_bytes);
+        .run_finished(status.as_str(), totals.stdout_bytes + totals.stderr_bytes);
     let audit = serde_json::json!({
         "event": "run",
         "user": run.user,
         "runbook": run.runbook,
         "run_id": run.id,
-        "result": result,
+        "status": status,
         "return_code": outcome.return_code,
-        "duration_ms": started.elapsed().as_millis() as u64,
+        "duration_ms": record.duration_ms,
         "stdout_bytes": totals.stdout_bytes,
         "stderr_bytes": totals.stderr_bytes,
     });
     log::info!(target: "runbookd::audit", "{audit}");
+    app.runs.release(&run.id);
+    run.release_live_log();
 }
 
 /// A run's directories: `<EXECUTION_DIR>/runbookd-<run id>/` holding the script file and the
@@ -346,8 +503,10 @@ fn prepare(app: &App, book: &Runbook, dirs: &RunDirs, script: &str) -> io::Resul
                 format!("input {input} not found"),
             ));
         };
-        let name = source
+        // Named as written in the runbook (`./CreatePackage` -> `CreatePackage/`).
+        let name = Path::new(input)
             .file_name()
+            .or_else(|| source.file_name())
             .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidInput, "input has no name"))?;
         copy_tree(&source, &dirs.cwd.join(name))?;
     }

@@ -19,15 +19,6 @@ pub struct StreamExcerpt {
 }
 
 impl StreamExcerpt {
-    /// An excerpt holding a whole stream.
-    pub fn whole(text: impl Into<String>) -> StreamExcerpt {
-        StreamExcerpt {
-            head: text.into(),
-            tail: String::new(),
-            omitted_bytes: 0,
-        }
-    }
-
     fn is_empty(&self) -> bool {
         self.head.is_empty() && self.tail.is_empty() && self.omitted_bytes == 0
     }
@@ -351,6 +342,13 @@ mod tests {
         }
     }
 
+    fn whole(text: &str) -> StreamExcerpt {
+        StreamExcerpt {
+            head: text.to_string(),
+            ..StreamExcerpt::default()
+        }
+    }
+
     fn time() -> DateTime<Utc> {
         Utc.with_ymd_and_hms(2026, 11, 22, 7, 15, 1).unwrap() + chrono::Duration::milliseconds(123)
     }
@@ -360,15 +358,15 @@ mod tests {
             finished_at: time(),
             exit_code: 0,
             run_id,
-            stdout: &StreamExcerpt::whole(stdout),
-            stderr: &StreamExcerpt::whole(stderr),
+            stdout: &whole(stdout),
+            stderr: &whole(stderr),
         })
     }
 
     #[test]
     fn formats_an_entry_with_run_id() {
-        let stdout = StreamExcerpt::whole("hello\nworld\n");
-        let stderr = StreamExcerpt::whole("warning");
+        let stdout = whole("hello\nworld\n");
+        let stderr = whole("warning");
         let text = format_entry(&HistoryEntry {
             finished_at: time(),
             exit_code: 3,

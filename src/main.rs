@@ -10,7 +10,10 @@ mod execute;
 mod history;
 mod http;
 mod jwt;
+mod lifecycle;
+mod loglines;
 mod metrics;
+mod record;
 mod result_json;
 mod run;
 mod runbook;
@@ -25,10 +28,13 @@ mod validation;
 
 use std::collections::HashMap;
 use std::fmt;
+use std::io::Write;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::ExitCode;
-use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use app::App;
 use config::Config;
@@ -87,7 +93,27 @@ fn main() -> ExitCode {
     }
 }
 
+/// Waits for SIGTERM/SIGINT on its own thread; then stops new work and wakes the accept loop.
+fn watch_termination(app: Arc<App>, current: Arc<Mutex<Option<Arc<tiny_http::Server>>>>) {
+    let spawned = std::thread::Builder::new()
+        .name("signals".into())
+        .spawn(move || {
+            let signal = sys::wait_termination_signal();
+            log::info!("signal {signal:?} received: shutting down");
+            app.shutting_down.store(true, Ordering::SeqCst);
+            if let Ok(slot) = current.lock() {
+                if let Some(server) = slot.as_ref() {
+                    server.unblock();
+                }
+            }
+        });
+    if let Err(e) = spawned {
+        log::error!("cannot watch for termination signals: {e}");
+    }
+}
+
 fn start(config: Config) -> Result<(), StartError> {
+    sys::block_termination_signals().map_err(|e| StartError::Io("cannot set up signals", e))?;
     let secret = match &config.jwt_secret {
         Some(s) => s.clone().into_bytes(),
         None => {
@@ -130,24 +156,72 @@ fn start(config: Config) -> Result<(), StartError> {
     let local = listener
         .local_addr()
         .map_err(|e| StartError::Listen(e.to_string()))?;
-    let server = tiny_http::Server::from_listener(listener, None)
-        .map_err(|e| StartError::Listen(e.to_string()))?;
+    let runs = run::Registry::default();
+    lifecycle::recover(&runs_dir, &runs);
     let app = Arc::new(App {
         config,
         secret,
         catalog,
-        runs: run::Registry::default(),
+        runs,
         metrics: metrics::Metrics::default(),
         server_env,
         script_base_env,
         nofile_soft,
         port: local.port(),
         runs_dir,
+        shutting_down: AtomicBool::new(false),
     });
+    lifecycle::prune(&app);
+    lifecycle::start_retention_thread(app.clone());
+    let current = Arc::new(Mutex::new(None::<Arc<tiny_http::Server>>));
+    watch_termination(app.clone(), current.clone());
     println!("listening on http://{local}");
-    use std::io::Write;
     let _ = std::io::stdout().flush();
     log::info!("serving runbooks from {}", runbooks_dir.display());
-    http::serve(app, server);
+    let mut listener = Some(listener);
+    let mut backoff = Duration::from_millis(100);
+    while !app.is_shutting_down() {
+        // tiny_http's accept loop ends for good on an accept error (EMFILE, ...); bind again.
+        let bound = match listener.take() {
+            Some(l) => Ok(l),
+            None => http::bind(local, app.config.viewer_stall),
+        };
+        let server = match bound
+            .map_err(|e| e.to_string())
+            .and_then(|l| tiny_http::Server::from_listener(l, None).map_err(|e| e.to_string()))
+        {
+            Ok(server) => Arc::new(server),
+            Err(e) => {
+                log::error!("cannot listen on {local} again: {e}; retrying in {backoff:?}");
+                std::thread::sleep(backoff);
+                backoff = (backoff * 2).min(Duration::from_secs(5));
+                continue;
+            }
+        };
+        if let Ok(mut slot) = current.lock() {
+            *slot = Some(server.clone());
+        }
+        if app.is_shutting_down() {
+            break;
+        }
+        let served_since = Instant::now();
+        if let Err(e) = http::serve(&app, &server) {
+            if !app.is_shutting_down() {
+                log::error!("accepting connections failed: {e}; listening again");
+            }
+        }
+        if served_since.elapsed() > Duration::from_secs(10) {
+            backoff = Duration::from_millis(100);
+        } else {
+            std::thread::sleep(backoff);
+            backoff = (backoff * 2).min(Duration::from_secs(5));
+        }
+        if let Ok(mut slot) = current.lock() {
+            *slot = None;
+        }
+        drop(server);
+    }
+    lifecycle::stop_runs(&app);
+    log::info!("stopped");
     Ok(())
 }

@@ -34,7 +34,12 @@ impl Metrics {
         let mut out = String::new();
         out.push_str("# HELP runbookd_http_requests_total HTTP requests by route and status.\n");
         out.push_str("# TYPE runbookd_http_requests_total counter\n");
-        for ((route, status), n) in self.requests.lock().unwrap_or_else(|p| p.into_inner()).iter() {
+        for ((route, status), n) in self
+            .requests
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .iter()
+        {
             let _ = writeln!(
                 out,
                 "runbookd_http_requests_total{{route=\"{route}\",status=\"{status}\"}} {n}"
@@ -49,8 +54,16 @@ impl Metrics {
         );
         out.push_str("# HELP runbookd_runs_finished_total Runs finished, by result.\n");
         out.push_str("# TYPE runbookd_runs_finished_total counter\n");
-        for (result, n) in self.runs_finished.lock().unwrap_or_else(|p| p.into_inner()).iter() {
-            let _ = writeln!(out, "runbookd_runs_finished_total{{result=\"{result}\"}} {n}");
+        for (result, n) in self
+            .runs_finished
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .iter()
+        {
+            let _ = writeln!(
+                out,
+                "runbookd_runs_finished_total{{result=\"{result}\"}} {n}"
+            );
         }
         out.push_str("# HELP runbookd_runs_running Runs in progress.\n");
         out.push_str("# TYPE runbookd_runs_running gauge\n");

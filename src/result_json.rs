@@ -8,13 +8,19 @@ use serde_json::json;
 
 use crate::chunker::utf8_floor;
 use crate::run::Run;
-use crate::runlog::{LogError, Outcome, Stream};
+use crate::runlog::{LogError, Outcome, RunLog, Stream};
 use crate::text::{normalize, write_json_escaped};
 
 /// Writes `{success, runbook, run_id, return_code, stdout, stderr, errors, warnings,
 /// truncated, error?}` for a finished run, each stream capped at `limit` bytes.
-pub fn write_result(out: &mut impl Write, run: &Run, outcome: &Outcome, limit: u64) -> io::Result<()> {
-    let totals = run.log.totals();
+pub fn write_result(
+    out: &mut impl Write,
+    run: &Run,
+    log: &RunLog,
+    outcome: &Outcome,
+    limit: u64,
+) -> io::Result<()> {
+    let totals = log.totals();
     let success = outcome.return_code == 0 && outcome.error.is_none();
     let prefix = json!({
         "success": success,
@@ -27,21 +33,23 @@ pub fn write_result(out: &mut impl Write, run: &Run, outcome: &Outcome, limit: u
     out.write_all(&prefix.as_bytes()[..prefix.len() - 1])?;
     for (name, stream) in [("stdout", Stream::Stdout), ("stderr", Stream::Stderr)] {
         write!(out, ",\"{name}\":\"")?;
-        write_stream(out, run, stream, limit)?;
+        write_stream(out, log, stream, limit)?;
         out.write_all(b"\"")?;
     }
+    let record = run.record();
     let mut tail = json!({
-        "errors": run.errors,
-        "warnings": run.warnings,
+        "errors": record.errors,
+        "warnings": record.warnings,
         "truncated": {
             "stdout": totals.stdout_bytes > limit,
             "stderr": totals.stderr_bytes > limit,
         },
     });
     if !success {
-        let error = outcome.error.clone().unwrap_or_else(|| {
-            format!("script exited with return code {}", outcome.return_code)
-        });
+        let error = outcome
+            .error
+            .clone()
+            .unwrap_or_else(|| format!("script exited with return code {}", outcome.return_code));
         tail["error"] = json!(error);
     }
     let tail = tail.to_string();
@@ -49,9 +57,9 @@ pub fn write_result(out: &mut impl Write, run: &Run, outcome: &Outcome, limit: u
     out.write_all(&tail.as_bytes()[1..])
 }
 
-fn write_stream(out: &mut impl Write, run: &Run, stream: Stream, limit: u64) -> io::Result<()> {
+fn write_stream(out: &mut impl Write, log: &RunLog, stream: Stream, limit: u64) -> io::Result<()> {
     let mut remaining = limit;
-    let result = run.log.for_each_stored(Some(stream), |chunk| {
+    let result = log.for_each_stored(Some(stream), |chunk| {
         if remaining == 0 {
             return Ok(false);
         }

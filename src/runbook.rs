@@ -16,8 +16,6 @@ pub const REQUIRED_CLAIMS_SECTION: &str = "Required Claims";
 pub const CONCURRENCY_SECTION: &str = "Concurrency";
 /// Title of the section holding the script.
 pub const SCRIPT_SECTION: &str = "Script";
-/// Title of the section executions are recorded in.
-pub const HISTORY_SECTION: &str = "History";
 
 /// An environment variable the script needs, with its description.
 #[derive(Debug, Clone, PartialEq, Eq)]

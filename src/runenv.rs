@@ -54,8 +54,9 @@ pub fn check_request_vars(env_vars: Option<&Value>) -> Result<RequestVars, Strin
             }
         };
         if SYSTEM_VARS.contains(&name.as_str()) {
-            out.warnings
-                .push(format!("{name} is set by the server; the value given was ignored"));
+            out.warnings.push(format!(
+                "{name} is set by the server; the value given was ignored"
+            ));
             continue;
         }
         let cleaned: String = text
@@ -87,7 +88,11 @@ pub struct SystemValues<'a> {
 
 /// The full environment of a run: base (already free of secrets), then request vars, then
 /// system vars, later entries replacing earlier ones of the same name.
-pub fn build(base: &[(String, String)], request: &[(String, String)], sys: &SystemValues) -> Vec<(String, String)> {
+pub fn build(
+    base: &[(String, String)],
+    request: &[(String, String)],
+    sys: &SystemValues,
+) -> Vec<(String, String)> {
     let h_auth = format!("Authorization: Bearer {}", sys.run_token);
     let h_corr = format!("X-Correlation-Id: {}", sys.correlation_id);
     let h_recur = format!("X-Recursion-Stack: {}", sys.recursion_stack_json);
@@ -101,7 +106,10 @@ pub fn build(base: &[(String, String)], request: &[(String, String)], sys: &Syst
         ("RUNBOOK_API_TOKEN", sys.run_token.to_string()),
         ("RUNBOOK_CORRELATION_ID", sys.correlation_id.to_string()),
         ("RUNBOOK_URL", sys.runbook_url.to_string()),
-        ("RUNBOOK_RECURSION_STACK", sys.recursion_stack_json.to_string()),
+        (
+            "RUNBOOK_RECURSION_STACK",
+            sys.recursion_stack_json.to_string(),
+        ),
         ("RUNBOOK_EXEC_DIR_HOST", sys.exec_dir.to_string()),
         ("RUNBOOK_RUN_ID", sys.run_id.to_string()),
         ("RUNBOOK_H_AUTH", h_auth),
@@ -110,7 +118,8 @@ pub fn build(base: &[(String, String)], request: &[(String, String)], sys: &Syst
         ("RUNBOOK_H_CTYPE", h_ctype),
         ("RUNBOOK_HEADERS", headers),
     ];
-    let mut env: Vec<(String, String)> = Vec::with_capacity(base.len() + request.len() + system.len());
+    let mut env: Vec<(String, String)> =
+        Vec::with_capacity(base.len() + request.len() + system.len());
     let mut put = |name: &str, value: String| {
         env.retain(|(n, _)| n != name);
         env.push((name.to_string(), value));
@@ -171,14 +180,22 @@ mod tests {
             run_id: "r1-x",
         };
         let env = build(
-            &[("PATH".into(), "/bin".into()), ("RUNBOOK_RUN_ID".into(), "evil".into())],
+            &[
+                ("PATH".into(), "/bin".into()),
+                ("RUNBOOK_RUN_ID".into(), "evil".into()),
+            ],
             &[("X".into(), "1".into())],
             &sys,
         );
         let get = |n: &str| env.iter().find(|(k, _)| k == n).map(|(_, v)| v.as_str());
         assert_eq!(get("RUNBOOK_RUN_ID"), Some("r1-x"));
         assert_eq!(get("X"), Some("1"));
-        assert_eq!(get("RUNBOOK_H_RECUR"), Some("X-Recursion-Stack: [\"A.md\"]"));
-        assert!(get("RUNBOOK_HEADERS").unwrap().contains("-H 'X-Recursion-Stack: [\"A.md\"]'"));
+        assert_eq!(
+            get("RUNBOOK_H_RECUR"),
+            Some("X-Recursion-Stack: [\"A.md\"]")
+        );
+        assert!(get("RUNBOOK_HEADERS")
+            .unwrap()
+            .contains("-H 'X-Recursion-Stack: [\"A.md\"]'"));
     }
 }

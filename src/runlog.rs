@@ -131,6 +131,10 @@ struct State {
     excerpts: [Excerpt; 2],
     index: Vec<(u64, u64)>,
     write_error: Option<String>,
+    /// Largest the file may grow (RUN_LOG_MAX_BYTES); later output is counted and dropped.
+    max_file_bytes: u64,
+    /// Sequence number at which output stopped being stored because of `max_file_bytes`.
+    capped_at: Option<u64>,
     end: Option<Arc<Outcome>>,
 }
 
@@ -184,7 +188,11 @@ pub struct StreamExcerptBytes {
 
 impl RunLog {
     /// Creates the log file (which must not exist yet).
-    pub fn create(path: &Path, excerpt_bytes: usize) -> Result<RunLog, LogError> {
+    pub fn create(
+        path: &Path,
+        excerpt_bytes: usize,
+        max_file_bytes: u64,
+    ) -> Result<RunLog, LogError> {
         let file = File::options()
             .read(true)
             .append(true)
@@ -203,10 +211,139 @@ impl RunLog {
                 excerpts: [Excerpt::default(), Excerpt::default()],
                 index: vec![(FIRST_SEQ, 0)],
                 write_error: None,
+                max_file_bytes,
+                capped_at: None,
                 end: None,
             }),
             changed: Condvar::new(),
         })
+    }
+
+    /// Opens the log of a run that is over (or was interrupted) for reading. A partial record
+    /// at the end (the server died while writing it) is ignored.
+    pub fn open_finished(path: &Path, outcome: Outcome, capped: bool) -> Result<RunLog, LogError> {
+        let mut file = File::open(path)?;
+        let len = file.metadata()?.len();
+        let mut next_seq = FIRST_SEQ;
+        let mut stream_bytes = [0u64; 2];
+        let mut index = vec![(FIRST_SEQ, 0)];
+        let mut end_offset = 0;
+        {
+            let mut records = RecordReader::new(&mut file, 0, len)?;
+            while let Ok(Some(header)) = records.next_header() {
+                let (seq, stream, data_len, offset) = header;
+                if offset >= index.last().map_or(0, |e| e.1) + INDEX_EVERY {
+                    index.push((seq, offset));
+                }
+                stream_bytes[stream.index()] += data_len as u64;
+                next_seq = seq + 1;
+                end_offset = records.offset;
+            }
+        }
+        Ok(RunLog {
+            path: path.to_path_buf(),
+            excerpt_bytes: 0,
+            state: Mutex::new(State {
+                file,
+                file_len: end_offset,
+                next_seq,
+                window: VecDeque::new(),
+                window_bytes: 0,
+                stream_bytes,
+                excerpts: [Excerpt::default(), Excerpt::default()],
+                index,
+                write_error: None,
+                max_file_bytes: end_offset,
+                capped_at: capped.then_some(next_seq),
+                end: Some(Arc::new(outcome)),
+            }),
+            changed: Condvar::new(),
+        })
+    }
+
+    /// Sequence number from which output was no longer stored (RUN_LOG_MAX_BYTES), if so.
+    pub fn capped_at(&self) -> Option<u64> {
+        self.lock().capped_at
+    }
+
+    /// A cursor whose next chunk is `seq` (clamped to what exists).
+    pub fn cursor_at(&self, seq: u64) -> Result<Cursor, LogError> {
+        let (start_seq, start_offset, file_len, next_seq) = {
+            let st = self.lock();
+            let seq = seq.clamp(FIRST_SEQ, st.next_seq);
+            let entry = st
+                .index
+                .iter()
+                .rev()
+                .find(|(s, _)| *s <= seq)
+                .copied()
+                .unwrap_or((FIRST_SEQ, 0));
+            (seq, entry, st.file_len, st.next_seq)
+        };
+        let (mut at_seq, mut offset) = start_offset;
+        if start_seq < next_seq {
+            let mut file = File::open(&self.path)?;
+            let mut records = RecordReader::new(&mut file, offset, file_len)?;
+            while at_seq < start_seq {
+                match records.next_header()? {
+                    Some((seq, _, _, _)) => {
+                        at_seq = seq + 1;
+                        offset = records.offset;
+                    }
+                    None => break,
+                }
+            }
+        } else {
+            at_seq = next_seq;
+            offset = file_len;
+        }
+        Ok(Cursor {
+            next_seq: at_seq,
+            offset,
+            file: None,
+        })
+    }
+
+    /// Sequence number of the chunk holding the start of the `lines`-th line from the end
+    /// (counting an unterminated last line).
+    pub fn tail_start(&self, lines: u64) -> Result<u64, LogError> {
+        let file_len = self.lock().file_len;
+        let mut file = File::open(&self.path)?;
+        // Pass 1: how many lines are there?
+        let mut newlines = 0u64;
+        let mut last_byte = b'\n';
+        {
+            let mut records = RecordReader::new(&mut file, 0, file_len)?;
+            while let Some(chunk) = records.next_chunk(None)? {
+                newlines += count_line_breaks(&chunk.data);
+                if let Some(b) = chunk.data.last() {
+                    last_byte = *b;
+                }
+            }
+        }
+        let total = newlines + u64::from(!matches!(last_byte, b'\n' | b'\r'));
+        if lines >= total {
+            return Ok(FIRST_SEQ);
+        }
+        // The wanted line starts after this many line breaks.
+        let skip = total - lines;
+        let mut seen = 0u64;
+        let mut records = RecordReader::new(&mut file, 0, file_len)?;
+        while let Some(chunk) = records.next_chunk(None)? {
+            let here = count_line_breaks(&chunk.data);
+            if seen + here >= skip {
+                // The skip-th break is in this chunk; the line starts after it, which is in
+                // this chunk unless the break is the chunk's last byte.
+                let ends_with_break = matches!(chunk.data.last(), Some(b'\n' | b'\r'));
+                return Ok(if seen + here == skip && ends_with_break {
+                    chunk.seq + 1
+                } else {
+                    chunk.seq
+                });
+            }
+            seen += here;
+        }
+        Ok(FIRST_SEQ)
     }
 
     pub fn path(&self) -> &Path {
@@ -230,7 +367,13 @@ impl RunLog {
         let stream_offset = st.stream_bytes[i];
         st.stream_bytes[i] += data.len() as u64;
         self.keep_excerpt(&mut st.excerpts[i], data);
-        if st.write_error.is_some() || st.end.is_some() {
+        if st.write_error.is_some() || st.end.is_some() || st.capped_at.is_some() {
+            return;
+        }
+        if st.file_len + (HEADER_LEN + data.len()) as u64 > st.max_file_bytes {
+            st.capped_at = Some(st.next_seq);
+            drop(st);
+            self.changed.notify_all();
             return;
         }
         let chunk = Chunk {
@@ -270,7 +413,8 @@ impl RunLog {
     fn keep_excerpt(&self, ex: &mut Excerpt, data: &[u8]) {
         let keep = self.excerpt_bytes;
         let head_room = keep.saturating_sub(ex.head.len());
-        ex.head.extend_from_slice(&data[..head_room.min(data.len())]);
+        ex.head
+            .extend_from_slice(&data[..head_room.min(data.len())]);
         let tail_keep = keep / 2;
         let take = data.len().min(tail_keep);
         ex.tail.extend(&data[data.len() - take..]);
@@ -472,6 +616,39 @@ fn encode_header(chunk: &Chunk, out: &mut Vec<u8>) {
     out.extend_from_slice(&len.to_le_bytes());
 }
 
+/// (seq, time_ms, stream, stream_offset, data length) of a record header read at `offset`.
+fn decode_header(
+    header: &[u8; HEADER_LEN],
+    offset: u64,
+) -> Result<(u64, i64, Stream, u64, usize), LogError> {
+    let field = |from: usize| {
+        let mut b = [0u8; 8];
+        b.copy_from_slice(&header[from..from + 8]);
+        b
+    };
+    let stream = Stream::from_tag(header[16]).ok_or(LogError::Corrupt(offset))?;
+    let mut len_bytes = [0u8; 4];
+    len_bytes.copy_from_slice(&header[25..29]);
+    Ok((
+        u64::from_le_bytes(field(0)),
+        i64::from_le_bytes(field(8)),
+        stream,
+        u64::from_le_bytes(field(17)),
+        u32::from_le_bytes(len_bytes) as usize,
+    ))
+}
+
+/// Line breaks in a chunk as text shows them: LF, and CR not followed by LF.
+pub fn count_line_breaks(data: &[u8]) -> u64 {
+    let mut n = 0;
+    for (i, &b) in data.iter().enumerate() {
+        if b == b'\n' || (b == b'\r' && data.get(i + 1) != Some(&b'\n')) {
+            n += 1;
+        }
+    }
+    n
+}
+
 /// Sequential reader of records in `[start, end)` of a log file.
 struct RecordReader<'f> {
     file: &'f mut File,
@@ -489,6 +666,24 @@ impl<'f> RecordReader<'f> {
         })
     }
 
+    /// The next record's header as (seq, stream, data length, record offset), skipping its data.
+    fn next_header(&mut self) -> Result<Option<(u64, Stream, usize, u64)>, LogError> {
+        if self.offset + HEADER_LEN as u64 > self.end {
+            return Ok(None);
+        }
+        let mut header = [0u8; HEADER_LEN];
+        self.file.read_exact(&mut header)?;
+        let (seq, _, stream, _, len) = decode_header(&header, self.offset)?;
+        let start = self.offset;
+        let record_end = start + (HEADER_LEN + len) as u64;
+        if record_end > self.end {
+            return Err(LogError::Corrupt(start));
+        }
+        self.file.seek(SeekFrom::Start(record_end))?;
+        self.offset = record_end;
+        Ok(Some((seq, stream, len, start)))
+    }
+
     /// The next chunk (of `only` if given, skipping others without reading their bytes).
     fn next_chunk(&mut self, only: Option<Stream>) -> Result<Option<Chunk>, LogError> {
         loop {
@@ -497,18 +692,7 @@ impl<'f> RecordReader<'f> {
             }
             let mut header = [0u8; HEADER_LEN];
             self.file.read_exact(&mut header)?;
-            let field = |from: usize| {
-                let mut b = [0u8; 8];
-                b.copy_from_slice(&header[from..from + 8]);
-                b
-            };
-            let seq = u64::from_le_bytes(field(0));
-            let time_ms = i64::from_le_bytes(field(8));
-            let stream = Stream::from_tag(header[16]).ok_or(LogError::Corrupt(self.offset))?;
-            let stream_offset = u64::from_le_bytes(field(17));
-            let mut len_bytes = [0u8; 4];
-            len_bytes.copy_from_slice(&header[25..29]);
-            let len = u32::from_le_bytes(len_bytes) as usize;
+            let (seq, time_ms, stream, stream_offset, len) = decode_header(&header, self.offset)?;
             let record_start = self.offset;
             let record_end = record_start + (HEADER_LEN + len) as u64;
             if record_end > self.end {
@@ -541,7 +725,7 @@ mod tests {
         let dir = std::env::temp_dir().join(format!("runlog-test-{}-{name}", std::process::id()));
         let _ = std::fs::remove_dir_all(&dir);
         std::fs::create_dir_all(&dir).unwrap();
-        RunLog::create(&dir.join("run.log"), excerpt).unwrap()
+        RunLog::create(&dir.join("run.log"), excerpt, u64::MAX).unwrap()
     }
 
     fn collect(log: &RunLog, cursor: &mut Cursor, max: usize) -> Vec<(u64, Stream, Vec<u8>)> {
@@ -571,7 +755,11 @@ mod tests {
         let mut expected = Vec::new();
         // More than the window, so early chunks are only in the file.
         for i in 0..400u64 {
-            let stream = if i % 3 == 0 { Stream::Stderr } else { Stream::Stdout };
+            let stream = if i % 3 == 0 {
+                Stream::Stderr
+            } else {
+                Stream::Stdout
+            };
             let data = vec![b'a' + (i % 26) as u8; 1000 + i as usize];
             log.append(stream, &data);
             expected.push((i + FIRST_SEQ, stream, data));
@@ -623,6 +811,72 @@ mod tests {
         })
         .unwrap();
         assert_eq!(out, b"out1 out2");
+    }
+
+    #[test]
+    fn resume_at_any_seq_and_reopen() {
+        let log = temp_log("resume", 1024);
+        let mut all = Vec::new();
+        for i in 0..3000u64 {
+            let data = format!("line {i}\n").repeat(50).into_bytes();
+            log.append(Stream::Stdout, &data);
+            all.push(data);
+        }
+        log.finish(outcome(0));
+        for start in [1u64, 2, 17, 1500, 2999, 3000] {
+            let mut cursor = log.cursor_at(start).unwrap();
+            let got = collect(&log, &mut cursor, 64 * 1024);
+            assert_eq!(got.len() as u64, 3001 - start, "from {start}");
+            assert_eq!(got[0].0, start);
+            assert_eq!(got[0].2, all[start as usize - 1]);
+        }
+        let reopened = RunLog::open_finished(log.path(), outcome(0), false).unwrap();
+        assert_eq!(reopened.totals().last_seq, 3000);
+        let mut cursor = reopened.cursor_at(2500).unwrap();
+        let got = collect(&reopened, &mut cursor, 64 * 1024);
+        assert_eq!(got.len(), 501);
+        assert_eq!(got[0].2, all[2499]);
+    }
+
+    #[test]
+    fn reopen_ignores_partial_record() {
+        let log = temp_log("partial", 1024);
+        log.append(Stream::Stdout, b"whole\n");
+        log.append(Stream::Stderr, b"also whole\n");
+        let path = log.path().to_path_buf();
+        drop(log);
+        let mut f = File::options().append(true).open(&path).unwrap();
+        f.write_all(&[1, 2, 3, 4, 5]).unwrap();
+        let reopened = RunLog::open_finished(&path, outcome(-1), false).unwrap();
+        let t = reopened.totals();
+        assert_eq!((t.last_seq, t.stdout_bytes, t.stderr_bytes), (2, 6, 11));
+    }
+
+    #[test]
+    fn tail_finds_the_chunk_of_the_nth_last_line() {
+        let log = temp_log("tail", 1024);
+        log.append(Stream::Stdout, b"l1\nl2\n"); // seq 1
+        log.append(Stream::Stdout, b"l3\n"); // seq 2
+        log.append(Stream::Stderr, b"l4\nl5"); // seq 3, l5 unterminated
+        assert_eq!(log.tail_start(1).unwrap(), 3);
+        assert_eq!(log.tail_start(2).unwrap(), 3);
+        assert_eq!(log.tail_start(3).unwrap(), 2);
+        assert_eq!(log.tail_start(4).unwrap(), 1);
+        assert_eq!(log.tail_start(100).unwrap(), 1);
+    }
+
+    #[test]
+    fn cap_stops_storing_but_counts() {
+        let dir = std::env::temp_dir().join(format!("runlog-test-{}-cap", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let log = RunLog::create(&dir.join("run.log"), 16, 100).unwrap();
+        log.append(Stream::Stdout, &[b'a'; 40]);
+        log.append(Stream::Stdout, &[b'b'; 40]);
+        log.append(Stream::Stdout, &[b'c'; 40]);
+        assert_eq!(log.capped_at(), Some(2));
+        assert_eq!(log.totals().stdout_bytes, 120);
+        assert_eq!(log.totals().last_seq, 1);
     }
 
     #[test]

@@ -23,7 +23,12 @@ pub fn push_event(out: &mut Vec<u8>, event: &str, id: Option<u64>, data: &str) {
 
 /// Appends a `stdout`/`stderr` event for a chunk, its id the chunk's sequence number.
 pub fn push_chunk(out: &mut Vec<u8>, chunk: &Chunk) {
-    push_event(out, chunk.stream.name(), Some(chunk.seq), &normalize(&chunk.data));
+    push_event(
+        out,
+        chunk.stream.name(),
+        Some(chunk.seq),
+        &normalize(&chunk.data),
+    );
 }
 
 /// Appends a keepalive comment.

@@ -9,8 +9,8 @@ use std::ffi::OsString;
 use std::fmt;
 use std::io::{self, PipeReader, PipeWriter, Read};
 use std::os::fd::AsRawFd;
-use std::path::PathBuf;
 use std::os::unix::process::CommandExt;
+use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
 use std::thread::JoinHandle;
@@ -227,7 +227,11 @@ fn exit_code_of(status: std::process::ExitStatus) -> i32 {
 
 /// Starts the child in its own process group with its output flowing into `log`. `mask`: bytes
 /// replaced by `***` in everything stored.
-pub fn spawn(launch: &Launch, log: Arc<RunLog>, mask: Option<&str>) -> Result<Supervised, SpawnError> {
+pub fn spawn(
+    launch: &Launch,
+    log: Arc<RunLog>,
+    mask: Option<&str>,
+) -> Result<Supervised, SpawnError> {
     let (stop_read, stop_write) = io::pipe()?;
     let mut command = Command::new(&launch.program);
     command
@@ -248,8 +252,14 @@ pub fn spawn(launch: &Launch, log: Arc<RunLog>, mask: Option<&str>) -> Result<Su
     let (done_tx, done_rx) = crossbeam_channel::bounded::<()>(2);
     let mut readers = Vec::with_capacity(2);
     let pipes: [(Option<Box<dyn ReadFd>>, Stream); 2] = [
-        (child.stdout.take().map(|p| Box::new(p) as Box<dyn ReadFd>), Stream::Stdout),
-        (child.stderr.take().map(|p| Box::new(p) as Box<dyn ReadFd>), Stream::Stderr),
+        (
+            child.stdout.take().map(|p| Box::new(p) as Box<dyn ReadFd>),
+            Stream::Stdout,
+        ),
+        (
+            child.stderr.take().map(|p| Box::new(p) as Box<dyn ReadFd>),
+            Stream::Stderr,
+        ),
     ];
     for (pipe, stream) in pipes {
         let Some(pipe) = pipe else { continue };
@@ -288,7 +298,13 @@ impl<T: Read + AsRawFd + Send> ReadFd for T {}
 
 /// Copies one pipe into the log until EOF, or until `stop` becomes readable (its writer was
 /// dropped). Bytes held back by the chunker are released after `HOLD_BACK_RELEASE` of silence.
-fn pump(mut pipe: Box<dyn ReadFd>, stream: Stream, log: &RunLog, secret: Option<&[u8]>, stop: &PipeReader) {
+fn pump(
+    mut pipe: Box<dyn ReadFd>,
+    stream: Stream,
+    log: &RunLog,
+    secret: Option<&[u8]>,
+    stop: &PipeReader,
+) {
     let mut chunker = Chunker::new(secret);
     let mut buf = vec![0u8; READ_BUFFER];
     let fds = [stop.as_raw_fd(), pipe.as_raw_fd()];

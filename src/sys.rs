@@ -35,7 +35,8 @@ fn check(ret: libc::c_int) -> io::Result<libc::c_int> {
 
 /// Sends `signal` to every process of the group. A group that is already gone is not an error.
 pub fn signal_group(pgid: u32, signal: libc::c_int) -> io::Result<()> {
-    let pgid = libc::pid_t::try_from(pgid).map_err(|_| io::Error::from(io::ErrorKind::InvalidInput))?;
+    let pgid =
+        libc::pid_t::try_from(pgid).map_err(|_| io::Error::from(io::ErrorKind::InvalidInput))?;
     if pgid <= 1 {
         return Err(io::Error::from(io::ErrorKind::InvalidInput));
     }
@@ -66,14 +67,8 @@ pub fn wait_exit_keep_zombie(pid: u32) -> io::Result<ExitStatus> {
         // SAFETY: siginfo_t is plain data; zeroed is a valid value and waitid fills it.
         let mut info: libc::siginfo_t = unsafe { std::mem::zeroed() };
         // SAFETY: `info` is a valid, writable siginfo_t for the duration of the call.
-        let ret = unsafe {
-            libc::waitid(
-                libc::P_PID,
-                pid,
-                &mut info,
-                libc::WEXITED | libc::WNOWAIT,
-            )
-        };
+        let ret =
+            unsafe { libc::waitid(libc::P_PID, pid, &mut info, libc::WEXITED | libc::WNOWAIT) };
         match check(ret) {
             Ok(_) => {
                 // SAFETY: after a successful waitid with WEXITED the child fields are set.
@@ -133,7 +128,12 @@ pub fn restore_nofile_in_child(command: &mut Command, soft: u64) {
     }
 }
 
-fn set_socket_option<T>(fd: RawFd, level: libc::c_int, name: libc::c_int, value: &T) -> io::Result<()> {
+fn set_socket_option<T>(
+    fd: RawFd,
+    level: libc::c_int,
+    name: libc::c_int,
+    value: &T,
+) -> io::Result<()> {
     let len = libc::socklen_t::try_from(std::mem::size_of::<T>())
         .map_err(|_| io::Error::from(io::ErrorKind::InvalidInput))?;
     // SAFETY: `value` points to a live T of `len` bytes for the duration of the call.
@@ -151,7 +151,12 @@ pub fn set_send_stall_timeout(socket: &impl AsRawFd, stall: Duration) -> io::Res
     };
     set_socket_option(fd, libc::SOL_SOCKET, libc::SO_SNDTIMEO, &tv)?;
     let user_timeout_ms = libc::c_uint::try_from(stall.as_millis()).unwrap_or(libc::c_uint::MAX);
-    set_socket_option(fd, libc::IPPROTO_TCP, libc::TCP_USER_TIMEOUT, &user_timeout_ms)
+    set_socket_option(
+        fd,
+        libc::IPPROTO_TCP,
+        libc::TCP_USER_TIMEOUT,
+        &user_timeout_ms,
+    )
 }
 
 /// What `poll_readable` saw.
@@ -175,7 +180,8 @@ pub fn poll_readable(fds: &[RawFd], timeout: Option<Duration>) -> io::Result<Rea
         .collect();
     let timeout_ms = match timeout {
         None => -1,
-        Some(t) => libc::c_int::try_from(t.as_millis().max(u128::from(!t.is_zero()))).unwrap_or(libc::c_int::MAX),
+        Some(t) => libc::c_int::try_from(t.as_millis().max(u128::from(!t.is_zero())))
+            .unwrap_or(libc::c_int::MAX),
     };
     loop {
         let nfds = libc::nfds_t::try_from(pollfds.len())
@@ -185,10 +191,7 @@ pub fn poll_readable(fds: &[RawFd], timeout: Option<Duration>) -> io::Result<Rea
         match check(ret) {
             Ok(0) => return Ok(Readiness::TimedOut),
             Ok(_) => {
-                let ready = pollfds
-                    .iter()
-                    .position(|p| p.revents != 0)
-                    .unwrap_or(0);
+                let ready = pollfds.iter().position(|p| p.revents != 0).unwrap_or(0);
                 return Ok(Readiness::Ready(ready));
             }
             Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
@@ -211,4 +214,71 @@ pub fn process_start_ticks(pid: u32) -> io::Result<u64> {
         .nth(19)
         .and_then(|f| f.parse().ok())
         .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidData, "unreadable /proc stat"))
+}
+
+/// Processes of group `pgid` that started at or after `since_ticks` (so they belong to the run
+/// recorded with that start time, not to an unrelated group that reused the id).
+pub fn group_members_since(pgid: u32, since_ticks: u64) -> Vec<u32> {
+    let Ok(entries) = std::fs::read_dir("/proc") else {
+        return Vec::new();
+    };
+    let mut members = Vec::new();
+    for entry in entries.flatten() {
+        let Some(pid) = entry
+            .file_name()
+            .to_str()
+            .and_then(|n| n.parse::<u32>().ok())
+        else {
+            continue;
+        };
+        let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
+            continue;
+        };
+        let Some(fields) = stat.rfind(')').map(|i| &stat[i + 1..]) else {
+            continue;
+        };
+        let fields: Vec<&str> = fields.split_whitespace().collect();
+        let group = fields.get(2).and_then(|f| f.parse::<u32>().ok());
+        let start = fields.get(19).and_then(|f| f.parse::<u64>().ok());
+        if group == Some(pgid) && start.is_some_and(|s| s >= since_ticks) {
+            members.push(pid);
+        }
+    }
+    members
+}
+
+fn termination_set() -> io::Result<libc::sigset_t> {
+    // SAFETY: sigset_t is plain data; sigemptyset initialises it before use.
+    let mut set: libc::sigset_t = unsafe { std::mem::zeroed() };
+    // SAFETY: `set` is a valid sigset_t.
+    unsafe {
+        check(libc::sigemptyset(&mut set))?;
+        check(libc::sigaddset(&mut set, libc::SIGTERM))?;
+        check(libc::sigaddset(&mut set, libc::SIGINT))?;
+    }
+    Ok(set)
+}
+
+/// Blocks SIGTERM and SIGINT in the calling thread and every thread it starts afterwards, so
+/// that `wait_termination_signal` receives them. (Children get an empty mask from std.)
+pub fn block_termination_signals() -> io::Result<()> {
+    let set = termination_set()?;
+    // SAFETY: `set` is a valid, initialised sigset_t.
+    let ret = unsafe { libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut()) };
+    if ret != 0 {
+        return Err(io::Error::from_raw_os_error(ret));
+    }
+    Ok(())
+}
+
+/// Waits for SIGTERM or SIGINT (blocked beforehand) and returns its number.
+pub fn wait_termination_signal() -> io::Result<i32> {
+    let set = termination_set()?;
+    let mut signal: libc::c_int = 0;
+    // SAFETY: `set` and `signal` are valid for the call.
+    let ret = unsafe { libc::sigwait(&set, &mut signal) };
+    if ret != 0 {
+        return Err(io::Error::from_raw_os_error(ret));
+    }
+    Ok(signal)
 }

@@ -31,7 +31,8 @@ pub fn validate(
     let mut f = Findings::default();
     for section in REQUIRED_SECTIONS {
         if !runbook.has_section(section) {
-            f.errors.push(format!("missing required section: # {section}"));
+            f.errors
+                .push(format!("missing required section: # {section}"));
         }
     }
     f.errors.extend(runbook.problems.iter().cloned());
@@ -54,7 +55,11 @@ pub fn validate(
             ));
         }
     }
-    if runbook.script.as_deref().is_none_or(|s| s.trim().is_empty()) {
+    if runbook
+        .script
+        .as_deref()
+        .is_none_or(|s| s.trim().is_empty())
+    {
         f.errors.push("no script block under # Script".to_string());
     }
     let stem = filename.strip_suffix(".md").unwrap_or(filename);

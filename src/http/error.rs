@@ -16,6 +16,12 @@ pub enum ApiError {
     BadRequest(String),
     Forbidden(String),
     Conflict(String),
+    /// 409 naming the runs that hold the runbook's concurrency slots.
+    RunbookBusy {
+        message: String,
+        run_ids: Vec<String>,
+    },
+    TooManyRequests(String),
     Unavailable(String),
     Internal(String),
 }
@@ -29,7 +35,8 @@ impl ApiError {
             ApiError::PayloadTooLarge => 413,
             ApiError::BadRequest(_) => 400,
             ApiError::Forbidden(_) => 403,
-            ApiError::Conflict(_) => 409,
+            ApiError::Conflict(_) | ApiError::RunbookBusy { .. } => 409,
+            ApiError::TooManyRequests(_) => 429,
             ApiError::Unavailable(_) => 503,
             ApiError::Internal(_) => 500,
         }
@@ -43,13 +50,19 @@ impl ApiError {
                 "WWW-Authenticate",
                 "Bearer error=\"invalid_token\"".to_string(),
             )],
-            ApiError::Unavailable(_) => vec![("Retry-After", "5".to_string())],
+            ApiError::Unavailable(_) | ApiError::TooManyRequests(_) => {
+                vec![("Retry-After", "5".to_string())]
+            }
             _ => Vec::new(),
         }
     }
 
     pub fn body(&self) -> serde_json::Value {
-        json!({ "success": false, "error": self.to_string() })
+        let mut body = json!({ "success": false, "error": self.to_string() });
+        if let ApiError::RunbookBusy { run_ids, .. } = self {
+            body["run_ids"] = json!(run_ids);
+        }
+        body
     }
 }
 
@@ -65,6 +78,8 @@ impl fmt::Display for ApiError {
             ApiError::BadRequest(why) => write!(f, "bad request: {why}"),
             ApiError::Forbidden(why) => write!(f, "forbidden: {why}"),
             ApiError::Conflict(why) => write!(f, "{why}"),
+            ApiError::RunbookBusy { message, .. } => write!(f, "{message}"),
+            ApiError::TooManyRequests(why) => write!(f, "{why}"),
             ApiError::Unavailable(why) => write!(f, "service unavailable: {why}"),
             ApiError::Internal(why) => write!(f, "internal error: {why}"),
         }

@@ -8,14 +8,16 @@ use serde_json::{json, Map, Value};
 use super::error::ApiError;
 use super::request::{json_body, read_body, Incoming};
 use super::router::Route;
+use super::runs;
 use crate::app::App;
 use crate::auth::{self, AuthError, Principal, TokenRequest};
 use crate::catalog::CatalogError;
 use crate::config::Origin;
 use crate::execute::{self, ExecError, ExecuteRequest};
-use crate::run::Run;
+use crate::run::{AdmitError, Run};
 use crate::runbook;
 use crate::runenv;
+use crate::runlog::{RunLog, Stream};
 use crate::validation;
 
 const WEB_PAGE: &str = include_str!("../web/index.html");
@@ -24,19 +26,34 @@ const OPENAPI: &str = include_str!("../docs/openapi.yaml");
 /// What to send back.
 pub enum Reply {
     Json(u16, Value),
+    JsonWithHeaders(u16, Value, Vec<(&'static str, String)>),
     Text(u16, &'static str, String),
-    /// Stream the run's events as SSE.
-    RunEvents(Arc<Run>),
+    /// 204: nothing more to send.
+    NoContent,
+    /// Stream the run's events as SSE from `from_seq`; `announce`: send `event: run` first.
+    RunEvents {
+        run: Arc<Run>,
+        log: Arc<RunLog>,
+        from_seq: u64,
+        announce: bool,
+    },
     /// Wait for the run and send its result object.
-    RunResult(Arc<Run>),
+    RunResult {
+        run: Arc<Run>,
+        log: Arc<RunLog>,
+    },
+    /// The run's raw output as a download.
+    RunDownload {
+        run: Arc<Run>,
+        log: Arc<RunLog>,
+        stream: Option<Stream>,
+    },
 }
 
 impl From<CatalogError> for ApiError {
     fn from(e: CatalogError) -> Self {
         match e {
-            CatalogError::InvalidName => {
-                ApiError::BadRequest("invalid runbook file name".into())
-            }
+            CatalogError::InvalidName => ApiError::BadRequest("invalid runbook file name".into()),
             CatalogError::NotFound => ApiError::NotFound("runbook not found".into()),
             other => ApiError::Internal(other.to_string()),
         }
@@ -49,6 +66,19 @@ impl From<ExecError> for ApiError {
             ExecError::Catalog(c) => c.into(),
             ExecError::Forbidden(why) => ApiError::Forbidden(why),
             ExecError::Unavailable(why) => ApiError::Unavailable(why),
+            ExecError::Admission(e @ AdmitError::TooManyRuns { .. }) => {
+                ApiError::TooManyRequests(e.to_string())
+            }
+            ExecError::Admission(AdmitError::RunbookBusy { max, running }) => {
+                ApiError::RunbookBusy {
+                    message: AdmitError::RunbookBusy {
+                        max,
+                        running: running.clone(),
+                    }
+                    .to_string(),
+                    run_ids: running,
+                }
+            }
             other => ApiError::Internal(other.to_string()),
         }
     }
@@ -62,13 +92,17 @@ pub fn handle(
     request: &mut tiny_http::Request,
 ) -> Result<Reply, ApiError> {
     let principal = if route.needs_token() {
-        Some(authenticate(app, incoming)?)
+        Some(authenticate(app, incoming, route.accepts_query_token())?)
     } else {
         None
     };
     let principal = principal.as_ref();
     match (route, principal) {
-        (Route::WebPage, _) => Ok(Reply::Text(200, "text/html; charset=utf-8", WEB_PAGE.into())),
+        (Route::WebPage, _) => Ok(Reply::Text(
+            200,
+            "text/html; charset=utf-8",
+            WEB_PAGE.into(),
+        )),
         (Route::Health, _) => Ok(Reply::Json(200, json!({"status": "ok"}))),
         (Route::Metrics, _) => Ok(Reply::Text(
             200,
@@ -83,13 +117,25 @@ pub fn handle(
         (Route::Validate(file), Some(p)) => validate(app, &file, p, request),
         (Route::Execute(file), Some(p)) => execute(app, &file, p, incoming, request),
         (Route::Config, Some(p)) => config(app, p, incoming),
+        (Route::ListRuns, Some(p)) => runs::list(app, p, incoming),
+        (Route::GetRun(id), Some(p)) => runs::get(app, p, &id),
+        (Route::CancelRun(id), Some(p)) => runs::cancel(app, p, &id),
+        (Route::RunEvents(id), Some(p)) => runs::events(app, p, &id, incoming),
+        (Route::RunLogs(id), Some(p)) => runs::logs(app, p, &id, incoming),
+        (Route::RunDownload(id), Some(p)) => runs::download(app, p, &id, incoming),
         (_, None) => Err(ApiError::Unauthorized("missing bearer token".into())),
     }
 }
 
-fn authenticate(app: &App, incoming: &Incoming) -> Result<Principal, ApiError> {
+fn authenticate(app: &App, incoming: &Incoming, query_token: bool) -> Result<Principal, ApiError> {
+    let from_query = match (incoming.header("authorization"), query_token) {
+        (None, true) => incoming
+            .query_value("access_token")
+            .map(|t| format!("Bearer {t}")),
+        _ => None,
+    };
     auth::authenticate(
-        incoming.header("authorization"),
+        from_query.as_deref().or(incoming.header("authorization")),
         &app.secret,
         &app.token_validation(),
     )
@@ -101,13 +147,19 @@ fn authenticate(app: &App, incoming: &Incoming) -> Result<Principal, ApiError> {
 
 fn dev_login(app: &App, request: &mut tiny_http::Request) -> Result<Reply, ApiError> {
     if !app.config.enable_login {
-        return Err(ApiError::NotFound("not found: dev login is disabled".into()));
+        return Err(ApiError::NotFound(
+            "not found: dev login is disabled".into(),
+        ));
     }
     let body = json_body(&read_body(request)?)?;
     let subject = match body.get("subject") {
         None | Some(Value::Null) => "dev-user-1".to_string(),
         Some(Value::String(s)) if !s.trim().is_empty() => s.trim().to_string(),
-        Some(_) => return Err(ApiError::BadRequest("subject must be a non-empty string".into())),
+        Some(_) => {
+            return Err(ApiError::BadRequest(
+                "subject must be a non-empty string".into(),
+            ))
+        }
     };
     let roles: Vec<String> = match body.get("roles") {
         None | Some(Value::Null) => vec!["developer".to_string()],
@@ -116,7 +168,11 @@ fn dev_login(app: &App, request: &mut tiny_http::Request) -> Result<Reply, ApiEr
             claims.insert("roles".into(), v.clone());
             auth::claim_values(&claims, "roles")
         }
-        Some(_) => return Err(ApiError::BadRequest("roles must be a list of strings".into())),
+        Some(_) => {
+            return Err(ApiError::BadRequest(
+                "roles must be a list of strings".into(),
+            ))
+        }
     };
     let now = chrono::Utc::now();
     let expires = now + chrono::Duration::seconds(app.config.jwt_ttl.as_secs() as i64);
@@ -150,7 +206,10 @@ fn list_runbooks(app: &App) -> Result<Reply, ApiError> {
         .iter()
         .map(|e| json!({"filename": e.filename, "name": e.name, "path": e.path}))
         .collect();
-    Ok(Reply::Json(200, json!({"success": true, "runbooks": runbooks})))
+    Ok(Reply::Json(
+        200,
+        json!({"success": true, "runbooks": runbooks}),
+    ))
 }
 
 fn get_runbook(app: &App, file: &str) -> Result<Reply, ApiError> {
@@ -203,8 +262,13 @@ fn validate(
     let (path, content) = app.catalog.read(file)?;
     let book = runbook::parse(&content);
     execute::authorize(app, &path, &book, principal)?;
-    let mut findings =
-        validation::validate(&book, file, &vars.vars, &|n| app.server_var(n), &app.catalog);
+    let mut findings = validation::validate(
+        &book,
+        file,
+        &vars.vars,
+        &|n| app.server_var(n),
+        &app.catalog,
+    );
     findings.warnings.extend(vars.warnings);
     let ok = findings.errors.is_empty();
     let mut body = json!({
@@ -233,7 +297,12 @@ fn execute(
         .unwrap_or_default();
     let correlation_id = incoming
         .header("x-correlation-id")
-        .map(|c| c.chars().filter(|ch| !ch.is_control()).take(200).collect::<String>())
+        .map(|c| {
+            c.chars()
+                .filter(|ch| !ch.is_control())
+                .take(200)
+                .collect::<String>()
+        })
         .filter(|c| !c.is_empty());
     let run = execute::start(
         app,
@@ -245,14 +314,40 @@ fn execute(
             recursion_stack,
         },
     )?;
+    let log = run
+        .log()
+        .map_err(|e| ApiError::Internal(format!("run log: {e}")))?;
+    let wants_async = incoming.query_flag("async")
+        || incoming
+            .header("prefer")
+            .is_some_and(|p| p.to_ascii_lowercase().contains("respond-async"));
     let wants_stream = incoming.query_flag("stream")
         || incoming
             .header("accept")
             .is_some_and(|a| a.contains("text/event-stream"));
-    Ok(if wants_stream {
-        Reply::RunEvents(run)
+    Ok(if wants_async {
+        Reply::JsonWithHeaders(
+            202,
+            json!({
+                "success": true,
+                "run_id": run.id,
+                "runbook": run.runbook,
+                "status": "running",
+            }),
+            vec![
+                ("Location", format!("/api/runs/{}", run.id)),
+                ("X-Run-Id", run.id.clone()),
+            ],
+        )
+    } else if wants_stream {
+        Reply::RunEvents {
+            run,
+            log,
+            from_seq: crate::runlog::FIRST_SEQ,
+            announce: true,
+        }
     } else {
-        Reply::RunResult(run)
+        Reply::RunResult { run, log }
     })
 }
 
@@ -276,7 +371,7 @@ fn config(app: &App, principal: &Principal, incoming: &Incoming) -> Result<Reply
             "token": {
                 "user_id": principal.subject,
                 "roles": principal.roles,
-                "remote_ip": incoming.remote_ip(),
+                "remote_ip": incoming.client_ip(&app.config.trusted_proxies),
                 "claims": principal.claims,
             },
         }),

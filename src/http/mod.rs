@@ -6,6 +6,7 @@ pub mod error;
 pub mod handlers;
 pub mod request;
 pub mod router;
+pub mod runs;
 pub mod view;
 pub mod wire;
 
@@ -27,9 +28,10 @@ pub fn bind(addr: SocketAddr, stall: std::time::Duration) -> io::Result<TcpListe
     Ok(listener)
 }
 
-/// Serves requests until the server is dropped.
-pub fn serve(app: Arc<App>, server: tiny_http::Server) {
-    for request in server.incoming_requests() {
+/// Serves requests until the server is unblocked or its accept loop fails (the error).
+pub fn serve(app: &Arc<App>, server: &tiny_http::Server) -> io::Result<()> {
+    loop {
+        let request = server.recv()?;
         let app = app.clone();
         let spawned = std::thread::Builder::new()
             .name("http".into())
@@ -51,10 +53,33 @@ fn handle(app: &Arc<App>, mut request: tiny_http::Request) {
         Err(e) => ("unmatched", Err(e)),
     };
     let status = match result {
-        Ok(Reply::Json(status, body)) => respond(request, status, "application/json", body.to_string(), &[]),
-        Ok(Reply::Text(status, content_type, body)) => respond(request, status, content_type, body, &[]),
-        Ok(Reply::RunEvents(run)) => view::stream_events(app, request, &run),
-        Ok(Reply::RunResult(run)) => view::send_result(app, request, &run),
+        Ok(Reply::Json(status, body)) => {
+            respond(request, status, "application/json", body.to_string(), &[])
+        }
+        Ok(Reply::JsonWithHeaders(status, body, headers)) => respond(
+            request,
+            status,
+            "application/json",
+            body.to_string(),
+            &headers,
+        ),
+        Ok(Reply::Text(status, content_type, body)) => {
+            respond(request, status, content_type, body, &[])
+        }
+        Ok(Reply::NoContent) => {
+            let _ = request.respond(tiny_http::Response::empty(204));
+            204
+        }
+        Ok(Reply::RunEvents {
+            run,
+            log,
+            from_seq,
+            announce,
+        }) => view::stream_events(app, request, &run, &log, from_seq, announce),
+        Ok(Reply::RunResult { run, log }) => view::send_result(app, request, &run, &log),
+        Ok(Reply::RunDownload { run, log, stream }) => {
+            view::send_download(request, &run, &log, stream)
+        }
         Err(e) => respond_error(request, &e),
     };
     app.metrics.request(label, status);
@@ -62,7 +87,7 @@ fn handle(app: &Arc<App>, mut request: tiny_http::Request) {
     log::info!(
         target: "runbookd::access",
         "{} {} {} {}ms {}",
-        incoming.remote_ip(),
+        incoming.client_ip(&app.config.trusted_proxies),
         incoming.method,
         sanitize_path(&incoming.path),
         started.elapsed().as_millis(),
@@ -97,7 +122,8 @@ fn respond(
     extra: &[(&'static str, String)],
 ) -> u16 {
     let mut response = tiny_http::Response::from_string(body).with_status_code(status);
-    let headers = std::iter::once(("Content-Type", content_type.to_string())).chain(extra.iter().cloned());
+    let headers =
+        std::iter::once(("Content-Type", content_type.to_string())).chain(extra.iter().cloned());
     for (name, value) in headers {
         if let Ok(header) = tiny_http::Header::from_bytes(name.as_bytes(), value.as_bytes()) {
             response.add_header(header);

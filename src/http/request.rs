@@ -29,7 +29,12 @@ impl Incoming {
             headers: request
                 .headers()
                 .iter()
-                .map(|h| (h.field.as_str().as_str().to_ascii_lowercase(), h.value.as_str().to_string()))
+                .map(|h| {
+                    (
+                        h.field.as_str().as_str().to_ascii_lowercase(),
+                        h.value.as_str().to_string(),
+                    )
+                })
                 .collect(),
             remote: request.remote_addr().copied(),
         }
@@ -57,15 +62,33 @@ impl Incoming {
         matches!(self.query_value(name), Some("true" | "1" | "yes"))
     }
 
-    /// The client's address as text.
-    pub fn remote_ip(&self) -> String {
-        self.remote.map(|a| a.ip().to_string()).unwrap_or_default()
+    /// The client's address: the peer's, or, when the peer is a trusted proxy, the address
+    /// it forwards in `X-Real-IP` (else the last `X-Forwarded-For` entry).
+    pub fn client_ip(&self, trusted_proxies: &[std::net::IpAddr]) -> String {
+        let peer = self.remote.map(|a| a.ip());
+        if peer.is_some_and(|p| trusted_proxies.contains(&p)) {
+            let forwarded = self
+                .header("x-real-ip")
+                .or_else(|| {
+                    self.header("x-forwarded-for")
+                        .and_then(|f| f.rsplit(',').next())
+                })
+                .map(str::trim)
+                .and_then(|ip| ip.parse::<std::net::IpAddr>().ok());
+            if let Some(ip) = forwarded {
+                return ip.to_string();
+            }
+        }
+        peer.map(|p| p.to_string()).unwrap_or_default()
     }
 }
 
 /// Reads the body, refusing more than `MAX_BODY_BYTES` (by Content-Length or by counting).
 pub fn read_body(request: &mut tiny_http::Request) -> Result<Vec<u8>, ApiError> {
-    if request.body_length().is_some_and(|len| len as u64 > MAX_BODY_BYTES) {
+    if request
+        .body_length()
+        .is_some_and(|len| len as u64 > MAX_BODY_BYTES)
+    {
         return Err(ApiError::PayloadTooLarge);
     }
     let mut body = Vec::new();
@@ -87,7 +110,9 @@ pub fn json_body(body: &[u8]) -> Result<serde_json::Map<String, serde_json::Valu
     }
     match serde_json::from_slice::<serde_json::Value>(body) {
         Ok(serde_json::Value::Object(map)) => Ok(map),
-        Ok(_) => Err(ApiError::BadRequest("the body must be a JSON object".into())),
+        Ok(_) => Err(ApiError::BadRequest(
+            "the body must be a JSON object".into(),
+        )),
         Err(e) => Err(ApiError::BadRequest(format!("invalid JSON body: {e}"))),
     }
 }

@@ -17,6 +17,12 @@ pub enum Route {
     Validate(String),
     Execute(String),
     Config,
+    ListRuns,
+    GetRun(String),
+    CancelRun(String),
+    RunEvents(String),
+    RunLogs(String),
+    RunDownload(String),
 }
 
 impl Route {
@@ -34,7 +40,18 @@ impl Route {
             Route::Validate(_) => "/api/runbooks/{file}/validate",
             Route::Execute(_) => "/api/runbooks/{file}/execute",
             Route::Config => "/api/config",
+            Route::ListRuns => "/api/runs",
+            Route::GetRun(_) => "/api/runs/{id}",
+            Route::CancelRun(_) => "/api/runs/{id} (DELETE)",
+            Route::RunEvents(_) => "/api/runs/{id}/events",
+            Route::RunLogs(_) => "/api/runs/{id}/logs",
+            Route::RunDownload(_) => "/api/runs/{id}/logs/download",
         }
+    }
+
+    /// Routes a browser opens without headers may carry the token as `?access_token=`.
+    pub fn accepts_query_token(&self) -> bool {
+        matches!(self, Route::RunEvents(_) | Route::RunDownload(_))
     }
 
     /// Routes under /api need a token.
@@ -62,6 +79,17 @@ pub fn route(method: &str, path: &str) -> Result<Route, ApiError> {
         ["api", "runbooks", f, "required-env"] => (&["GET"], Route::RequiredEnv(file(f))),
         ["api", "runbooks", f, "validate"] => (&["PATCH"], Route::Validate(file(f))),
         ["api", "runbooks", f, "execute"] => (&["POST"], Route::Execute(file(f))),
+        ["api", "runs"] => (&["GET"], Route::ListRuns),
+        ["api", "runs", id] if !id.is_empty() => {
+            let id = file(id);
+            if method == "DELETE" {
+                return Ok(Route::CancelRun(id));
+            }
+            (&["GET", "DELETE"], Route::GetRun(id))
+        }
+        ["api", "runs", id, "events"] => (&["GET"], Route::RunEvents(file(id))),
+        ["api", "runs", id, "logs"] => (&["GET"], Route::RunLogs(file(id))),
+        ["api", "runs", id, "logs", "download"] => (&["GET"], Route::RunDownload(file(id))),
         _ => return Err(ApiError::NotFound("not found: no such route".into())),
     };
     let method_ok = allowed.contains(&method) || (method == "HEAD" && allowed.contains(&"GET"));
@@ -95,6 +123,18 @@ mod tests {
         assert!(matches!(
             route("GET", "/api/runbooks/a/b/c"),
             Err(ApiError::NotFound(_))
+        ));
+        assert_eq!(
+            route("DELETE", "/api/runs/x").unwrap(),
+            Route::CancelRun("x".into())
+        );
+        assert_eq!(
+            route("GET", "/api/runs/x").unwrap(),
+            Route::GetRun("x".into())
+        );
+        assert!(matches!(
+            route("POST", "/api/runs/x"),
+            Err(ApiError::MethodNotAllowed(["GET", "DELETE"]))
         ));
     }
 }

@@ -1,6 +1,6 @@
-//! Viewers of a run: the SSE stream of an execute response and the synchronous JSON result.
-//! Each reads the run's log through its own cursor at its own pace; a write error or a stalled
-//! socket ends the viewer, never the run.
+//! Viewers of a run: the SSE stream (execute responses and `/events`), the synchronous JSON
+//! result, and the raw download. Each reads the run's log through its own cursor at its own
+//! pace; a write error or a stalled socket ends the viewer, never the run.
 
 use std::io::Write;
 use std::sync::Arc;
@@ -11,16 +11,26 @@ use super::wire::{Batcher, StreamWriter};
 use crate::app::App;
 use crate::result_json::write_result;
 use crate::run::Run;
-use crate::runlog::Next;
+use crate::runlog::{Next, RunLog, Stream};
 use crate::sse;
 
 /// Most bytes of chunks sent in one batch.
 const BATCH_BYTES: usize = 256 * 1024;
 
-/// Streams the run as SSE until `done`; returns the status sent.
-pub fn stream_events(app: &App, request: tiny_http::Request, run: &Arc<Run>) -> u16 {
+/// Streams the run as SSE from chunk `from_seq` until `done`; returns the status sent.
+pub fn stream_events(
+    app: &App,
+    request: tiny_http::Request,
+    run: &Arc<Run>,
+    log: &RunLog,
+    from_seq: u64,
+    announce: bool,
+) -> u16 {
     let headers = [
-        ("Content-Type", "text/event-stream; charset=utf-8".to_string()),
+        (
+            "Content-Type",
+            "text/event-stream; charset=utf-8".to_string(),
+        ),
         ("Cache-Control", "no-cache".to_string()),
         ("X-Accel-Buffering", "no".to_string()),
         ("X-Run-Id", run.id.clone()),
@@ -32,7 +42,7 @@ pub fn stream_events(app: &App, request: tiny_http::Request, run: &Arc<Run>) -> 
             return 200;
         }
     };
-    match follow(app, &mut out, run) {
+    match follow(app, &mut out, run, log, from_seq, announce) {
         Ok(()) => {
             let _ = out.finish();
         }
@@ -41,18 +51,31 @@ pub fn stream_events(app: &App, request: tiny_http::Request, run: &Arc<Run>) -> 
     200
 }
 
-fn follow(app: &App, out: &mut StreamWriter, run: &Arc<Run>) -> std::io::Result<()> {
+fn follow(
+    app: &App,
+    out: &mut StreamWriter,
+    run: &Arc<Run>,
+    log: &RunLog,
+    from_seq: u64,
+    announce: bool,
+) -> std::io::Result<()> {
     let limit = app.config.max_output_bytes;
     let mut batch = Vec::with_capacity(BATCH_BYTES + 1024);
-    let start = json!({"run_id": run.id, "runbook": run.runbook}).to_string();
-    sse::push_event(&mut batch, "run", None, &start);
-    out.send(&batch)?;
-    let mut cursor = run.log.cursor_at_start();
+    if announce {
+        let start = json!({"run_id": run.id, "runbook": run.runbook}).to_string();
+        sse::push_event(&mut batch, "run", None, &start);
+        out.send(&batch)?;
+    }
+    let mut cursor = log
+        .cursor_at(from_seq)
+        .map_err(|e| std::io::Error::other(e.to_string()))?;
+    let mut cap_told = false;
     loop {
         batch.clear();
-        match run.log.next(&mut cursor, BATCH_BYTES, app.config.heartbeat) {
+        let next = log.next(&mut cursor, BATCH_BYTES, app.config.heartbeat);
+        match &next {
             Next::Chunks(chunks) => {
-                for chunk in &chunks {
+                for chunk in chunks {
                     let end = chunk.stream_offset + chunk.data.len() as u64;
                     if chunk.stream_offset <= limit && end > limit {
                         let note = json!({"stream": chunk.stream.name(), "limit": limit});
@@ -60,27 +83,33 @@ fn follow(app: &App, out: &mut StreamWriter, run: &Arc<Run>) -> std::io::Result<
                     }
                     sse::push_chunk(&mut batch, chunk);
                 }
-                out.send(&batch)?;
             }
-            Next::Idle => {
-                sse::push_keepalive(&mut batch);
-                out.send(&batch)?;
-            }
-            Next::End(outcome) => {
-                let mut body = Batcher::new(out);
-                body.write_all(&sse::done_prefix(cursor.next_seq()))?;
-                write_result(&mut body, run, &outcome, limit)?;
-                body.write_all(b"\n\n")?;
-                body.flush()?;
-                return Ok(());
-            }
+            Next::Idle => sse::push_keepalive(&mut batch),
+            Next::End(_) => {}
+        }
+        if !cap_told && log.capped_at().is_some_and(|at| cursor.next_seq() >= at) {
+            cap_told = true;
+            let note = json!({
+                "stream": "log",
+                "limit": app.config.run_log_max_bytes,
+                "reason": "RUN_LOG_MAX_BYTES reached: further output is counted but not stored",
+            });
+            sse::push_event(&mut batch, "truncated", None, &note.to_string());
+        }
+        out.send(&batch)?;
+        if let Next::End(outcome) = next {
+            let mut body = Batcher::new(out);
+            body.write_all(&sse::done_prefix(cursor.next_seq()))?;
+            write_result(&mut body, run, log, &outcome, limit)?;
+            body.write_all(b"\n\n")?;
+            return body.flush();
         }
     }
 }
 
 /// Waits for the run's end and sends its result object: 200 when it succeeded, else 500.
-pub fn send_result(app: &App, request: tiny_http::Request, run: &Arc<Run>) -> u16 {
-    let outcome = run.log.wait_end();
+pub fn send_result(app: &App, request: tiny_http::Request, run: &Arc<Run>, log: &RunLog) -> u16 {
+    let outcome = log.wait_end();
     let status = if outcome.return_code == 0 && outcome.error.is_none() {
         200
     } else {
@@ -92,7 +121,7 @@ pub fn send_result(app: &App, request: tiny_http::Request, run: &Arc<Run>) -> u1
     ];
     let sent = StreamWriter::start(request, status, &headers).and_then(|mut out| {
         let mut body = Batcher::new(&mut out);
-        write_result(&mut body, run, &outcome, app.config.max_output_bytes)?;
+        write_result(&mut body, run, log, &outcome, app.config.max_output_bytes)?;
         body.flush()?;
         out.finish()
     });
@@ -100,4 +129,36 @@ pub fn send_result(app: &App, request: tiny_http::Request, run: &Arc<Run>) -> u1
         log::debug!("result of {} not delivered: {e}", run.id);
     }
     status
+}
+
+/// Sends the stored bytes (one stream or both interleaved) as a text attachment.
+pub fn send_download(
+    request: tiny_http::Request,
+    run: &Run,
+    log: &RunLog,
+    stream: Option<Stream>,
+) -> u16 {
+    let name = match stream {
+        Some(s) => format!("{}.{}.log", run.id, s.name()),
+        None => format!("{}.log", run.id),
+    };
+    let headers = [
+        ("Content-Type", "text/plain; charset=utf-8".to_string()),
+        (
+            "Content-Disposition",
+            format!("attachment; filename=\"{name}\""),
+        ),
+        ("X-Run-Id", run.id.clone()),
+    ];
+    let sent = StreamWriter::start(request, 200, &headers).and_then(|mut out| {
+        let mut body = Batcher::new(&mut out);
+        log.for_each_stored(stream, |chunk| body.write_all(&chunk.data).map(|()| true))
+            .map_err(|e| std::io::Error::other(e.to_string()))?;
+        body.flush()?;
+        out.finish()
+    });
+    if let Err(e) = sent {
+        log::debug!("download of {} not delivered: {e}", run.id);
+    }
+    200
 }

@@ -36,7 +36,12 @@ fn missing_or_malformed_tokens_are_401() {
         assert_401(&resp, header);
     }
     // The raw token without the Bearer scheme is not accepted either.
-    let resp = server.request("GET", "/api/runbooks", &[("Authorization", &dev_token())], None);
+    let resp = server.request(
+        "GET",
+        "/api/runbooks",
+        &[("Authorization", &dev_token())],
+        None,
+    );
     assert_401(&resp, "token without scheme");
 }
 
@@ -53,13 +58,20 @@ fn bad_tokens_are_401() {
         (
             "expired",
             sign_hs256(
-                &with_claim(with_claim(good.clone(), "exp", json!(now - 3600)), "iat", json!(now - 7200)),
+                &with_claim(
+                    with_claim(good.clone(), "exp", json!(now - 3600)),
+                    "iat",
+                    json!(now - 7200),
+                ),
                 TEST_SECRET.as_bytes(),
             ),
         ),
         (
             "not yet valid",
-            sign_hs256(&with_claim(good.clone(), "nbf", json!(now + 600)), TEST_SECRET.as_bytes()),
+            sign_hs256(
+                &with_claim(good.clone(), "nbf", json!(now + 600)),
+                TEST_SECRET.as_bytes(),
+            ),
         ),
         ("alg none", alg_none(&good)),
         ("alg HS512", sign_hs512(&good, TEST_SECRET.as_bytes())),
@@ -69,7 +81,10 @@ fn bad_tokens_are_401() {
         ),
         (
             "wrong audience",
-            sign_hs256(&with_claim(good.clone(), "aud", json!("other-api")), TEST_SECRET.as_bytes()),
+            sign_hs256(
+                &with_claim(good.clone(), "aud", json!("other-api")),
+                TEST_SECRET.as_bytes(),
+            ),
         ),
         (
             "audience list without ours",
@@ -80,7 +95,10 @@ fn bad_tokens_are_401() {
         ),
         (
             "wrong issuer",
-            sign_hs256(&with_claim(good.clone(), "iss", json!("evil-idp")), TEST_SECRET.as_bytes()),
+            sign_hs256(
+                &with_claim(good.clone(), "iss", json!("evil-idp")),
+                TEST_SECRET.as_bytes(),
+            ),
         ),
     ];
     for (what, tok) in cases {
@@ -91,11 +109,14 @@ fn bad_tokens_are_401() {
     // A tampered payload with the original signature.
     let tok = dev_token();
     let parts: Vec<&str> = tok.split('.').collect();
-    let forged = b64url(
-        &serde_json::to_vec(&claims("dev-tester", json!(["admin"]))).unwrap(),
-    );
+    let forged = b64url(&serde_json::to_vec(&claims("dev-tester", json!(["admin"]))).unwrap());
     let tampered = format!("Bearer {}.{}.{}", parts[0], forged, parts[2]);
-    let resp = server.request("GET", "/api/runbooks", &[("Authorization", &tampered)], None);
+    let resp = server.request(
+        "GET",
+        "/api/runbooks",
+        &[("Authorization", &tampered)],
+        None,
+    );
     assert_401(&resp, "tampered payload");
 }
 
@@ -115,11 +136,17 @@ fn accepted_token_variants() {
         ),
         (
             "expired within the 30 s leeway",
-            sign_hs256(&with_claim(good.clone(), "exp", json!(now - 5)), TEST_SECRET.as_bytes()),
+            sign_hs256(
+                &with_claim(good.clone(), "exp", json!(now - 5)),
+                TEST_SECRET.as_bytes(),
+            ),
         ),
         (
             "nbf within the leeway",
-            sign_hs256(&with_claim(good.clone(), "nbf", json!(now + 5)), TEST_SECRET.as_bytes()),
+            sign_hs256(
+                &with_claim(good.clone(), "nbf", json!(now + 5)),
+                TEST_SECRET.as_bytes(),
+            ),
         ),
         (
             "roles as a comma string",
@@ -151,14 +178,10 @@ fn dev_login_is_404_unless_enabled() {
 
 #[test]
 fn dev_login_issues_working_tokens() {
-    let server = Server::start(
-        ServerOpts::new()
-            .env("ENABLE_LOGIN", "true")
-            .runbook(
-                "Admin.md",
-                Runbook::new("Admin", "echo admin ok").claim("roles: admin"),
-            ),
-    );
+    let server = Server::start(ServerOpts::new().env("ENABLE_LOGIN", "true").runbook(
+        "Admin.md",
+        Runbook::new("Admin", "echo admin ok").claim("roles: admin"),
+    ));
     // Defaults.
     let resp = server.request(
         "POST",
@@ -179,13 +202,19 @@ fn dev_login_issues_working_tokens() {
         "default lifetime is 480 minutes, got {minutes}"
     );
     let tok = body["access_token"].as_str().unwrap().to_string();
-    assert!(verify_hs256(&tok, TEST_SECRET.as_bytes()), "signed with JWT_SECRET");
+    assert!(
+        verify_hs256(&tok, TEST_SECRET.as_bytes()),
+        "signed with JWT_SECRET"
+    );
     let header = decode_segment(tok.split('.').next().unwrap());
     assert_eq!(header["alg"], json!("HS256"));
     let payload = decode_segment(tok.split('.').nth(1).unwrap());
     assert_eq!(payload["iss"], json!(ISSUER));
     assert_eq!(payload["sub"], json!("dev-user-1"));
-    assert!(payload["iat"].is_number() && payload["exp"].is_number(), "{payload}");
+    assert!(
+        payload["iat"].is_number() && payload["exp"].is_number(),
+        "{payload}"
+    );
     let aud_ok = payload["aud"] == json!(AUDIENCE)
         || payload["aud"]
             .as_array()
@@ -237,7 +266,10 @@ fn dev_login_without_secret_generates_one() {
     assert_eq!(server.get("/api/runbooks", Some(&tok)).status, 200);
     assert!(!verify_hs256(&tok, TEST_SECRET.as_bytes()));
     // A token signed with a secret the server does not have is refused.
-    assert_401(&server.get("/api/runbooks", Some(&dev_token())), "foreign secret");
+    assert_401(
+        &server.get("/api/runbooks", Some(&dev_token())),
+        "foreign secret",
+    );
 }
 
 #[test]
@@ -309,12 +341,8 @@ fn rbac_accepts_matching_roles() {
         let resp = server.execute("Admin.md", &tok, json!({}));
         assert_eq!(resp.status, 200, "{what}: {}", resp.text());
         assert_eq!(resp.json()["stdout"], json!("admin only\n"), "{what}");
-        let resp = server.json_request(
-            "PATCH",
-            "/api/runbooks/Admin.md/validate",
-            &tok,
-            &json!({}),
-        );
+        let resp =
+            server.json_request("PATCH", "/api/runbooks/Admin.md/validate", &tok, &json!({}));
         assert_eq!(resp.status, 200, "{what} validate: {}", resp.text());
     }
     // Reading is not subject to RBAC.
@@ -324,12 +352,14 @@ fn rbac_accepts_matching_roles() {
 
 #[test]
 fn rbac_requires_every_claim() {
-    let server = Server::start(ServerOpts::new().runbook(
-        "Team.md",
-        Runbook::new("Team", "echo team ok")
-            .claim("roles: admin")
-            .claim("team: blue, green"),
-    ));
+    let server = Server::start(
+        ServerOpts::new().runbook(
+            "Team.md",
+            Runbook::new("Team", "echo team ok")
+                .claim("roles: admin")
+                .claim("team: blue, green"),
+        ),
+    );
     let only_role = token("a", &["admin"]);
     let resp = server.execute("Team.md", &only_role, json!({}));
     assert_eq!(resp.status, 403, "missing team claim: {}", resp.text());

@@ -23,7 +23,10 @@ fn assert_run_id(run_id: &Value, prefix: &str) -> String {
     let uuid = id
         .strip_prefix(&format!("{prefix}-"))
         .unwrap_or_else(|| panic!("run_id {id:?} should start with {prefix}-"));
-    assert!(uuid::Uuid::parse_str(uuid).is_ok(), "run_id {id:?} should end in a uuid");
+    assert!(
+        uuid::Uuid::parse_str(uuid).is_ok(),
+        "run_id {id:?} should end in a uuid"
+    );
     id.to_string()
 }
 
@@ -82,7 +85,10 @@ fn sync_failure_is_500_with_error() {
 fn instance_id_prefixes_run_ids() {
     let server = Server::start(
         ServerOpts::new()
-            .runbook("Hello.md", Runbook::new("Hello", "echo \"$RUNBOOK_RUN_ID\""))
+            .runbook(
+                "Hello.md",
+                Runbook::new("Hello", "echo \"$RUNBOOK_RUN_ID\""),
+            )
             .env("INSTANCE_ID", "node7"),
     );
     let body = server.execute("Hello.md", &dev_token(), json!({})).json();
@@ -119,7 +125,8 @@ fn env_vars_are_passed_and_converted() {
 
 #[test]
 fn bad_env_vars_are_400_and_run_nothing() {
-    let server = Server::start(ServerOpts::new().runbook("Vars.md", Runbook::new("Vars", "echo ran")));
+    let server =
+        Server::start(ServerOpts::new().runbook("Vars.md", Runbook::new("Vars", "echo ran")));
     let bad: Vec<(&str, Value)> = vec![
         ("object value", json!({"X": {"a": 1}})),
         ("array value", json!({"X": [1, 2]})),
@@ -150,7 +157,10 @@ fn bad_env_vars_are_400_and_run_nothing() {
 fn system_variables_cannot_be_set_by_the_request() {
     let server = Server::start(ServerOpts::new().runbook(
         "Sys.md",
-        Runbook::new("Sys", "echo \"RUN=$RUNBOOK_RUN_ID\"\necho \"URL=$RUNBOOK_URL\"\necho \"OK=$OK\"\n"),
+        Runbook::new(
+            "Sys",
+            "echo \"RUN=$RUNBOOK_RUN_ID\"\necho \"URL=$RUNBOOK_URL\"\necho \"OK=$OK\"\n",
+        ),
     ));
     let resp = server.execute(
         "Sys.md",
@@ -161,7 +171,10 @@ fn system_variables_cannot_be_set_by_the_request() {
     let body = resp.json();
     let out = kv_lines(body["stdout"].as_str().unwrap());
     assert_eq!(out["RUN"], body["run_id"].as_str().unwrap());
-    assert_eq!(out["URL"], format!("http://localhost:{}/api/runbooks", server.port));
+    assert_eq!(
+        out["URL"],
+        format!("http://localhost:{}/api/runbooks", server.port)
+    );
     assert_eq!(out["OK"], "yes");
     let warnings = body["warnings"].to_string();
     assert!(
@@ -185,7 +198,10 @@ fn missing_required_env_fails_the_run_with_code_1() {
         body["stderr"].as_str().unwrap().contains("REQUIRED_X"),
         "stderr lists the missing variable: {body}"
     );
-    assert!(!body["stdout"].as_str().unwrap_or("").contains("should-not-run"));
+    assert!(!body["stdout"]
+        .as_str()
+        .unwrap_or("")
+        .contains("should-not-run"));
     let entries = server.wait_for_history("Needs.md", 1, Duration::from_secs(5));
     assert_eq!(entry_header(&entries[0]).1, 1);
     // With the variable it runs.
@@ -204,8 +220,17 @@ fn missing_input_file_fails_the_run_with_code_1() {
     assert_eq!(resp.status, 500, "{}", resp.text());
     let body = resp.json();
     assert_eq!(body["return_code"], json!(1), "{body}");
-    assert!(body["stderr"].as_str().unwrap().contains("absent-input.txt"), "{body}");
-    assert!(!body["stdout"].as_str().unwrap_or("").contains("should-not-run"));
+    assert!(
+        body["stderr"]
+            .as_str()
+            .unwrap()
+            .contains("absent-input.txt"),
+        "{body}"
+    );
+    assert!(!body["stdout"]
+        .as_str()
+        .unwrap_or("")
+        .contains("should-not-run"));
 }
 
 #[test]
@@ -221,10 +246,16 @@ fn secrets_never_reach_the_script() {
     let resp = server.execute("Env.md", &dev_token(), json!({}));
     assert_eq!(resp.status, 200, "{}", resp.text());
     let stdout = resp.json()["stdout"].as_str().unwrap().to_string();
-    assert!(stdout.contains("VISIBLE_VAR=shown-value"), "server env is inherited: {stdout}");
+    assert!(
+        stdout.contains("VISIBLE_VAR=shown-value"),
+        "server env is inherited: {stdout}"
+    );
     assert!(!stdout.contains(TEST_SECRET), "JWT_SECRET value leaked");
     assert!(!stdout.contains("JWT_SECRET="), "JWT_SECRET name leaked");
-    assert!(!stdout.contains("supersecretvalue-xyz"), "SECRET_ENV_VARS not honoured");
+    assert!(
+        !stdout.contains("supersecretvalue-xyz"),
+        "SECRET_ENV_VARS not honoured"
+    );
     assert!(!stdout.contains("NOTIFY_SOCKET="), "NOTIFY_SOCKET leaked");
     assert!(!server.read_runbook("Env.md").contains(TEST_SECRET));
 }
@@ -249,14 +280,21 @@ fn run_token_is_masked_and_carries_the_run() {
     assert_eq!(payload["sub"], json!("carol"), "{payload}");
     assert_eq!(payload["run_id"], body["run_id"], "{payload}");
     let roles = payload["roles"].to_string();
-    assert!(roles.contains("developer") && roles.contains("ops"), "{payload}");
+    assert!(
+        roles.contains("developer") && roles.contains("ops"),
+        "{payload}"
+    );
     let exp = payload["exp"].as_i64().unwrap();
     assert!(
         (started + 500..=started + 700).contains(&exp),
         "exp at the run's deadline (SCRIPT_TIMEOUT_SECONDS=600): {exp} vs now {started}"
     );
     let entries = server.wait_for_history("Tok.md", 1, Duration::from_secs(5));
-    assert!(entries[0].contains("token=***"), "history is masked: {}", entries[0]);
+    assert!(
+        entries[0].contains("token=***"),
+        "history is masked: {}",
+        entries[0]
+    );
     assert!(entries[0].contains("token-on-stderr=***"), "{}", entries[0]);
 }
 
@@ -274,7 +312,8 @@ echo "EXEC=$RUNBOOK_EXEC_DIR_HOST"
 echo "PWD=$(pwd)"
 echo "HEADERS=$RUNBOOK_HEADERS"
 "#;
-    let server = Server::start(ServerOpts::new().runbook("SysVars.md", Runbook::new("SysVars", script)));
+    let server =
+        Server::start(ServerOpts::new().runbook("SysVars.md", Runbook::new("SysVars", script)));
     let resp = server.execute_with_headers(
         "SysVars.md",
         &dev_token(),
@@ -284,11 +323,17 @@ echo "HEADERS=$RUNBOOK_HEADERS"
     assert_eq!(resp.status, 200, "{}", resp.text());
     let body = resp.json();
     let out = kv_lines(body["stdout"].as_str().unwrap());
-    assert_eq!(out["URL"], format!("http://localhost:{}/api/runbooks", server.port));
+    assert_eq!(
+        out["URL"],
+        format!("http://localhost:{}/api/runbooks", server.port)
+    );
     assert_eq!(out["RUN"], body["run_id"].as_str().unwrap());
     assert_eq!(out["CORR"], "corr-abc-123");
     let stack: Value = serde_json::from_str(&out["STACK"]).unwrap();
-    let stack = stack.as_array().expect("recursion stack is a JSON list").clone();
+    let stack = stack
+        .as_array()
+        .expect("recursion stack is a JSON list")
+        .clone();
     assert_eq!(stack.len(), 1, "{stack:?}");
     assert!(stack[0].as_str().unwrap().contains("SysVars"), "{stack:?}");
     assert_eq!(out["HCORR"], "X-Correlation-Id: corr-abc-123");
@@ -308,10 +353,19 @@ echo "HEADERS=$RUNBOOK_HEADERS"
     let headers = &out["HEADERS"];
     assert_eq!(headers.matches("-H \"").count(), 4, "{headers}");
     assert!(headers.contains("Authorization: Bearer ***"), "{headers}");
-    assert!(headers.contains("X-Correlation-Id: corr-abc-123"), "{headers}");
-    assert!(headers.contains("Content-Type: application/json"), "{headers}");
     assert!(
-        wait_until(Duration::from_secs(5), || !std::path::Path::new(&out["PWD"]).exists()),
+        headers.contains("X-Correlation-Id: corr-abc-123"),
+        "{headers}"
+    );
+    assert!(
+        headers.contains("Content-Type: application/json"),
+        "{headers}"
+    );
+    assert!(
+        wait_until(Duration::from_secs(5), || !std::path::Path::new(
+            &out["PWD"]
+        )
+        .exists()),
         "the run's working directory is removed afterwards"
     );
     // Without X-Correlation-Id a new one is made.
@@ -332,7 +386,10 @@ fn api_host_and_protocol_build_runbook_url() {
     let body = server.execute("Url.md", &dev_token(), json!({})).json();
     assert_eq!(
         body["stdout"],
-        json!(format!("https://runbooks.example:{}/api/runbooks\n", server.port))
+        json!(format!(
+            "https://runbooks.example:{}/api/runbooks\n",
+            server.port
+        ))
     );
 }
 
@@ -354,7 +411,10 @@ fn input_files_and_folders_are_copied() {
     );
     let resp = server.execute("Inputs.md", &dev_token(), json!({}));
     assert_eq!(resp.status, 200, "{}", resp.text());
-    assert_eq!(resp.json()["stdout"], json!("file content\ninner content\n"));
+    assert_eq!(
+        resp.json()["stdout"],
+        json!("file content\ninner content\n")
+    );
     // The copy was changed, not the original.
     assert_eq!(
         std::fs::read_to_string(server.runbooks_dir().join("data.txt")).unwrap(),
@@ -375,17 +435,21 @@ fn interpreter_line_is_honoured() {
                 "Spaced.md",
                 Runbook::new("Spaced", "#!   /bin/sh\necho spaced\n"),
             )
-            .runbook(
-                "Plain.md",
-                Runbook::new("Plain", "readlink /proc/$$/exe\n"),
-            )
+            .runbook("Plain.md", Runbook::new("Plain", "readlink /proc/$$/exe\n"))
             .runbook(
                 "Stdin.md",
-                Runbook::new("Stdin", "cat\nif read line; then echo got-input; fi\necho done-reading\n"),
+                Runbook::new(
+                    "Stdin",
+                    "cat\nif read line; then echo got-input; fi\necho done-reading\n",
+                ),
             ),
     );
     let body = server.execute("Errexit.md", &dev_token(), json!({})).json();
-    assert_eq!(body["return_code"], json!(1), "`-e` argument passed: {body}");
+    assert_eq!(
+        body["return_code"],
+        json!(1),
+        "`-e` argument passed: {body}"
+    );
     assert!(!body["stdout"].as_str().unwrap().contains("notreached"));
 
     let body = server.execute("Spaced.md", &dev_token(), json!({})).json();
@@ -400,7 +464,11 @@ fn interpreter_line_is_honoured() {
 
     let start = Instant::now();
     let body = server.execute("Stdin.md", &dev_token(), json!({})).json();
-    assert_eq!(body["stdout"], json!("done-reading\n"), "stdin is /dev/null: {body}");
+    assert_eq!(
+        body["stdout"],
+        json!("done-reading\n"),
+        "stdin is /dev/null: {body}"
+    );
     assert!(start.elapsed() < Duration::from_secs(10));
 }
 
@@ -429,14 +497,24 @@ fn accept_header_and_stream_parameter_negotiate() {
         assert_eq!(resp.json()["stdout"], json!("hi\n"));
     }
     for (path, accept) in [
-        ("/api/runbooks/Hi.md/execute", Some("text/html, text/event-stream;q=0.9")),
+        (
+            "/api/runbooks/Hi.md/execute",
+            Some("text/html, text/event-stream;q=0.9"),
+        ),
         ("/api/runbooks/Hi.md/execute", Some("text/event-stream")),
         ("/api/runbooks/Hi.md/execute?stream=true", None),
-        ("/api/runbooks/Hi.md/execute?stream=true", Some("application/json")),
+        (
+            "/api/runbooks/Hi.md/execute?stream=true",
+            Some("application/json"),
+        ),
     ] {
         let resp = post(path, accept);
         assert_eq!(resp.status, 200);
-        assert!(is_sse(&resp), "{path} with Accept {accept:?} streams: {:?}", resp.headers);
+        assert!(
+            is_sse(&resp),
+            "{path} with Accept {accept:?} streams: {:?}",
+            resp.headers
+        );
         let mut parser = SseParser::new();
         let events = parser.feed(&resp.body, Instant::now());
         assert_eq!(joined(&events, "stdout"), "hi\n");

@@ -16,7 +16,10 @@ fn assert_error_json(resp: &Response, status: u16) {
 }
 
 fn marker_runbook(server_root_marker: &str) -> Runbook {
-    Runbook::new("Marker", &format!("echo ran > '{server_root_marker}'\necho ok\n"))
+    Runbook::new(
+        "Marker",
+        &format!("echo ran > '{server_root_marker}'\necho ok\n"),
+    )
 }
 
 #[test]
@@ -33,7 +36,11 @@ fn healthz_is_public_and_ok() {
 #[test]
 fn unknown_routes_are_404_json() {
     let server = Server::start(ServerOpts::new());
-    for path in ["/nope", "/api/nothing-here", "/api/runbooks/a.md/unknown-action"] {
+    for path in [
+        "/nope",
+        "/api/nothing-here",
+        "/api/runbooks/a.md/unknown-action",
+    ] {
         let resp = server.get(path, Some(&dev_token()));
         assert_error_json(&resp, 404);
     }
@@ -44,9 +51,8 @@ fn unknown_routes_are_404_json() {
 
 #[test]
 fn wrong_method_is_405_with_allow() {
-    let server = Server::start(
-        ServerOpts::new().runbook("Hello.md", Runbook::new("Hello", "echo hi")),
-    );
+    let server =
+        Server::start(ServerOpts::new().runbook("Hello.md", Runbook::new("Hello", "echo hi")));
     let tok = format!("Bearer {}", dev_token());
     let cases: [(&str, &str, &str); 4] = [
         ("DELETE", "/healthz", "GET"),
@@ -94,27 +100,35 @@ fn body_over_one_mib_is_413_and_runs_nothing() {
     let resp = server.request(
         "POST",
         "/api/runbooks/Marker.md/execute",
-        &[("Authorization", &auth), ("Content-Type", "application/json")],
+        &[
+            ("Authorization", &auth),
+            ("Content-Type", "application/json"),
+        ],
         Some(&body),
     );
     assert_error_json(&resp, 413);
     std::thread::sleep(std::time::Duration::from_millis(300));
-    assert!(!marker.exists(), "an over-size request must not run the script");
+    assert!(
+        !marker.exists(),
+        "an over-size request must not run the script"
+    );
     assert!(server.history_entries("Marker.md").is_empty());
 }
 
 #[test]
 fn body_under_one_mib_is_accepted() {
-    let server = Server::start(
-        ServerOpts::new().runbook("Hello.md", Runbook::new("Hello", "echo hi")),
-    );
+    let server =
+        Server::start(ServerOpts::new().runbook("Hello.md", Runbook::new("Hello", "echo hi")));
     let auth = format!("Bearer {}", dev_token());
     let mut body = br#"{"env_vars":{}}"#.to_vec();
     body.resize(1_000_000, b' ');
     let resp = server.request(
         "POST",
         "/api/runbooks/Hello.md/execute",
-        &[("Authorization", &auth), ("Content-Type", "application/json")],
+        &[
+            ("Authorization", &auth),
+            ("Content-Type", "application/json"),
+        ],
         Some(&body),
     );
     assert_eq!(resp.status, 200, "body: {}", resp.text());
@@ -123,9 +137,8 @@ fn body_under_one_mib_is_accepted() {
 
 #[test]
 fn chunked_body_over_one_mib_is_413() {
-    let server = Server::start(
-        ServerOpts::new().runbook("Hello.md", Runbook::new("Hello", "echo hi")),
-    );
+    let server =
+        Server::start(ServerOpts::new().runbook("Hello.md", Runbook::new("Hello", "echo hi")));
     let auth = format!("Bearer {}", dev_token());
     let mut payload = br#"{"env_vars":{}}"#.to_vec();
     payload.resize(1024 * 1024 + 4096, b' ');
@@ -152,15 +165,17 @@ fn chunked_body_over_one_mib_is_413() {
 
 #[test]
 fn bad_json_is_400() {
-    let server = Server::start(
-        ServerOpts::new().runbook("Hello.md", Runbook::new("Hello", "echo hi")),
-    );
+    let server =
+        Server::start(ServerOpts::new().runbook("Hello.md", Runbook::new("Hello", "echo hi")));
     let auth = format!("Bearer {}", dev_token());
     for body in [&b"{not json"[..], b"{\"env_vars\": \"text\"}", b"[1,2]"] {
         let resp = server.request(
             "POST",
             "/api/runbooks/Hello.md/execute",
-            &[("Authorization", &auth), ("Content-Type", "application/json")],
+            &[
+                ("Authorization", &auth),
+                ("Content-Type", "application/json"),
+            ],
             Some(body),
         );
         assert_error_json(&resp, 400);
@@ -168,18 +183,23 @@ fn bad_json_is_400() {
     let resp = server.request(
         "PATCH",
         "/api/runbooks/Hello.md/validate",
-        &[("Authorization", &auth), ("Content-Type", "application/json")],
+        &[
+            ("Authorization", &auth),
+            ("Content-Type", "application/json"),
+        ],
         Some(b"{\"env_vars\": "),
     );
     assert_error_json(&resp, 400);
-    assert!(server.history_entries("Hello.md").is_empty(), "no run for a bad body");
+    assert!(
+        server.history_entries("Hello.md").is_empty(),
+        "no run for a bad body"
+    );
 }
 
 #[test]
 fn order_auth_before_body_size() {
-    let server = Server::start(
-        ServerOpts::new().runbook("Hello.md", Runbook::new("Hello", "echo hi")),
-    );
+    let server =
+        Server::start(ServerOpts::new().runbook("Hello.md", Runbook::new("Hello", "echo hi")));
     let mut body = br#"{"env_vars":{}}"#.to_vec();
     body.resize(2 * 1024 * 1024, b' ');
     let resp = server.request(
@@ -196,7 +216,10 @@ fn order_auth_before_body_size() {
     let resp = server.request(
         "POST",
         "/api/runbooks/Hello.md/execute",
-        &[("Authorization", &auth), ("Content-Type", "application/json")],
+        &[
+            ("Authorization", &auth),
+            ("Content-Type", "application/json"),
+        ],
         Some(&bad),
     );
     assert_error_json(&resp, 413);
@@ -213,7 +236,10 @@ fn order_body_checks_before_rbac() {
     let resp = server.request(
         "POST",
         "/api/runbooks/Admin.md/execute",
-        &[("Authorization", &auth), ("Content-Type", "application/json")],
+        &[
+            ("Authorization", &auth),
+            ("Content-Type", "application/json"),
+        ],
         Some(b"{broken"),
     );
     assert_error_json(&resp, 400);
@@ -223,7 +249,10 @@ fn order_body_checks_before_rbac() {
     let resp = server.request(
         "POST",
         "/api/runbooks/Admin.md/execute",
-        &[("Authorization", &auth), ("Content-Type", "application/json")],
+        &[
+            ("Authorization", &auth),
+            ("Content-Type", "application/json"),
+        ],
         Some(&body),
     );
     assert_error_json(&resp, 413);

@@ -29,11 +29,21 @@ fn list_is_sorted_and_skips_non_runbooks() {
     let body = resp.json();
     assert_eq!(body["success"], json!(true));
     let list = body["runbooks"].as_array().unwrap();
-    let filenames: Vec<&str> = list.iter().map(|r| r["filename"].as_str().unwrap()).collect();
-    assert_eq!(filenames, vec!["a.md", "b.md", "c.md"], "sorted by filename: {body}");
+    let filenames: Vec<&str> = list
+        .iter()
+        .map(|r| r["filename"].as_str().unwrap())
+        .collect();
+    assert_eq!(
+        filenames,
+        vec!["a.md", "b.md", "c.md"],
+        "sorted by filename: {body}"
+    );
     assert_eq!(names(&body["runbooks"]), vec!["Alpha", "Beta", "Gamma"]);
     for r in list {
-        assert_eq!(r["path"], r["filename"], "path is relative to RUNBOOKS_DIR: {r}");
+        assert_eq!(
+            r["path"], r["filename"],
+            "path is relative to RUNBOOKS_DIR: {r}"
+        );
     }
 }
 
@@ -64,7 +74,11 @@ fn missing_runbook_is_404_not_found() {
         let body = resp.json();
         assert_eq!(body["success"], json!(false));
         assert!(
-            body["error"].as_str().unwrap().to_lowercase().contains("not found"),
+            body["error"]
+                .as_str()
+                .unwrap()
+                .to_lowercase()
+                .contains("not found"),
             "{path}: {body}"
         );
     }
@@ -117,7 +131,9 @@ fn traversal_attempts_never_leave_the_directory() {
             );
             let text = resp.text();
             assert!(
-                !text.contains("TOPSECRET") && !text.contains("TXT-CONTENT") && !text.contains("root:"),
+                !text.contains("TOPSECRET")
+                    && !text.contains("TXT-CONTENT")
+                    && !text.contains("root:"),
                 "{path} leaked content: {text}"
             );
         }
@@ -149,12 +165,19 @@ fn traversal_attempts_never_leave_the_directory() {
         "/api/runbooks/./../x.md",
         "/api/runbooks/../evil.md/execute",
     ] {
-        let method = if path.ends_with("execute") { "POST" } else { "GET" };
+        let method = if path.ends_with("execute") {
+            "POST"
+        } else {
+            "GET"
+        };
         let auth = format!("Bearer {tok}");
         let resp = server.request(
             method,
             path,
-            &[("Authorization", &auth), ("Content-Type", "application/json")],
+            &[
+                ("Authorization", &auth),
+                ("Content-Type", "application/json"),
+            ],
             if method == "POST" { Some(b"{}") } else { None },
         );
         assert!(
@@ -166,15 +189,24 @@ fn traversal_attempts_never_leave_the_directory() {
         assert!(!resp.text().contains("TOPSECRET"), "{path} leaked");
     }
     std::thread::sleep(std::time::Duration::from_millis(300));
-    assert!(!marker_path.exists(), "a runbook outside RUNBOOKS_DIR was executed");
+    assert!(
+        !marker_path.exists(),
+        "a runbook outside RUNBOOKS_DIR was executed"
+    );
     // Nothing was appended to files outside.
-    assert_eq!(std::fs::read_to_string(server.root.join("x.md")).unwrap(), secret_md);
+    assert_eq!(
+        std::fs::read_to_string(server.root.join("x.md")).unwrap(),
+        secret_md
+    );
     assert_eq!(
         std::fs::read_to_string(server.root.join("outside/secret.md")).unwrap(),
         secret_md
     );
     // The legitimate runbook is still served.
-    assert_eq!(server.get("/api/runbooks/Inside.md", Some(&tok)).status, 200);
+    assert_eq!(
+        server.get("/api/runbooks/Inside.md", Some(&tok)).status,
+        200
+    );
 }
 
 #[test]
@@ -196,7 +228,11 @@ fn required_env_lists_available_and_missing() {
     assert_eq!(body["filename"], json!("NeedsEnv.md"));
     let mut required = names(&body["required"]);
     required.sort();
-    assert_eq!(required, vec!["AVAILABLE_VAR", "EMPTY_VAR", "MISSING_VAR"], "{body}");
+    assert_eq!(
+        required,
+        vec!["AVAILABLE_VAR", "EMPTY_VAR", "MISSING_VAR"],
+        "{body}"
+    );
     assert_eq!(names(&body["available"]), vec!["AVAILABLE_VAR"], "{body}");
     let mut missing = names(&body["missing"]);
     missing.sort();
@@ -225,7 +261,11 @@ fn strings(v: &Value) -> Vec<String> {
     v.as_array()
         .unwrap_or_else(|| panic!("not a list: {v}"))
         .iter()
-        .map(|s| s.as_str().map(str::to_string).unwrap_or_else(|| s.to_string()))
+        .map(|s| {
+            s.as_str()
+                .map(str::to_string)
+                .unwrap_or_else(|| s.to_string())
+        })
         .collect()
 }
 
@@ -265,7 +305,10 @@ fn validate_reports_errors_and_warnings() {
     let (status, body) = validate(&server, "Valid.md", json!({}));
     assert_eq!(status, 400, "missing VAR_A: {body}");
     assert_eq!(body["success"], json!(false));
-    assert!(body["error"].is_string(), "400 result carries an error string: {body}");
+    assert!(
+        body["error"].is_string(),
+        "400 result carries an error string: {body}"
+    );
     assert!(
         strings(&body["errors"]).iter().any(|e| e.contains("VAR_A")),
         "{body}"
@@ -276,7 +319,9 @@ fn validate_reports_errors_and_warnings() {
     let (status, body) = validate(&server, "MissingInput.md", json!({}));
     assert_eq!(status, 400, "{body}");
     assert!(
-        strings(&body["errors"]).iter().any(|e| e.contains("absent-file.txt")),
+        strings(&body["errors"])
+            .iter()
+            .any(|e| e.contains("absent-file.txt")),
         "{body}"
     );
     let (status, body) = validate(&server, "OutsideInput.md", json!({}));
@@ -284,12 +329,17 @@ fn validate_reports_errors_and_warnings() {
 
     let (status, body) = validate(&server, "mismatch.md", json!({}));
     assert_eq!(status, 200, "{body}");
-    assert!(!strings(&body["warnings"]).is_empty(), "name mismatch warning: {body}");
+    assert!(
+        !strings(&body["warnings"]).is_empty(),
+        "name mismatch warning: {body}"
+    );
 
     let (status, body) = validate(&server, "NoHistory.md", json!({}));
     assert_eq!(status, 400, "missing History section: {body}");
     assert!(
-        strings(&body["errors"]).iter().any(|e| e.contains("History")),
+        strings(&body["errors"])
+            .iter()
+            .any(|e| e.contains("History")),
         "{body}"
     );
     // Validation appends nothing.
@@ -300,7 +350,10 @@ fn validate_reports_errors_and_warnings() {
 fn validate_uses_the_server_environment() {
     let server = Server::start(
         ServerOpts::new()
-            .runbook("Env.md", Runbook::new("Env", "echo x").env("FROM_SERVER", "d"))
+            .runbook(
+                "Env.md",
+                Runbook::new("Env", "echo x").env("FROM_SERVER", "d"),
+            )
             .env("FROM_SERVER", "present"),
     );
     let (status, body) = validate(&server, "Env.md", json!({}));

@@ -7,7 +7,7 @@ use std::collections::VecDeque;
 use std::fs;
 use std::io::{self, BufRead, BufReader, Read, Write};
 use std::net::{Shutdown, TcpStream};
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::mpsc;
@@ -82,14 +82,17 @@ impl Runbook {
     }
 
     pub fn render(&self) -> String {
-        let mut md = format!("# {}\nA runbook written by the integration tests.\n\n", self.name);
+        let mut md = format!(
+            "# {}\nA runbook written by the integration tests.\n\n",
+            self.name
+        );
         md.push_str("# Environment Requirements\n```yaml\n");
         for (var, description) in &self.env {
             md.push_str(&format!("{var}: {description}\n"));
         }
         md.push_str("```\n\n# File System Requirements\n```yaml\n");
         if self.inputs.is_empty() {
-            md.push_str("Input: []\n");
+            md.push_str("Input:\n");
         } else {
             md.push_str("Input:\n");
             for input in &self.inputs {
@@ -416,11 +419,9 @@ impl Server {
             Some(&body),
         );
         assert_eq!(
-            resp.status,
-            200,
+            resp.status, 200,
             "SSE execute of {file} answered {} {:?}",
-            resp.status,
-            resp.headers
+            resp.status, resp.headers
         );
         SseStream::new(resp)
     }
@@ -1069,8 +1070,12 @@ pub struct SseEvent {
 
 impl SseEvent {
     pub fn json(&self) -> Value {
-        serde_json::from_str(&self.data)
-            .unwrap_or_else(|e| panic!("{} event data is not JSON ({e}): {:?}", self.event, self.data))
+        serde_json::from_str(&self.data).unwrap_or_else(|e| {
+            panic!(
+                "{} event data is not JSON ({e}): {:?}",
+                self.event, self.data
+            )
+        })
     }
 
     pub fn numeric_id(&self) -> u64 {

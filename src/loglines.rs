@@ -1,0 +1,222 @@
+//! The run's output as lines for `GET /api/runs/{id}/logs`: one entry per line per stream,
+//! numbered from 1 in the order lines complete, each with the time its first byte arrived, its
+//! stream and a level guessed from its words. Read from the log file with bounded memory.
+
+use std::collections::VecDeque;
+
+use crate::runlog::{LogError, RunLog, Stream};
+use crate::text::normalize;
+
+/// Longest line text kept; longer lines are cut (the rest is still in the download).
+const MAX_LINE_CHARS: usize = 16 * 1024;
+
+/// Which lines to return.
+pub struct LineQuery {
+    pub tail: usize,
+    /// Only lines that started strictly after this time.
+    pub since: Option<chrono::DateTime<chrono::Utc>>,
+    pub stream: Option<Stream>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LogLine {
+    pub line: u64,
+    pub time_ms: i64,
+    pub stream: Stream,
+    pub level: &'static str,
+    pub text: String,
+}
+
+#[derive(Default)]
+struct Partial {
+    text: String,
+    time_ms: i64,
+    cut: bool,
+}
+
+/// Returns the matching lines (at most `tail`, the last ones) and whether some were left out.
+pub fn read_lines(log: &RunLog, query: &LineQuery) -> Result<(Vec<LogLine>, bool), LogError> {
+    let since_ms = query.since.map(|t| t.timestamp_millis());
+    let mut partial: [Option<Partial>; 2] = [None, None];
+    let mut next_line = 1u64;
+    let mut kept: VecDeque<LogLine> = VecDeque::new();
+    let mut left_out = false;
+    let mut emit = |stream: Stream, p: Partial, next_line: &mut u64| {
+        let number = *next_line;
+        *next_line += 1;
+        if query.stream.is_some_and(|s| s != stream) || since_ms.is_some_and(|s| p.time_ms <= s) {
+            return;
+        }
+        kept.push_back(LogLine {
+            line: number,
+            time_ms: p.time_ms,
+            stream,
+            level: level_of(&p.text, stream),
+            text: p.text,
+        });
+        if kept.len() > query.tail {
+            kept.pop_front();
+            left_out = true;
+        }
+    };
+    log.for_each_stored(None, |chunk| {
+        let slot = match chunk.stream {
+            Stream::Stdout => 0,
+            Stream::Stderr => 1,
+        };
+        let text = normalize(&chunk.data);
+        let mut pieces = text.split('\n').peekable();
+        while let Some(piece) = pieces.next() {
+            let complete = pieces.peek().is_some();
+            let p = partial[slot].get_or_insert_with(|| Partial {
+                time_ms: chunk.time_ms,
+                ..Partial::default()
+            });
+            if !p.cut {
+                let room = MAX_LINE_CHARS.saturating_sub(p.text.len());
+                if piece.len() > room {
+                    let mut end = room;
+                    while !piece.is_char_boundary(end) {
+                        end -= 1;
+                    }
+                    p.text.push_str(&piece[..end]);
+                    p.text.push('…');
+                    p.cut = true;
+                } else {
+                    p.text.push_str(piece);
+                }
+            }
+            if complete {
+                if let Some(done) = partial[slot].take() {
+                    emit(chunk.stream, done, &mut next_line);
+                }
+            } else if piece.is_empty() && partial[slot].as_ref().is_some_and(|p| p.text.is_empty())
+            {
+                // Nothing of the next line yet: do not date it from this chunk.
+                partial[slot] = None;
+            }
+        }
+        Ok(true)
+    })?;
+    // Unterminated last lines, in the order they started.
+    let mut rest: Vec<(Stream, Partial)> = Vec::new();
+    for (slot, stream) in [(0, Stream::Stdout), (1, Stream::Stderr)] {
+        if let Some(p) = partial[slot].take() {
+            rest.push((stream, p));
+        }
+    }
+    rest.sort_by_key(|(_, p)| p.time_ms);
+    for (stream, p) in rest {
+        emit(stream, p, &mut next_line);
+    }
+    Ok((kept.into_iter().collect(), left_out))
+}
+
+/// ERROR, WARNING (or WARN), DEBUG, INFO, the first of them found as a word (in that order of
+/// precedence); otherwise INFO for stdout and WARNING for stderr.
+pub fn level_of(text: &str, stream: Stream) -> &'static str {
+    let mut found = [false; 4];
+    for word in text.split(|c: char| !c.is_ascii_alphanumeric()) {
+        if word.eq_ignore_ascii_case("error") {
+            found[0] = true;
+        } else if word.eq_ignore_ascii_case("warning") || word.eq_ignore_ascii_case("warn") {
+            found[1] = true;
+        } else if word.eq_ignore_ascii_case("debug") {
+            found[2] = true;
+        } else if word.eq_ignore_ascii_case("info") {
+            found[3] = true;
+        }
+    }
+    let levels = ["ERROR", "WARNING", "DEBUG", "INFO"];
+    match found.iter().position(|f| *f) {
+        Some(i) => levels[i],
+        None if stream == Stream::Stderr => "WARNING",
+        None => "INFO",
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn log_with(chunks: &[(Stream, &[u8])]) -> RunLog {
+        let dir = std::env::temp_dir().join(format!(
+            "loglines-test-{}-{}",
+            std::process::id(),
+            chunks.len()
+        ));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let log = RunLog::create(&dir.join("run.log"), 1024, u64::MAX).unwrap();
+        for (s, d) in chunks {
+            log.append(*s, d);
+        }
+        log
+    }
+
+    fn all() -> LineQuery {
+        LineQuery {
+            tail: 500,
+            since: None,
+            stream: None,
+        }
+    }
+
+    #[test]
+    fn lines_across_chunks_and_streams() {
+        let log = log_with(&[
+            (Stream::Stdout, b"one\ntw"),
+            (Stream::Stderr, b"error: bad\n"),
+            (Stream::Stdout, b"o\r\nthree"),
+        ]);
+        let (lines, cut) = read_lines(&log, &all()).unwrap();
+        let texts: Vec<(u64, &str, &str)> = lines
+            .iter()
+            .map(|l| (l.line, l.text.as_str(), l.level))
+            .collect();
+        assert_eq!(
+            texts,
+            vec![
+                (1, "one", "INFO"),
+                (2, "error: bad", "ERROR"),
+                (3, "two", "INFO"),
+                (4, "three", "INFO"),
+            ]
+        );
+        assert!(!cut);
+    }
+
+    #[test]
+    fn tail_and_stream_filter() {
+        let log = log_with(&[(Stream::Stdout, b"a\nb\nc\n"), (Stream::Stderr, b"x\n")]);
+        let q = LineQuery {
+            tail: 2,
+            since: None,
+            stream: Some(Stream::Stdout),
+        };
+        let (lines, cut) = read_lines(&log, &q).unwrap();
+        assert_eq!(
+            lines.iter().map(|l| l.text.as_str()).collect::<Vec<_>>(),
+            ["b", "c"]
+        );
+        assert!(cut);
+        let q = LineQuery {
+            tail: 10,
+            since: None,
+            stream: Some(Stream::Stderr),
+        };
+        let (lines, _) = read_lines(&log, &q).unwrap();
+        assert_eq!(lines[0].line, 4);
+        assert_eq!(lines[0].level, "WARNING");
+    }
+
+    #[test]
+    fn levels() {
+        assert_eq!(level_of("an Error and a warning", Stream::Stdout), "ERROR");
+        assert_eq!(level_of("WARN: x", Stream::Stdout), "WARNING");
+        assert_eq!(level_of("debugging", Stream::Stdout), "INFO");
+        assert_eq!(level_of("[debug] x", Stream::Stderr), "DEBUG");
+        assert_eq!(level_of("plain", Stream::Stderr), "WARNING");
+        assert_eq!(level_of("info on stderr", Stream::Stderr), "INFO");
+    }
+}
