@@ -243,9 +243,7 @@ pub fn spawn(
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .process_group(0);
-    if let Some(soft) = launch.nofile_soft {
-        sys::restore_nofile_in_child(&mut command, soft);
-    }
+    sys::prepare_child(&mut command, launch.nofile_soft);
     let mut child = command.spawn()?;
     let pid = child.id();
     let stop_read = Arc::new(stop_read);

@@ -110,12 +110,20 @@ pub fn raise_nofile_limit() -> io::Result<u64> {
     Ok(soft)
 }
 
-/// Makes the child restore `soft` as its `RLIMIT_NOFILE` soft limit before exec.
-pub fn restore_nofile_in_child(command: &mut Command, soft: u64) {
-    // SAFETY: the closure runs between fork and exec and only calls getrlimit/setrlimit, which
-    // are async-signal-safe; it allocates nothing.
+/// Prepares the child before exec: default dispositions for the termination signals (a server
+/// started from a non-interactive shell inherits SIGINT/SIGQUIT ignored) and, when given,
+/// `soft` as its `RLIMIT_NOFILE` soft limit.
+pub fn prepare_child(command: &mut Command, nofile_soft: Option<u64>) {
+    // SAFETY: the closure runs between fork and exec and only calls signal, getrlimit and
+    // setrlimit, which are async-signal-safe; it allocates nothing.
     unsafe {
         command.pre_exec(move || {
+            for signal in [libc::SIGINT, libc::SIGQUIT, libc::SIGTERM, libc::SIGHUP] {
+                libc::signal(signal, libc::SIG_DFL);
+            }
+            let Some(soft) = nofile_soft else {
+                return Ok(());
+            };
             let mut lim = libc::rlimit {
                 rlim_cur: 0,
                 rlim_max: 0,

@@ -102,42 +102,53 @@ fn sse_headers_ids_and_done() {
     assert_ne!(sync["run_id"], done_body["run_id"]);
 }
 
-#[test]
-fn sse_multibyte_characters_across_reads() {
-    // Multi-byte characters split across writes separated by pauses, and CR/LF pairs written
-    // by separate writes.
-    let script = "printf '\\342\\202'\nsleep 0.2\nprintf '\\254'\nsleep 0.2\n\
-                  printf '\\360'\nsleep 0.2\nprintf '\\237\\230'\nsleep 0.2\nprintf '\\200 smile\\r'\nprintf '\\n'\n\
-                  printf 'x\\r'\nprintf '\\ny\\rz\\n'\n\
-                  printf '\\303'\nsleep 0.2\nprintf '\\251t\\303\\251\\n'\n";
-    let written: &[u8] = b"\xe2\x82\xac\xf0\x9f\x98\x80 smile\r\nx\r\ny\rz\n\xc3\xa9t\xc3\xa9\n";
-    let server = Server::start(ServerOpts::new().runbook("Utf.md", Runbook::new("Utf", script)));
-    let mut sse = server.execute_sse("Utf.md", &dev_token(), json!({}));
-    let events = sse.until_done(RUN_TIMEOUT);
-    let expected = normalise(written);
-    assert_eq!(expected, "€😀 smile\nx\ny\nz\nété\n");
-    let got = joined(&events, "stdout");
-    assert!(
-        !got.contains('\u{FFFD}'),
-        "a chunk ended inside a character: {got:?}"
-    );
-    assert_eq!(got, expected);
-    for e in output_events(&events) {
-        assert!(!e.data.contains('\r'), "CR is normalised: {e:?}");
-    }
-    let done = done_json(&events);
-    let done_stdout = done["stdout"].as_str().unwrap();
-    assert_eq!(normalise(done_stdout.as_bytes()), expected);
-}
+/// 17 bytes (an odd length, so 4 KiB pipe page boundaries fall at every offset of it over the
+/// file): multi-byte characters of 2, 3 and 4 bytes, a CRLF and a lone CR.
+const PATTERN: &[u8] = b"\xe2\x82\xac\xf0\x9f\x98\x80\xc3\xa9\r\nab\rcd\n";
 
 #[test]
-fn sse_crlf_split_by_a_pause_is_one_line_break() {
-    let script = "printf '\\342\\202'\nsleep 0.2\nprintf '\\254\\r'\nsleep 0.2\nprintf '\\n'\nsleep 0.2\nprintf 'next\\r'\nsleep 0.2\nprintf '\\nlast\\n'\n";
-    let written: &[u8] = b"\xe2\x82\xac\r\nnext\r\nlast\n";
-    let server = Server::start(ServerOpts::new().runbook("Crlf.md", Runbook::new("Crlf", script)));
-    let mut sse = server.execute_sse("Crlf.md", &dev_token(), json!({}));
+fn sse_multibyte_and_crlf_across_read_boundaries() {
+    let mut content = Vec::new();
+    while content.len() < 300_000 {
+        content.extend_from_slice(PATTERN);
+    }
+    let server = Server::start(
+        ServerOpts::new()
+            .runbook(
+                "Utf.md",
+                Runbook::new("Utf", "cat utf.txt\n").input("./utf.txt"),
+            )
+            .file("utf.txt", &content),
+    );
+    let mut sse = server.execute_sse("Utf.md", &dev_token(), json!({}));
     let events = sse.until_done(RUN_TIMEOUT);
-    assert_eq!(joined(&events, "stdout"), normalise(written));
+    let expected = normalise(&content);
+    assert!(expected.starts_with("€😀é\nab\ncd\n€"));
+    let got = joined(&events, "stdout");
+    let bad = got.find('\u{FFFD}');
+    assert!(
+        bad.is_none(),
+        "a chunk ended inside a character, near {:?}",
+        bad.map(|i| &got[i.saturating_sub(20)..(i + 20).min(got.len())])
+    );
+    assert!(
+        got == expected,
+        "stdout events differ from the CR-normalised output"
+    );
+    let outputs = output_events(&events);
+    assert!(
+        outputs.len() > 1,
+        "expected several chunks, got {}",
+        outputs.len()
+    );
+    for e in outputs {
+        assert!(!e.data.contains('\r'), "CR is normalised");
+    }
+    let done = done_json(&events);
+    assert_eq!(
+        normalise(done["stdout"].as_str().unwrap().as_bytes()),
+        expected
+    );
 }
 
 #[test]
@@ -337,8 +348,9 @@ fn http_1_0_streams_close_delimited() {
     let mut sse = SseStream::new(resp);
     let events = sse.until_end(RUN_TIMEOUT);
     assert_eq!(joined(&events, "stdout"), "ab\n");
-    let a = events.iter().find(|e| e.data.contains('a')).unwrap();
-    let b = events.iter().find(|e| e.data.contains('b')).unwrap();
+    let outs: Vec<&SseEvent> = events.iter().filter(|e| e.event == "stdout").collect();
+    let a = outs.iter().find(|e| e.data.contains('a')).unwrap();
+    let b = outs.iter().find(|e| e.data.contains('b')).unwrap();
     assert!(
         b.at.duration_since(a.at) >= Duration::from_millis(500),
         "HTTP/1.0 still streams live"

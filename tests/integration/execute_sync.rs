@@ -311,6 +311,10 @@ echo "HAUTH=$RUNBOOK_H_AUTH"
 echo "EXEC=$RUNBOOK_EXEC_DIR_HOST"
 echo "PWD=$(pwd)"
 echo "HEADERS=$RUNBOOK_HEADERS"
+eval "set -- $RUNBOOK_HEADERS"
+echo "HEADER_ARGS=$#"
+n=0
+for a in "$@"; do n=$((n+1)); echo "ARG$n=$a"; done
 "#;
     let server =
         Server::start(ServerOpts::new().runbook("SysVars.md", Runbook::new("SysVars", script)));
@@ -350,17 +354,24 @@ echo "HEADERS=$RUNBOOK_HEADERS"
         out["PWD"]
     );
     assert_eq!(out["EXEC"], out["PWD"]);
+    // RUNBOOK_HEADERS is four `-H <header>` word pairs once evaluated by the shell.
     let headers = &out["HEADERS"];
-    assert_eq!(headers.matches("-H \"").count(), 4, "{headers}");
-    assert!(headers.contains("Authorization: Bearer ***"), "{headers}");
-    assert!(
-        headers.contains("X-Correlation-Id: corr-abc-123"),
-        "{headers}"
-    );
-    assert!(
-        headers.contains("Content-Type: application/json"),
-        "{headers}"
-    );
+    assert_eq!(headers.matches("-H ").count(), 4, "{headers}");
+    assert_eq!(out["HEADER_ARGS"], "8", "{headers}");
+    let mut evaluated = Vec::new();
+    for n in (1..=8).step_by(2) {
+        assert_eq!(out[&format!("ARG{n}")], "-H", "{headers}");
+        evaluated.push(out[&format!("ARG{}", n + 1)].clone());
+    }
+    evaluated.sort();
+    let mut wanted = vec![
+        out["HAUTH"].clone(),
+        out["HCORR"].clone(),
+        out["HRECUR"].clone(),
+        out["HCTYPE"].clone(),
+    ];
+    wanted.sort();
+    assert_eq!(evaluated, wanted, "{headers}");
     assert!(
         wait_until(Duration::from_secs(5), || !std::path::Path::new(
             &out["PWD"]

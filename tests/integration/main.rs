@@ -4,12 +4,18 @@ mod util;
 
 mod auth;
 mod config;
+mod deploy;
 mod execute_sse;
 mod execute_sync;
+mod fixtures;
 mod history;
 mod observability;
 mod process;
 mod recursion;
 mod routes;
 mod runbooks;
+mod runs;
+mod runs_lifecycle;
+mod runs_resume;
+mod runs_support;
 mod subrunbooks;

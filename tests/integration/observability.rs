@@ -62,7 +62,7 @@ fn sample_total(metrics: &str, pred: impl Fn(&str) -> bool) -> f64 {
     metrics
         .lines()
         .filter(|l| !l.starts_with('#') && !l.trim().is_empty())
-        .filter(|l| pred(l.split(|c| c == '{' || c == ' ').next().unwrap_or("")))
+        .filter(|l| pred(l.split(['{', ' ']).next().unwrap_or("")))
         .filter_map(|l| l.rsplit(' ').next().and_then(|v| v.parse::<f64>().ok()))
         .sum()
 }

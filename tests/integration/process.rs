@@ -27,9 +27,14 @@ fn disconnecting_sse_client_does_not_stop_the_run() {
         Runbook::new("Slow", "echo start\nsleep 2\necho end\n"),
     ));
     let mut sse = server.execute_sse("Slow.md", &dev_token(), json!({}));
-    let first = sse
-        .next_event(Duration::from_secs(20))
-        .expect("a first event");
+    let first = loop {
+        let ev = sse
+            .next_event(Duration::from_secs(20))
+            .expect("a first output event");
+        if ev.event == "stdout" {
+            break ev;
+        }
+    };
     assert_eq!(first.data, "start\n");
     sse.resp.disconnect();
     drop(sse);
@@ -82,8 +87,9 @@ fn stalled_viewer_blocks_nothing_and_is_cut_off() {
             .runbook("Small.md", Runbook::new("Small", "echo small"))
             .env("VIEWER_STALL_SECONDS", "2"),
     );
-    // Open the stream and never read its body.
+    // Open the stream and do not read its body.
     let mut stalled = server.execute_sse("Flood.md", &dev_token(), json!({}));
+    let opened = Instant::now();
     thread::sleep(Duration::from_millis(500));
 
     // Other requests are served meanwhile.
@@ -107,8 +113,13 @@ fn stalled_viewer_blocks_nothing_and_is_cut_off() {
     assert_eq!(code, 0, "{}", &entries[0][..entries[0].len().min(500)]);
     assert!(entries[0].contains("finished"));
 
-    // The stalled viewer was cut off: reading now drains what the kernel buffered and then
-    // the connection ends without a done event.
+    // Stay stalled well past VIEWER_STALL_SECONDS (the kernel buffers fill within moments).
+    let stalled_for = Duration::from_secs(6);
+    if opened.elapsed() < stalled_for {
+        thread::sleep(stalled_for - opened.elapsed());
+    }
+    // The stalled viewer was cut off: reading now drains at most what the kernel buffered and
+    // then the connection ends (or is reset) without a done event.
     let deadline = Instant::now() + Duration::from_secs(60);
     let mut parser = SseParser::new();
     let mut saw_done = false;
@@ -315,7 +326,10 @@ fn signal_deaths_are_128_plus_signal() {
             )
             .runbook(
                 "Term.md",
-                Runbook::new("Term", "kill -TERM $$\necho after\n"),
+                Runbook::new(
+                    "Term",
+                    "grep -E '^Sig(Blk|Ign)' /proc/$$/status\nkill -TERM $$\necho after\n",
+                ),
             ),
     );
     let resp = server.execute("Kill9.md", &dev_token(), json!({}));
@@ -408,6 +422,7 @@ fn memory_stays_bounded_for_large_output() {
     assert_eq!(body["stdout"].as_str().unwrap().len(), 10_485_760);
     let peak = status_kib(server.pid(), "VmHWM:");
     let growth_mib = peak.saturating_sub(baseline) / 1024;
+    eprintln!("memory: baseline RSS {baseline} KiB, peak {peak} KiB after 60 MB of output");
     assert!(
         growth_mib < 40,
         "60 MB of output grew the server's peak RSS by {growth_mib} MiB (baseline {baseline} KiB, peak {peak} KiB)"

@@ -1171,11 +1171,9 @@ impl SseParser {
                 self.data.push_str(&value);
                 self.data.push('\n');
             }
-            "id" => {
-                if !value.contains('\0') {
-                    self.last_event_id = value.clone();
-                    self.event_id = Some(value);
-                }
+            "id" if !value.contains('\0') => {
+                self.last_event_id = value.clone();
+                self.event_id = Some(value);
             }
             _ => {}
         }
