@@ -43,7 +43,6 @@ use config::Config;
 #[derive(Debug)]
 #[non_exhaustive]
 enum StartError {
-    Config(config::ConfigError),
     Io(&'static str, std::io::Error),
     Catalog(catalog::CatalogError),
     Listen(String),
@@ -52,7 +51,6 @@ enum StartError {
 impl fmt::Display for StartError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
-            StartError::Config(e) => write!(f, "{e}"),
             StartError::Io(what, e) => write!(f, "{what}: {e}"),
             StartError::Catalog(e) => write!(f, "runbooks directory: {e}"),
             StartError::Listen(e) => write!(f, "cannot listen: {e}"),
@@ -63,7 +61,18 @@ impl fmt::Display for StartError {
 impl std::error::Error for StartError {}
 
 fn main() -> ExitCode {
-    let args: Vec<String> = std::env::args().skip(1).collect();
+    let raw: Vec<std::ffi::OsString> = std::env::args_os().skip(1).collect();
+    if raw
+        .first()
+        .is_some_and(|a| a == supervisor::CHILD_HELPER_ARG)
+    {
+        let code = supervisor::child_helper_main(&raw[1..]);
+        return ExitCode::from(u8::try_from(code).unwrap_or(1));
+    }
+    let args: Vec<String> = raw
+        .iter()
+        .map(|a| a.to_string_lossy().into_owned())
+        .collect();
     if args.iter().any(|a| a == "--help" || a == "-h") {
         print!("{}", config::help_text());
         return ExitCode::SUCCESS;
@@ -82,10 +91,6 @@ fn main() -> ExitCode {
     };
     match start(config) {
         Ok(()) => ExitCode::SUCCESS,
-        Err(e @ StartError::Config(_)) => {
-            eprintln!("runbookd: {e}");
-            ExitCode::from(2)
-        }
         Err(e) => {
             eprintln!("runbookd: {e}");
             ExitCode::FAILURE
@@ -177,7 +182,7 @@ fn start(config: Config) -> Result<(), StartError> {
     watch_termination(app.clone(), current.clone());
     println!("listening on http://{local}");
     let _ = std::io::stdout().flush();
-    log::info!("serving runbooks from {}", runbooks_dir.display());
+    log::info!("serving runbooks from {}", app.catalog.root().display());
     let mut listener = Some(listener);
     let mut backoff = Duration::from_millis(100);
     while !app.is_shutting_down() {

@@ -346,6 +346,7 @@ impl RunLog {
         Ok(FIRST_SEQ)
     }
 
+    #[cfg(test)]
     pub fn path(&self) -> &Path {
         &self.path
     }
@@ -491,6 +492,7 @@ impl RunLog {
     }
 
     /// A cursor at the first chunk.
+    #[cfg(test)]
     pub fn cursor_at_start(&self) -> Cursor {
         Cursor {
             next_seq: FIRST_SEQ,

@@ -23,6 +23,31 @@ use crate::runlog::{Outcome, RunLog, Stream};
 use crate::sys::{self, ExitStatus, Readiness};
 
 const READ_BUFFER: usize = 64 * 1024;
+/// This program, even if its file was replaced since it started.
+const SELF_EXE: &str = "/proc/self/exe";
+/// First argument that makes this binary act as the script-starting helper.
+pub const CHILD_HELPER_ARG: &str = "--runbookd-internal-exec";
+
+/// The helper's main: `--runbookd-internal-exec SOFT|- PROGRAM ARGS...`. Execs the
+/// interpreter; on failure prints why on stderr and exits as a shell would (127 not found, 126
+/// not executable).
+pub fn child_helper_main(args: &[OsString]) -> i32 {
+    let (Some(soft), Some(program)) = (args.first(), args.get(1)) else {
+        eprintln!("runbookd: internal helper called without a program");
+        return 2;
+    };
+    let soft = soft.to_str().and_then(|s| s.parse::<u64>().ok());
+    let error = sys::exec_script_interpreter(soft, program, &args[2..]);
+    eprintln!(
+        "runbookd: cannot run {}: {error}",
+        program.to_string_lossy()
+    );
+    match SpawnError::from(error) {
+        SpawnError::NotFound(_) => 127,
+        SpawnError::NotExecutable(_) => 126,
+        _ => 1,
+    }
+}
 /// Most bytes drained from a pipe after the readers were told to stop.
 const FINAL_DRAIN_LIMIT: usize = 1024 * 1024;
 
@@ -233,8 +258,16 @@ pub fn spawn(
     mask: Option<&str>,
 ) -> Result<Supervised, SpawnError> {
     let (stop_read, stop_write) = io::pipe()?;
-    let mut command = Command::new(&launch.program);
+    // The script starts through a helper (this binary again) that resets signal dispositions
+    // and the descriptor limit, then execs the interpreter: see `sys::exec_script_interpreter`.
+    let soft = launch
+        .nofile_soft
+        .map_or_else(|| "-".to_string(), |s| s.to_string());
+    let mut command = Command::new(SELF_EXE);
     command
+        .arg(CHILD_HELPER_ARG)
+        .arg(soft)
+        .arg(&launch.program)
         .args(&launch.args)
         .current_dir(&launch.cwd)
         .env_clear()
@@ -243,7 +276,6 @@ pub fn spawn(
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .process_group(0);
-    sys::prepare_child(&mut command, launch.nofile_soft);
     let mut child = command.spawn()?;
     let pid = child.id();
     let stop_read = Arc::new(stop_read);

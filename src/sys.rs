@@ -110,30 +110,43 @@ pub fn raise_nofile_limit() -> io::Result<u64> {
     Ok(soft)
 }
 
-/// Prepares the child before exec: default dispositions for the termination signals (a server
-/// started from a non-interactive shell inherits SIGINT/SIGQUIT ignored) and, when given,
-/// `soft` as its `RLIMIT_NOFILE` soft limit.
-pub fn prepare_child(command: &mut Command, nofile_soft: Option<u64>) {
-    // SAFETY: the closure runs between fork and exec and only calls signal, getrlimit and
-    // setrlimit, which are async-signal-safe; it allocates nothing.
-    unsafe {
-        command.pre_exec(move || {
-            for signal in [libc::SIGINT, libc::SIGQUIT, libc::SIGTERM, libc::SIGHUP] {
-                libc::signal(signal, libc::SIG_DFL);
-            }
-            let Some(soft) = nofile_soft else {
-                return Ok(());
-            };
-            let mut lim = libc::rlimit {
-                rlim_cur: 0,
-                rlim_max: 0,
-            };
-            check(libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim))?;
-            lim.rlim_cur = soft.min(lim.rlim_max);
-            check(libc::setrlimit(libc::RLIMIT_NOFILE, &lim))?;
-            Ok(())
-        });
+/// Runs in the short-lived helper process that stands between the server and a script (see
+/// `supervisor::CHILD_HELPER_ARG`): gives the termination signals their default disposition (a
+/// server started from a non-interactive shell inherits SIGINT/SIGQUIT ignored), restores the
+/// original soft `RLIMIT_NOFILE`, then replaces itself with the script's interpreter. Doing this
+/// in a helper keeps the server's own spawn on `posix_spawn` instead of forking a process with
+/// thousands of threads. Returns only on failure.
+pub fn exec_script_interpreter(
+    nofile_soft: Option<u64>,
+    program: &std::ffi::OsStr,
+    args: &[std::ffi::OsString],
+) -> io::Error {
+    for signal in [libc::SIGINT, libc::SIGQUIT, libc::SIGTERM, libc::SIGHUP] {
+        // SAFETY: resetting a disposition to SIG_DFL has no memory-safety preconditions.
+        unsafe {
+            libc::signal(signal, libc::SIG_DFL);
+        }
     }
+    if let Some(soft) = nofile_soft {
+        if let Ok((_, hard)) = nofile_limits() {
+            let lim = libc::rlimit {
+                rlim_cur: soft.min(hard),
+                rlim_max: hard,
+            };
+            // SAFETY: `lim` is a valid rlimit.
+            if let Err(e) = check(unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &lim) }) {
+                return e;
+            }
+        }
+    }
+    Command::new(program).args(args).exec()
+}
+
+/// Re-issues `listen` with a longer accept queue than std's default, so a burst of clients is
+/// queued instead of dropped and retried seconds later.
+pub fn set_listen_backlog(socket: &impl AsRawFd, backlog: i32) -> io::Result<()> {
+    // SAFETY: listen on a bound socket we own has no memory-safety preconditions.
+    check(unsafe { libc::listen(socket.as_raw_fd(), backlog) }).map(|_| ())
 }
 
 fn set_socket_option<T>(

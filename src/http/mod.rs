@@ -20,10 +20,14 @@ use error::ApiError;
 use handlers::Reply;
 use request::Incoming;
 
+/// Accept queue length (the kernel caps it at net.core.somaxconn).
+const LISTEN_BACKLOG: i32 = 4096;
+
 /// Binds the listening socket. Linux copies `SO_SNDTIMEO` / `TCP_USER_TIMEOUT` from it to every
 /// accepted connection, so a viewer whose socket accepts nothing for the stall time fails.
 pub fn bind(addr: SocketAddr, stall: std::time::Duration) -> io::Result<TcpListener> {
     let listener = TcpListener::bind(addr)?;
+    crate::sys::set_listen_backlog(&listener, LISTEN_BACKLOG)?;
     crate::sys::set_send_stall_timeout(&listener, stall)?;
     Ok(listener)
 }
