@@ -245,9 +245,9 @@ impl Reader<'_> {
         self.raw(name).unwrap_or_else(|| default.to_string())
     }
 
-    fn number<T: std::str::FromStr>(&mut self, name: &'static str, min: T) -> Result<T, ConfigError>
+    fn number<T>(&mut self, name: &'static str, min: T) -> Result<T, ConfigError>
     where
-        T: PartialOrd + fmt::Display + Copy,
+        T: std::str::FromStr + PartialOrd + fmt::Display + Copy,
     {
         let text = self.text(name);
         let value: T = text.trim().parse().map_err(|_| ConfigError::Invalid {

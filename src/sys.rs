@@ -168,7 +168,7 @@ pub fn set_send_stall_timeout(socket: &impl AsRawFd, stall: Duration) -> io::Res
     let fd = socket.as_raw_fd();
     let tv = libc::timeval {
         tv_sec: libc::time_t::try_from(stall.as_secs()).unwrap_or(libc::time_t::MAX),
-        tv_usec: libc::suseconds_t::try_from(stall.subsec_micros()).unwrap_or(0),
+        tv_usec: libc::suseconds_t::from(stall.subsec_micros()),
     };
     set_socket_option(fd, libc::SOL_SOCKET, libc::SO_SNDTIMEO, &tv)?;
     let user_timeout_ms = libc::c_uint::try_from(stall.as_millis()).unwrap_or(libc::c_uint::MAX);

@@ -1,0 +1,90 @@
+//! The figures the benchmark measures, by name, and what they share: starting a fresh server
+//! with a token for it, and the outcome each reports for the final summary.
+
+mod concurrent;
+mod gap;
+mod latency;
+mod memory;
+mod seq;
+mod viewers;
+
+use std::path::PathBuf;
+
+use crate::api::Api;
+use crate::error::BenchError;
+use crate::server::{Server, ServerSpec};
+use crate::token;
+
+/// Every figure, in the order they run.
+pub const NAMES: [&str; 7] = [
+    "gap",
+    "seq",
+    "rss100m",
+    "rss1g",
+    "viewers1000",
+    "latency",
+    "concurrent",
+];
+
+/// What the figures need to start servers.
+pub struct Bench {
+    pub binary: PathBuf,
+    pub runbooks_dir: PathBuf,
+    pub secret: String,
+}
+
+/// One figure's result for the summary line.
+pub struct Outcome {
+    pub summary: String,
+    /// Whether the stated goal was met; `None` when the figure has no goal.
+    pub goal_met: Option<bool>,
+}
+
+impl Bench {
+    /// Starts a fresh server (own state directory) with extra environment variables.
+    pub fn start(&self, extra_env: &[(&str, &str)]) -> Result<(Server, Api), BenchError> {
+        let server = Server::start(&ServerSpec {
+            binary: &self.binary,
+            runbooks_dir: &self.runbooks_dir,
+            secret: &self.secret,
+            extra_env,
+        })?;
+        let token = token::mint(
+            self.secret.as_bytes(),
+            "dev-idp",
+            "dev-api",
+            "bench-user",
+            4 * 3600,
+        )?;
+        let api = Api {
+            addr: server.addr,
+            token,
+        };
+        Ok((server, api))
+    }
+}
+
+/// Prints what the server wrote to stderr (at RUST_LOG=warn: warnings and errors), if anything.
+pub fn note_server_stderr(server: &Server) {
+    let lines = server.stderr_line_count();
+    if lines > 0 {
+        println!(
+            "  server stderr: {lines} lines; last: {}",
+            server.stderr_tail()
+        );
+    }
+}
+
+/// Runs the figure called `name`.
+pub fn run(name: &str, bench: &Bench) -> Result<Outcome, BenchError> {
+    match name {
+        "gap" => gap::run(bench),
+        "seq" => seq::run(bench),
+        "rss100m" => memory::run_100m(bench),
+        "rss1g" => memory::run_1g(bench),
+        "viewers1000" => viewers::run(bench),
+        "latency" => latency::run(bench),
+        "concurrent" => concurrent::run(bench),
+        other => Err(BenchError::Server(format!("no figure called {other:?}"))),
+    }
+}
