@@ -188,6 +188,7 @@ fn launch(
         stdout_bytes: 0,
         stderr_bytes: 0,
         truncated: false,
+        log_capped: false,
         pgid: None,
         pgid_start_ticks: None,
         error: None,

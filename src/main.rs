@@ -5,6 +5,7 @@ mod app;
 mod auth;
 mod catalog;
 mod chunker;
+mod cli;
 mod config;
 mod execute;
 mod history;
@@ -73,6 +74,9 @@ fn main() -> ExitCode {
         .iter()
         .map(|a| a.to_string_lossy().into_owned())
         .collect();
+    if args.first().is_some_and(|a| cli::handles(a)) {
+        return cli::main(&args);
+    }
     if args.iter().any(|a| a == "--help" || a == "-h") {
         print!("{}", config::help_text());
         return ExitCode::SUCCESS;

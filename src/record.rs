@@ -65,6 +65,9 @@ pub struct RunRecord {
     pub stderr_bytes: u64,
     /// Some stream passed MAX_OUTPUT_SIZE_BYTES, or the log passed RUN_LOG_MAX_BYTES.
     pub truncated: bool,
+    /// The log passed RUN_LOG_MAX_BYTES: later output was counted, not stored.
+    #[serde(default)]
+    pub log_capped: bool,
     /// Process group of the script while it runs, and the start time of its leader in clock
     /// ticks since boot, to recognise it after a restart.
     #[serde(default, skip_serializing_if = "Option::is_none")]

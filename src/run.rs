@@ -78,7 +78,7 @@ impl Run {
             timed_out: record.status == RunStatus::TimedOut,
             finished_at: record.finished_at.unwrap_or(record.started_at),
         };
-        RunLog::open_finished(&self.log_path, outcome, record.truncated).map(Arc::new)
+        RunLog::open_finished(&self.log_path, outcome, record.log_capped).map(Arc::new)
     }
 
     /// Drops the in-memory log once the run is over and recorded (viewers holding it go on).

@@ -87,7 +87,13 @@ fn follow(
             Next::Idle => sse::push_keepalive(&mut batch),
             Next::End(_) => {}
         }
-        if !cap_told && log.capped_at().is_some_and(|at| cursor.next_seq() >= at) {
+        // Told once per stream, to viewers that started before the cap (a resumed viewer
+        // past it has seen it already).
+        if !cap_told
+            && log
+                .capped_at()
+                .is_some_and(|at| cursor.next_seq() >= at && from_seq <= at)
+        {
             cap_told = true;
             let note = json!({
                 "stream": "log",

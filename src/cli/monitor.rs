@@ -1,0 +1,588 @@
+//! Follows a run's event stream: prints `stdout`/`stderr` data exactly once to the given
+//! sinks, resumes after a dropped connection from the last event id with a growing backoff,
+//! and ends with the run's exit status taken from `done` (or from the run record when the
+//! server answers 204 because everything was already seen).
+
+use std::collections::HashSet;
+use std::fmt;
+use std::io::{self, Read, Write};
+use std::thread;
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+
+use super::args::ServerArgs;
+use super::http_client::{self, Request, Timeouts};
+use super::reply::{error_message, exit_status_of, read_json};
+use super::sse_parser::{SseEvent, SseParser};
+use super::url::encode_segment;
+
+/// Where the run's output goes.
+pub struct Sinks<'a> {
+    pub out: &'a mut dyn Write,
+    pub err: &'a mut dyn Write,
+}
+
+/// Reconnection timing.
+#[derive(Debug, Clone, Copy)]
+pub struct RetryPolicy {
+    /// Wait before the first reconnection; doubled after each failed attempt.
+    pub first_backoff: Duration,
+    pub max_backoff: Duration,
+    /// Give up when no connection succeeded for this long. A connection counts as
+    /// successful when it delivered an event with a new id, or stayed open for
+    /// `healthy_after`; a link that drops every connection before anything new arrives
+    /// (an id-less `run` event or keepalives are not new) therefore still ends.
+    pub give_up_after: Duration,
+    pub healthy_after: Duration,
+    pub timeouts: Timeouts,
+}
+
+impl Default for RetryPolicy {
+    fn default() -> Self {
+        RetryPolicy {
+            first_backoff: Duration::from_millis(200),
+            max_backoff: Duration::from_secs(5),
+            give_up_after: Duration::from_secs(60),
+            healthy_after: Duration::from_secs(10),
+            timeouts: Timeouts {
+                connect: Duration::from_secs(10),
+                write: Duration::from_secs(30),
+                // The server sends a keepalive every HEARTBEAT_SECONDS (15 by default); this
+                // much silence means a dead connection, which is then resumed.
+                read: Duration::from_secs(90),
+            },
+        }
+    }
+}
+
+/// Why monitoring ended without the run's exit status.
+#[derive(Debug)]
+#[non_exhaustive]
+pub enum MonitorError {
+    /// The server refused the request (401, 403, 404, ...); retrying cannot help.
+    Refused(String),
+    /// No connection succeeded for the whole retry window.
+    GaveUp {
+        run_id: String,
+        waited: Duration,
+        last_error: String,
+    },
+    /// A reply this client does not understand.
+    Unexpected(String),
+    /// Writing the output to the terminal failed.
+    Output(io::Error),
+    /// The run ended but no return code was found.
+    NoReturnCode,
+}
+
+impl MonitorError {
+    pub fn exit_code(&self) -> u8 {
+        match self {
+            MonitorError::Refused(_) => 2,
+            _ => 1,
+        }
+    }
+}
+
+impl fmt::Display for MonitorError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            MonitorError::Refused(message) => write!(f, "{message}"),
+            MonitorError::GaveUp {
+                run_id,
+                waited,
+                last_error,
+            } => write!(
+                f,
+                "giving up after {} s without a connection ({last_error}); the run may still be going: runbookd monitor {run_id}",
+                waited.as_secs()
+            ),
+            MonitorError::Unexpected(what) => write!(f, "unexpected reply: {what}"),
+            MonitorError::Output(e) => write!(f, "cannot write the output: {e}"),
+            MonitorError::NoReturnCode => write!(f, "the run ended without a return code"),
+        }
+    }
+}
+
+impl std::error::Error for MonitorError {}
+
+/// How one connection ended.
+enum Attempt {
+    /// The run is over: its exit status.
+    Finished(u8),
+    /// Worth another try. `progressed`: the connection was a successful one before it
+    /// failed (see [`RetryPolicy::healthy_after`]).
+    Failed { progressed: bool, reason: String },
+}
+
+fn failed(reason: impl fmt::Display) -> Attempt {
+    Attempt::Failed {
+        progressed: false,
+        reason: reason.to_string(),
+    }
+}
+
+/// Statuses after which a new attempt may succeed.
+fn is_retryable(status: u16) -> bool {
+    matches!(status, 408 | 429 | 500..=599)
+}
+
+/// Follows the run until it ends and returns its exit status (`return_code & 255`, 1 for a
+/// negative code).
+pub fn monitor(
+    server: &ServerArgs,
+    run_id: &str,
+    sinks: &mut Sinks<'_>,
+    policy: &RetryPolicy,
+) -> Result<u8, MonitorError> {
+    let mut follower = Follower {
+        server,
+        run_id,
+        policy,
+        resume_id: String::new(),
+        truncation_notes: HashSet::new(),
+    };
+    let mut backoff = policy.first_backoff;
+    let mut outage_started = Instant::now();
+    loop {
+        let (progressed, reason) = match follower.attempt(sinks)? {
+            Attempt::Finished(code) => return Ok(code),
+            Attempt::Failed { progressed, reason } => (progressed, reason),
+        };
+        if progressed {
+            backoff = policy.first_backoff;
+            outage_started = Instant::now();
+        }
+        let waited = outage_started.elapsed();
+        if waited >= policy.give_up_after {
+            return Err(MonitorError::GaveUp {
+                run_id: run_id.to_owned(),
+                waited,
+                last_error: reason,
+            });
+        }
+        log::info!("event stream interrupted ({reason}); reconnecting in {backoff:?}");
+        thread::sleep(backoff.min(policy.give_up_after - waited));
+        backoff = (backoff * 2).min(policy.max_backoff);
+    }
+}
+
+/// The state kept across connections.
+struct Follower<'a> {
+    server: &'a ServerArgs,
+    run_id: &'a str,
+    policy: &'a RetryPolicy,
+    /// The id after the last handled event, sent as `Last-Event-ID`.
+    resume_id: String,
+    /// `truncated` events already reported: they carry no id, so a resumed stream can
+    /// repeat them.
+    truncation_notes: HashSet<String>,
+}
+
+impl Follower<'_> {
+    fn authorization(&self) -> (&'static str, String) {
+        ("Authorization", format!("Bearer {}", self.server.token))
+    }
+
+    fn attempt(&mut self, sinks: &mut Sinks<'_>) -> Result<Attempt, MonitorError> {
+        let mut headers = vec![
+            self.authorization(),
+            ("Accept", "text/event-stream".to_owned()),
+            ("Cache-Control", "no-cache".to_owned()),
+        ];
+        if !self.resume_id.is_empty() {
+            headers.push(("Last-Event-ID", self.resume_id.clone()));
+        }
+        let request = Request {
+            method: "GET",
+            target: self
+                .server
+                .base
+                .target(&format!("/api/runs/{}/events", encode_segment(self.run_id))),
+            headers,
+            body: None,
+        };
+        let mut response =
+            match http_client::send(&self.server.base, &request, self.policy.timeouts) {
+                Ok(response) => response,
+                Err(e) => return Ok(failed(e)),
+            };
+        match response.status {
+            200 => {}
+            204 => return self.fetch_exit_status(),
+            status if is_retryable(status) => return Ok(failed(error_message(&mut response))),
+            400..=499 => return Err(MonitorError::Refused(error_message(&mut response))),
+            status => {
+                return Err(MonitorError::Unexpected(format!(
+                    "HTTP {status} for the event stream"
+                )))
+            }
+        }
+        let content_type = response.header("content-type").unwrap_or_default();
+        if !content_type
+            .to_ascii_lowercase()
+            .starts_with("text/event-stream")
+        {
+            return Err(MonitorError::Unexpected(format!(
+                "content type {content_type:?} instead of an event stream"
+            )));
+        }
+        self.follow_stream(&mut response, sinks)
+    }
+
+    fn follow_stream(
+        &mut self,
+        body: &mut dyn Read,
+        sinks: &mut Sinks<'_>,
+    ) -> Result<Attempt, MonitorError> {
+        let mut parser = SseParser::resuming(self.resume_id.clone());
+        let mut buffer = vec![0u8; 64 * 1024];
+        let opened = Instant::now();
+        let id_at_start = self.resume_id.clone();
+        loop {
+            let failure = match body.read(&mut buffer) {
+                Ok(0) => "the stream ended before the run's end".to_owned(),
+                Ok(n) => {
+                    for event in parser.feed(&buffer[..n]) {
+                        if let Some(code) = self.handle_event(&event, sinks)? {
+                            return Ok(Attempt::Finished(code));
+                        }
+                        self.resume_id = event.last_event_id;
+                    }
+                    continue;
+                }
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(e) => e.to_string(),
+            };
+            return Ok(Attempt::Failed {
+                progressed: self.resume_id != id_at_start
+                    || opened.elapsed() >= self.policy.healthy_after,
+                reason: failure,
+            });
+        }
+    }
+
+    /// Acts on one event; `Some(exit status)` once the run is done.
+    fn handle_event(
+        &mut self,
+        event: &SseEvent,
+        sinks: &mut Sinks<'_>,
+    ) -> Result<Option<u8>, MonitorError> {
+        match event.event_type.as_str() {
+            "stdout" => write_flushed(sinks.out, event.data.as_bytes())?,
+            "stderr" => write_flushed(sinks.err, event.data.as_bytes())?,
+            "truncated" => self.note_truncation(&event.data, sinks)?,
+            "done" => {
+                let record: Value = serde_json::from_str(&event.data).unwrap_or(Value::Null);
+                return exit_status_of(&record)
+                    .map(Some)
+                    .ok_or(MonitorError::NoReturnCode);
+            }
+            _ => {}
+        }
+        Ok(None)
+    }
+
+    /// Reports a truncation on stderr, once per distinct event.
+    fn note_truncation(&mut self, data: &str, sinks: &mut Sinks<'_>) -> Result<(), MonitorError> {
+        if !self.truncation_notes.insert(data.to_owned()) {
+            return Ok(());
+        }
+        write_flushed(sinks.err, truncation_note(data).as_bytes())
+    }
+
+    /// After a 204 (the run ended and everything was seen): its exit status from the record.
+    fn fetch_exit_status(&self) -> Result<Attempt, MonitorError> {
+        let request = Request {
+            method: "GET",
+            target: self
+                .server
+                .base
+                .target(&format!("/api/runs/{}", encode_segment(self.run_id))),
+            headers: vec![
+                self.authorization(),
+                ("Accept", "application/json".to_owned()),
+            ],
+            body: None,
+        };
+        let mut response =
+            match http_client::send(&self.server.base, &request, self.policy.timeouts) {
+                Ok(response) => response,
+                Err(e) => return Ok(failed(e)),
+            };
+        match response.status {
+            200 => {}
+            status if is_retryable(status) => return Ok(failed(error_message(&mut response))),
+            400..=499 => return Err(MonitorError::Refused(error_message(&mut response))),
+            status => {
+                return Err(MonitorError::Unexpected(format!(
+                    "HTTP {status} for the run record"
+                )))
+            }
+        }
+        let record = match read_json(&mut response) {
+            Ok(record) => record,
+            Err(e) => return Ok(failed(e)),
+        };
+        exit_status_of(&record)
+            .map(Attempt::Finished)
+            .ok_or(MonitorError::NoReturnCode)
+    }
+}
+
+fn write_flushed(sink: &mut dyn Write, bytes: &[u8]) -> Result<(), MonitorError> {
+    sink.write_all(bytes)
+        .and_then(|()| sink.flush())
+        .map_err(MonitorError::Output)
+}
+
+/// The stderr line for an `event: truncated`, with its `stream`, `limit` and `reason` when
+/// given.
+fn truncation_note(data: &str) -> String {
+    let details: Value = serde_json::from_str(data).unwrap_or(Value::Null);
+    let stream = details.get("stream").and_then(Value::as_str);
+    let limit = details.get("limit").and_then(Value::as_u64);
+    let mut note = "runbookd: output truncated".to_owned();
+    match (stream, limit) {
+        (Some(stream), Some(limit)) => {
+            note.push_str(&format!(" ({stream} passed the limit of {limit} bytes)"));
+        }
+        (Some(stream), None) => note.push_str(&format!(" ({stream})")),
+        _ => {}
+    }
+    if let Some(reason) = details.get("reason").and_then(Value::as_str) {
+        note.push_str(&format!(": {reason}"));
+    }
+    note.push('\n');
+    note
+}
+
+#[cfg(test)]
+mod tests {
+    use super::super::test_server::{chunk, quick_policy, serve, Reply, SSE_HEAD_CHUNKED};
+    use super::super::url::BaseUrl;
+    use super::*;
+
+    fn server_args(url: &str) -> ServerArgs {
+        ServerArgs {
+            base: BaseUrl::parse(url).unwrap(),
+            token: "tok".to_owned(),
+        }
+    }
+
+    fn run_monitor(
+        url: &str,
+        run_id: &str,
+        policy: &RetryPolicy,
+    ) -> (Result<u8, MonitorError>, Vec<u8>, Vec<u8>) {
+        let (mut out, mut err) = (Vec::new(), Vec::new());
+        let result = monitor(
+            &server_args(url),
+            run_id,
+            &mut Sinks {
+                out: &mut out,
+                err: &mut err,
+            },
+            policy,
+        );
+        (result, out, err)
+    }
+
+    #[test]
+    fn resumes_after_a_drop_without_gaps_or_duplicates() {
+        let first: Reply = Box::new(|request, stream| {
+            assert_eq!(request.line, "GET /api/runs/r1-x/events HTTP/1.1");
+            assert_eq!(request.header("authorization"), Some("Bearer tok"));
+            assert_eq!(request.header("accept"), Some("text/event-stream"));
+            assert_eq!(request.header("connection"), Some("close"));
+            assert_eq!(request.header("last-event-id"), None);
+            stream.write_all(SSE_HEAD_CHUNKED).unwrap();
+            stream
+                .write_all(&chunk(b"event: run\ndata: {\"run_id\":\"r1-x\"}\n\n"))
+                .unwrap();
+            stream
+                .write_all(&chunk(
+                    b"event: stdout\nid: 1\ndata: hel\xC3\xA9 \n\nevent: truncated\ndata: {\"stream\":\"stdout\",\"limit\":10}\n\nevent: stderr\nid: 2\ndata: warn\ndata: \n\nevent: stdout\nid: 3\ndata: wor",
+                ))
+                .unwrap();
+            // The connection closes here, inside event 3 and without the last chunk.
+        });
+        let unavailable: Reply = Box::new(|request, stream| {
+            assert_eq!(request.header("last-event-id"), Some("2"));
+            stream
+                .write_all(b"HTTP/1.1 503 Service Unavailable\r\nContent-Length: 0\r\n\r\n")
+                .unwrap();
+        });
+        let resumed: Reply = Box::new(|request, stream| {
+            assert_eq!(request.header("last-event-id"), Some("2"));
+            // Close-delimited this time, as an HTTP/1.0 upstream would send it.
+            stream
+                .write_all(
+                    b"HTTP/1.0 200 OK\r\nContent-Type: text/event-stream; charset=utf-8\r\n\r\n",
+                )
+                .unwrap();
+            stream
+                .write_all(b"event: run\ndata: {}\n\n: keepalive\n\nevent: stdout\r\nid: 3\r\ndata: world\r\ndata: \r\n\r\n")
+                .unwrap();
+            stream
+                .write_all(b"event: truncated\ndata: {\"stream\":\"stdout\",\"limit\":10}\n\n")
+                .unwrap();
+            stream
+                .write_all(b"event: done\nid: 4\ndata: {\"return_code\":259,\"stdout\":\"x\"}\n\n")
+                .unwrap();
+        });
+        let server = serve(vec![first, unavailable, resumed]);
+        let (result, out, err) = run_monitor(&server.url, "r1-x", &quick_policy());
+        let requests = server.finish();
+        assert_eq!(requests.len(), 3);
+        assert_eq!(result.unwrap(), 3);
+        assert_eq!(String::from_utf8(out).unwrap(), "helé world\n");
+        assert_eq!(
+            String::from_utf8(err).unwrap(),
+            "runbookd: output truncated (stdout passed the limit of 10 bytes)\nwarn\n",
+            "the id-less truncated event replayed after the resume is reported once"
+        );
+    }
+
+    #[test]
+    fn no_content_means_the_record_gives_the_exit_status() {
+        let events: Reply = Box::new(|_, stream| {
+            stream
+                .write_all(b"HTTP/1.1 204 No Content\r\n\r\n")
+                .unwrap();
+        });
+        let record: Reply = Box::new(|request, stream| {
+            assert_eq!(request.line, "GET /api/runs/r1-y HTTP/1.1");
+            assert_eq!(request.header("authorization"), Some("Bearer tok"));
+            let body = br#"{"success":true,"run_id":"r1-y","return_code":256}"#;
+            write!(
+                stream,
+                "HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n",
+                body.len()
+            )
+            .unwrap();
+            stream.write_all(body).unwrap();
+        });
+        let server = serve(vec![events, record]);
+        let (result, out, err) = run_monitor(&server.url, "r1-y", &quick_policy());
+        assert_eq!(server.finish().len(), 2);
+        assert_eq!(result.unwrap(), 0);
+        assert!(out.is_empty() && err.is_empty());
+    }
+
+    #[test]
+    fn refusals_are_not_retried() {
+        for status in [401, 403, 404] {
+            let reply: Reply = Box::new(move |_, stream| {
+                let body = br#"{"success":false,"error":"run not visible"}"#;
+                write!(
+                    stream,
+                    "HTTP/1.1 {status} X\r\nContent-Length: {}\r\n\r\n",
+                    body.len()
+                )
+                .unwrap();
+                stream.write_all(body).unwrap();
+            });
+            let server = serve(vec![reply]);
+            let (result, _, _) = run_monitor(&server.url, "r1-z", &quick_policy());
+            let error = result.unwrap_err();
+            assert_eq!(error.exit_code(), 2);
+            assert_eq!(
+                error.to_string(),
+                format!("run not visible (HTTP {status})")
+            );
+            assert_eq!(server.finish().len(), 1);
+        }
+    }
+
+    #[test]
+    fn negative_return_code_exits_1() {
+        let reply: Reply = Box::new(|_, stream| {
+            stream.write_all(SSE_HEAD_CHUNKED).unwrap();
+            stream
+                .write_all(&chunk(
+                    b"event: done\nid: 1\ndata: {\"return_code\":-15}\n\n",
+                ))
+                .unwrap();
+            stream.write_all(b"0\r\n\r\n").unwrap();
+        });
+        let server = serve(vec![reply]);
+        let (result, _, _) = run_monitor(&server.url, "r1-n", &quick_policy());
+        server.finish();
+        assert_eq!(result.unwrap(), 1);
+    }
+
+    #[test]
+    fn gives_up_when_nothing_answers() {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let url = format!("http://{}", listener.local_addr().unwrap());
+        drop(listener);
+        let policy = RetryPolicy {
+            give_up_after: Duration::from_millis(300),
+            ..quick_policy()
+        };
+        let started = Instant::now();
+        let (result, _, _) = run_monitor(&url, "r1-q", &policy);
+        let error = result.unwrap_err();
+        assert!(matches!(error, MonitorError::GaveUp { .. }), "{error}");
+        assert_eq!(error.exit_code(), 1);
+        assert!(error.to_string().contains("runbookd monitor r1-q"));
+        let took = started.elapsed();
+        assert!(took >= Duration::from_millis(300), "{took:?}");
+        assert!(took < Duration::from_secs(3), "{took:?}");
+    }
+
+    #[test]
+    fn connections_that_bring_nothing_new_do_not_count_as_success() {
+        let replies: Vec<Reply> = (0..1000)
+            .map(|_| -> Reply {
+                Box::new(|_, stream| {
+                    stream.write_all(SSE_HEAD_CHUNKED).unwrap();
+                    stream
+                        .write_all(&chunk(b"event: run\ndata: {}\n\n: keepalive\n\nevent: stdout\nid: 1\ndata: never complete"))
+                        .unwrap();
+                })
+            })
+            .collect();
+        let server = serve(replies);
+        let policy = RetryPolicy {
+            give_up_after: Duration::from_millis(300),
+            ..quick_policy()
+        };
+        let started = Instant::now();
+        let (result, out, _) = run_monitor(&server.url, "r1-l", &policy);
+        assert!(matches!(result, Err(MonitorError::GaveUp { .. })));
+        assert!(out.is_empty());
+        assert!(started.elapsed() < Duration::from_secs(3));
+        drop(server);
+    }
+
+    #[test]
+    fn a_stream_that_is_not_sse_is_an_error() {
+        let reply: Reply = Box::new(|_, stream| {
+            stream
+                .write_all(
+                    b"HTTP/1.1 200 OK\r\nContent-Type: text/html\r\nContent-Length: 2\r\n\r\nhi",
+                )
+                .unwrap();
+        });
+        let server = serve(vec![reply]);
+        let (result, _, _) = run_monitor(&server.url, "r1-h", &quick_policy());
+        server.finish();
+        assert!(matches!(result, Err(MonitorError::Unexpected(_))));
+    }
+
+    #[test]
+    fn truncation_notes() {
+        assert_eq!(
+            truncation_note("{\"stream\":\"stderr\"}"),
+            "runbookd: output truncated (stderr)\n"
+        );
+        assert_eq!(truncation_note("x"), "runbookd: output truncated\n");
+        assert_eq!(
+            truncation_note(r#"{"stream":"log","limit":5,"reason":"log full"}"#),
+            "runbookd: output truncated (log passed the limit of 5 bytes): log full\n"
+        );
+    }
+}

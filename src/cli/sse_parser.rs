@@ -1,0 +1,247 @@
+//! An incremental Server-Sent Events parser following the WHATWG event-stream rules: bytes
+//! arrive in arbitrary pieces, lines end with CRLF, LF or CR, `event`/`data`/`id` fields
+//! build an event, a blank line dispatches it, `:` lines are comments, and an event still
+//! open when the stream ends is never dispatched.
+
+/// One dispatched event.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SseEvent {
+    /// The `event:` field, `message` when absent.
+    pub event_type: String,
+    /// The `data:` lines joined with "\n".
+    pub data: String,
+    /// The last event id once this event is dispatched: what to send as `Last-Event-ID`
+    /// after having handled it.
+    pub last_event_id: String,
+}
+
+/// Parser state for one connection.
+#[derive(Debug)]
+pub struct SseParser {
+    /// Bytes of the line being read.
+    line: Vec<u8>,
+    /// The previous line ended with CR: an LF right after it belongs to that line end.
+    skip_lf: bool,
+    /// No line completed yet, so a leading byte order mark is still to be removed.
+    at_stream_start: bool,
+    event_type: String,
+    data: String,
+    id_buffer: String,
+}
+
+impl SseParser {
+    /// A parser for a new connection. The id buffer starts from the id remembered from the
+    /// previous connection, so an event without an `id:` field (such as `run`) cannot make a
+    /// later resume start over from the beginning.
+    pub fn resuming(last_event_id: String) -> Self {
+        SseParser {
+            line: Vec::new(),
+            skip_lf: false,
+            at_stream_start: true,
+            event_type: String::new(),
+            data: String::new(),
+            id_buffer: last_event_id,
+        }
+    }
+
+    /// Feeds the next bytes of the stream and returns the events they complete, in order.
+    pub fn feed(&mut self, mut bytes: &[u8]) -> Vec<SseEvent> {
+        let mut events = Vec::new();
+        if self.skip_lf && !bytes.is_empty() {
+            self.skip_lf = false;
+            if bytes[0] == b'\n' {
+                bytes = &bytes[1..];
+            }
+        }
+        while let Some(end) = bytes.iter().position(|&b| b == b'\n' || b == b'\r') {
+            self.line.extend_from_slice(&bytes[..end]);
+            let terminator = bytes[end];
+            bytes = &bytes[end + 1..];
+            if terminator == b'\r' {
+                match bytes.first() {
+                    Some(b'\n') => bytes = &bytes[1..],
+                    Some(_) => {}
+                    None => self.skip_lf = true,
+                }
+            }
+            let line = std::mem::take(&mut self.line);
+            if let Some(event) = self.process_line(&line) {
+                events.push(event);
+            }
+        }
+        self.line.extend_from_slice(bytes);
+        events
+    }
+
+    fn process_line(&mut self, raw: &[u8]) -> Option<SseEvent> {
+        let decoded = String::from_utf8_lossy(raw);
+        let mut line: &str = &decoded;
+        if self.at_stream_start {
+            self.at_stream_start = false;
+            line = line.strip_prefix('\u{FEFF}').unwrap_or(line);
+        }
+        if line.is_empty() {
+            return self.dispatch();
+        }
+        if line.starts_with(':') {
+            return None;
+        }
+        let (field, value) = match line.split_once(':') {
+            Some((field, value)) => (field, value.strip_prefix(' ').unwrap_or(value)),
+            None => (line, ""),
+        };
+        match field {
+            "event" => self.event_type = value.to_owned(),
+            "data" => {
+                self.data.push_str(value);
+                self.data.push('\n');
+            }
+            "id" if !value.contains('\0') => self.id_buffer = value.to_owned(),
+            _ => {}
+        }
+        None
+    }
+
+    fn dispatch(&mut self) -> Option<SseEvent> {
+        let event_type = std::mem::take(&mut self.event_type);
+        if self.data.is_empty() {
+            return None;
+        }
+        let mut data = std::mem::take(&mut self.data);
+        data.pop();
+        Some(SseEvent {
+            event_type: if event_type.is_empty() {
+                "message".to_owned()
+            } else {
+                event_type
+            },
+            data,
+            last_event_id: self.id_buffer.clone(),
+        })
+    }
+
+    /// The id to send as `Last-Event-ID` when no event was dispatched on this connection.
+    #[cfg(test)]
+    pub fn id_buffer(&self) -> &str {
+        &self.id_buffer
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn event(event_type: &str, data: &str, id: &str) -> SseEvent {
+        SseEvent {
+            event_type: event_type.to_owned(),
+            data: data.to_owned(),
+            last_event_id: id.to_owned(),
+        }
+    }
+
+    fn parse_all(pieces: &[&[u8]]) -> Vec<SseEvent> {
+        let mut parser = SseParser::resuming(String::new());
+        pieces.iter().flat_map(|p| parser.feed(p)).collect()
+    }
+
+    const STREAM: &str = "event: run\ndata: {\"run_id\":\"r1-x\"}\n\n\
+        : keepalive\n\n\
+        event: stdout\nid: 1\ndata: a\ndata: b\ndata: \n\n\
+        event:stderr\r\nid:2\r\ndata:  two spaces\r\n\r\n\
+        event: stdout\rid: 3\rdata: é€😀\rdata\r\r\
+        event: done\nid: 4\ndata: {\"return_code\":0}\n\n";
+
+    fn expected() -> Vec<SseEvent> {
+        vec![
+            event("run", "{\"run_id\":\"r1-x\"}", ""),
+            event("stdout", "a\nb\n", "1"),
+            event("stderr", " two spaces", "2"),
+            event("stdout", "é€😀\n", "3"),
+            event("done", "{\"return_code\":0}", "4"),
+        ]
+    }
+
+    #[test]
+    fn parses_a_whole_stream() {
+        assert_eq!(parse_all(&[STREAM.as_bytes()]), expected());
+    }
+
+    #[test]
+    fn parses_when_split_at_every_byte_position() {
+        let bytes = STREAM.as_bytes();
+        for split in 0..=bytes.len() {
+            let (first, second) = bytes.split_at(split);
+            assert_eq!(parse_all(&[first, second]), expected(), "split at {split}");
+        }
+    }
+
+    #[test]
+    fn parses_one_byte_at_a_time() {
+        let pieces: Vec<&[u8]> = STREAM.as_bytes().chunks(1).collect();
+        assert_eq!(parse_all(&pieces), expected());
+    }
+
+    #[test]
+    fn crlf_split_between_cr_and_lf_is_one_line_end() {
+        let events = parse_all(&[b"data: x\r", b"\ndata: y\r", b"\n\r", b"\n"]);
+        assert_eq!(events, vec![event("message", "x\ny", "")]);
+    }
+
+    #[test]
+    fn a_trailing_partial_event_is_discarded() {
+        assert!(parse_all(&[b"event: stdout\nid: 9\ndata: never"]).is_empty());
+        assert!(parse_all(&[b"event: stdout\nid: 9\ndata: never\n"]).is_empty());
+        let mut parser = SseParser::resuming("5".to_owned());
+        assert!(parser.feed(b"id: 6\ndata: x\n").is_empty());
+        assert_eq!(parser.id_buffer(), "6");
+    }
+
+    #[test]
+    fn comments_and_unknown_fields_are_ignored() {
+        let events = parse_all(&[b":comment\n: another\nretry: 10\nfoo: bar\ndata: d\n\n"]);
+        assert_eq!(events, vec![event("message", "d", "")]);
+    }
+
+    #[test]
+    fn an_event_without_data_is_not_dispatched_but_its_id_counts() {
+        let mut parser = SseParser::resuming(String::new());
+        assert!(parser.feed(b"event: stdout\nid: 7\n\n").is_empty());
+        let events = parser.feed(b"event: x\ndata: after\n\n");
+        assert_eq!(events, vec![event("x", "after", "7")]);
+    }
+
+    #[test]
+    fn the_remembered_id_survives_events_without_an_id() {
+        let mut parser = SseParser::resuming("41".to_owned());
+        let events = parser.feed(b"event: run\ndata: {}\n\nid: 42\ndata: y\n\n");
+        assert_eq!(
+            events,
+            vec![event("run", "{}", "41"), event("message", "y", "42")]
+        );
+    }
+
+    #[test]
+    fn an_empty_id_resets_and_an_id_with_nul_is_ignored() {
+        let events = parse_all(&[b"id: 3\ndata: a\n\nid\ndata: b\n\nid: 4\0\ndata: c\n\n"]);
+        assert_eq!(
+            events,
+            vec![
+                event("message", "a", "3"),
+                event("message", "b", ""),
+                event("message", "c", "")
+            ]
+        );
+    }
+
+    #[test]
+    fn a_leading_byte_order_mark_is_removed_once() {
+        let events = parse_all(&[b"\xEF\xBB", b"\xBFdata: a\n\n\xEF\xBB\xBFdata: b\n\n"]);
+        assert_eq!(events, vec![event("message", "a", "")]);
+    }
+
+    #[test]
+    fn a_field_name_alone_is_an_empty_value() {
+        let events = parse_all(&[b"data\ndata\n\n"]);
+        assert_eq!(events, vec![event("message", "\n", "")]);
+    }
+}
