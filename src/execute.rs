@@ -403,7 +403,12 @@ fn conclude(
     cancelled: bool,
     started: Instant,
 ) {
-    let outcome = log.finish(outcome);
+    // Everything about the run is settled (record, history, slot) before `finish` lets the
+    // viewers send `done`, so a client that got the result sees a finished run everywhere.
+    let mut outcome = outcome;
+    if outcome.error.is_none() {
+        outcome.error = log.write_error();
+    }
     let totals = log.totals();
     let status = if run.interrupted() {
         RunStatus::Interrupted
@@ -465,6 +470,7 @@ fn conclude(
     });
     log::info!(target: "runbookd::audit", "{audit}");
     app.runs.release(&run.id);
+    log.finish(outcome);
     run.release_live_log();
 }
 

@@ -151,6 +151,8 @@ pub struct RunLog {
 pub struct Cursor {
     next_seq: u64,
     offset: u64,
+    /// False for a cursor placed ahead of the log: its offset is found when first needed.
+    offset_known: bool,
     file: Option<File>,
 }
 
@@ -261,16 +263,43 @@ impl RunLog {
         })
     }
 
+    /// Why storing output failed, if it did (a full disk).
+    pub fn write_error(&self) -> Option<String> {
+        self.lock().write_error.clone()
+    }
+
     /// Sequence number from which output was no longer stored (RUN_LOG_MAX_BYTES), if so.
     pub fn capped_at(&self) -> Option<u64> {
         self.lock().capped_at
     }
 
-    /// A cursor whose next chunk is `seq` (clamped to what exists).
+    /// A cursor whose next chunk is `seq`. A `seq` beyond the chunks written so far waits for
+    /// it: the chunks before it are never sent.
     pub fn cursor_at(&self, seq: u64) -> Result<Cursor, LogError> {
-        let (start_seq, start_offset, file_len, next_seq) = {
+        let seq = seq.max(FIRST_SEQ);
+        let next_seq = self.lock().next_seq;
+        if seq >= next_seq {
+            return Ok(Cursor {
+                next_seq: seq,
+                offset: 0,
+                offset_known: false,
+                file: None,
+            });
+        }
+        let offset = self.offset_of(seq)?;
+        Ok(Cursor {
+            next_seq: seq,
+            offset,
+            offset_known: true,
+            file: None,
+        })
+    }
+
+    /// File offset of the record of chunk `seq` (which must be written), found from the sparse
+    /// index and a scan of the headers after it.
+    fn offset_of(&self, seq: u64) -> Result<u64, LogError> {
+        let ((mut at_seq, mut offset), file_len) = {
             let st = self.lock();
-            let seq = seq.clamp(FIRST_SEQ, st.next_seq);
             let entry = st
                 .index
                 .iter()
@@ -278,30 +307,20 @@ impl RunLog {
                 .find(|(s, _)| *s <= seq)
                 .copied()
                 .unwrap_or((FIRST_SEQ, 0));
-            (seq, entry, st.file_len, st.next_seq)
+            (entry, st.file_len)
         };
-        let (mut at_seq, mut offset) = start_offset;
-        if start_seq < next_seq {
-            let mut file = File::open(&self.path)?;
-            let mut records = RecordReader::new(&mut file, offset, file_len)?;
-            while at_seq < start_seq {
-                match records.next_header()? {
-                    Some((seq, _, _, _)) => {
-                        at_seq = seq + 1;
-                        offset = records.offset;
-                    }
-                    None => break,
+        let mut file = File::open(&self.path)?;
+        let mut records = RecordReader::new(&mut file, offset, file_len)?;
+        while at_seq < seq {
+            match records.next_header()? {
+                Some((found, _, _, _)) => {
+                    at_seq = found + 1;
+                    offset = records.offset;
                 }
+                None => break,
             }
-        } else {
-            at_seq = next_seq;
-            offset = file_len;
         }
-        Ok(Cursor {
-            next_seq: at_seq,
-            offset,
-            file: None,
-        })
+        Ok(offset)
     }
 
     /// Sequence number of the chunk holding the start of the `lines`-th line from the end
@@ -497,6 +516,7 @@ impl RunLog {
         Cursor {
             next_seq: FIRST_SEQ,
             offset: 0,
+            offset_known: true,
             file: None,
         }
     }
@@ -527,11 +547,21 @@ impl RunLog {
                     if let Some(last) = out.last() {
                         cursor.next_seq = last.seq + 1;
                         cursor.offset = last.file_offset + last.record_len();
+                        cursor.offset_known = true;
                     }
                     return Next::Chunks(out);
                 }
                 let file_len = st.file_len;
                 drop(st);
+                if !cursor.offset_known {
+                    match self.offset_of(cursor.next_seq) {
+                        Ok(offset) => {
+                            cursor.offset = offset;
+                            cursor.offset_known = true;
+                        }
+                        Err(e) => log::error!("run log {}: {e}", self.path.display()),
+                    }
+                }
                 return match self.read_file(cursor, file_len, max_bytes) {
                     Ok(chunks) if !chunks.is_empty() => Next::Chunks(chunks),
                     Ok(_) | Err(_) => {

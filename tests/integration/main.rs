@@ -15,6 +15,7 @@ mod recursion;
 mod routes;
 mod runbooks;
 mod runs;
+mod runs_cli;
 mod runs_lifecycle;
 mod runs_resume;
 mod runs_support;

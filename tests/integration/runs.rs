@@ -141,10 +141,7 @@ fn every_execute_answer_names_its_run() {
         assert_eq!(record["stderr_bytes"], json!(5), "{record}");
     }
     let listed: BTreeSet<String> = ids(&server.list_runs("", &token)).into_iter().collect();
-    let expected: BTreeSet<String> = [header_id, sync_id]
-        .into_iter()
-        .chain(async_ids)
-        .collect();
+    let expected: BTreeSet<String> = [header_id, sync_id].into_iter().chain(async_ids).collect();
     assert_eq!(listed, expected);
 }
 
@@ -178,7 +175,11 @@ fn records_are_listed_newest_first_and_filtered() {
     let r4 = server.start_run("Wait.md", &alice, json!({"GATE": gate.path()}));
 
     let all = server.list_runs("", &alice);
-    assert_eq!(ids(&all), [&r4, &r3, &r2, &r1].map(String::clone), "newest first");
+    assert_eq!(
+        ids(&all),
+        [&r4, &r3, &r2, &r1].map(String::clone),
+        "newest first"
+    );
     let expected_keys: BTreeSet<String> = RECORD_FIELDS.iter().map(|s| s.to_string()).collect();
     for record in &all {
         assert_eq!(keys(record), expected_keys, "{record}");
@@ -242,9 +243,8 @@ fn records_are_listed_newest_first_and_filtered() {
 
 #[test]
 fn unknown_and_malformed_run_ids_are_404() {
-    let server = Server::start(
-        ServerOpts::new().runbook("Hello.md", Runbook::new("Hello", "echo hello\n")),
-    );
+    let server =
+        Server::start(ServerOpts::new().runbook("Hello.md", Runbook::new("Hello", "echo hello\n")));
     let token = dev_token();
     let real = server.execute("Hello.md", &token, json!({})).json()["run_id"]
         .as_str()
@@ -267,7 +267,13 @@ fn unknown_and_malformed_run_ids_are_404() {
             ("GET", "/logs/download"),
             ("DELETE", ""),
         ] {
-            let resp = server.call(method, &format!("/api/runs/{id}{suffix}"), Some(&token), &[], None);
+            let resp = server.call(
+                method,
+                &format!("/api/runs/{id}{suffix}"),
+                Some(&token),
+                &[],
+                None,
+            );
             assert_eq!(resp.status, 404, "{method} {id}{suffix}: {}", resp.text());
             assert_eq!(resp.json()["success"], json!(false));
         }
@@ -280,9 +286,16 @@ fn unknown_and_malformed_run_ids_are_404() {
         format!("/api/runs/{real}/events"),
         format!("/api/runs/{real}/logs/download"),
     ] {
-        assert_eq!(server.call("GET", &path, None, &[], None).status, 401, "{path}");
+        assert_eq!(
+            server.call("GET", &path, None, &[], None).status,
+            401,
+            "{path}"
+        );
     }
-    assert_eq!(server.run_record(&real, &token)["status"], json!("succeeded"));
+    assert_eq!(
+        server.run_record(&real, &token)["status"],
+        json!("succeeded")
+    );
 }
 
 #[test]
@@ -321,9 +334,7 @@ fn only_the_owner_and_holders_of_the_required_claims_see_a_run() {
     let carol = token("carol", &["admin"]);
     let gate = Gate::new(&server.root, "ops");
     let id = server.start_run("Ops.md", &alice, json!({"GATE": gate.path()}));
-    server.wait_run(&id, &alice, RUN_TIMEOUT, "printing", &|r| {
-        r["stdout_bytes"].as_u64().unwrap_or(0) > 0
-    });
+    server.wait_output(&id, &alice, "stdout", "its first line", &|t| !t.is_empty());
 
     let paths = [
         format!("/api/runs/{id}"),
@@ -365,7 +376,13 @@ fn only_the_owner_and_holders_of_the_required_claims_see_a_run() {
     }
 
     // A holder of the claims may cancel.
-    let cancel = server.call("DELETE", &format!("/api/runs/{id}"), Some(&carol), &[], None);
+    let cancel = server.call(
+        "DELETE",
+        &format!("/api/runs/{id}"),
+        Some(&carol),
+        &[],
+        None,
+    );
     assert_eq!(cancel.status, 202, "{}", cancel.text());
     let record = server.wait_finished(&id, &alice, RUN_TIMEOUT);
     assert_eq!(record["status"], json!("cancelled"), "{record}");
@@ -516,9 +533,7 @@ fn download_gives_the_raw_interleaved_bytes() {
     let script = "printf 'out-1\\n'\nsleep 0.1\nprintf 'err-1\\n' >&2\nsleep 0.1\n\
                   printf 'out-2 \\377 caf\\303\\251\\r\\n'\nsleep 0.1\nprintf 'err-2' >&2\nsleep 0.1\n\
                   printf 'out-3\\n'\n";
-    let server = Server::start(
-        ServerOpts::new().runbook("Raw.md", Runbook::new("Raw", script)),
-    );
+    let server = Server::start(ServerOpts::new().runbook("Raw.md", Runbook::new("Raw", script)));
     let token = dev_token();
     let resp = server.execute("Raw.md", &token, json!({}));
     assert_eq!(resp.status, 200, "{}", resp.text());
@@ -577,7 +592,10 @@ fn download_gives_the_raw_interleaved_bytes() {
 fn access_token_in_the_query_works_for_events_and_download_only() {
     let server = Server::start(
         ServerOpts::new()
-            .runbook("Hello.md", Runbook::new("Hello", "echo hello\necho oops >&2\n"))
+            .runbook(
+                "Hello.md",
+                Runbook::new("Hello", "echo hello\nsleep 0.1\necho oops >&2\n"),
+            )
             .env("RUST_LOG", "debug"),
     );
     let token = dev_token();
@@ -616,10 +634,14 @@ fn access_token_in_the_query_works_for_events_and_download_only() {
         &claims("dev-tester", json!(["developer"])),
         b"another-secret-of-sufficient-length-0123456789",
     );
-    assert_eq!(download(&format!("?access_token={other_secret}")).status, 401);
+    assert_eq!(
+        download(&format!("?access_token={other_secret}")).status,
+        401
+    );
 
     // Events: EventSource cannot send headers either.
-    let mut sse = SseStream::new(server.open_events(&id, None, &format!("?access_token={token}"), None));
+    let mut sse =
+        SseStream::new(server.open_events(&id, None, &format!("?access_token={token}"), None));
     assert_eq!(sse.resp.status, 200);
     let events = sse.until_end(RUN_TIMEOUT);
     assert_eq!(joined(&events, "stdout"), "hello\n");

@@ -49,12 +49,21 @@ fn cancel_ends_a_term_ignoring_group_within_the_grace() {
     );
 
     let t = Instant::now();
-    let resp = server.call("DELETE", &format!("/api/runs/{id}"), Some(&token), &[], None);
+    let resp = server.call(
+        "DELETE",
+        &format!("/api/runs/{id}"),
+        Some(&token),
+        &[],
+        None,
+    );
     assert_eq!(resp.status, 202, "{}", resp.text());
     let body = resp.json();
     assert_eq!(body["status"], json!("cancelling"), "{body}");
     assert_eq!(body["success"], json!(true), "{body}");
-    assert_eq!(server.run_record(&id, &token)["status"], json!("cancelling"));
+    assert_eq!(
+        server.run_record(&id, &token)["status"],
+        json!("cancelling")
+    );
     assert!(
         !group_members(pgid).is_empty(),
         "TERM is ignored, so the group lives on during the grace"
@@ -80,7 +89,13 @@ fn cancel_ends_a_term_ignoring_group_within_the_grace() {
     let done = done_json(&events);
     assert_eq!(done["success"], json!(false), "{done}");
 
-    let again = server.call("DELETE", &format!("/api/runs/{id}"), Some(&token), &[], None);
+    let again = server.call(
+        "DELETE",
+        &format!("/api/runs/{id}"),
+        Some(&token),
+        &[],
+        None,
+    );
     assert_eq!(again.status, 409, "{}", again.text());
     assert_eq!(again.json()["success"], json!(false));
 }
@@ -98,10 +113,18 @@ fn cancel_of_a_cooperative_script_ends_without_waiting_for_the_grace() {
     let mut sse = server.attach(&id, &token, "", None);
     let pgid = pgid_from_stream(&mut sse);
     let _guard = GroupGuard(pgid);
-    assert!(wait_until(Duration::from_secs(10), || group_members(pgid).len() >= 2));
+    assert!(wait_until(Duration::from_secs(10), || group_members(pgid)
+        .len()
+        >= 2));
 
     let t = Instant::now();
-    let resp = server.call("DELETE", &format!("/api/runs/{id}"), Some(&token), &[], None);
+    let resp = server.call(
+        "DELETE",
+        &format!("/api/runs/{id}"),
+        Some(&token),
+        &[],
+        None,
+    );
     assert_eq!(resp.status, 202, "{}", resp.text());
     let record = server.wait_finished(&id, &token, Duration::from_secs(30));
     assert!(
@@ -117,6 +140,22 @@ fn cancel_of_a_cooperative_script_ends_without_waiting_for_the_grace() {
         joined(&events, "stdout").contains("got-term\n"),
         "the script's TERM handler ran: {:?}",
         joined(&events, "stdout")
+    );
+}
+
+#[test]
+fn scripts_start_with_no_signal_blocked() {
+    // exec: the mask is the one the shell was started with (a blocked TERM would make every
+    // cancel, timeout and shutdown wait for the KILL after the grace).
+    let server = Server::start(ServerOpts::new().runbook(
+        "Mask.md",
+        Runbook::new("Mask", "exec grep -E '^SigBlk' /proc/self/status\n"),
+    ));
+    let body = server.execute("Mask.md", &dev_token(), json!({})).json();
+    assert_eq!(
+        body["stdout"],
+        json!("SigBlk:\t0000000000000000\n"),
+        "signals blocked in the script: {body}"
     );
 }
 
@@ -201,17 +240,9 @@ fn executes_beyond_max_concurrent_runs_get_429() {
             json!("succeeded")
         );
     }
-    // The run token of a finished run no longer exempts; the freed slots take new runs.
-    let resp = server.execute("Quick.md", &token, json!({}));
+    // The freed slots take new runs.
+    let resp = server.execute_when_admitted("Quick.md", "", &token, json!({}), &[]);
     assert_eq!(resp.status, 200, "{}", resp.text());
-    let stale = server.execute_raw(
-        "Quick.md",
-        "",
-        &run_token(&r1),
-        json!({}),
-        &[("X-Recursion-Stack", "[\"Gated.md\"]")],
-    );
-    assert_eq!(stale.status, 200, "a free slot: {}", stale.text());
 }
 
 #[test]
@@ -227,7 +258,15 @@ fn a_finished_runs_token_is_not_exempt_from_the_limit() {
     assert_eq!(finished.status, 200);
     let finished_id = finished.json()["run_id"].as_str().unwrap().to_string();
     let gate = Gate::new(&server.root, "gated");
-    let running = server.start_run("Gated.md", &token, json!({"GATE": gate.path()}));
+    let started = server.execute_when_admitted(
+        "Gated.md",
+        "?async=true",
+        &token,
+        json!({"GATE": gate.path()}),
+        &[],
+    );
+    assert_eq!(started.status, 202, "{}", started.text());
+    let running = started.json()["run_id"].as_str().unwrap().to_string();
     let resp = server.execute_raw(
         "Quick.md",
         "",
@@ -238,6 +277,29 @@ fn a_finished_runs_token_is_not_exempt_from_the_limit() {
     assert_eq!(resp.status, 429, "{}", resp.text());
     gate.open();
     server.wait_finished(&running, &token, RUN_TIMEOUT);
+}
+
+#[test]
+fn a_run_is_settled_when_its_result_arrives() {
+    // A client that got a run's result may at once look at its record or start the next run
+    // in the slot it held.
+    let server = Server::start(
+        ServerOpts::new()
+            .runbook("Quick.md", Runbook::new("Quick", "echo quick\n"))
+            .env("MAX_CONCURRENT_RUNS", "1"),
+    );
+    let token = dev_token();
+    for round in 0..50 {
+        let resp = server.execute("Quick.md", &token, json!({}));
+        assert_eq!(resp.status, 200, "round {round}: {}", resp.text());
+        let id = resp.json()["run_id"].as_str().unwrap().to_string();
+        let record = server.run_record(&id, &token);
+        assert_eq!(
+            record["status"],
+            json!("succeeded"),
+            "round {round}: the record right after the result: {record}"
+        );
+    }
 }
 
 fn curl_available_or_skip(test: &str) -> bool {
@@ -276,8 +338,14 @@ fn a_three_deep_sub_runbook_chain_completes_at_the_limit() {
     }
     let server = Server::start(
         ServerOpts::new()
-            .runbook("A.md", Runbook::new("A", &calling("B.md")).env("GATE", "gate"))
-            .runbook("B.md", Runbook::new("B", &calling("C.md")).env("GATE", "gate"))
+            .runbook(
+                "A.md",
+                Runbook::new("A", &calling("B.md")).env("GATE", "gate"),
+            )
+            .runbook(
+                "B.md",
+                Runbook::new("B", &calling("C.md")).env("GATE", "gate"),
+            )
             .runbook(
                 "C.md",
                 Runbook::new(
@@ -327,7 +395,8 @@ fn a_three_deep_sub_runbook_chain_completes_at_the_limit() {
     assert_eq!(c_result["success"], json!(true), "{c_result}");
     assert_eq!(c_result["stdout"], json!("C ran\nC done\n"), "{c_result}");
     assert!(server.list_runs("?status=running", &token).is_empty());
-    assert_eq!(server.execute("Quick.md", &token, json!({})).status, 200);
+    let after = server.execute_when_admitted("Quick.md", "", &token, json!({}), &[]);
+    assert_eq!(after.status, 200, "{}", after.text());
 }
 
 #[test]
@@ -377,13 +446,14 @@ fn the_concurrency_block_limits_runs_of_one_runbook() {
             json!("succeeded")
         );
     }
-    let again = server.execute("Solo.md", &token, env);
+    let again = server.execute_when_admitted("Solo.md", "", &token, env, &[]);
     assert_eq!(again.status, 200, "{}", again.text());
 }
 
 #[test]
 fn kill_9_mid_run_then_restart_marks_it_interrupted() {
-    let crashing = "echo \"pgid=$$\"\necho 'before the crash'\necho 'on stderr' >&2\nsleep 100 &\nsleep 100\n";
+    let crashing =
+        "echo \"pgid=$$\"\necho 'before the crash'\necho 'on stderr' >&2\nsleep 100 &\nsleep 100\n";
     let mut daemon = Daemon::start(
         &[
             ("Crash.md", Runbook::new("Crash", crashing).render()),
@@ -396,22 +466,16 @@ fn kill_9_mid_run_then_restart_marks_it_interrupted() {
     assert_eq!(quick.status, 200);
     let quick_id = quick.json()["run_id"].as_str().unwrap().to_string();
     let id = daemon.start_run("Crash.md", &token, json!({}));
-    let record = daemon.wait_run(&id, &token, RUN_TIMEOUT, "printing", &|r| {
-        r["stderr_bytes"].as_u64() == Some(10) && r["stdout_bytes"].as_u64() > Some(20)
+    daemon.wait_output(&id, &token, "stderr", "its line", &|t| t == "on stderr\n");
+    let stdout = daemon.wait_output(&id, &token, "stdout", "two lines", &|t| {
+        t.ends_with("before the crash\n")
     });
-    let download = daemon.call(
-        "GET",
-        &format!("/api/runs/{id}/logs/download?stream=stdout"),
-        Some(&token),
-        &[],
-        None,
-    );
-    let stdout = download.text();
     let pgid = number_after(&stdout, "pgid=");
     let _guard = GroupGuard(pgid);
     assert_eq!(stdout, format!("pgid={pgid}\nbefore the crash\n"));
-    assert_eq!(record["stdout_bytes"], json!(stdout.len()));
-    assert!(wait_until(Duration::from_secs(10), || group_members(pgid).len() >= 3));
+    assert!(wait_until(Duration::from_secs(10), || group_members(pgid)
+        .len()
+        >= 3));
 
     daemon.kill9();
     // The record and the log are on disk; the orphaned group lives on.
@@ -453,7 +517,8 @@ fn kill_9_mid_run_then_restart_marks_it_interrupted() {
     assert_eq!(joined(&events, "stderr"), "on stderr\n");
     let done = events.last().unwrap();
     assert_eq!(done.event, "done");
-    let mut at_done = daemon.open_events(&id, Some(&token), "", Some(&done.numeric_id().to_string()));
+    let mut at_done =
+        daemon.open_events(&id, Some(&token), "", Some(&done.numeric_id().to_string()));
     assert_eq!(at_done.status, 204);
     assert!(at_done.read_all(Duration::from_secs(5)).is_empty());
     let both = daemon.call(
@@ -480,7 +545,15 @@ fn kill_9_mid_run_then_restart_marks_it_interrupted() {
     let again = daemon.execute_raw("Quick.md", "", &token, json!({}), &[]);
     assert_eq!(again.status, 200, "{}", again.text());
     assert_eq!(
-        daemon.call("DELETE", &format!("/api/runs/{id}"), Some(&token), &[], None).status,
+        daemon
+            .call(
+                "DELETE",
+                &format!("/api/runs/{id}"),
+                Some(&token),
+                &[],
+                None
+            )
+            .status,
         409
     );
 }
@@ -517,7 +590,11 @@ fn retention_prunes_by_count_and_age_at_start() {
         .iter()
         .map(|r| r["run_id"].as_str().unwrap().to_string())
         .collect();
-    assert_eq!(left, vec![ids[3].clone(), ids[2].clone()], "the two newest stay");
+    assert_eq!(
+        left,
+        vec![ids[3].clone(), ids[2].clone()],
+        "the two newest stay"
+    );
     for id in &ids[..2] {
         assert_eq!(run_files(&daemon, id), [false, false], "{id} pruned");
         let resp = daemon.call("GET", &format!("/api/runs/{id}"), Some(&token), &[], None);
@@ -533,9 +610,9 @@ fn retention_prunes_by_count_and_age_at_start() {
     let mut record: Value = serde_json::from_slice(&fs::read(&path).unwrap()).unwrap();
     let old = chrono::Utc::now() - chrono::Duration::days(40);
     record["started_at"] = json!(old.to_rfc3339_opts(chrono::SecondsFormat::Millis, true));
-    record["finished_at"] = json!(
-        (old + chrono::Duration::seconds(1)).to_rfc3339_opts(chrono::SecondsFormat::Millis, true)
-    );
+    record["finished_at"] =
+        json!((old + chrono::Duration::seconds(1))
+            .to_rfc3339_opts(chrono::SecondsFormat::Millis, true));
     fs::write(&path, serde_json::to_vec_pretty(&record).unwrap()).unwrap();
     daemon.restart(&[("RUN_RETENTION_DAYS", "30")]);
     assert_eq!(
@@ -596,7 +673,9 @@ fn sigterm_stops_running_runs_and_exits_zero_within_the_grace() {
     let mut viewer = daemon.attach(&id, &token, "", None);
     let pgid = pgid_from_stream(&mut viewer);
     let _guard = GroupGuard(pgid);
-    assert!(wait_until(Duration::from_secs(10), || group_members(pgid).len() >= 3));
+    assert!(wait_until(Duration::from_secs(10), || group_members(pgid)
+        .len()
+        >= 3));
 
     let t = Instant::now();
     daemon.sigterm();
@@ -624,7 +703,9 @@ fn sigterm_stops_running_runs_and_exits_zero_within_the_grace() {
     let markdown = fs::read_to_string(daemon.runbooks_dir().join("Stubborn.md")).unwrap();
     let entries = history_entries(&markdown);
     assert!(
-        entries.iter().any(|e| entry_header(e).2.as_deref() == Some(id.as_str())),
+        entries
+            .iter()
+            .any(|e| entry_header(e).2.as_deref() == Some(id.as_str())),
         "no history entry for {id}: {markdown}"
     );
 

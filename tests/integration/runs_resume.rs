@@ -46,7 +46,10 @@ fn two_viewers_receive_identical_bytes() {
     let script = format!("{}{}", wait_for_gate("GATE"), counting_script(1, 60));
     let server = Server::start(
         ServerOpts::new()
-            .runbook("Count.md", Runbook::new("Count", &script).env("GATE", "gate"))
+            .runbook(
+                "Count.md",
+                Runbook::new("Count", &script).env("GATE", "gate"),
+            )
             .env("HEARTBEAT_SECONDS", "300"),
     );
     let token = dev_token();
@@ -91,16 +94,15 @@ fn late_viewer_replays_then_follows() {
         wait_for_gate("GATE"),
         counting_script(21, 40)
     );
-    let server = Server::start(ServerOpts::new().runbook(
-        "Late.md",
-        Runbook::new("Late", &script).env("GATE", "gate"),
-    ));
+    let server = Server::start(
+        ServerOpts::new().runbook("Late.md", Runbook::new("Late", &script).env("GATE", "gate")),
+    );
     let token = dev_token();
     let gate = Gate::new(&server.root, "late");
     let id = server.start_run("Late.md", &token, json!({"GATE": gate.path()}));
     let first_part = counting_stdout(1, 20);
-    server.wait_run(&id, &token, RUN_TIMEOUT, "through its first part", &|r| {
-        r["stdout_bytes"].as_u64() == Some(first_part.len() as u64)
+    server.wait_output(&id, &token, "stdout", "its first part", &|t| {
+        t == first_part
     });
 
     // Attached after the first part was printed: it is replayed at once.
@@ -127,15 +129,17 @@ fn late_viewer_replays_then_follows() {
     assert_eq!(stream_text(&followed, "stdout"), counting_stdout(21, 40));
     let all: Vec<SseEvent> = replay.into_iter().chain(rest).collect();
     assert_complete_numbering(&all);
-    assert_eq!(stream_text(&outputs(&all), "stderr"), counting_stderr(1, 40));
+    assert_eq!(
+        stream_text(&outputs(&all), "stderr"),
+        counting_stderr(1, 40)
+    );
 }
 
 #[test]
 fn resuming_a_finished_run_after_any_id_gives_every_later_byte_once() {
     let script = format!("{}printf 'partial line'\n", counting_script(1, 30));
-    let server = Server::start(
-        ServerOpts::new().runbook("Count.md", Runbook::new("Count", &script)),
-    );
+    let server =
+        Server::start(ServerOpts::new().runbook("Count.md", Runbook::new("Count", &script)));
     let token = dev_token();
     let resp = server.execute("Count.md", &token, json!({}));
     assert_eq!(resp.status, 200, "{}", resp.text());
@@ -159,7 +163,9 @@ fn resuming_a_finished_run_after_any_id_gives_every_later_byte_once() {
             // Last-Event-ID wins over ?after=.
             (format!("?after={}", (k + 7) % (n + 1)), Some(last.as_str())),
         ] {
-            let resumed = server.attach(&id, &token, &query, header).until_end(RUN_TIMEOUT);
+            let resumed = server
+                .attach(&id, &token, &query, header)
+                .until_end(RUN_TIMEOUT);
             let got = outputs(&resumed);
             assert_eq!(
                 got,
@@ -202,10 +208,9 @@ fn resuming_a_live_run_gives_no_gap_and_no_duplicate() {
         wait_for_gate("GATE"),
         counting_script(31, 60)
     );
-    let server = Server::start(ServerOpts::new().runbook(
-        "Live.md",
-        Runbook::new("Live", &script).env("GATE", "gate"),
-    ));
+    let server = Server::start(
+        ServerOpts::new().runbook("Live.md", Runbook::new("Live", &script).env("GATE", "gate")),
+    );
     let token = dev_token();
     let gate = Gate::new(&server.root, "live");
     let id = server.start_run("Live.md", &token, json!({"GATE": gate.path()}));
@@ -223,14 +228,32 @@ fn resuming_a_live_run_gives_no_gap_and_no_duplicate() {
     // It resumes, while the run is still going, at the id it last saw; others resume at
     // other ids of the live run.
     let mut resumed = server.attach(&id, &token, "", Some(&k.to_string()));
-    let mut others: Vec<(u64, SseStream)> = [0, 1, k / 2, k + 1]
+    let mut others: Vec<(u64, SseStream)> = [0, 1, k / 2, k]
         .iter()
-        .map(|&at| (at, server.attach(&id, &token, &format!("?after={at}"), None)))
+        .map(|&at| {
+            (
+                at,
+                server.attach(&id, &token, &format!("?after={at}"), None),
+            )
+        })
         .collect();
-    let first_part_rest = events_until(&mut resumed, RUN_TIMEOUT, "with out 30", &|e| {
-        e.data.contains("out 30 ")
-    });
-    assert_eq!(outputs(&first_part_rest)[0].0, k + 1, "resumes right after {k}");
+    // stdout and stderr arrive through separate pipes, so either may come last.
+    let mut first_part_rest = Vec::new();
+    for needle in ["out 30 ", "err 30"] {
+        if !first_part_rest
+            .iter()
+            .any(|e: &SseEvent| e.data.contains(needle))
+        {
+            first_part_rest.extend(events_until(&mut resumed, RUN_TIMEOUT, needle, &|e| {
+                e.data.contains(needle)
+            }));
+        }
+    }
+    assert_eq!(
+        outputs(&first_part_rest)[0].0,
+        k + 1,
+        "resumes right after {k}"
+    );
     assert!(
         resumed.next_event(Duration::from_millis(300)).is_none() && !resumed.ended(),
         "the resumed viewer follows the live run"
@@ -255,6 +278,34 @@ fn resuming_a_live_run_gives_no_gap_and_no_duplicate() {
         );
         assert_eq!(events.last().unwrap().numeric_id(), n + 1);
     }
+}
+
+#[test]
+fn resuming_ahead_of_a_live_run_sends_only_later_chunks() {
+    let script = format!(
+        "echo one\nsleep 0.1\necho two\n{}for i in 3 4 5 6 7; do echo \"line $i\"; sleep 0.05; done\n",
+        wait_for_gate("GATE")
+    );
+    let server = Server::start(ServerOpts::new().runbook(
+        "Ahead.md",
+        Runbook::new("Ahead", &script).env("GATE", "gate"),
+    ));
+    let token = dev_token();
+    let gate = Gate::new(&server.root, "ahead");
+    let id = server.start_run("Ahead.md", &token, json!({"GATE": gate.path()}));
+    server.wait_output(&id, &token, "stdout", "two lines", &|t| t == "one\ntwo\n");
+    // Chunks 1 and 2 exist; a client says it has seen up to 4.
+    let mut ahead = server.attach(&id, &token, "?after=4", None);
+    gate.open();
+    let events = ahead.until_end(RUN_TIMEOUT);
+    let full = server.attach(&id, &token, "", None).until_end(RUN_TIMEOUT);
+    let full_out = outputs(&full);
+    assert_complete_numbering(&full);
+    assert_eq!(
+        outputs(&events),
+        full_out[4..].to_vec(),
+        "a viewer resuming after 4 got chunks it already had"
+    );
 }
 
 /// The id of the chunk holding the start of the `lines`-th line from the end of the output
@@ -286,9 +337,7 @@ fn tail_starts_at_the_chunk_holding_the_nth_line_from_the_end() {
     let script = "for i in 1 2 3 4 5 6; do echo \"line $i\"; sleep 0.1; done\n\
                   printf 'block a\\nblock b\\nblock c\\n'\nsleep 0.1\n\
                   printf 'partial'\n";
-    let server = Server::start(
-        ServerOpts::new().runbook("Tail.md", Runbook::new("Tail", script)),
-    );
+    let server = Server::start(ServerOpts::new().runbook("Tail.md", Runbook::new("Tail", script)));
     let token = dev_token();
     let id = server.execute("Tail.md", &token, json!({})).json()["run_id"]
         .as_str()
@@ -317,9 +366,13 @@ fn tail_starts_at_the_chunk_holding_the_nth_line_from_the_end() {
     }
     // The documented cases, whatever the chunking: the last line alone; the block's chunk sent
     // whole when its middle line is asked for.
-    let one = server.attach(&id, &token, "?tail=1", None).until_end(RUN_TIMEOUT);
+    let one = server
+        .attach(&id, &token, "?tail=1", None)
+        .until_end(RUN_TIMEOUT);
     assert_eq!(stream_text(&outputs(&one), "stdout"), "partial");
-    let three = server.attach(&id, &token, "?tail=3", None).until_end(RUN_TIMEOUT);
+    let three = server
+        .attach(&id, &token, "?tail=3", None)
+        .until_end(RUN_TIMEOUT);
     let text = stream_text(&outputs(&three), "stdout");
     assert!(
         text.ends_with("block b\nblock c\npartial") && !text.contains("line 5"),
@@ -333,15 +386,14 @@ fn tail_of_a_live_run_then_follows() {
         "for i in 1 2 3 4 5; do echo \"line $i\"; sleep 0.05; done\n{}echo after\n",
         wait_for_gate("GATE")
     );
-    let server = Server::start(ServerOpts::new().runbook(
-        "Tail.md",
-        Runbook::new("Tail", &script).env("GATE", "gate"),
-    ));
+    let server = Server::start(
+        ServerOpts::new().runbook("Tail.md", Runbook::new("Tail", &script).env("GATE", "gate")),
+    );
     let token = dev_token();
     let gate = Gate::new(&server.root, "tail");
     let id = server.start_run("Tail.md", &token, json!({"GATE": gate.path()}));
-    server.wait_run(&id, &token, RUN_TIMEOUT, "through line 5", &|r| {
-        r["stdout_bytes"].as_u64() == Some(35)
+    server.wait_output(&id, &token, "stdout", "line 5", &|t| {
+        t.ends_with("line 5\n")
     });
     let mut sse = server.attach(&id, &token, "?tail=2", None);
     let head = events_until(&mut sse, RUN_TIMEOUT, "with line 5", &|e| {
@@ -377,7 +429,10 @@ fn a_viewer_that_stops_reading_slows_neither_the_run_nor_another_viewer() {
     let count = 220_000;
     let server = Server::start(
         ServerOpts::new()
-            .runbook("Big.md", Runbook::new("Big", &big_script(count)).env("GATE", "gate"))
+            .runbook(
+                "Big.md",
+                Runbook::new("Big", &big_script(count)).env("GATE", "gate"),
+            )
             .env("VIEWER_STALL_SECONDS", "60"),
     );
     let token = dev_token();
@@ -400,7 +455,8 @@ fn a_viewer_that_stops_reading_slows_neither_the_run_nor_another_viewer() {
     assert_eq!(stream_text(&outputs(&events), "stdout"), expected);
     assert_eq!(stream_text(&outputs(&events), "stderr"), "big-done\n");
     assert!(
-        finished < Duration::from_secs(45) && read_done.duration_since(opened) < Duration::from_secs(60),
+        finished < Duration::from_secs(45)
+            && read_done.duration_since(opened) < Duration::from_secs(60),
         "run took {finished:?}, the reading viewer {:?}",
         read_done.duration_since(opened)
     );
@@ -428,7 +484,12 @@ fn a_viewer_that_stops_reading_slows_neither_the_run_nor_another_viewer() {
             other => panic!("the stalled viewer's stream ended early: {other:?}"),
         }
     }
-    assert!(stdout == expected, "the late reader got {} of {} bytes", stdout.len(), expected.len());
+    assert!(
+        stdout == expected,
+        "the late reader got {} of {} bytes",
+        stdout.len(),
+        expected.len()
+    );
 }
 
 #[test]
@@ -436,7 +497,10 @@ fn a_stalled_viewer_is_cut_off_and_resumes_by_id() {
     let count = 220_000;
     let server = Server::start(
         ServerOpts::new()
-            .runbook("Big.md", Runbook::new("Big", &big_script(count)).env("GATE", "gate"))
+            .runbook(
+                "Big.md",
+                Runbook::new("Big", &big_script(count)).env("GATE", "gate"),
+            )
             .env("VIEWER_STALL_SECONDS", "2"),
     );
     let token = dev_token();
@@ -521,7 +585,11 @@ fn the_log_cap_truncates_the_stored_output_but_not_the_run() {
         "no truncated event for the log: {notes:?}"
     );
     let done = done_json(&events);
-    assert_eq!(done["return_code"], json!(4), "the run went on to its end: {done}");
+    assert_eq!(
+        done["return_code"],
+        json!(4),
+        "the run went on to its end: {done}"
+    );
     let streamed = stream_text(&outputs(&events), "stdout");
     assert!(
         streamed.len() <= 10000 && expected.starts_with(&streamed),
@@ -538,18 +606,32 @@ fn the_log_cap_truncates_the_stored_output_but_not_the_run() {
         json!(expected.len()),
         "further output is counted: {record}"
     );
-    assert_eq!(record["stderr_bytes"], json!("after-cap\n".len()), "{record}");
+    assert_eq!(
+        record["stderr_bytes"],
+        json!("after-cap\n".len()),
+        "{record}"
+    );
 
-    let download = server.call(
+    // What is stored stops at the cap (stderr written later may have arrived earlier).
+    let stored = server.call(
         "GET",
         &format!("/api/runs/{id}/logs/download"),
         Some(&token),
         &[],
         None,
     );
-    assert_eq!(download.status, 200);
-    assert!(download.body.len() <= 10000, "{} bytes stored", download.body.len());
-    assert!(expected.as_bytes().starts_with(&download.body));
+    assert_eq!(stored.status, 200);
+    assert!(
+        stored.body.len() <= 10000,
+        "{} bytes stored",
+        stored.body.len()
+    );
+    let stored_stdout = server.stored_output(&id, &token, "stdout");
+    assert!(
+        !stored_stdout.is_empty() && expected.starts_with(&stored_stdout),
+        "the stored stdout is not the start of the output: {} bytes",
+        stored_stdout.len()
+    );
     // A replay says so too.
     let replay = server.attach(&id, &token, "", None).until_end(RUN_TIMEOUT);
     assert!(

@@ -65,6 +65,26 @@ pub trait RunsApi {
         )
     }
 
+    /// Like `execute_raw`, but retries for a few seconds while the answer is 429 or 409: a run
+    /// that has just delivered its result may hold its slot a moment longer.
+    fn execute_when_admitted(
+        &self,
+        file: &str,
+        query: &str,
+        token: &str,
+        env_vars: Value,
+        extra: &[(&str, &str)],
+    ) -> Response {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let resp = self.execute_raw(file, query, token, env_vars.clone(), extra);
+            if !matches!(resp.status, 409 | 429) || Instant::now() > deadline {
+                return resp;
+            }
+            thread::sleep(Duration::from_millis(50));
+        }
+    }
+
     /// Starts `file` without waiting (`?async=true`) and returns the run id.
     fn start_run(&self, file: &str, token: &str, env_vars: Value) -> String {
         let resp = self.execute_raw(file, "?async=true", token, env_vars, &[]);
@@ -91,7 +111,11 @@ pub trait RunsApi {
             ],
             Some(b"{}"),
         );
-        assert_eq!(resp.status, 200, "SSE execute of {file}: {:?}", resp.headers);
+        assert_eq!(
+            resp.status, 200,
+            "SSE execute of {file}: {:?}",
+            resp.headers
+        );
         SseStream::new(resp)
     }
 
@@ -120,6 +144,48 @@ pub trait RunsApi {
             assert!(
                 Instant::now() < deadline,
                 "run {id} not {what} within {timeout:?}: {record}"
+            );
+            thread::sleep(Duration::from_millis(25));
+        }
+    }
+
+    /// The stored bytes of a run (`stream`: "" for both, or `stdout` / `stderr`), lossily
+    /// decoded.
+    fn stored_output(&self, id: &str, token: &str, stream: &str) -> String {
+        let query = if stream.is_empty() {
+            String::new()
+        } else {
+            format!("?stream={stream}")
+        };
+        let resp = self.call(
+            "GET",
+            &format!("/api/runs/{id}/logs/download{query}"),
+            Some(token),
+            &[],
+            None,
+        );
+        assert_eq!(resp.status, 200, "download of {id}: {}", resp.text());
+        resp.text()
+    }
+
+    /// Polls the run's stored output of `stream` until `accept` holds; returns it.
+    fn wait_output(
+        &self,
+        id: &str,
+        token: &str,
+        stream: &str,
+        what: &str,
+        accept: &dyn Fn(&str) -> bool,
+    ) -> String {
+        let deadline = Instant::now() + RUN_TIMEOUT;
+        loop {
+            let text = self.stored_output(id, token, stream);
+            if accept(&text) {
+                return text;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "run {id}: {stream} never showed {what}: {text:?}"
             );
             thread::sleep(Duration::from_millis(25));
         }
@@ -171,13 +237,7 @@ pub trait RunsApi {
     }
 
     /// Attaches a viewer, which must be answered 200.
-    fn attach(
-        &self,
-        id: &str,
-        token: &str,
-        query: &str,
-        last_event_id: Option<&str>,
-    ) -> SseStream {
+    fn attach(&self, id: &str, token: &str, query: &str, last_event_id: Option<&str>) -> SseStream {
         let resp = self.open_events(id, Some(token), query, last_event_id);
         assert_eq!(
             resp.status, 200,
@@ -413,10 +473,7 @@ impl Daemon {
         let mut all: Vec<(String, String)> = vec![
             ("API_PORT".into(), "0".into()),
             ("BIND_ADDRESS".into(), "127.0.0.1".into()),
-            (
-                "STATE_DIR".into(),
-                root.join("state").display().to_string(),
-            ),
+            ("STATE_DIR".into(), root.join("state").display().to_string()),
             (
                 "EXECUTION_DIR".into(),
                 root.join("exec").display().to_string(),
@@ -443,7 +500,10 @@ impl Daemon {
     }
 
     fn spawn(&mut self) {
-        assert!(self.child.is_none(), "the previous server is still attached");
+        assert!(
+            self.child.is_none(),
+            "the previous server is still attached"
+        );
         let mut cmd = base_command();
         cmd.current_dir(&self.root);
         for (k, v) in &self.env {
@@ -558,11 +618,7 @@ impl Drop for Daemon {
         }
         if thread::panicking() {
             let stderr = self.stderr();
-            let start = stderr
-                .char_indices()
-                .rev()
-                .nth(4000)
-                .map_or(0, |(i, _)| i);
+            let start = stderr.char_indices().rev().nth(4000).map_or(0, |(i, _)| i);
             eprintln!(
                 "--- runbookd stderr (tail) ---\n{}\n--- end ---",
                 &stderr[start..]

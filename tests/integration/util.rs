@@ -248,6 +248,8 @@ impl Server {
             ("EXECUTION_DIR".into(), exec.display().to_string()),
             ("JWT_SECRET".into(), TEST_SECRET.into()),
             ("RUST_LOG".into(), "warn".into()),
+            // Short, so that dropping the fixture (SIGTERM) stops leftover runs quickly.
+            ("SHUTDOWN_GRACE_SECONDS".into(), "2".into()),
         ];
         if !opts.no_runbooks_dir {
             env.push(("RUNBOOKS_DIR".into(), runbooks.display().to_string()));
@@ -458,6 +460,19 @@ impl Server {
 
 impl Drop for Server {
     fn drop(&mut self) {
+        // SIGTERM first: the server stops its runs' process groups itself, so no script
+        // outlives the test; SIGKILL if it takes longer than its shutdown grace.
+        let terminated = Command::new("kill")
+            .args(["-TERM", &self.child.id().to_string()])
+            .status()
+            .is_ok_and(|s| s.success());
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while terminated && Instant::now() < deadline {
+            match self.child.try_wait() {
+                Ok(Some(_)) | Err(_) => break,
+                Ok(None) => thread::sleep(Duration::from_millis(20)),
+            }
+        }
         let _ = self.child.kill();
         let _ = self.child.wait();
         if thread::panicking() {
