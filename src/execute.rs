@@ -429,8 +429,8 @@ fn conclude(
         r.return_code = Some(outcome.return_code);
         r.stdout_bytes = totals.stdout_bytes;
         r.stderr_bytes = totals.stderr_bytes;
-        r.truncated =
-            totals.stdout_bytes > limit || totals.stderr_bytes > limit || log.capped_at().is_some();
+        r.log_capped = log.capped_at().is_some();
+        r.truncated = totals.stdout_bytes > limit || totals.stderr_bytes > limit || r.log_capped;
         r.error = outcome.error.clone();
         r.pgid = None;
         r.pgid_start_ticks = None;

@@ -390,7 +390,17 @@ impl RunLog {
         if st.write_error.is_some() || st.end.is_some() || st.capped_at.is_some() {
             return;
         }
-        if st.file_len + (HEADER_LEN + data.len()) as u64 > st.max_file_bytes {
+        // RUN_LOG_MAX_BYTES: store what fits (whole characters), count and drop the rest.
+        let room = st
+            .max_file_bytes
+            .saturating_sub(st.file_len + HEADER_LEN as u64);
+        let capping = data.len() as u64 > room;
+        let data = if capping {
+            &data[..utf8_floor(data, usize::try_from(room).unwrap_or(usize::MAX))]
+        } else {
+            data
+        };
+        if data.is_empty() {
             st.capped_at = Some(st.next_seq);
             drop(st);
             self.changed.notify_all();
@@ -421,6 +431,9 @@ impl RunLog {
         st.next_seq += 1;
         st.window_bytes += chunk.data.len();
         st.window.push_back(Arc::new(chunk));
+        if capping {
+            st.capped_at = Some(st.next_seq);
+        }
         while st.window_bytes > WINDOW_BYTES && st.window.len() > 1 {
             if let Some(old) = st.window.pop_front() {
                 st.window_bytes -= old.data.len();
@@ -906,9 +919,17 @@ mod tests {
         log.append(Stream::Stdout, &[b'a'; 40]);
         log.append(Stream::Stdout, &[b'b'; 40]);
         log.append(Stream::Stdout, &[b'c'; 40]);
-        assert_eq!(log.capped_at(), Some(2));
+        // 29-byte headers: the second chunk is cut to the 2 bytes that still fit.
+        assert_eq!(log.capped_at(), Some(3));
         assert_eq!(log.totals().stdout_bytes, 120);
-        assert_eq!(log.totals().last_seq, 1);
+        assert_eq!(log.totals().last_seq, 2);
+        let mut stored = Vec::new();
+        log.for_each_stored(None, |c| {
+            stored.extend_from_slice(&c.data);
+            Ok(true)
+        })
+        .unwrap();
+        assert_eq!(stored.len(), 42);
     }
 
     #[test]

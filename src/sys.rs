@@ -121,6 +121,16 @@ pub fn exec_script_interpreter(
     program: &std::ffi::OsStr,
     args: &[std::ffi::OsString],
 ) -> io::Error {
+    // The server blocks SIGTERM/SIGINT for its signal thread; the script must not inherit that.
+    // SAFETY: sigset_t is plain data; sigemptyset initialises it before pthread_sigmask reads it.
+    let ret = unsafe {
+        let mut empty: libc::sigset_t = std::mem::zeroed();
+        libc::sigemptyset(&mut empty);
+        libc::pthread_sigmask(libc::SIG_SETMASK, &empty, std::ptr::null_mut())
+    };
+    if ret != 0 {
+        return io::Error::from_raw_os_error(ret);
+    }
     for signal in [libc::SIGINT, libc::SIGQUIT, libc::SIGTERM, libc::SIGHUP] {
         // SAFETY: resetting a disposition to SIG_DFL has no memory-safety preconditions.
         unsafe {
