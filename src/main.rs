@@ -214,7 +214,7 @@ fn start(config: Config) -> Result<(), StartError> {
             break;
         }
         let served_since = Instant::now();
-        if let Err(e) = http::serve(&app, &server) {
+        if let Err(e) = http::serve(&app, &server, local) {
             if !app.is_shutting_down() {
                 log::error!("accepting connections failed: {e}; listening again");
             }

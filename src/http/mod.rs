@@ -20,6 +20,24 @@ use error::ApiError;
 use handlers::Reply;
 use request::Incoming;
 
+/// How long without a request before checking that connections are still accepted.
+const LIVENESS_PROBE_EVERY: std::time::Duration = std::time::Duration::from_secs(1);
+
+/// False only when a connection to our own listening address is refused (nobody listens).
+fn accept_loop_alive(local: SocketAddr) -> bool {
+    let mut target = local;
+    if target.ip().is_unspecified() {
+        target.set_ip(match target {
+            SocketAddr::V4(_) => std::net::Ipv4Addr::LOCALHOST.into(),
+            SocketAddr::V6(_) => std::net::Ipv6Addr::LOCALHOST.into(),
+        });
+    }
+    match std::net::TcpStream::connect_timeout(&target, std::time::Duration::from_secs(1)) {
+        Err(e) => e.kind() != io::ErrorKind::ConnectionRefused,
+        Ok(_) => true,
+    }
+}
+
 /// Accept queue length (the kernel caps it at net.core.somaxconn).
 const LISTEN_BACKLOG: i32 = 4096;
 
@@ -33,9 +51,25 @@ pub fn bind(addr: SocketAddr, stall: std::time::Duration) -> io::Result<TcpListe
 }
 
 /// Serves requests until the server is unblocked or its accept loop fails (the error).
-pub fn serve(app: &Arc<App>, server: &tiny_http::Server) -> io::Result<()> {
+///
+/// tiny_http's accept thread ends for good on an accept error, and it can also die without a
+/// word (it unwraps `try_clone` of an accepted socket, which fails with EMFILE), dropping the
+/// listener. So while idle, the listening address is probed: a refused connection means the
+/// accept loop is gone and the caller must listen again.
+pub fn serve(app: &Arc<App>, server: &tiny_http::Server, local: SocketAddr) -> io::Result<()> {
+    let mut idle_since = Instant::now();
     loop {
-        let request = server.recv()?;
+        let Some(request) = server.recv_timeout(LIVENESS_PROBE_EVERY)? else {
+            if app.is_shutting_down() {
+                return Err(io::Error::other("shutting down"));
+            }
+            if idle_since.elapsed() >= LIVENESS_PROBE_EVERY && !accept_loop_alive(local) {
+                return Err(io::Error::other("the accept loop is gone"));
+            }
+            idle_since = Instant::now();
+            continue;
+        };
+        idle_since = Instant::now();
         let app = app.clone();
         let spawned = std::thread::Builder::new()
             .name("http".into())
