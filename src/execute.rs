@@ -202,40 +202,31 @@ fn launch(
     let log = run
         .log()
         .map_err(|e| ExecError::Internal(format!("run log: {e}")))?;
+    let unstarted = Unstarted {
+        app,
+        run: &run,
+        log: &log,
+        path,
+        started,
+    };
     if !errors.is_empty() {
-        let text = format!("{}\n", errors.join("\n"));
-        log.append(Stream::Stderr, text.as_bytes());
         let error = Some(format!("validation failed: {}", errors.join("; ")));
-        conclude(
-            app,
-            &run,
-            &log,
-            path,
+        unstarted.end(
+            &format!("{}\n", errors.join("\n")),
             Outcome::failed(1, error),
-            false,
-            started,
         );
         return Ok(run);
     }
 
     let work = RunDirs::create(&app.config.execution_dir, run_id).map_err(|e| {
-        conclude_refused(app, &run, &log, path, started, &e);
+        unstarted.refused(&e);
         ExecError::Unavailable(format!("cannot create the working directory: {e}"))
     })?;
     let script = book.script.clone().unwrap_or_default();
     if let Err(e) = prepare(app, book, &work, &script) {
         work.remove();
         let msg = format!("runbookd: cannot prepare the run: {e}\n");
-        log.append(Stream::Stderr, msg.as_bytes());
-        conclude(
-            app,
-            &run,
-            &log,
-            path,
-            Outcome::failed(1, Some(msg)),
-            false,
-            started,
-        );
+        unstarted.end(&msg, Outcome::failed(1, Some(msg.clone())));
         return Ok(run);
     }
 
@@ -291,7 +282,7 @@ fn launch(
         Ok(child) => child,
         Err(SpawnError::Exhausted(e)) => {
             work.remove();
-            conclude_refused(app, &run, &log, path, started, &e);
+            unstarted.refused(&e);
             return Err(ExecError::Unavailable(format!(
                 "cannot start the script now ({e}); try again later"
             )));
@@ -299,16 +290,7 @@ fn launch(
         Err(e) => {
             work.remove();
             let msg = format!("runbookd: {}: {e}\n", interpreter.program);
-            log.append(Stream::Stderr, msg.as_bytes());
-            conclude(
-                app,
-                &run,
-                &log,
-                path,
-                Outcome::failed(e.return_code(), None),
-                false,
-                started,
-            );
+            unstarted.end(&msg, Outcome::failed(e.return_code(), None));
             return Ok(run);
         }
     };
@@ -347,7 +329,7 @@ fn launch(
     if let Err(e) = spawned {
         // Without a supervisor the child must not linger.
         let _ = sys::kill_group(pgid);
-        conclude_refused(app, &run, &log, path, started, &e);
+        unstarted.refused(&e);
         return Err(ExecError::Unavailable(format!("cannot start the run: {e}")));
     }
     Ok(run)
@@ -370,26 +352,35 @@ fn save_record(app: &App, record: &RunRecord) {
     }
 }
 
-/// Ends a run the server could not start after all (the client gets 503).
-fn conclude_refused(
-    app: &App,
-    run: &Run,
-    log: &RunLog,
-    path: &Path,
+/// A run that ends before its script started: what concluding it needs.
+struct Unstarted<'a> {
+    app: &'a App,
+    run: &'a Run,
+    log: &'a RunLog,
+    path: &'a Path,
     started: Instant,
-    e: &io::Error,
-) {
-    let msg = format!("runbookd: the server could not start the script: {e}\n");
-    log.append(Stream::Stderr, msg.as_bytes());
-    conclude(
-        app,
-        run,
-        log,
-        path,
-        Outcome::failed(1, Some(msg)),
-        false,
-        started,
-    );
+}
+
+impl Unstarted<'_> {
+    /// Writes `message` to the run's stderr and concludes it with `outcome`.
+    fn end(&self, message: &str, outcome: Outcome) {
+        self.log.append(Stream::Stderr, message.as_bytes());
+        conclude(
+            self.app,
+            self.run,
+            self.log,
+            self.path,
+            outcome,
+            false,
+            self.started,
+        );
+    }
+
+    /// The server could not start the script after all (the client gets 503).
+    fn refused(&self, e: &io::Error) {
+        let msg = format!("runbookd: the server could not start the script: {e}\n");
+        self.end(&msg, Outcome::failed(1, Some(msg.clone())));
+    }
 }
 
 /// Ends a run: finishes its log (viewers then send `done`), writes its record, history entry,

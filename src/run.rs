@@ -59,6 +59,19 @@ impl Run {
         lock(&self.record).clone()
     }
 
+    /// The record with the output counts of a run still going brought up to date.
+    pub fn current_record(&self) -> RunRecord {
+        let mut record = self.record();
+        if !record.status.is_finished() {
+            if let Some(live) = lock(&self.live).as_ref() {
+                let totals = live.totals();
+                record.stdout_bytes = totals.stdout_bytes;
+                record.stderr_bytes = totals.stderr_bytes;
+            }
+        }
+        record
+    }
+
     /// Changes the record and returns the new version.
     pub fn update(&self, change: impl FnOnce(&mut RunRecord)) -> RunRecord {
         let mut record = lock(&self.record);

@@ -17,7 +17,7 @@ use crate::execute::{self, ExecError, ExecuteRequest};
 use crate::run::{AdmitError, Run};
 use crate::runbook;
 use crate::runenv;
-use crate::runlog::{RunLog, Stream};
+use crate::runlog::{LogError, RunLog, Stream};
 use crate::validation;
 
 const WEB_PAGE: &str = include_str!("../web/index.html");
@@ -57,6 +57,12 @@ impl From<CatalogError> for ApiError {
             CatalogError::NotFound => ApiError::NotFound("runbook not found".into()),
             other => ApiError::Internal(other.to_string()),
         }
+    }
+}
+
+impl From<LogError> for ApiError {
+    fn from(e: LogError) -> Self {
+        ApiError::Internal(e.to_string())
     }
 }
 
@@ -314,9 +320,7 @@ fn execute(
             recursion_stack,
         },
     )?;
-    let log = run
-        .log()
-        .map_err(|e| ApiError::Internal(format!("run log: {e}")))?;
+    let log = run.log()?;
     let wants_async = incoming.query_flag("async")
         || incoming
             .header("prefer")

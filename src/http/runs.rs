@@ -81,7 +81,7 @@ pub fn list(app: &App, principal: &Principal, incoming: &Incoming) -> Result<Rep
         .all()
         .into_iter()
         .filter(|r| runbook.is_none_or(|b| r.runbook == b))
-        .map(|r| (r.record(), r))
+        .map(|r| (r.current_record(), r))
         .filter(|(rec, _)| status.is_none_or(|s| rec.status == s))
         .filter(|(_, r)| may_see(app, principal, r, &mut cache))
         .take(limit)
@@ -92,7 +92,7 @@ pub fn list(app: &App, principal: &Principal, incoming: &Incoming) -> Result<Rep
 
 pub fn get(app: &App, principal: &Principal, id: &str) -> Result<Reply, ApiError> {
     let run = visible_run(app, principal, id)?;
-    let mut body = run.record().to_api();
+    let mut body = run.current_record().to_api();
     body["success"] = json!(true);
     Ok(Reply::Json(200, body))
 }
@@ -150,9 +150,7 @@ pub fn events(
     incoming: &Incoming,
 ) -> Result<Reply, ApiError> {
     let run = visible_run(app, principal, id)?;
-    let log = run
-        .log()
-        .map_err(|e| ApiError::Internal(format!("run log: {e}")))?;
+    let log = run.log()?;
     let last_event_id = match incoming.header("last-event-id").map(str::trim) {
         Some(v) if !v.is_empty() => Some(v.parse::<u64>().map_err(|_| {
             ApiError::BadRequest("Last-Event-ID must be an event id from this run".into())
@@ -169,9 +167,7 @@ pub fn events(
             }
             after + 1
         }
-        (None, Some(lines)) => log
-            .tail_start(lines)
-            .map_err(|e| ApiError::Internal(format!("run log: {e}")))?,
+        (None, Some(lines)) => log.tail_start(lines)?,
         (None, None) => FIRST_SEQ,
     };
     Ok(Reply::RunEvents {
@@ -189,9 +185,7 @@ pub fn logs(
     incoming: &Incoming,
 ) -> Result<Reply, ApiError> {
     let run = visible_run(app, principal, id)?;
-    let log = run
-        .log()
-        .map_err(|e| ApiError::Internal(format!("run log: {e}")))?;
+    let log = run.log()?;
     let since = match incoming.query_value("since") {
         None | Some("") => None,
         Some(t) => Some(
@@ -205,8 +199,7 @@ pub fn logs(
         since,
         stream: stream_param(incoming)?,
     };
-    let (lines, truncated) = loglines::read_lines(&log, &query)
-        .map_err(|e| ApiError::Internal(format!("run log: {e}")))?;
+    let (lines, truncated) = loglines::read_lines(&log, &query)?;
     let logs: Vec<Value> = lines
         .iter()
         .map(|l| {
@@ -236,8 +229,6 @@ pub fn download(
 ) -> Result<Reply, ApiError> {
     let run = visible_run(app, principal, id)?;
     let stream = stream_param(incoming)?;
-    let log = run
-        .log()
-        .map_err(|e| ApiError::Internal(format!("run log: {e}")))?;
+    let log = run.log()?;
     Ok(Reply::RunDownload { run, log, stream })
 }
