@@ -4,10 +4,8 @@
 #![allow(dead_code)]
 
 use std::fs;
-use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
-use std::process::{Child, ExitStatus, Stdio};
-use std::sync::mpsc;
+use std::process::{Child, ExitStatus};
 use std::thread;
 use std::time::{Duration, Instant};
 
@@ -509,49 +507,8 @@ impl Daemon {
         for (k, v) in &self.env {
             cmd.env(k, v);
         }
-        let stderr_file = fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(self.root.join("server.stderr"))
-            .unwrap();
-        cmd.stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::from(stderr_file));
-        let mut child = cmd.spawn().expect("spawn runbookd");
-        let stdout = child.stdout.take().unwrap();
-        let (tx, rx) = mpsc::channel::<String>();
-        thread::spawn(move || {
-            let mut reader = BufReader::new(stdout);
-            let mut line = String::new();
-            loop {
-                line.clear();
-                match reader.read_line(&mut line) {
-                    Ok(0) | Err(_) => break,
-                    Ok(_) => {
-                        let _ = tx.send(line.clone());
-                    }
-                }
-            }
-        });
-        let deadline = Instant::now() + Duration::from_secs(20);
-        let port = loop {
-            let left = deadline.saturating_duration_since(Instant::now());
-            match rx.recv_timeout(left) {
-                Ok(line) => {
-                    if let Some(port) = parse_listening_line(&line) {
-                        break port;
-                    }
-                }
-                Err(e) => {
-                    let _ = child.kill();
-                    let status = child.wait().ok();
-                    panic!(
-                        "runbookd did not print its listening line ({e:?}); exit {status:?}\n{}",
-                        self.stderr()
-                    );
-                }
-            }
-        };
+        let (child, port) = spawn_listening(cmd, &self.root.join("server.stderr"))
+            .unwrap_or_else(|why| panic!("{why}"));
         self.port = port;
         self.child = Some(child);
     }

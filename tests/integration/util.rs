@@ -262,49 +262,11 @@ impl Server {
         for (k, v) in &env {
             cmd.env(k, v);
         }
-        let stderr_file = fs::File::create(root.join("server.stderr")).unwrap();
-        cmd.stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::from(stderr_file));
-        let mut child = cmd.spawn().expect("spawn runbookd");
-        let stdout = child.stdout.take().unwrap();
-        let (tx, rx) = mpsc::channel::<String>();
-        thread::spawn(move || {
-            let mut reader = BufReader::new(stdout);
-            let mut line = String::new();
-            loop {
-                line.clear();
-                match reader.read_line(&mut line) {
-                    Ok(0) | Err(_) => break,
-                    Ok(_) => {
-                        // The receiver goes away after start-up; keep draining regardless.
-                        let _ = tx.send(line.clone());
-                    }
-                }
-            }
-        });
-
-        let deadline = Instant::now() + Duration::from_secs(20);
-        let mut seen = String::new();
-        let port = loop {
-            let left = deadline.saturating_duration_since(Instant::now());
-            match rx.recv_timeout(left) {
-                Ok(line) => {
-                    seen.push_str(&line);
-                    if let Some(port) = parse_listening_line(&line) {
-                        break port;
-                    }
-                }
-                Err(e) => {
-                    let _ = child.kill();
-                    let status = child.wait().ok();
-                    let stderr = fs::read_to_string(root.join("server.stderr")).unwrap_or_default();
-                    let _ = fs::remove_dir_all(&root);
-                    panic!(
-                        "runbookd did not print its listening line ({e:?}); exit: {status:?}\n\
-                         stdout so far:\n{seen}\nstderr:\n{stderr}"
-                    );
-                }
+        let (child, port) = match spawn_listening(cmd, &root.join("server.stderr")) {
+            Ok(started) => started,
+            Err(why) => {
+                let _ = fs::remove_dir_all(&root);
+                panic!("{why}");
             }
         };
         Server { port, root, child }
@@ -486,6 +448,61 @@ impl Drop for Server {
         }
         if std::env::var_os("RUNBOOKD_KEEP_TEST_DIRS").is_none() {
             let _ = fs::remove_dir_all(&self.root);
+        }
+    }
+}
+
+/// Spawns the server command with its stderr appended to `stderr_path` and waits (20 s at
+/// most) for its `listening on` line. Err: why it did not come, with what the server printed.
+pub fn spawn_listening(
+    mut cmd: Command,
+    stderr_path: &std::path::Path,
+) -> Result<(Child, u16), String> {
+    let stderr_file = fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(stderr_path)
+        .unwrap();
+    cmd.stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::from(stderr_file));
+    let mut child = cmd.spawn().expect("spawn runbookd");
+    let stdout = child.stdout.take().unwrap();
+    let (tx, rx) = mpsc::channel::<String>();
+    thread::spawn(move || {
+        let mut reader = BufReader::new(stdout);
+        let mut line = String::new();
+        loop {
+            line.clear();
+            match reader.read_line(&mut line) {
+                Ok(0) | Err(_) => break,
+                Ok(_) => {
+                    // The receiver goes away after start-up; keep draining regardless.
+                    let _ = tx.send(line.clone());
+                }
+            }
+        }
+    });
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let mut seen = String::new();
+    loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        match rx.recv_timeout(left) {
+            Ok(line) => {
+                seen.push_str(&line);
+                if let Some(port) = parse_listening_line(&line) {
+                    return Ok((child, port));
+                }
+            }
+            Err(e) => {
+                let _ = child.kill();
+                let status = child.wait().ok();
+                let stderr = fs::read_to_string(stderr_path).unwrap_or_default();
+                return Err(format!(
+                    "runbookd did not print its listening line ({e:?}); exit: {status:?}\n\
+                     stdout so far:\n{seen}\nstderr:\n{stderr}"
+                ));
+            }
         }
     }
 }
