@@ -32,7 +32,6 @@ pub enum ExecError {
     Forbidden(String),
     Unavailable(String),
     Admission(AdmitError),
-    Internal(String),
 }
 
 impl fmt::Display for ExecError {
@@ -42,7 +41,6 @@ impl fmt::Display for ExecError {
             ExecError::Forbidden(why) => write!(f, "{why}"),
             ExecError::Unavailable(why) => write!(f, "{why}"),
             ExecError::Admission(e) => write!(f, "{e}"),
-            ExecError::Internal(why) => write!(f, "{why}"),
         }
     }
 }
@@ -196,12 +194,10 @@ fn launch(
         warnings,
     };
     save_record(app, &record);
-    let run = Arc::new(Run::new(record, log_path, Some(Arc::new(log))));
+    let log = Arc::new(log);
+    let run = Arc::new(Run::new(record, log_path, Some(log.clone())));
     app.runs.insert(run.clone());
     app.metrics.run_started();
-    let log = run
-        .log()
-        .map_err(|e| ExecError::Internal(format!("run log: {e}")))?;
     let unstarted = Unstarted {
         app,
         run: &run,
@@ -300,7 +296,7 @@ fn launch(
         r.pgid_start_ticks = sys::process_start_ticks(pgid).ok();
     });
     save_record(app, &record);
-    let (cancel_tx, cancel_rx) = crossbeam_channel::bounded(1);
+    let (cancel_tx, cancel_rx) = crossbeam_channel::unbounded();
     run.set_cancel(cancel_tx);
     let limits = Limits {
         timeout: app.config.script_timeout,

@@ -168,10 +168,9 @@ pub fn stop_runs(app: &App) {
     let mut killed = false;
     while app.runs.running_count() > 0 && Instant::now() < deadline {
         if !killed && Instant::now() >= kill_at {
+            // Through the supervisors, which still hold the group leaders unreaped.
             for run in app.runs.running() {
-                if let Some(pgid) = run.record().pgid {
-                    let _ = sys::kill_group(pgid);
-                }
+                run.request_kill();
             }
             killed = true;
         }

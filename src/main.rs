@@ -219,16 +219,20 @@ fn start(config: Config) -> Result<(), StartError> {
                 log::error!("accepting connections failed: {e}; listening again");
             }
         }
+        // Stop accepting: the last reference to the server closes the listener.
+        if let Ok(mut slot) = current.lock() {
+            *slot = None;
+        }
+        drop(server);
+        if app.is_shutting_down() {
+            break;
+        }
         if served_since.elapsed() > Duration::from_secs(10) {
             backoff = Duration::from_millis(100);
         } else {
             std::thread::sleep(backoff);
             backoff = (backoff * 2).min(Duration::from_secs(5));
         }
-        if let Ok(mut slot) = current.lock() {
-            *slot = None;
-        }
-        drop(server);
     }
     lifecycle::stop_runs(&app);
     log::info!("stopped");

@@ -10,6 +10,8 @@ use std::sync::{Arc, Mutex, MutexGuard};
 
 use crossbeam_channel::Sender;
 
+use crate::supervisor::StopRequest;
+
 use crate::record::{RunRecord, RunStatus};
 use crate::runlog::{LogError, Outcome, RunLog};
 
@@ -22,8 +24,8 @@ pub struct Run {
     record: Mutex<RunRecord>,
     /// The log while this process writes it; None for runs loaded from disk or released.
     live: Mutex<Option<Arc<RunLog>>>,
-    /// Sending on it asks the supervisor to cancel the run.
-    cancel: Mutex<Option<Sender<()>>>,
+    /// Requests to the run's supervisor (cancel, kill).
+    cancel: Mutex<Option<Sender<StopRequest>>>,
     /// Set when the server stops the run because it is shutting down.
     interrupted: AtomicBool,
 }
@@ -99,16 +101,24 @@ impl Run {
         lock(&self.live).take();
     }
 
-    pub fn set_cancel(&self, sender: Sender<()>) {
+    pub fn set_cancel(&self, sender: Sender<StopRequest>) {
         *lock(&self.cancel) = Some(sender);
     }
 
-    /// Asks the supervisor to stop the run; false if it is not running any more.
+    /// Asks the supervisor to cancel the run; false if it is not running any more.
     pub fn request_cancel(&self) -> bool {
-        match lock(&self.cancel).as_ref() {
-            Some(tx) => tx.try_send(()).is_ok() || tx.is_full(),
-            None => false,
-        }
+        self.send(StopRequest::Cancel)
+    }
+
+    /// Asks the supervisor to kill the run's process group now.
+    pub fn request_kill(&self) -> bool {
+        self.send(StopRequest::Kill)
+    }
+
+    fn send(&self, request: StopRequest) -> bool {
+        lock(&self.cancel)
+            .as_ref()
+            .is_some_and(|tx| tx.send(request).is_ok())
     }
 }
 

@@ -10,7 +10,7 @@
 use std::collections::VecDeque;
 use std::fmt;
 use std::fs::File;
-use std::io::{self, Read, Seek, SeekFrom, Write};
+use std::io::{self, IoSlice, Read, Seek, SeekFrom, Write};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
@@ -414,10 +414,7 @@ impl RunLog {
             data: data.to_vec(),
             file_offset: st.file_len,
         };
-        let mut record = Vec::with_capacity(HEADER_LEN + data.len());
-        encode_header(&chunk, &mut record);
-        record.extend_from_slice(data);
-        if let Err(e) = st.file.write_all(&record) {
+        if let Err(e) = write_record(&mut st.file, &encode_header(&chunk), &chunk.data) {
             let len = st.file_len;
             let _ = st.file.set_len(len);
             log::error!("run log {}: write failed: {e}", self.path.display());
@@ -652,13 +649,36 @@ fn unreadable() -> Outcome {
     }
 }
 
-fn encode_header(chunk: &Chunk, out: &mut Vec<u8>) {
-    out.extend_from_slice(&chunk.seq.to_le_bytes());
-    out.extend_from_slice(&chunk.time_ms.to_le_bytes());
-    out.push(chunk.stream.tag());
-    out.extend_from_slice(&chunk.stream_offset.to_le_bytes());
+fn encode_header(chunk: &Chunk) -> [u8; HEADER_LEN] {
+    let mut header = [0u8; HEADER_LEN];
+    header[0..8].copy_from_slice(&chunk.seq.to_le_bytes());
+    header[8..16].copy_from_slice(&chunk.time_ms.to_le_bytes());
+    header[16] = chunk.stream.tag();
+    header[17..25].copy_from_slice(&chunk.stream_offset.to_le_bytes());
     let len = u32::try_from(chunk.data.len()).unwrap_or(u32::MAX);
-    out.extend_from_slice(&len.to_le_bytes());
+    header[25..29].copy_from_slice(&len.to_le_bytes());
+    header
+}
+
+/// Writes a record's header and bytes with one `writev` (more only after a short write),
+/// without copying the bytes into a buffer of their own.
+fn write_record(file: &mut File, header: &[u8], data: &[u8]) -> io::Result<()> {
+    let total = header.len() + data.len();
+    let mut written = 0;
+    while written < total {
+        let result = if written < header.len() {
+            file.write_vectored(&[IoSlice::new(&header[written..]), IoSlice::new(data)])
+        } else {
+            file.write(&data[written - header.len()..])
+        };
+        match result {
+            Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
+            Ok(n) => written += n,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(())
 }
 
 /// (seq, time_ms, stream, stream_offset, data length) of a record header read at `offset`.

@@ -132,6 +132,15 @@ pub struct Supervised {
     log: Arc<RunLog>,
 }
 
+/// What a run's owner may ask of its supervisor while the main process runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StopRequest {
+    /// TERM + CONT to the group, KILL after the grace.
+    Cancel,
+    /// KILL to the group now (shutdown running out of time).
+    Kill,
+}
+
 /// How the run was brought to an end by the supervisor, if it was.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Stop {
@@ -147,7 +156,11 @@ impl Supervised {
 
     /// Waits for the run to end (exit, timeout or `cancel`), cleans up the group, and returns
     /// the outcome. The log is finished by the caller.
-    pub fn supervise(mut self, limits: Limits, cancel: Receiver<()>) -> (Outcome, bool) {
+    pub fn supervise(
+        mut self,
+        limits: Limits,
+        mut requests: Receiver<StopRequest>,
+    ) -> (Outcome, bool) {
         let pid = self.pid;
         let (exit_tx, exit_rx) = crossbeam_channel::bounded::<io::Result<ExitStatus>>(1);
         let waiter = std::thread::Builder::new()
@@ -165,17 +178,23 @@ impl Supervised {
         let status = loop {
             let wake_at = kill_at.unwrap_or(deadline);
             let wait = wake_at.saturating_duration_since(Instant::now());
-            let cancel_rx = if stop.is_none() {
-                cancel.clone()
-            } else {
-                crossbeam_channel::never()
-            };
             select! {
                 recv(exit_rx) -> status => break status,
-                recv(cancel_rx) -> _ => {
-                    stop = Some(Stop::Cancelled);
-                    let _ = sys::terminate_group(pid);
-                    kill_at = Some(Instant::now() + limits.kill_grace);
+                recv(requests) -> request => match request {
+                    Ok(StopRequest::Cancel) => {
+                        if stop.is_none() {
+                            stop = Some(Stop::Cancelled);
+                            let _ = sys::terminate_group(pid);
+                            kill_at = Some(Instant::now() + limits.kill_grace);
+                        }
+                    }
+                    Ok(StopRequest::Kill) => {
+                        stop.get_or_insert(Stop::Cancelled);
+                        let _ = sys::kill_group(pid);
+                        kill_at = Some(Instant::now() + Duration::from_secs(3600));
+                    }
+                    // Nobody can ask any more: only exit and timeout remain.
+                    Err(_) => requests = crossbeam_channel::never(),
                 },
                 default(wait) => {
                     if kill_at.is_some() {

@@ -75,17 +75,12 @@ impl From<ExecError> for ApiError {
             ExecError::Admission(e @ AdmitError::TooManyRuns { .. }) => {
                 ApiError::TooManyRequests(e.to_string())
             }
-            ExecError::Admission(AdmitError::RunbookBusy { max, running }) => {
+            ExecError::Admission(ref e @ AdmitError::RunbookBusy { ref running, .. }) => {
                 ApiError::RunbookBusy {
-                    message: AdmitError::RunbookBusy {
-                        max,
-                        running: running.clone(),
-                    }
-                    .to_string(),
-                    run_ids: running,
+                    message: e.to_string(),
+                    run_ids: running.clone(),
                 }
             }
-            other => ApiError::Internal(other.to_string()),
         }
     }
 }

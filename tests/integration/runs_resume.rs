@@ -423,9 +423,20 @@ fn read_viewer(mut sse: SseStream) -> (Vec<SseEvent>, Instant) {
     (events, Instant::now())
 }
 
-#[test]
-fn a_viewer_that_stops_reading_slows_neither_the_run_nor_another_viewer() {
-    // 20 MB, far more than the socket buffers of a viewer that does not read can take.
+/// A 20 MB run (far more than the socket buffers of a viewer that does not read can take)
+/// with one viewer that does not read and one that reads on a thread; output starts at
+/// `opened`.
+struct StalledSetup {
+    count: u32,
+    server: Server,
+    token: String,
+    id: String,
+    stalled: StreamingResponse,
+    reading: thread::JoinHandle<(Vec<SseEvent>, Instant)>,
+    opened: Instant,
+}
+
+fn stalled_setup(viewer_stall_seconds: &str) -> StalledSetup {
     let count = 220_000;
     let server = Server::start(
         ServerOpts::new()
@@ -433,17 +444,38 @@ fn a_viewer_that_stops_reading_slows_neither_the_run_nor_another_viewer() {
                 "Big.md",
                 Runbook::new("Big", &big_script(count)).env("GATE", "gate"),
             )
-            .env("VIEWER_STALL_SECONDS", "60"),
+            .env("VIEWER_STALL_SECONDS", viewer_stall_seconds),
     );
     let token = dev_token();
     let gate = Gate::new(&server.root, "big");
     let id = server.start_run("Big.md", &token, json!({"GATE": gate.path()}));
-    let mut stalled = server.open_events(&id, Some(&token), "", None);
+    let stalled = server.open_events(&id, Some(&token), "", None);
     assert_eq!(stalled.status, 200);
     let reader = server.attach(&id, &token, "", None);
     let reading = thread::spawn(move || read_viewer(reader));
     gate.open();
-    let opened = Instant::now();
+    StalledSetup {
+        count,
+        server,
+        token,
+        id,
+        stalled,
+        reading,
+        opened: Instant::now(),
+    }
+}
+
+#[test]
+fn a_viewer_that_stops_reading_slows_neither_the_run_nor_another_viewer() {
+    let StalledSetup {
+        count,
+        server,
+        token,
+        id,
+        mut stalled,
+        reading,
+        opened,
+    } = stalled_setup("60");
 
     // The run ends while the stalled viewer has read nothing and is still connected.
     let record = server.wait_finished(&id, &token, Duration::from_secs(90));
@@ -494,24 +526,15 @@ fn a_viewer_that_stops_reading_slows_neither_the_run_nor_another_viewer() {
 
 #[test]
 fn a_stalled_viewer_is_cut_off_and_resumes_by_id() {
-    let count = 220_000;
-    let server = Server::start(
-        ServerOpts::new()
-            .runbook(
-                "Big.md",
-                Runbook::new("Big", &big_script(count)).env("GATE", "gate"),
-            )
-            .env("VIEWER_STALL_SECONDS", "2"),
-    );
-    let token = dev_token();
-    let gate = Gate::new(&server.root, "big");
-    let id = server.start_run("Big.md", &token, json!({"GATE": gate.path()}));
-    let mut stalled = server.open_events(&id, Some(&token), "", None);
-    assert_eq!(stalled.status, 200);
-    let reader = server.attach(&id, &token, "", None);
-    let reading = thread::spawn(move || read_viewer(reader));
-    gate.open();
-    let opened = Instant::now();
+    let StalledSetup {
+        count,
+        server,
+        token,
+        id,
+        mut stalled,
+        reading,
+        opened,
+    } = stalled_setup("2");
 
     let expected = big_stdout(count);
     let record = server.wait_finished(&id, &token, Duration::from_secs(90));
