@@ -423,25 +423,7 @@ fn conclude(
         r.pgid_start_ticks = None;
     });
     save_record(app, &record);
-    let excerpt = |stream| {
-        let ex = log.excerpt(stream);
-        StreamExcerpt {
-            head: normalize(&ex.head).into_owned(),
-            tail: normalize(&ex.tail).into_owned(),
-            omitted_bytes: ex.omitted,
-        }
-    };
-    let (stdout, stderr) = (excerpt(Stream::Stdout), excerpt(Stream::Stderr));
-    let entry = history::format_entry(&HistoryEntry {
-        finished_at: outcome.finished_at,
-        exit_code: outcome.return_code,
-        run_id: Some(&run.id),
-        stdout: &stdout,
-        stderr: &stderr,
-    });
-    if let Err(e) = history::append(path, &entry, app.config.history_max_entries) {
-        log::error!("run {}: cannot write history: {e}", run.id);
-    }
+    write_history(app, path, &run.id, log, &outcome, None);
     app.metrics
         .run_finished(status.as_str(), totals.stdout_bytes + totals.stderr_bytes);
     let audit = serde_json::json!({
@@ -459,6 +441,50 @@ fn conclude(
     app.runs.release(&run.id);
     log.finish(outcome);
     run.release_live_log();
+}
+
+/// Appends the history entry of a run that is over to the runbook at `path`: its exit code and
+/// the head and tail of each stream as kept by `log`, with `note` as a last stderr line.
+pub fn write_history(
+    app: &App,
+    path: &Path,
+    run_id: &str,
+    log: &RunLog,
+    outcome: &Outcome,
+    note: Option<&str>,
+) {
+    let excerpt = |stream| {
+        let ex = log.excerpt(stream);
+        StreamExcerpt {
+            head: normalize(&ex.head).into_owned(),
+            tail: normalize(&ex.tail).into_owned(),
+            omitted_bytes: ex.omitted,
+        }
+    };
+    let stdout = excerpt(Stream::Stdout);
+    let mut stderr = excerpt(Stream::Stderr);
+    if let Some(note) = note {
+        let last = if stderr.omitted_bytes > 0 {
+            &mut stderr.tail
+        } else {
+            &mut stderr.head
+        };
+        if !last.is_empty() && !last.ends_with('\n') {
+            last.push('\n');
+        }
+        last.push_str(note);
+        last.push('\n');
+    }
+    let entry = history::format_entry(&HistoryEntry {
+        finished_at: outcome.finished_at,
+        exit_code: outcome.return_code,
+        run_id: Some(run_id),
+        stdout: &stdout,
+        stderr: &stderr,
+    });
+    if let Err(e) = history::append(path, &entry, app.config.history_max_entries) {
+        log::error!("run {run_id}: cannot write history: {e}");
+    }
 }
 
 /// A run's directories: `<EXECUTION_DIR>/runbookd-<run id>/` holding the script file and the

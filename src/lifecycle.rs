@@ -8,15 +8,17 @@ use std::time::{Duration, Instant};
 
 use crate::app::App;
 use crate::record::{self, RunStatus};
-use crate::run::{Registry, Run};
+use crate::run::Run;
 use crate::runlog::RunLog;
 use crate::sys;
 
 /// How often retention runs after the start.
 const RETENTION_INTERVAL: Duration = Duration::from_secs(3600);
 
-/// Loads every stored run into `registry`; runs recorded as going are marked `interrupted`.
-pub fn recover(runs_dir: &Path, registry: &Registry) {
+/// Loads every stored run into the registry. Runs recorded as going are marked `interrupted`,
+/// their leftover process groups are killed, and their history entries are written.
+pub fn recover(app: &App) {
+    let runs_dir = &app.runs_dir;
     let records = match record::load_all(runs_dir) {
         Ok(r) => r,
         Err(e) => {
@@ -29,45 +31,75 @@ pub fn recover(runs_dir: &Path, registry: &Registry) {
         let log_path = record::log_path(runs_dir, &rec.run_id);
         if !rec.status.is_finished() {
             interrupted += 1;
-            if let (Some(pgid), Some(ticks)) = (rec.pgid, rec.pgid_start_ticks) {
-                let survivors = sys::group_members_since(pgid, ticks);
-                if !survivors.is_empty() {
-                    log::warn!(
-                        "run {}: killing {} leftover process(es) of group {pgid}",
-                        rec.run_id,
-                        survivors.len()
-                    );
-                    let _ = sys::kill_group(pgid);
-                }
-            }
-            let finished = chrono::Utc::now();
-            // What the log holds is what the viewers get.
-            let outcome = crate::runlog::Outcome {
-                return_code: -1,
-                error: None,
-                timed_out: false,
-                finished_at: finished,
-            };
-            if let Ok(log) = RunLog::open_finished(&log_path, outcome, false) {
-                let totals = log.totals();
-                rec.stdout_bytes = totals.stdout_bytes;
-                rec.stderr_bytes = totals.stderr_bytes;
-            }
-            rec.status = RunStatus::Interrupted;
-            rec.finished_at = Some(finished);
-            rec.duration_ms = Some((finished - rec.started_at).num_milliseconds().max(0) as u64);
-            rec.error = Some("the server stopped while the run was going".into());
-            rec.pgid = None;
-            rec.pgid_start_ticks = None;
-            if let Err(e) = record::save(runs_dir, &rec) {
-                log::error!("run {}: cannot update its record: {e}", rec.run_id);
-            }
+            settle_interrupted(app, &mut rec, &log_path);
         }
-        registry.insert(Arc::new(Run::new(rec, log_path, None)));
+        app.runs.insert(Arc::new(Run::new(rec, log_path, None)));
     }
     if interrupted > 0 {
         log::warn!("{interrupted} run(s) were interrupted by the previous stop");
     }
+}
+
+/// Why a run the previous server left going is over.
+const INTERRUPTED_REASON: &str = "the server stopped while the run was going";
+
+/// Ends a run the previous server left going: kills what is left of its process group, then
+/// writes its record and history entry from what its log holds.
+fn settle_interrupted(app: &App, rec: &mut record::RunRecord, log_path: &Path) {
+    if let (Some(pgid), Some(ticks)) = (rec.pgid, rec.pgid_start_ticks) {
+        let survivors = sys::group_members_since(pgid, ticks);
+        if !survivors.is_empty() {
+            log::warn!(
+                "run {}: killing {} leftover process(es) of group {pgid}",
+                rec.run_id,
+                survivors.len()
+            );
+            let _ = sys::kill_group(pgid);
+        }
+    }
+    let finished = chrono::Utc::now();
+    let outcome = crate::runlog::Outcome {
+        return_code: -1,
+        error: Some(INTERRUPTED_REASON.into()),
+        timed_out: false,
+        finished_at: finished,
+    };
+    let excerpt_bytes = usize::try_from(app.config.history_output_bytes).unwrap_or(usize::MAX);
+    // What the log holds is what the viewers and the history get.
+    let log = RunLog::open_finished_with_excerpts(log_path, outcome.clone(), excerpt_bytes);
+    match &log {
+        Ok(log) => {
+            let totals = log.totals();
+            rec.stdout_bytes = totals.stdout_bytes;
+            rec.stderr_bytes = totals.stderr_bytes;
+        }
+        Err(e) => log::warn!("run {}: cannot read its log: {e}", rec.run_id),
+    }
+    rec.status = RunStatus::Interrupted;
+    rec.finished_at = Some(finished);
+    rec.duration_ms = Some((finished - rec.started_at).num_milliseconds().max(0) as u64);
+    rec.return_code = Some(outcome.return_code);
+    rec.error = Some(INTERRUPTED_REASON.into());
+    rec.pgid = None;
+    rec.pgid_start_ticks = None;
+    if let Err(e) = record::save(&app.runs_dir, rec) {
+        log::error!("run {}: cannot update its record: {e}", rec.run_id);
+    }
+    let (Ok(log), Ok(runbook_path)) = (log, app.catalog.resolve(&rec.runbook)) else {
+        log::warn!(
+            "run {}: no history entry (its log or runbook is gone)",
+            rec.run_id
+        );
+        return;
+    };
+    crate::execute::write_history(
+        app,
+        &runbook_path,
+        &rec.run_id,
+        &log,
+        &outcome,
+        Some(&format!("runbookd: {INTERRUPTED_REASON}")),
+    );
 }
 
 /// Drops finished runs beyond the retention limits, oldest first.

@@ -165,13 +165,11 @@ fn start(config: Config) -> Result<(), StartError> {
     let local = listener
         .local_addr()
         .map_err(|e| StartError::Listen(e.to_string()))?;
-    let runs = run::Registry::default();
-    lifecycle::recover(&runs_dir, &runs);
     let app = Arc::new(App {
         config,
         secret,
         catalog,
-        runs,
+        runs: run::Registry::default(),
         metrics: metrics::Metrics::default(),
         server_env,
         script_base_env,
@@ -180,6 +178,7 @@ fn start(config: Config) -> Result<(), StartError> {
         runs_dir,
         shutting_down: AtomicBool::new(false),
     });
+    lifecycle::recover(&app);
     lifecycle::prune(&app);
     lifecycle::start_retention_thread(app.clone());
     let current = Arc::new(Mutex::new(None::<Arc<tiny_http::Server>>));

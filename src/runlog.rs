@@ -224,16 +224,51 @@ impl RunLog {
     /// Opens the log of a run that is over (or was interrupted) for reading. A partial record
     /// at the end (the server died while writing it) is ignored.
     pub fn open_finished(path: &Path, outcome: Outcome, capped: bool) -> Result<RunLog, LogError> {
+        RunLog::reopen(path, outcome, capped, 0)
+    }
+
+    /// Like [`RunLog::open_finished`], and also reads every stored byte to rebuild the history
+    /// excerpts (`excerpt_bytes` per stream), for a run whose history entry was never written.
+    pub fn open_finished_with_excerpts(
+        path: &Path,
+        outcome: Outcome,
+        excerpt_bytes: usize,
+    ) -> Result<RunLog, LogError> {
+        RunLog::reopen(path, outcome, false, excerpt_bytes)
+    }
+
+    fn reopen(
+        path: &Path,
+        outcome: Outcome,
+        capped: bool,
+        excerpt_bytes: usize,
+    ) -> Result<RunLog, LogError> {
         let mut file = File::open(path)?;
         let len = file.metadata()?.len();
         let mut next_seq = FIRST_SEQ;
         let mut stream_bytes = [0u64; 2];
         let mut index = vec![(FIRST_SEQ, 0)];
         let mut end_offset = 0;
+        let mut excerpts = [Excerpt::default(), Excerpt::default()];
         {
             let mut records = RecordReader::new(&mut file, 0, len)?;
-            while let Ok(Some(header)) = records.next_header() {
-                let (seq, stream, data_len, offset) = header;
+            loop {
+                // Only the headers, unless the excerpts need the bytes.
+                let (seq, stream, data_len, offset) = if excerpt_bytes == 0 {
+                    match records.next_header() {
+                        Ok(Some(header)) => header,
+                        _ => break,
+                    }
+                } else {
+                    match records.next_chunk(None) {
+                        Ok(Some(chunk)) => {
+                            let ex = &mut excerpts[chunk.stream.index()];
+                            keep_excerpt(excerpt_bytes, ex, &chunk.data);
+                            (chunk.seq, chunk.stream, chunk.data.len(), chunk.file_offset)
+                        }
+                        _ => break,
+                    }
+                };
                 if offset >= index.last().map_or(0, |e| e.1) + INDEX_EVERY {
                     index.push((seq, offset));
                 }
@@ -244,7 +279,7 @@ impl RunLog {
         }
         Ok(RunLog {
             path: path.to_path_buf(),
-            excerpt_bytes: 0,
+            excerpt_bytes,
             state: Mutex::new(State {
                 file,
                 file_len: end_offset,
@@ -252,7 +287,7 @@ impl RunLog {
                 window: VecDeque::new(),
                 window_bytes: 0,
                 stream_bytes,
-                excerpts: [Excerpt::default(), Excerpt::default()],
+                excerpts,
                 index,
                 write_error: None,
                 max_file_bytes: end_offset,
@@ -386,7 +421,7 @@ impl RunLog {
         let i = stream.index();
         let stream_offset = st.stream_bytes[i];
         st.stream_bytes[i] += data.len() as u64;
-        self.keep_excerpt(&mut st.excerpts[i], data);
+        keep_excerpt(self.excerpt_bytes, &mut st.excerpts[i], data);
         if st.write_error.is_some() || st.end.is_some() || st.capped_at.is_some() {
             return;
         }
@@ -438,18 +473,6 @@ impl RunLog {
         }
         drop(st);
         self.changed.notify_all();
-    }
-
-    fn keep_excerpt(&self, ex: &mut Excerpt, data: &[u8]) {
-        let keep = self.excerpt_bytes;
-        let head_room = keep.saturating_sub(ex.head.len());
-        ex.head
-            .extend_from_slice(&data[..head_room.min(data.len())]);
-        let tail_keep = keep / 2;
-        let take = data.len().min(tail_keep);
-        ex.tail.extend(&data[data.len() - take..]);
-        let excess = ex.tail.len().saturating_sub(tail_keep);
-        ex.tail.drain(..excess);
     }
 
     /// Marks the run as over; viewers that have read everything get `Next::End`. A log write
@@ -714,6 +737,18 @@ pub fn count_line_breaks(data: &[u8]) -> u64 {
     n
 }
 
+/// Keeps the first `keep` bytes of a stream and its last `keep / 2`.
+fn keep_excerpt(keep: usize, ex: &mut Excerpt, data: &[u8]) {
+    let head_room = keep.saturating_sub(ex.head.len());
+    ex.head
+        .extend_from_slice(&data[..head_room.min(data.len())]);
+    let tail_keep = keep / 2;
+    let take = data.len().min(tail_keep);
+    ex.tail.extend(&data[data.len() - take..]);
+    let excess = ex.tail.len().saturating_sub(tail_keep);
+    ex.tail.drain(..excess);
+}
+
 /// Sequential reader of records in `[start, end)` of a log file.
 struct RecordReader<'f> {
     file: &'f mut File,
@@ -964,5 +999,27 @@ mod tests {
         assert_eq!(ex.head, b"01234");
         assert_eq!(ex.tail, b"fghij");
         assert_eq!(ex.omitted, 10);
+    }
+
+    #[test]
+    fn reopen_rebuilds_the_excerpts_of_each_stream() {
+        let log = temp_log("reopen-excerpt", 10);
+        log.append(Stream::Stdout, b"0123456789");
+        log.append(Stream::Stderr, b"err\n");
+        log.append(Stream::Stdout, b"abcdefghij");
+        let path = log.path().to_path_buf();
+        drop(log);
+        let reopened = RunLog::open_finished_with_excerpts(&path, outcome(-1), 10).unwrap();
+        let out = reopened.excerpt(Stream::Stdout);
+        assert_eq!(
+            (out.head, out.tail, out.omitted),
+            (b"01234".to_vec(), b"fghij".to_vec(), 10)
+        );
+        let err = reopened.excerpt(Stream::Stderr);
+        assert_eq!((err.head, err.omitted), (b"err\n".to_vec(), 0));
+        // Without excerpts only the headers are read.
+        let plain = RunLog::open_finished(&path, outcome(-1), false).unwrap();
+        assert_eq!(plain.totals().stdout_bytes, 20);
+        assert!(plain.excerpt(Stream::Stderr).head.is_empty());
     }
 }

@@ -490,9 +490,33 @@ fn kill_9_mid_run_then_restart_marks_it_interrupted() {
         "the script's group should outlive a killed server"
     );
 
+    let crash_md = daemon.runbooks_dir().join("Crash.md");
+    assert!(
+        history_entries(&fs::read_to_string(&crash_md).unwrap()).is_empty(),
+        "no history before the restart"
+    );
     daemon.restart(&[]);
     let record = daemon.run_record(&id, &token);
     assert_eq!(record["status"], json!("interrupted"), "{record}");
+    assert_eq!(record["return_code"], json!(-1), "{record}");
+    // The restart wrote the history entry the killed server could not: what the log holds,
+    // and why the run ended.
+    let entries = history_entries(&fs::read_to_string(&crash_md).unwrap());
+    assert_eq!(entries.len(), 1, "{entries:?}");
+    let (_, exit_code, run) = entry_header(&entries[0]);
+    assert_eq!((exit_code, run.as_deref()), (-1, Some(id.as_str())));
+    assert!(
+        entries[0].contains(&format!("**Stdout:**\n```\n{stdout}```")),
+        "{}",
+        entries[0]
+    );
+    assert!(
+        entries[0].contains(
+            "**Stderr:**\n```\non stderr\nrunbookd: the server stopped while the run was going\n```"
+        ),
+        "{}",
+        entries[0]
+    );
     assert!(record["finished_at"].is_string(), "{record}");
     assert_eq!(record["stdout_bytes"], json!(stdout.len()), "{record}");
     assert_eq!(record["stderr_bytes"], json!(10), "{record}");
@@ -712,6 +736,13 @@ fn sigterm_stops_running_runs_and_exits_zero_within_the_grace() {
     daemon.restart(&[]);
     let record = daemon.run_record(&id, &token);
     assert_eq!(record["status"], json!("interrupted"), "{record}");
+    // The shutdown settled the run: the restart adds no second history entry.
+    let markdown = fs::read_to_string(daemon.runbooks_dir().join("Stubborn.md")).unwrap();
+    let for_this_run = history_entries(&markdown)
+        .iter()
+        .filter(|e| entry_header(e).2.as_deref() == Some(id.as_str()))
+        .count();
+    assert_eq!(for_this_run, 1, "{markdown}");
     let replay = daemon.attach(&id, &token, "", None).until_end(RUN_TIMEOUT);
     assert_eq!(joined(&replay, "stdout"), format!("pgid={pgid}\n"));
 }
