@@ -221,24 +221,9 @@ pub fn random_secret() -> Result<String, std::io::Error> {
 mod tests {
     use super::*;
 
+    use crate::jwt::tests::{claims as object, validation, NOW};
+
     const SECRET: &[u8] = b"auth-test-secret-0123456789abcdef0123";
-    const NOW: i64 = 1_700_000_000;
-
-    fn validation() -> Validation<'static> {
-        Validation {
-            issuer: "dev-idp",
-            audience: "dev-api",
-            leeway_seconds: 30,
-            now: NOW,
-        }
-    }
-
-    fn object(value: Value) -> Map<String, Value> {
-        match value {
-            Value::Object(map) => map,
-            other => panic!("expected an object, got {other}"),
-        }
-    }
 
     fn token_with(extra: Value) -> String {
         let mut claims = object(json!({

@@ -7,6 +7,8 @@ use std::io::{self, BufRead, BufReader, Read};
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 
+use crate::runbook;
+
 /// The runbooks directory.
 #[derive(Debug, Clone)]
 pub struct Catalog {
@@ -210,52 +212,14 @@ fn first_line_title(path: &Path) -> Result<Option<String>, CatalogError> {
     let line = line.strip_prefix('\u{feff}').unwrap_or(&line);
     let line = line.strip_suffix('\n').unwrap_or(line);
     let line = line.strip_suffix('\r').unwrap_or(line);
-    Ok(h1_title(line).map(str::to_string))
-}
-
-/// The title of an H1 line (`#` followed by a space, a tab or nothing), trimmed.
-fn h1_title(line: &str) -> Option<&str> {
-    let rest = line.strip_prefix('#')?;
-    if rest.is_empty() || rest.starts_with([' ', '\t']) {
-        Some(rest.trim())
-    } else {
-        None
-    }
+    Ok(runbook::h1_title(line).map(str::to_string))
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::test_dirs::TempDir;
     use std::os::unix::fs::symlink;
-    use std::sync::atomic::{AtomicUsize, Ordering};
-
-    /// A directory under the system temp dir, removed when dropped.
-    struct TempDir(PathBuf);
-
-    impl TempDir {
-        fn new(label: &str) -> TempDir {
-            static COUNTER: AtomicUsize = AtomicUsize::new(0);
-            let path = std::env::temp_dir().join(format!(
-                "runbookd-catalog-{label}-{}-{}",
-                std::process::id(),
-                COUNTER.fetch_add(1, Ordering::Relaxed)
-            ));
-            fs::create_dir_all(&path).unwrap();
-            TempDir(path)
-        }
-
-        fn write(&self, name: &str, content: &[u8]) -> PathBuf {
-            let path = self.0.join(name);
-            fs::write(&path, content).unwrap();
-            path
-        }
-    }
-
-    impl Drop for TempDir {
-        fn drop(&mut self) {
-            let _ = fs::remove_dir_all(&self.0);
-        }
-    }
 
     fn not_found<T: fmt::Debug>(result: Result<T, CatalogError>) -> bool {
         matches!(result, Err(CatalogError::NotFound))
@@ -271,11 +235,11 @@ mod tests {
         let file = dir.write("plain.md", b"# x\n");
         assert!(matches!(Catalog::open(&file), Err(CatalogError::Io(_))));
         assert!(matches!(
-            Catalog::open(&dir.0.join("missing")),
+            Catalog::open(&dir.path().join("missing")),
             Err(CatalogError::Io(_))
         ));
-        let catalog = Catalog::open(&dir.0.join(".")).unwrap();
-        assert_eq!(catalog.root(), fs::canonicalize(&dir.0).unwrap());
+        let catalog = Catalog::open(&dir.path().join(".")).unwrap();
+        assert_eq!(catalog.root(), fs::canonicalize(dir.path()).unwrap());
     }
 
     #[test]
@@ -292,13 +256,13 @@ mod tests {
         dir.write("notes.txt", b"# Text\n");
         dir.write("UPPER.MD", b"# Upper\n");
         dir.write("latin1.md", b"# Caf\xe9\n");
-        fs::create_dir(dir.0.join("folder.md")).unwrap();
-        symlink(dir.0.join("zeta.md"), dir.0.join("link.md")).unwrap();
+        fs::create_dir(dir.path().join("folder.md")).unwrap();
+        symlink(dir.path().join("zeta.md"), dir.path().join("link.md")).unwrap();
         let secret = outside.write("secret.md", b"# Secret\n");
-        symlink(&secret, dir.0.join("escape.md")).unwrap();
-        symlink(dir.0.join("gone.md"), dir.0.join("dangling.md")).unwrap();
+        symlink(&secret, dir.path().join("escape.md")).unwrap();
+        symlink(dir.path().join("gone.md"), dir.path().join("dangling.md")).unwrap();
 
-        let catalog = Catalog::open(&dir.0).unwrap();
+        let catalog = Catalog::open(dir.path()).unwrap();
         let listed: Vec<(String, String, String)> = catalog
             .list()
             .unwrap()
@@ -322,7 +286,7 @@ mod tests {
     #[test]
     fn traversal_and_malformed_names_are_invalid() {
         let dir = TempDir::new("names");
-        let catalog = Catalog::open(&dir.0).unwrap();
+        let catalog = Catalog::open(dir.path()).unwrap();
         for name in [
             "",
             ".",
@@ -355,8 +319,8 @@ mod tests {
         let dir = TempDir::new("read");
         dir.write("ok.md", b"# Ok\nline\n");
         dir.write("bytes.md", b"# B\n\xff\xfe end\n");
-        fs::create_dir(dir.0.join("folder.md")).unwrap();
-        let catalog = Catalog::open(&dir.0).unwrap();
+        fs::create_dir(dir.path().join("folder.md")).unwrap();
+        let catalog = Catalog::open(dir.path()).unwrap();
 
         let (path, text) = catalog.read("ok.md").unwrap();
         assert_eq!(path, catalog.root().join("ok.md"));
@@ -372,11 +336,11 @@ mod tests {
     fn fifo_is_not_a_runbook() {
         let dir = TempDir::new("fifo");
         let status = std::process::Command::new("mkfifo")
-            .arg(dir.0.join("pipe.md"))
+            .arg(dir.path().join("pipe.md"))
             .status()
             .unwrap();
         assert!(status.success());
-        let catalog = Catalog::open(&dir.0).unwrap();
+        let catalog = Catalog::open(dir.path()).unwrap();
         assert!(not_found(catalog.resolve("pipe.md")));
         assert!(catalog.list().unwrap().is_empty());
     }
@@ -386,10 +350,14 @@ mod tests {
         let dir = TempDir::new("symlink-out");
         let outside = TempDir::new("symlink-out-target");
         let secret = outside.write("secret.md", b"# Secret\n");
-        symlink(&secret, dir.0.join("evil.md")).unwrap();
-        symlink(outside.0.join("missing.md"), dir.0.join("dangling.md")).unwrap();
-        symlink(&outside.0, dir.0.join("outdir.md")).unwrap();
-        let catalog = Catalog::open(&dir.0).unwrap();
+        symlink(&secret, dir.path().join("evil.md")).unwrap();
+        symlink(
+            outside.path().join("missing.md"),
+            dir.path().join("dangling.md"),
+        )
+        .unwrap();
+        symlink(outside.path(), dir.path().join("outdir.md")).unwrap();
+        let catalog = Catalog::open(dir.path()).unwrap();
 
         assert!(not_found(catalog.resolve("evil.md")));
         assert!(not_found(catalog.read("evil.md")));
@@ -401,11 +369,11 @@ mod tests {
     #[test]
     fn symlink_inside_is_allowed() {
         let dir = TempDir::new("symlink-in");
-        fs::create_dir(dir.0.join("drafts")).unwrap();
+        fs::create_dir(dir.path().join("drafts")).unwrap();
         let target = dir.write("drafts/real.md", b"# Real\n");
-        symlink(&target, dir.0.join("alias.md")).unwrap();
-        symlink("drafts", dir.0.join("dir.md")).unwrap();
-        let catalog = Catalog::open(&dir.0).unwrap();
+        symlink(&target, dir.path().join("alias.md")).unwrap();
+        symlink("drafts", dir.path().join("dir.md")).unwrap();
+        let catalog = Catalog::open(dir.path()).unwrap();
 
         let (path, text) = catalog.read("alias.md").unwrap();
         assert_eq!(path, fs::canonicalize(&target).unwrap());
@@ -416,11 +384,11 @@ mod tests {
     #[test]
     fn inputs_must_stay_inside_the_directory() {
         let parent = TempDir::new("inputs");
-        let root = parent.0.join("runbooks");
+        let root = parent.path().join("runbooks");
         fs::create_dir_all(root.join("CreatePackage")).unwrap();
         fs::write(root.join("config.json"), b"{}").unwrap();
-        fs::write(parent.0.join("outside.txt"), b"secret").unwrap();
-        symlink(parent.0.join("outside.txt"), root.join("sneaky")).unwrap();
+        fs::write(parent.path().join("outside.txt"), b"secret").unwrap();
+        symlink(parent.path().join("outside.txt"), root.join("sneaky")).unwrap();
         symlink(root.join("config.json"), root.join("friendly")).unwrap();
         let catalog = Catalog::open(&root).unwrap();
         let canonical_root = catalog.root().to_path_buf();
@@ -449,7 +417,7 @@ mod tests {
         assert_eq!(catalog.resolve_input("../outside.txt"), None);
         assert_eq!(catalog.resolve_input("sneaky"), None);
         assert_eq!(
-            catalog.resolve_input(parent.0.join("outside.txt").to_str().unwrap()),
+            catalog.resolve_input(parent.path().join("outside.txt").to_str().unwrap()),
             None
         );
         assert_eq!(catalog.resolve_input("/etc/passwd"), None);

@@ -311,34 +311,22 @@ impl Layout {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::test_dirs::TempDir;
     use chrono::TimeZone;
     use std::fs;
     use std::path::PathBuf;
-    use std::sync::atomic::{AtomicUsize, Ordering};
 
-    /// A file under the system temp dir, removed when dropped.
-    struct TempFile(PathBuf);
+    /// A runbook file in a directory that is removed when dropped (with the `TempDir`).
+    struct TempFile(PathBuf, #[allow(dead_code)] TempDir);
 
     impl TempFile {
         fn with(content: &str) -> TempFile {
-            static COUNTER: AtomicUsize = AtomicUsize::new(0);
-            let path = std::env::temp_dir().join(format!(
-                "runbookd-history-{}-{}.md",
-                std::process::id(),
-                COUNTER.fetch_add(1, Ordering::Relaxed)
-            ));
-            fs::write(&path, content).unwrap();
-            TempFile(path)
+            let dir = TempDir::new("history");
+            TempFile(dir.write("runbook.md", content.as_bytes()), dir)
         }
 
         fn content(&self) -> String {
             fs::read_to_string(&self.0).unwrap()
-        }
-    }
-
-    impl Drop for TempFile {
-        fn drop(&mut self) {
-            let _ = fs::remove_file(&self.0);
         }
     }
 
@@ -550,10 +538,8 @@ mod tests {
 
     #[test]
     fn a_missing_file_is_an_error() {
-        let path = std::env::temp_dir().join(format!(
-            "runbookd-history-missing-{}.md",
-            std::process::id()
-        ));
+        let dir = TempDir::new("history-missing");
+        let path = dir.path().join("missing.md");
         assert!(matches!(
             append(&path, "\n### x\n", 5),
             Err(HistoryError::Io(_))

@@ -220,14 +220,16 @@ fn check_audience(claims: &Map<String, Value>, audience: &str) -> Result<(), Jwt
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use serde_json::json;
 
     const SECRET: &[u8] = b"unit-test-secret-0123456789abcdef0123";
-    const NOW: i64 = 1_700_000_000;
+    /// The clock of token tests.
+    pub(crate) const NOW: i64 = 1_700_000_000;
 
-    fn validation() -> Validation<'static> {
+    /// The checks of the dev issuer and audience at [`NOW`].
+    pub(crate) fn validation() -> Validation<'static> {
         Validation {
             issuer: "dev-idp",
             audience: "dev-api",
@@ -236,7 +238,8 @@ mod tests {
         }
     }
 
-    fn claims(value: Value) -> Map<String, Value> {
+    /// Test claims from a JSON object literal.
+    pub(crate) fn claims(value: Value) -> Map<String, Value> {
         match value {
             Value::Object(map) => map,
             other => panic!("test claims must be an object, got {other}"),

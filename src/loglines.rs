@@ -138,15 +138,10 @@ pub fn level_of(text: &str, stream: Stream) -> &'static str {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::test_dirs::fresh_dir;
 
     fn log_with(chunks: &[(Stream, &[u8])]) -> RunLog {
-        let dir = std::env::temp_dir().join(format!(
-            "loglines-test-{}-{}",
-            std::process::id(),
-            chunks.len()
-        ));
-        let _ = std::fs::remove_dir_all(&dir);
-        std::fs::create_dir_all(&dir).unwrap();
+        let dir = fresh_dir("loglines");
         let log = RunLog::create(&dir.join("run.log"), 1024, u64::MAX).unwrap();
         for (s, d) in chunks {
             log.append(*s, d);

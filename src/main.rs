@@ -24,6 +24,8 @@ mod samples;
 mod sse;
 mod supervisor;
 mod sys;
+#[cfg(test)]
+mod test_dirs;
 mod text;
 mod validation;
 

@@ -167,7 +167,7 @@ fn same_title(a: &str, b: &str) -> bool {
 }
 
 /// The title of an H1 line (`#` followed by a space, a tab or nothing), trimmed.
-fn h1_title(line: &str) -> Option<&str> {
+pub fn h1_title(line: &str) -> Option<&str> {
     let rest = line.strip_prefix('#')?;
     if rest.is_empty() || rest.starts_with([' ', '\t']) {
         Some(rest.trim())

@@ -252,28 +252,22 @@ impl RunLog {
         let mut excerpts = [Excerpt::default(), Excerpt::default()];
         {
             let mut records = RecordReader::new(&mut file, 0, len)?;
-            loop {
+            // A record that cannot be read ends the log (the server died while writing it).
+            while let Ok(Some(header)) = records.read_header() {
                 // Only the headers, unless the excerpts need the bytes.
-                let (seq, stream, data_len, offset) = if excerpt_bytes == 0 {
-                    match records.next_header() {
-                        Ok(Some(header)) => header,
-                        _ => break,
-                    }
+                let data = if excerpt_bytes == 0 {
+                    records.skip_data().map(|()| Vec::new())
                 } else {
-                    match records.next_chunk(None) {
-                        Ok(Some(chunk)) => {
-                            let ex = &mut excerpts[chunk.stream.index()];
-                            keep_excerpt(excerpt_bytes, ex, &chunk.data);
-                            (chunk.seq, chunk.stream, chunk.data.len(), chunk.file_offset)
-                        }
-                        _ => break,
-                    }
+                    records.read_data(&header)
                 };
-                if offset >= index.last().map_or(0, |e| e.1) + INDEX_EVERY {
-                    index.push((seq, offset));
+                let Ok(data) = data else { break };
+                let i = header.stream.index();
+                keep_excerpt(excerpt_bytes, &mut excerpts[i], &data);
+                if header.start >= index.last().map_or(0, |e| e.1) + INDEX_EVERY {
+                    index.push((header.seq, header.start));
                 }
-                stream_bytes[stream.index()] += data_len as u64;
-                next_seq = seq + 1;
+                stream_bytes[i] += header.len as u64;
+                next_seq = header.seq + 1;
                 end_offset = records.offset;
             }
         }
@@ -347,9 +341,10 @@ impl RunLog {
         let mut file = File::open(&self.path)?;
         let mut records = RecordReader::new(&mut file, offset, file_len)?;
         while at_seq < seq {
-            match records.next_header()? {
-                Some((found, _, _, _)) => {
-                    at_seq = found + 1;
+            match records.read_header()? {
+                Some(header) => {
+                    records.skip_data()?;
+                    at_seq = header.seq + 1;
                     offset = records.offset;
                 }
                 None => break,
@@ -749,6 +744,18 @@ fn keep_excerpt(keep: usize, ex: &mut Excerpt, data: &[u8]) {
     ex.tail.drain(..excess);
 }
 
+/// A record's header as read from a log file.
+struct RecordHeader {
+    seq: u64,
+    time_ms: i64,
+    stream: Stream,
+    stream_offset: u64,
+    /// Length of the data after the header.
+    len: usize,
+    /// File offset of the record.
+    start: u64,
+}
+
 /// Sequential reader of records in `[start, end)` of a log file.
 struct RecordReader<'f> {
     file: &'f mut File,
@@ -766,65 +773,70 @@ impl<'f> RecordReader<'f> {
         })
     }
 
-    /// The next record's header as (seq, stream, data length, record offset), skipping its data.
-    fn next_header(&mut self) -> Result<Option<(u64, Stream, usize, u64)>, LogError> {
+    /// The next record's header; the file is then at its data, which the caller reads with
+    /// [`RecordReader::read_data`] or skips with [`RecordReader::skip_data`].
+    fn read_header(&mut self) -> Result<Option<RecordHeader>, LogError> {
         if self.offset + HEADER_LEN as u64 > self.end {
             return Ok(None);
         }
         let mut header = [0u8; HEADER_LEN];
         self.file.read_exact(&mut header)?;
-        let (seq, _, stream, _, len) = decode_header(&header, self.offset)?;
+        let (seq, time_ms, stream, stream_offset, len) = decode_header(&header, self.offset)?;
         let start = self.offset;
         let record_end = start + (HEADER_LEN + len) as u64;
         if record_end > self.end {
             return Err(LogError::Corrupt(start));
         }
-        self.file.seek(SeekFrom::Start(record_end))?;
         self.offset = record_end;
-        Ok(Some((seq, stream, len, start)))
+        Ok(Some(RecordHeader {
+            seq,
+            time_ms,
+            stream,
+            stream_offset,
+            len,
+            start,
+        }))
+    }
+
+    fn read_data(&mut self, header: &RecordHeader) -> Result<Vec<u8>, LogError> {
+        let mut data = vec![0u8; header.len];
+        self.file.read_exact(&mut data)?;
+        Ok(data)
+    }
+
+    fn skip_data(&mut self) -> Result<(), LogError> {
+        self.file.seek(SeekFrom::Start(self.offset))?;
+        Ok(())
     }
 
     /// The next chunk (of `only` if given, skipping others without reading their bytes).
     fn next_chunk(&mut self, only: Option<Stream>) -> Result<Option<Chunk>, LogError> {
-        loop {
-            if self.offset + HEADER_LEN as u64 > self.end {
-                return Ok(None);
-            }
-            let mut header = [0u8; HEADER_LEN];
-            self.file.read_exact(&mut header)?;
-            let (seq, time_ms, stream, stream_offset, len) = decode_header(&header, self.offset)?;
-            let record_start = self.offset;
-            let record_end = record_start + (HEADER_LEN + len) as u64;
-            if record_end > self.end {
-                return Err(LogError::Corrupt(record_start));
-            }
-            self.offset = record_end;
-            if only.is_some_and(|s| s != stream) {
-                self.file.seek(SeekFrom::Start(record_end))?;
+        while let Some(header) = self.read_header()? {
+            if only.is_some_and(|s| s != header.stream) {
+                self.skip_data()?;
                 continue;
             }
-            let mut data = vec![0u8; len];
-            self.file.read_exact(&mut data)?;
+            let data = self.read_data(&header)?;
             return Ok(Some(Chunk {
-                seq,
-                time_ms,
-                stream,
-                stream_offset,
+                seq: header.seq,
+                time_ms: header.time_ms,
+                stream: header.stream,
+                stream_offset: header.stream_offset,
                 data,
-                file_offset: record_start,
+                file_offset: header.start,
             }));
         }
+        Ok(None)
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::test_dirs::fresh_dir;
 
     fn temp_log(name: &str, excerpt: usize) -> RunLog {
-        let dir = std::env::temp_dir().join(format!("runlog-test-{}-{name}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&dir);
-        std::fs::create_dir_all(&dir).unwrap();
+        let dir = fresh_dir(&format!("runlog-{name}"));
         RunLog::create(&dir.join("run.log"), excerpt, u64::MAX).unwrap()
     }
 
@@ -967,9 +979,7 @@ mod tests {
 
     #[test]
     fn cap_stops_storing_but_counts() {
-        let dir = std::env::temp_dir().join(format!("runlog-test-{}-cap", std::process::id()));
-        let _ = std::fs::remove_dir_all(&dir);
-        std::fs::create_dir_all(&dir).unwrap();
+        let dir = fresh_dir("runlog-cap");
         let log = RunLog::create(&dir.join("run.log"), 16, 100).unwrap();
         log.append(Stream::Stdout, &[b'a'; 40]);
         log.append(Stream::Stdout, &[b'b'; 40]);

@@ -122,6 +122,7 @@ fn checked_relative_path(relative: &str) -> io::Result<&Path> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::test_dirs::fresh_dir;
     use std::collections::BTreeSet;
 
     fn samples_dir_on_disk() -> PathBuf {
@@ -147,17 +148,6 @@ mod tests {
         let mut found = BTreeSet::new();
         walk(root, root, &mut found);
         found
-    }
-
-    fn fresh_temp_dir(label: &str) -> PathBuf {
-        let sequence = STAGING_COUNTER.fetch_add(1, Ordering::Relaxed);
-        let dir = std::env::temp_dir().join(format!(
-            "runbookd-samples-test-{label}-{}-{sequence}",
-            std::process::id()
-        ));
-        let _ = fs::remove_dir_all(&dir);
-        fs::create_dir_all(&dir).unwrap();
-        dir
     }
 
     #[test]
@@ -215,7 +205,7 @@ mod tests {
 
     #[test]
     fn install_creates_the_files_once_and_never_overwrites() {
-        let temp = fresh_temp_dir("install");
+        let temp = fresh_dir("samples-install");
         let dest = temp.join("state").join("samples");
 
         assert!(install(&dest).unwrap());
@@ -248,7 +238,7 @@ mod tests {
 
     #[test]
     fn install_leaves_an_existing_file_at_dest_alone() {
-        let temp = fresh_temp_dir("file");
+        let temp = fresh_dir("samples-file");
         let dest = temp.join("samples");
         fs::write(&dest, b"not a folder").unwrap();
         assert!(!install(&dest).unwrap());

@@ -84,7 +84,9 @@ fn report(sinks: &mut Sinks<'_>, error: &dyn std::fmt::Display, code: u8) -> u8 
 
 #[cfg(test)]
 mod tests {
-    use super::test_server::{chunk, quick_policy, serve, Reply, SSE_HEAD_CHUNKED};
+    use super::test_server::{
+        chunk, quick_policy, serve, write_json_reply, Reply, SSE_HEAD_CHUNKED,
+    };
     use super::*;
     use std::io::Write as _;
 
@@ -126,13 +128,12 @@ mod tests {
                 serde_json::json!({"env_vars": {"NAME": "a b", "EMPTY": ""}})
             );
             let reply = br#"{"success":true,"run_id":"r1-e","runbook":"Hello World.md","status":"running"}"#;
-            write!(
+            write_json_reply(
                 stream,
-                "HTTP/1.1 202 Accepted\r\nLocation: /api/runs/r1-e\r\nContent-Length: {}\r\n\r\n",
-                reply.len()
-            )
-            .unwrap();
-            stream.write_all(reply).unwrap();
+                "202 Accepted",
+                "Location: /api/runs/r1-e\r\n",
+                reply,
+            );
         });
         let events: Reply = Box::new(|request, stream| {
             assert_eq!(request.line, "GET /base/api/runs/r1-e/events HTTP/1.1");
@@ -167,13 +168,7 @@ mod tests {
         for (status, expected_code) in [(403, 2), (404, 2), (429, 2), (500, 1)] {
             let reply: Reply = Box::new(move |_, stream| {
                 let body = br#"{"success":false,"error":"nope"}"#;
-                write!(
-                    stream,
-                    "HTTP/1.1 {status} X\r\nContent-Length: {}\r\n\r\n",
-                    body.len()
-                )
-                .unwrap();
-                stream.write_all(body).unwrap();
+                write_json_reply(stream, &format!("{status} X"), "", body);
             });
             let server = serve(vec![reply]);
             let (code, out, err) = run_captured(

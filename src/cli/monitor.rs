@@ -5,7 +5,8 @@
 
 use std::collections::HashSet;
 use std::fmt;
-use std::io::{self, Read, Write};
+use std::io::{self, BufReader, Read, Write};
+use std::net::TcpStream;
 use std::thread;
 use std::time::{Duration, Instant};
 
@@ -185,6 +186,30 @@ impl Follower<'_> {
         ("Authorization", format!("Bearer {}", self.server.token))
     }
 
+    /// Sends a request about the run: `Ok(Ok(response))` with one of the `expected` statuses,
+    /// `Ok(Err(attempt))` when the attempt failed and may be retried (no connection, a retryable
+    /// status), `Err` when the server refused it for good or answered something else.
+    fn send(
+        &self,
+        request: &Request,
+        expected: &[u16],
+        what: &str,
+    ) -> Result<Result<http_client::Response<BufReader<TcpStream>>, Attempt>, MonitorError> {
+        let mut response = match http_client::send(&self.server.base, request, self.policy.timeouts)
+        {
+            Ok(response) => response,
+            Err(e) => return Ok(Err(failed(e))),
+        };
+        match response.status {
+            status if expected.contains(&status) => Ok(Ok(response)),
+            status if is_retryable(status) => Ok(Err(failed(error_message(&mut response)))),
+            400..=499 => Err(MonitorError::Refused(error_message(&mut response))),
+            status => Err(MonitorError::Unexpected(format!(
+                "HTTP {status} for {what}"
+            ))),
+        }
+    }
+
     fn attempt(&mut self, sinks: &mut Sinks<'_>) -> Result<Attempt, MonitorError> {
         let mut headers = vec![
             self.authorization(),
@@ -203,22 +228,11 @@ impl Follower<'_> {
             headers,
             body: None,
         };
-        let mut response =
-            match http_client::send(&self.server.base, &request, self.policy.timeouts) {
-                Ok(response) => response,
-                Err(e) => return Ok(failed(e)),
-            };
-        match response.status {
-            200 => {}
-            204 => return self.fetch_exit_status(),
-            status if is_retryable(status) => return Ok(failed(error_message(&mut response))),
-            400..=499 => return Err(MonitorError::Refused(error_message(&mut response))),
-            status => {
-                return Err(MonitorError::Unexpected(format!(
-                    "HTTP {status} for the event stream"
-                )))
-            }
-        }
+        let mut response = match self.send(&request, &[200, 204], "the event stream")? {
+            Ok(response) if response.status == 204 => return self.fetch_exit_status(),
+            Ok(response) => response,
+            Err(attempt) => return Ok(attempt),
+        };
         let content_type = response.header("content-type").unwrap_or_default();
         if !content_type
             .to_ascii_lowercase()
@@ -306,21 +320,10 @@ impl Follower<'_> {
             ],
             body: None,
         };
-        let mut response =
-            match http_client::send(&self.server.base, &request, self.policy.timeouts) {
-                Ok(response) => response,
-                Err(e) => return Ok(failed(e)),
-            };
-        match response.status {
-            200 => {}
-            status if is_retryable(status) => return Ok(failed(error_message(&mut response))),
-            400..=499 => return Err(MonitorError::Refused(error_message(&mut response))),
-            status => {
-                return Err(MonitorError::Unexpected(format!(
-                    "HTTP {status} for the run record"
-                )))
-            }
-        }
+        let mut response = match self.send(&request, &[200], "the run record")? {
+            Ok(response) => response,
+            Err(attempt) => return Ok(attempt),
+        };
         let record = match read_json(&mut response) {
             Ok(record) => record,
             Err(e) => return Ok(failed(e)),
@@ -360,7 +363,9 @@ fn truncation_note(data: &str) -> String {
 
 #[cfg(test)]
 mod tests {
-    use super::super::test_server::{chunk, quick_policy, serve, Reply, SSE_HEAD_CHUNKED};
+    use super::super::test_server::{
+        chunk, quick_policy, serve, write_json_reply, Reply, SSE_HEAD_CHUNKED,
+    };
     use super::super::url::BaseUrl;
     use super::*;
 
@@ -456,13 +461,7 @@ mod tests {
             assert_eq!(request.line, "GET /api/runs/r1-y HTTP/1.1");
             assert_eq!(request.header("authorization"), Some("Bearer tok"));
             let body = br#"{"success":true,"run_id":"r1-y","return_code":256}"#;
-            write!(
-                stream,
-                "HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n",
-                body.len()
-            )
-            .unwrap();
-            stream.write_all(body).unwrap();
+            write_json_reply(stream, "200 OK", "", body);
         });
         let server = serve(vec![events, record]);
         let (result, out, err) = run_monitor(&server.url, "r1-y", &quick_policy());
@@ -476,13 +475,7 @@ mod tests {
         for status in [401, 403, 404] {
             let reply: Reply = Box::new(move |_, stream| {
                 let body = br#"{"success":false,"error":"run not visible"}"#;
-                write!(
-                    stream,
-                    "HTTP/1.1 {status} X\r\nContent-Length: {}\r\n\r\n",
-                    body.len()
-                )
-                .unwrap();
-                stream.write_all(body).unwrap();
+                write_json_reply(stream, &format!("{status} X"), "", body);
             });
             let server = serve(vec![reply]);
             let (result, _, _) = run_monitor(&server.url, "r1-z", &quick_policy());

@@ -1,7 +1,7 @@
 //! Test helper: a scripted HTTP server on 127.0.0.1:0 that answers each accepted connection
 //! with the next reply function and records the requests it read.
 
-use std::io::{BufReader, Read};
+use std::io::{BufReader, Read, Write};
 use std::net::{TcpListener, TcpStream};
 use std::thread::{self, JoinHandle};
 use std::time::{Duration, Instant};
@@ -40,6 +40,16 @@ pub fn chunk(data: &[u8]) -> Vec<u8> {
     out.extend_from_slice(data);
     out.extend_from_slice(b"\r\n");
     out
+}
+
+/// Writes a reply with `status` (and the extra `headers` lines) and the JSON `body`.
+pub fn write_json_reply(stream: &mut TcpStream, status: &str, headers: &str, body: &[u8]) {
+    let head = format!(
+        "HTTP/1.1 {status}\r\nContent-Type: application/json\r\n{headers}Content-Length: {}\r\n\r\n",
+        body.len()
+    );
+    stream.write_all(head.as_bytes()).unwrap();
+    stream.write_all(body).unwrap();
 }
 
 /// Retry timing short enough for tests.

@@ -462,28 +462,6 @@ impl Drop for Nginx {
 // Requests through nginx
 // ---------------------------------------------------------------------------------------------
 
-fn sse_execute(port: u16, file: &str, token: &str) -> SseStream {
-    let auth = format!("Bearer {token}");
-    let resp = open(
-        port,
-        "HTTP/1.1",
-        "POST",
-        &format!("/api/runbooks/{file}/execute"),
-        &[
-            ("Authorization", &auth),
-            ("Content-Type", "application/json"),
-            ("Accept", "text/event-stream"),
-        ],
-        Some(br#"{"env_vars":{}}"#),
-    );
-    assert_eq!(
-        resp.status, 200,
-        "SSE execute of {file} through nginx answered {} {:?}",
-        resp.status, resp.headers
-    );
-    SseStream::new(resp)
-}
-
 fn get(port: u16, path: &str, token: Option<&str>) -> Response {
     let auth = token.map(|t| format!("Bearer {t}"));
     let headers: Vec<(&str, &str)> = auth
@@ -899,7 +877,7 @@ fn sse_execute_through_nginx_delivers_output_live() {
         Runbook::new("Live", "echo first\nsleep 2\necho second\n"),
     ));
     let nginx = Nginx::shipped_in_front_of(&bin, &server);
-    let mut sse = sse_execute(nginx.port, "Live.md", &dev_token());
+    let mut sse = execute_sse_at(nginx.port, "Live.md", &dev_token(), json!({}));
     assert!(sse
         .resp
         .header("Content-Type")
@@ -954,7 +932,7 @@ fn stream_through_nginx_survives_silence_longer_than_the_read_timeout() {
     );
     let nginx = Nginx::in_front_of(&bin, &server, &short);
     let started = Instant::now();
-    let mut sse = sse_execute(nginx.port, "Quiet.md", &dev_token());
+    let mut sse = execute_sse_at(nginx.port, "Quiet.md", &dev_token(), json!({}));
     let events = sse.until_end(RUN_TIMEOUT);
     assert!(started.elapsed() >= Duration::from_secs(10));
     assert_eq!(joined(&events, "stdout"), "before\nafter\n");
@@ -972,7 +950,7 @@ fn stream_through_nginx_survives_silence_longer_than_the_read_timeout() {
         Runbook::new("Quiet", "echo before\nsleep 8\necho after\n"),
     ));
     let quiet_nginx = Nginx::in_front_of(&bin, &quiet_server, &short);
-    let mut sse = sse_execute(quiet_nginx.port, "Quiet.md", &dev_token());
+    let mut sse = execute_sse_at(quiet_nginx.port, "Quiet.md", &dev_token(), json!({}));
     let started = Instant::now();
     let deadline = started + Duration::from_secs(20);
     let mut body = Vec::new();
@@ -1005,7 +983,7 @@ fn client_disconnect_through_nginx_leaves_the_run_finishing() {
         Runbook::new("Leave", "echo first\nsleep 2\necho last\n"),
     ));
     let nginx = Nginx::shipped_in_front_of(&bin, &server);
-    let mut sse = sse_execute(nginx.port, "Leave.md", &dev_token());
+    let mut sse = execute_sse_at(nginx.port, "Leave.md", &dev_token(), json!({}));
     let run_id = sse
         .resp
         .header("X-Run-Id")
@@ -1051,7 +1029,7 @@ struct StreamTiming {
 fn one_stream(port: u16, token: &str, go: &Barrier) -> StreamTiming {
     go.wait();
     let epoch = Instant::now();
-    let mut sse = sse_execute(port, "Many.md", token);
+    let mut sse = execute_sse_at(port, "Many.md", token, json!({}));
     let started = loop {
         let ev = sse
             .next_event(RUN_TIMEOUT)

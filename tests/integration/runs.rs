@@ -354,7 +354,7 @@ fn only_the_owner_and_holders_of_the_required_claims_see_a_run() {
             .status,
         403
     );
-    let cancel = server.call("DELETE", &format!("/api/runs/{id}"), Some(&bob), &[], None);
+    let cancel = server.cancel(&id, &bob);
     assert_eq!(cancel.status, 403, "{}", cancel.text());
     assert!(server.list_runs("", &bob).is_empty());
     assert_eq!(server.run_record(&id, &alice)["status"], json!("running"));
@@ -376,13 +376,7 @@ fn only_the_owner_and_holders_of_the_required_claims_see_a_run() {
     }
 
     // A holder of the claims may cancel.
-    let cancel = server.call(
-        "DELETE",
-        &format!("/api/runs/{id}"),
-        Some(&carol),
-        &[],
-        None,
-    );
+    let cancel = server.cancel(&id, &carol);
     assert_eq!(cancel.status, 202, "{}", cancel.text());
     let record = server.wait_finished(&id, &alice, RUN_TIMEOUT);
     assert_eq!(record["status"], json!("cancelled"), "{record}");
@@ -425,13 +419,7 @@ fn log_lines_have_numbers_levels_and_filters() {
          {}printf 'no newline at the end'\n",
         wait_for_gate("GATE")
     );
-    let server = Server::start(ServerOpts::new().runbook(
-        "Lines.md",
-        Runbook::new("Lines", &script).env("GATE", "gate file"),
-    ));
-    let token = dev_token();
-    let gate = Gate::new(&server.root, "lines");
-    let id = server.start_run("Lines.md", &token, json!({"GATE": gate.path()}));
+    let (server, token, gate, id) = start_gated_run(ServerOpts::new(), "Lines", &script);
     let logs = |query: &str| {
         let resp = server.call(
             "GET",

@@ -58,6 +58,14 @@ impl Cli {
         }
     }
 
+    /// `runbookd ARGS... --url http://127.0.0.1:PORT --token TOKEN`.
+    fn against(port: u16, token: &str, args: &[&str]) -> Cli {
+        let url = url(port);
+        let mut all = args.to_vec();
+        all.extend(["--url", &url, "--token", token]);
+        Cli::start(&all, &[])
+    }
+
     /// Whether the process has ended (a failing CLI ends the waits early).
     fn exited(&mut self) -> bool {
         self.child.try_wait().unwrap().is_some()
@@ -117,24 +125,8 @@ fn two_part_script(code: u8) -> String {
 
 #[test]
 fn monitor_follows_a_live_run_and_exits_with_its_code() {
-    let server = Server::start(ServerOpts::new().runbook(
-        "Two.md",
-        Runbook::new("Two", &two_part_script(3)).env("GATE", "gate"),
-    ));
-    let token = dev_token();
-    let gate = Gate::new(&server.root, "two");
-    let id = server.start_run("Two.md", &token, json!({"GATE": gate.path()}));
-    let mut cli = Cli::start(
-        &[
-            "monitor",
-            &id,
-            "--url",
-            &url(server.port),
-            "--token",
-            &token,
-        ],
-        &[],
-    );
+    let (server, token, gate, id) = start_gated_run(ServerOpts::new(), "Two", &two_part_script(3));
+    let mut cli = Cli::against(server.port, &token, &["monitor", &id]);
     // Live: the first part shows while the run waits.
     wait_until(RUN_TIMEOUT, || {
         cli.exited()
@@ -169,16 +161,10 @@ fn monitor_follows_a_live_run_and_exits_with_its_code() {
     assert_eq!(again.stdout(), "first out\nsecond out\n");
 
     // An unknown run: a failure with a message, not a hang.
-    let mut unknown = Cli::start(
-        &[
-            "monitor",
-            "r1-6748da90-c3f7-497f-b29a-eabb74191959",
-            "--url",
-            &url(server.port),
-            "--token",
-            &token,
-        ],
-        &[],
+    let mut unknown = Cli::against(
+        server.port,
+        &token,
+        &["monitor", "r1-6748da90-c3f7-497f-b29a-eabb74191959"],
     );
     assert_ne!(unknown.exit_code(RUN_TIMEOUT), 0);
     assert!(!unknown.stderr().is_empty());
@@ -324,17 +310,9 @@ fn monitor_resumes_after_a_dropped_connection_without_repeating_output() {
          echo 'e2' >&2\nexit 7\n",
         wait_for_gate("GATE")
     );
-    let server = Server::start(
-        ServerOpts::new().runbook("Cut.md", Runbook::new("Cut", &script).env("GATE", "gate")),
-    );
-    let token = dev_token();
-    let gate = Gate::new(&server.root, "cut");
+    let (server, token, gate, id) = start_gated_run(ServerOpts::new(), "Cut", &script);
     let proxy = CuttingProxy::start(server.port, b"cut-marker");
-    let id = server.start_run("Cut.md", &token, json!({"GATE": gate.path()}));
-    let mut cli = Cli::start(
-        &["monitor", &id, "--url", &url(proxy.port), "--token", &token],
-        &[],
-    );
+    let mut cli = Cli::against(proxy.port, &token, &["monitor", &id]);
     wait_until(RUN_TIMEOUT, || {
         cli.exited() || proxy.cut_done.load(Ordering::SeqCst)
     });
@@ -421,17 +399,7 @@ fn exec_starts_a_run_and_follows_it() {
     assert_eq!(runs[0]["return_code"], json!(4));
 
     // A missing required variable fails the run like any execute (return code 1).
-    let mut missing = Cli::start(
-        &[
-            "exec",
-            "Greet.md",
-            "--url",
-            &url(server.port),
-            "--token",
-            &token,
-        ],
-        &[],
-    );
+    let mut missing = Cli::against(server.port, &token, &["exec", "Greet.md"]);
     assert_eq!(missing.exit_code(RUN_TIMEOUT), 1);
     assert!(
         missing.stderr().contains("GREETING"),
@@ -456,17 +424,7 @@ fn monitor_exit_code_of_a_run_killed_by_a_signal_is_128_plus_it() {
     let body = resp.json();
     assert_eq!(body["return_code"], json!(137), "{body}");
     let id = body["run_id"].as_str().unwrap().to_string();
-    let mut cli = Cli::start(
-        &[
-            "monitor",
-            &id,
-            "--url",
-            &url(server.port),
-            "--token",
-            &token,
-        ],
-        &[],
-    );
+    let mut cli = Cli::against(server.port, &token, &["monitor", &id]);
     assert_eq!(cli.exit_code(RUN_TIMEOUT), 137);
     assert_eq!(cli.stdout(), "before\n");
 }

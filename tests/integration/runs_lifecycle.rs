@@ -16,12 +16,21 @@ use crate::util::*;
 /// and a foreground process that ignore it too.
 const STUBBORN: &str = "echo \"pgid=$$\"\ntrap '' TERM\nsleep 100 &\nsleep 100\n";
 
-/// Reads an SSE stream until its stdout shows `pgid=N`; returns N.
-fn pgid_from_stream(sse: &mut SseStream) -> u32 {
+/// The script's process group, read from its `pgid=` line, once it has `members` processes;
+/// the guard kills what is left of it when the test ends.
+fn watched_group(sse: &mut SseStream, members: usize) -> (u32, GroupGuard) {
     let events = events_until(sse, RUN_TIMEOUT, "with pgid=", &|e| {
         e.event == "stdout" && e.data.contains("pgid=")
     });
-    number_after(&joined(&events, "stdout"), "pgid=")
+    let pgid = number_after(&joined(&events, "stdout"), "pgid=");
+    let guard = GroupGuard(pgid);
+    assert!(
+        wait_until(Duration::from_secs(10), || group_members(pgid).len()
+            >= members),
+        "{members} processes expected in group {pgid}: {:?}",
+        group_members(pgid)
+    );
+    (pgid, guard)
 }
 
 /// Whether `pgid` leads its group (its own pgrp is itself).
@@ -39,23 +48,12 @@ fn cancel_ends_a_term_ignoring_group_within_the_grace() {
     let token = dev_token();
     let mut sse = server.execute_sse("Stubborn.md", &token, json!({}));
     let id = sse.resp.header("X-Run-Id").unwrap().to_string();
-    let pgid = pgid_from_stream(&mut sse);
-    let _guard = GroupGuard(pgid);
+    // sh and two sleeps.
+    let (pgid, _guard) = watched_group(&mut sse, 3);
     assert!(is_group_leader(pgid), "pgid={pgid} is not a group leader");
-    assert!(
-        wait_until(Duration::from_secs(10), || group_members(pgid).len() >= 3),
-        "sh and two sleeps expected in group {pgid}: {:?}",
-        group_members(pgid)
-    );
 
     let t = Instant::now();
-    let resp = server.call(
-        "DELETE",
-        &format!("/api/runs/{id}"),
-        Some(&token),
-        &[],
-        None,
-    );
+    let resp = server.cancel(&id, &token);
     assert_eq!(resp.status, 202, "{}", resp.text());
     let body = resp.json();
     assert_eq!(body["status"], json!("cancelling"), "{body}");
@@ -89,13 +87,7 @@ fn cancel_ends_a_term_ignoring_group_within_the_grace() {
     let done = done_json(&events);
     assert_eq!(done["success"], json!(false), "{done}");
 
-    let again = server.call(
-        "DELETE",
-        &format!("/api/runs/{id}"),
-        Some(&token),
-        &[],
-        None,
-    );
+    let again = server.cancel(&id, &token);
     assert_eq!(again.status, 409, "{}", again.text());
     assert_eq!(again.json()["success"], json!(false));
 }
@@ -111,20 +103,10 @@ fn cancel_of_a_cooperative_script_ends_without_waiting_for_the_grace() {
     let token = dev_token();
     let id = server.start_run("Polite.md", &token, json!({}));
     let mut sse = server.attach(&id, &token, "", None);
-    let pgid = pgid_from_stream(&mut sse);
-    let _guard = GroupGuard(pgid);
-    assert!(wait_until(Duration::from_secs(10), || group_members(pgid)
-        .len()
-        >= 2));
+    let (pgid, _guard) = watched_group(&mut sse, 2);
 
     let t = Instant::now();
-    let resp = server.call(
-        "DELETE",
-        &format!("/api/runs/{id}"),
-        Some(&token),
-        &[],
-        None,
-    );
+    let resp = server.cancel(&id, &token);
     assert_eq!(resp.status, 202, "{}", resp.text());
     let record = server.wait_finished(&id, &token, Duration::from_secs(30));
     assert!(
@@ -302,18 +284,6 @@ fn a_run_is_settled_when_its_result_arrives() {
     }
 }
 
-fn curl_available_or_skip(test: &str) -> bool {
-    if !full_tests() {
-        eprintln!("{test}: skipped (set RUNBOOKD_FULL_TESTS=1 to run tests that need curl)");
-        return false;
-    }
-    assert!(
-        have_program("curl"),
-        "RUNBOOKD_FULL_TESTS=1 but curl is not installed"
-    );
-    true
-}
-
 /// Calls `next` with the RUNBOOK_H_* headers, passing GATE on.
 fn calling(next: &str) -> String {
     format!(
@@ -321,14 +291,6 @@ fn calling(next: &str) -> String {
          curl -s -X POST \"$RUNBOOK_URL/{next}/execute\" -H \"$RUNBOOK_H_AUTH\" -H \"$RUNBOOK_H_CORR\" \
          -H \"$RUNBOOK_H_RECUR\" -H \"$RUNBOOK_H_CTYPE\" -d \"{{\\\"env_vars\\\":{{\\\"GATE\\\":\\\"$GATE\\\"}}}}\"\n"
     )
-}
-
-fn stdout_json(result: &Value) -> Value {
-    let stdout = result["stdout"]
-        .as_str()
-        .unwrap_or_else(|| panic!("no stdout in {result}"));
-    serde_json::from_str(stdout.trim())
-        .unwrap_or_else(|e| panic!("stdout is not a JSON result ({e}): {result}"))
 }
 
 #[test]
@@ -568,18 +530,7 @@ fn kill_9_mid_run_then_restart_marks_it_interrupted() {
     // The restarted server runs new work.
     let again = daemon.execute_raw("Quick.md", "", &token, json!({}), &[]);
     assert_eq!(again.status, 200, "{}", again.text());
-    assert_eq!(
-        daemon
-            .call(
-                "DELETE",
-                &format!("/api/runs/{id}"),
-                Some(&token),
-                &[],
-                None
-            )
-            .status,
-        409
-    );
+    assert_eq!(daemon.cancel(&id, &token).status, 409);
 }
 
 fn run_files(daemon: &Daemon, id: &str) -> [bool; 2] {
@@ -695,11 +646,7 @@ fn sigterm_stops_running_runs_and_exits_zero_within_the_grace() {
     let token = dev_token();
     let id = daemon.start_run("Stubborn.md", &token, json!({}));
     let mut viewer = daemon.attach(&id, &token, "", None);
-    let pgid = pgid_from_stream(&mut viewer);
-    let _guard = GroupGuard(pgid);
-    assert!(wait_until(Duration::from_secs(10), || group_members(pgid)
-        .len()
-        >= 3));
+    let (pgid, _guard) = watched_group(&mut viewer, 3);
 
     let t = Instant::now();
     daemon.sigterm();
@@ -759,8 +706,7 @@ fn sigterm_with_a_cooperative_run_exits_quickly() {
     let token = dev_token();
     let mut sse = daemon.execute_stream("Sleepy.md", &token);
     let id = sse.resp.header("X-Run-Id").unwrap().to_string();
-    let pgid = pgid_from_stream(&mut sse);
-    let _guard = GroupGuard(pgid);
+    let (pgid, _guard) = watched_group(&mut sse, 1);
 
     let t = Instant::now();
     daemon.sigterm();

@@ -94,12 +94,7 @@ fn late_viewer_replays_then_follows() {
         wait_for_gate("GATE"),
         counting_script(21, 40)
     );
-    let server = Server::start(
-        ServerOpts::new().runbook("Late.md", Runbook::new("Late", &script).env("GATE", "gate")),
-    );
-    let token = dev_token();
-    let gate = Gate::new(&server.root, "late");
-    let id = server.start_run("Late.md", &token, json!({"GATE": gate.path()}));
+    let (server, token, gate, id) = start_gated_run(ServerOpts::new(), "Late", &script);
     let first_part = counting_stdout(1, 20);
     server.wait_output(&id, &token, "stdout", "its first part", &|t| {
         t == first_part
@@ -208,12 +203,7 @@ fn resuming_a_live_run_gives_no_gap_and_no_duplicate() {
         wait_for_gate("GATE"),
         counting_script(31, 60)
     );
-    let server = Server::start(
-        ServerOpts::new().runbook("Live.md", Runbook::new("Live", &script).env("GATE", "gate")),
-    );
-    let token = dev_token();
-    let gate = Gate::new(&server.root, "live");
-    let id = server.start_run("Live.md", &token, json!({"GATE": gate.path()}));
+    let (server, token, gate, id) = start_gated_run(ServerOpts::new(), "Live", &script);
 
     // A viewer that drops its connection after `out 20`.
     let mut dropped = server.attach(&id, &token, "", None);
@@ -286,13 +276,7 @@ fn resuming_ahead_of_a_live_run_sends_only_later_chunks() {
         "echo one\nsleep 0.1\necho two\n{}for i in 3 4 5 6 7; do echo \"line $i\"; sleep 0.05; done\n",
         wait_for_gate("GATE")
     );
-    let server = Server::start(ServerOpts::new().runbook(
-        "Ahead.md",
-        Runbook::new("Ahead", &script).env("GATE", "gate"),
-    ));
-    let token = dev_token();
-    let gate = Gate::new(&server.root, "ahead");
-    let id = server.start_run("Ahead.md", &token, json!({"GATE": gate.path()}));
+    let (server, token, gate, id) = start_gated_run(ServerOpts::new(), "Ahead", &script);
     server.wait_output(&id, &token, "stdout", "two lines", &|t| t == "one\ntwo\n");
     // Chunks 1 and 2 exist; a client says it has seen up to 4.
     let mut ahead = server.attach(&id, &token, "?after=4", None);
@@ -386,12 +370,7 @@ fn tail_of_a_live_run_then_follows() {
         "for i in 1 2 3 4 5; do echo \"line $i\"; sleep 0.05; done\n{}echo after\n",
         wait_for_gate("GATE")
     );
-    let server = Server::start(
-        ServerOpts::new().runbook("Tail.md", Runbook::new("Tail", &script).env("GATE", "gate")),
-    );
-    let token = dev_token();
-    let gate = Gate::new(&server.root, "tail");
-    let id = server.start_run("Tail.md", &token, json!({"GATE": gate.path()}));
+    let (server, token, gate, id) = start_gated_run(ServerOpts::new(), "Tail", &script);
     server.wait_output(&id, &token, "stdout", "line 5", &|t| {
         t.ends_with("line 5\n")
     });
@@ -438,17 +417,11 @@ struct StalledSetup {
 
 fn stalled_setup(viewer_stall_seconds: &str) -> StalledSetup {
     let count = 220_000;
-    let server = Server::start(
-        ServerOpts::new()
-            .runbook(
-                "Big.md",
-                Runbook::new("Big", &big_script(count)).env("GATE", "gate"),
-            )
-            .env("VIEWER_STALL_SECONDS", viewer_stall_seconds),
+    let (server, token, gate, id) = start_gated_run(
+        ServerOpts::new().env("VIEWER_STALL_SECONDS", viewer_stall_seconds),
+        "Big",
+        &big_script(count),
     );
-    let token = dev_token();
-    let gate = Gate::new(&server.root, "big");
-    let id = server.start_run("Big.md", &token, json!({"GATE": gate.path()}));
     let stalled = server.open_events(&id, Some(&token), "", None);
     assert_eq!(stalled.status, 200);
     let reader = server.attach(&id, &token, "", None);

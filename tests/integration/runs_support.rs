@@ -117,6 +117,11 @@ pub trait RunsApi {
         SseStream::new(resp)
     }
 
+    /// `DELETE /api/runs/{id}`: a cancel request, answered as it is.
+    fn cancel(&self, id: &str, token: &str) -> Response {
+        self.call("DELETE", &format!("/api/runs/{id}"), Some(token), &[], None)
+    }
+
     /// `GET /api/runs/{id}`, which must answer 200.
     fn run_record(&self, id: &str, token: &str) -> Value {
         let resp = self.call("GET", &format!("/api/runs/{id}"), Some(token), &[], None);
@@ -133,18 +138,12 @@ pub trait RunsApi {
         what: &str,
         accept: &dyn Fn(&Value) -> bool,
     ) -> Value {
-        let deadline = Instant::now() + timeout;
-        loop {
-            let record = self.run_record(id, token);
-            if accept(&record) {
-                return record;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "run {id} not {what} within {timeout:?}: {record}"
-            );
-            thread::sleep(Duration::from_millis(25));
-        }
+        poll_until(
+            timeout,
+            || self.run_record(id, token),
+            accept,
+            |record| format!("run {id} not {what} within {timeout:?}: {record}"),
+        )
     }
 
     /// The stored bytes of a run (`stream`: "" for both, or `stdout` / `stderr`), lossily
@@ -175,18 +174,12 @@ pub trait RunsApi {
         what: &str,
         accept: &dyn Fn(&str) -> bool,
     ) -> String {
-        let deadline = Instant::now() + RUN_TIMEOUT;
-        loop {
-            let text = self.stored_output(id, token, stream);
-            if accept(&text) {
-                return text;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "run {id}: {stream} never showed {what}: {text:?}"
-            );
-            thread::sleep(Duration::from_millis(25));
-        }
+        poll_until(
+            RUN_TIMEOUT,
+            || self.stored_output(id, token, stream),
+            |text| accept(text),
+            |text| format!("run {id}: {stream} never showed {what}: {text:?}"),
+        )
     }
 
     /// Polls until the run has a final status.
@@ -355,6 +348,21 @@ impl Gate {
     pub fn open(&self) {
         fs::write(&self.path, b"open").unwrap();
     }
+}
+
+/// A server with the runbook `<name>.md` running `script`, which waits for the gate file named
+/// by `GATE`, and a run of it that the dev user started: (server, dev token, gate, run id).
+pub fn start_gated_run(
+    opts: ServerOpts,
+    name: &str,
+    script: &str,
+) -> (Server, String, Gate, String) {
+    let file = format!("{name}.md");
+    let server = Server::start(opts.runbook(&file, Runbook::new(name, script).env("GATE", "gate")));
+    let token = dev_token();
+    let gate = Gate::new(&server.root, &name.to_lowercase());
+    let id = server.start_run(&file, &token, json!({"GATE": gate.path()}));
+    (server, token, gate, id)
 }
 
 /// A shell line that waits until the file named by `$var` exists.

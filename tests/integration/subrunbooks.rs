@@ -7,18 +7,6 @@ use serde_json::{json, Value};
 
 use crate::util::*;
 
-fn curl_available_or_skip(test: &str) -> bool {
-    if !full_tests() {
-        eprintln!("{test}: skipped (set RUNBOOKD_FULL_TESTS=1 to run tests that need curl)");
-        return false;
-    }
-    assert!(
-        have_program("curl"),
-        "RUNBOOKD_FULL_TESTS=1 but curl is not installed"
-    );
-    true
-}
-
 const CHILD: &str = r#"echo "child says: $GREETING"
 echo "corr=$RUNBOOK_CORRELATION_ID"
 echo "stack=$RUNBOOK_RECURSION_STACK"
@@ -36,12 +24,6 @@ const PARENT_ADMIN: &str = r#"curl -s -X POST "$RUNBOOK_URL/AdminChild.md/execut
 
 const SELF_CALL: &str = r#"curl -s -X POST "$RUNBOOK_URL/Self.md/execute" -H "$RUNBOOK_H_AUTH" -H "$RUNBOOK_H_CORR" -H "$RUNBOOK_H_RECUR" -H "$RUNBOOK_H_CTYPE" -d '{}'
 "#;
-
-fn child_result(parent: &Value) -> Value {
-    let stdout = parent["stdout"].as_str().unwrap();
-    serde_json::from_str(stdout.trim())
-        .unwrap_or_else(|e| panic!("parent stdout is not the child's JSON ({e}): {parent}"))
-}
 
 #[test]
 fn parent_calls_child_through_runbook_url() {
@@ -65,7 +47,7 @@ fn parent_calls_child_through_runbook_url() {
     );
     assert_eq!(resp.status, 200, "{}", resp.text());
     let parent = resp.json();
-    let child = child_result(&parent);
+    let child = stdout_json(&parent);
     assert_eq!(child["success"], json!(true), "{child}");
     assert_eq!(child["return_code"], json!(0));
     let out = child["stdout"].as_str().unwrap();
@@ -90,7 +72,7 @@ fn parent_calls_child_through_runbook_url() {
     // The same through `eval` and RUNBOOK_HEADERS.
     let resp = server.execute("ParentEval.md", &dev_token(), json!({}));
     assert_eq!(resp.status, 200, "{}", resp.text());
-    let child = child_result(&resp.json());
+    let child = stdout_json(&resp.json());
     assert_eq!(child["return_code"], json!(0), "{child}");
     assert!(child["stdout"]
         .as_str()
@@ -114,12 +96,12 @@ fn child_sees_the_callers_roles() {
     let body = server
         .execute("ParentAdmin.md", &admin_token(), json!({}))
         .json();
-    let child = child_result(&body);
+    let child = stdout_json(&body);
     assert_eq!(child["stdout"], json!("admin child ran\n"), "{child}");
     let body = server
         .execute("ParentAdmin.md", &dev_token(), json!({}))
         .json();
-    let child = child_result(&body);
+    let child = stdout_json(&body);
     assert_eq!(child["success"], json!(false), "{child}");
     assert!(!child.to_string().contains("admin child ran"));
 }
@@ -138,7 +120,7 @@ fn runbook_calling_itself_is_refused() {
         json!(0),
         "curl itself succeeded: {outer}"
     );
-    let inner = child_result(&outer);
+    let inner = stdout_json(&outer);
     assert_eq!(inner["return_code"], json!(1), "{inner}");
     assert_eq!(inner["success"], json!(false));
     assert!(

@@ -368,26 +368,7 @@ impl Server {
 
     /// SSE execute of `file` (Accept: text/event-stream), returning the live stream.
     pub fn execute_sse(&self, file: &str, token: &str, env_vars: Value) -> SseStream {
-        let auth = format!("Bearer {token}");
-        let body = serde_json::to_vec(&json!({ "env_vars": env_vars })).unwrap();
-        let resp = open(
-            self.port,
-            "HTTP/1.1",
-            "POST",
-            &format!("/api/runbooks/{file}/execute"),
-            &[
-                ("Authorization", &auth),
-                ("Content-Type", "application/json"),
-                ("Accept", "text/event-stream"),
-            ],
-            Some(&body),
-        );
-        assert_eq!(
-            resp.status, 200,
-            "SSE execute of {file} answered {} {:?}",
-            resp.status, resp.headers
-        );
-        SseStream::new(resp)
+        execute_sse_at(self.port, file, token, env_vars)
     }
 
     /// The current text of a runbook file.
@@ -545,6 +526,50 @@ pub fn entry_header(entry: &str) -> (String, i64, Option<String>) {
     (time, code, run)
 }
 
+/// An SSE execute on whatever listens on `port` (the server, or a proxy in front of it),
+/// which must answer 200.
+pub fn execute_sse_at(port: u16, file: &str, token: &str, env_vars: Value) -> SseStream {
+    let auth = format!("Bearer {token}");
+    let body = serde_json::to_vec(&json!({ "env_vars": env_vars })).unwrap();
+    let resp = open(
+        port,
+        "HTTP/1.1",
+        "POST",
+        &format!("/api/runbooks/{file}/execute"),
+        &[
+            ("Authorization", &auth),
+            ("Content-Type", "application/json"),
+            ("Accept", "text/event-stream"),
+        ],
+        Some(&body),
+    );
+    assert_eq!(
+        resp.status, 200,
+        "SSE execute of {file} on port {port} answered {} {:?}",
+        resp.status, resp.headers
+    );
+    SseStream::new(resp)
+}
+
+/// Polls `fetch` every 25 ms until `accept` holds for what it returns, and returns that; after
+/// `timeout` panics with `describe` of the last value.
+pub fn poll_until<T>(
+    timeout: Duration,
+    mut fetch: impl FnMut() -> T,
+    accept: impl Fn(&T) -> bool,
+    describe: impl Fn(&T) -> String,
+) -> T {
+    let deadline = Instant::now() + timeout;
+    loop {
+        let value = fetch();
+        if accept(&value) {
+            return value;
+        }
+        assert!(Instant::now() < deadline, "{}", describe(&value));
+        thread::sleep(Duration::from_millis(25));
+    }
+}
+
 /// Polls `cond` every 50 ms until it holds or `timeout` passes.
 pub fn wait_until(timeout: Duration, mut cond: impl FnMut() -> bool) -> bool {
     let deadline = Instant::now() + timeout;
@@ -585,6 +610,29 @@ pub fn have_program(name: &str) -> bool {
     std::env::var_os("PATH")
         .map(|paths| std::env::split_paths(&paths).any(|dir| dir.join(name).is_file()))
         .unwrap_or(false)
+}
+
+/// Whether a test whose scripts call curl runs: it is skipped (with a line saying so) unless
+/// `RUNBOOKD_FULL_TESTS=1`, and then curl must be installed.
+pub fn curl_available_or_skip(test: &str) -> bool {
+    if !full_tests() {
+        eprintln!("{test}: skipped (set RUNBOOKD_FULL_TESTS=1 to run tests that need curl)");
+        return false;
+    }
+    assert!(
+        have_program("curl"),
+        "RUNBOOKD_FULL_TESTS=1 but curl is not installed"
+    );
+    true
+}
+
+/// The JSON result a sub-runbook call printed on the caller's stdout.
+pub fn stdout_json(result: &Value) -> Value {
+    let stdout = result["stdout"]
+        .as_str()
+        .unwrap_or_else(|| panic!("no stdout in {result}"));
+    serde_json::from_str(stdout.trim())
+        .unwrap_or_else(|e| panic!("stdout is not a JSON result ({e}): {result}"))
 }
 
 // ---------------------------------------------------------------------------------------------
