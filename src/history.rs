@@ -316,17 +316,22 @@ mod tests {
     use std::fs;
     use std::path::PathBuf;
 
-    /// A runbook file in a directory that is removed when dropped (with the `TempDir`).
-    struct TempFile(PathBuf, #[allow(dead_code)] TempDir);
+    /// A runbook file in a directory that is removed when dropped.
+    struct TempFile(TempDir);
 
     impl TempFile {
         fn with(content: &str) -> TempFile {
             let dir = TempDir::new("history");
-            TempFile(dir.write("runbook.md", content.as_bytes()), dir)
+            dir.write("runbook.md", content.as_bytes());
+            TempFile(dir)
+        }
+
+        fn path(&self) -> PathBuf {
+            self.0.path().join("runbook.md")
         }
 
         fn content(&self) -> String {
-            fs::read_to_string(&self.0).unwrap()
+            fs::read_to_string(self.path()).unwrap()
         }
     }
 
@@ -442,7 +447,7 @@ mod tests {
     fn append_creates_the_section() {
         let file = TempFile::with("# R\n\n# Script\n```sh\necho\n```");
         let entry = entry_text(Some("r1"), "out\n", "");
-        append(&file.0, &entry, 10).unwrap();
+        append(&file.path(), &entry, 10).unwrap();
         assert_eq!(
             file.content(),
             format!("# R\n\n# Script\n```sh\necho\n```\n\n# History\n{entry}")
@@ -455,8 +460,8 @@ mod tests {
         let file = TempFile::with(original);
         let first = entry_text(Some("r1"), "one\n", "");
         let second = entry_text(Some("r2"), "two\n", "err\n");
-        append(&file.0, &first, 10).unwrap();
-        append(&file.0, &second, 10).unwrap();
+        append(&file.path(), &first, 10).unwrap();
+        append(&file.path(), &second, 10).unwrap();
         assert_eq!(file.content(), format!("{original}{first}{second}"));
     }
 
@@ -464,7 +469,7 @@ mod tests {
     fn append_closes_a_block_left_open() {
         let file = TempFile::with("# R\n# Script\n````sh\necho hi");
         let entry = entry_text(Some("r1"), "hi\n", "");
-        append(&file.0, &entry, 10).unwrap();
+        append(&file.path(), &entry, 10).unwrap();
         assert_eq!(
             file.content(),
             format!("# R\n# Script\n````sh\necho hi\n````\n\n# History\n{entry}")
@@ -485,7 +490,7 @@ mod tests {
             })
             .collect();
         for entry in &entries {
-            append(&file.0, entry, 3).unwrap();
+            append(&file.path(), entry, 3).unwrap();
         }
         assert_eq!(
             file.content(),
@@ -498,12 +503,12 @@ mod tests {
         let file = TempFile::with("# R\n# History\n\n### old | Exit Code: 0\n# Notes\nkeep me\n");
         let first = entry_text(Some("r1"), "one\n", "");
         let second = entry_text(Some("r2"), "two\n", "");
-        append(&file.0, &first, 2).unwrap();
+        append(&file.path(), &first, 2).unwrap();
         assert_eq!(
             file.content(),
             format!("# R\n# History\n\n### old | Exit Code: 0\n{first}# Notes\nkeep me\n")
         );
-        append(&file.0, &second, 2).unwrap();
+        append(&file.path(), &second, 2).unwrap();
         assert_eq!(
             file.content(),
             format!(
@@ -516,7 +521,7 @@ mod tests {
     #[test]
     fn zero_max_entries_empties_the_section() {
         let file = TempFile::with("# R\n# History\n");
-        append(&file.0, &entry_text(Some("r1"), "x\n", ""), 0).unwrap();
+        append(&file.path(), &entry_text(Some("r1"), "x\n", ""), 0).unwrap();
         assert_eq!(file.content(), "# R\n# History\n\n");
     }
 
@@ -528,7 +533,7 @@ mod tests {
             .map(|i| entry_text(Some(&format!("r{i}")), "x\n", ""))
             .collect();
         for entry in &entries {
-            append(&file.0, entry, 2).unwrap();
+            append(&file.path(), entry, 2).unwrap();
         }
         assert_eq!(
             file.content(),
@@ -571,7 +576,7 @@ mod tests {
         let preamble = "# R\n# History\n";
         let file = TempFile::with(preamble);
         let entries = big_entries(20);
-        append_concurrently(&file.0, &entries, 1000);
+        append_concurrently(&file.path(), &entries, 1000);
 
         let content = file.content();
         let expected_len = preamble.len() + entries.iter().map(String::len).sum::<usize>();
@@ -588,7 +593,7 @@ mod tests {
         let preamble = "# R\n# History\n";
         let file = TempFile::with(preamble);
         let entries = big_entries(20);
-        append_concurrently(&file.0, &entries, 5);
+        append_concurrently(&file.path(), &entries, 5);
 
         let content = file.content();
         assert!(content.starts_with(preamble));
