@@ -1,6 +1,6 @@
 //! Who is calling and what they may do: turns the Authorization header into a Principal,
 //! checks a runbook's required claims against it (RBAC), and mints tokens for dev-login and for
-//! runs.
+//! runs. A token with a `run_id` claim is a run token: its Principal carries a [`RunScope`].
 
 use std::fmt;
 
@@ -11,6 +11,21 @@ use crate::jwt::{self, JwtError, Validation};
 /// Subject reported when a token has no string `sub` claim.
 const UNKNOWN_SUBJECT: &str = "unknown";
 
+/// The claim naming the run a run token was minted for.
+const RUN_ID_CLAIM: &str = "run_id";
+
+/// The claim holding a run token's recursion stack (the run's own runbook last).
+const STACK_CLAIM: &str = "rbk_stack";
+
+/// What a run token is limited to: the run it was minted for and the recursion stack that run
+/// was started with, its own runbook included. Sub-runbook calls take their stack from here,
+/// never from a request header.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RunScope {
+    pub run_id: String,
+    pub stack: Vec<String>,
+}
+
 /// The caller, as established from a verified token.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Principal {
@@ -18,8 +33,8 @@ pub struct Principal {
     pub subject: String,
     /// The `roles` claim, read with [`claim_values`].
     pub roles: Vec<String>,
-    /// The `run_id` claim, present in tokens minted for a run.
-    pub run_id: Option<String>,
+    /// Set for a run token (one with a `run_id` claim): what it is limited to.
+    pub run_scope: Option<RunScope>,
     /// Every claim of the token.
     pub claims: Map<String, Value>,
 }
@@ -32,6 +47,9 @@ pub enum AuthError {
     MissingToken,
     /// A bearer token was given but refused.
     InvalidToken(JwtError),
+    /// A signed token with a `run_id` claim that is not a string, or without a recursion stack
+    /// (`rbk_stack`, a list of strings).
+    MalformedRunToken,
 }
 
 impl fmt::Display for AuthError {
@@ -39,6 +57,9 @@ impl fmt::Display for AuthError {
         match self {
             AuthError::MissingToken => f.write_str("missing bearer token"),
             AuthError::InvalidToken(reason) => write!(f, "invalid token: {reason}"),
+            AuthError::MalformedRunToken => f.write_str(
+                "invalid token: a run token needs a string run_id and a rbk_stack list of strings",
+            ),
         }
     }
 }
@@ -46,7 +67,7 @@ impl fmt::Display for AuthError {
 impl std::error::Error for AuthError {
     fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
         match self {
-            AuthError::MissingToken => None,
+            AuthError::MissingToken | AuthError::MalformedRunToken => None,
             AuthError::InvalidToken(reason) => Some(reason),
         }
     }
@@ -63,7 +84,7 @@ pub fn authenticate(
         .and_then(bearer_token)
         .ok_or(AuthError::MissingToken)?;
     let claims = jwt::decode(token, secret, validation).map_err(AuthError::InvalidToken)?;
-    Ok(principal_from_claims(claims))
+    principal_from_claims(claims)
 }
 
 /// The token of a `Bearer` Authorization value, or `None` for another scheme or an empty token.
@@ -76,23 +97,44 @@ fn bearer_token(authorization: &str) -> Option<&str> {
     (!token.is_empty()).then_some(token)
 }
 
-fn principal_from_claims(claims: Map<String, Value>) -> Principal {
+fn principal_from_claims(claims: Map<String, Value>) -> Result<Principal, AuthError> {
     let subject = claims
         .get("sub")
         .and_then(Value::as_str)
         .unwrap_or(UNKNOWN_SUBJECT)
         .to_string();
     let roles = claim_values(&claims, "roles");
-    let run_id = claims
-        .get("run_id")
-        .and_then(Value::as_str)
-        .map(str::to_string);
-    Principal {
+    let run_scope = run_scope_of(&claims)?;
+    Ok(Principal {
         subject,
         roles,
-        run_id,
+        run_scope,
         claims,
-    }
+    })
+}
+
+/// The scope of a run token; `None` when there is no `run_id` claim. Any `run_id` claim makes
+/// the token a run token, so one that cannot be read refuses the token rather than widening it.
+fn run_scope_of(claims: &Map<String, Value>) -> Result<Option<RunScope>, AuthError> {
+    let Some(run_id) = claims.get(RUN_ID_CLAIM) else {
+        return Ok(None);
+    };
+    let run_id = run_id
+        .as_str()
+        .filter(|id| !id.is_empty())
+        .ok_or(AuthError::MalformedRunToken)?;
+    let stack = match claims.get(STACK_CLAIM) {
+        Some(Value::Array(items)) => items
+            .iter()
+            .map(|item| item.as_str().map(str::to_string))
+            .collect::<Option<Vec<String>>>()
+            .ok_or(AuthError::MalformedRunToken)?,
+        _ => return Err(AuthError::MalformedRunToken),
+    };
+    Ok(Some(RunScope {
+        run_id: run_id.to_string(),
+        stack,
+    }))
 }
 
 /// The values of a claim as strings: a JSON string is split on commas (each value trimmed,
@@ -180,12 +222,13 @@ pub struct TokenRequest<'a> {
     pub issued_at: i64,
     /// `exp`, unix seconds.
     pub expires_at: i64,
-    /// Adds a `run_id` claim (tokens handed to a run's script).
-    pub run_id: Option<&'a str>,
+    /// Makes a run token (handed to a run's script): the run and its recursion stack, its own
+    /// runbook last, become the `run_id` and `rbk_stack` claims.
+    pub run: Option<&'a RunScope>,
 }
 
-/// Mints an HS256 token with `iss`, `aud`, `sub`, `iat`, `exp`, `roles` (an array) and, when
-/// given, `run_id`.
+/// Mints an HS256 token with `iss`, `aud`, `sub`, `iat`, `exp`, `roles` (an array) and, for a
+/// run token, `run_id` and `rbk_stack`.
 pub fn mint(secret: &[u8], request: &TokenRequest) -> String {
     let mut claims = Map::new();
     claims.insert("iss".into(), json!(request.issuer));
@@ -194,8 +237,9 @@ pub fn mint(secret: &[u8], request: &TokenRequest) -> String {
     claims.insert("iat".into(), json!(request.issued_at));
     claims.insert("exp".into(), json!(request.expires_at));
     claims.insert("roles".into(), json!(request.roles));
-    if let Some(run_id) = request.run_id {
-        claims.insert("run_id".into(), json!(run_id));
+    if let Some(run) = request.run {
+        claims.insert(RUN_ID_CLAIM.into(), json!(run.run_id));
+        claims.insert(STACK_CLAIM.into(), json!(run.stack));
     }
     jwt::encode(&claims, secret)
 }
@@ -336,7 +380,7 @@ mod tests {
             principal_with(json!({"sub": "alice", "roles": ["admin", "ops"], "team": "sre"}));
         assert_eq!(principal.subject, "alice");
         assert_eq!(principal.roles, strings(&["admin", "ops"]));
-        assert_eq!(principal.run_id, None);
+        assert_eq!(principal.run_scope, None);
         assert_eq!(principal.claims.get("team"), Some(&json!("sre")));
         assert_eq!(principal.claims.get("iss"), Some(&json!("dev-idp")));
     }
@@ -459,7 +503,7 @@ mod tests {
         let principal = Principal {
             subject: "s".into(),
             roles: strings(&["admin"]),
-            run_id: None,
+            run_scope: None,
             claims: Map::new(),
         };
         assert_eq!(
@@ -480,14 +524,14 @@ mod tests {
                 roles: &roles,
                 issued_at: NOW,
                 expires_at: NOW + 480 * 60,
-                run_id: None,
+                run: None,
             },
         );
         let principal =
             authenticate(Some(&format!("Bearer {token}")), SECRET, &validation()).unwrap();
         assert_eq!(principal.subject, "dev-user-1");
         assert_eq!(principal.roles, roles);
-        assert_eq!(principal.run_id, None);
+        assert_eq!(principal.run_scope, None);
         assert_eq!(
             principal.claims,
             object(json!({
@@ -502,8 +546,12 @@ mod tests {
     }
 
     #[test]
-    fn minted_run_token_carries_run_id_and_expires() {
+    fn minted_run_token_carries_run_id_stack_and_expires() {
         let roles = strings(&["admin"]);
+        let scope = RunScope {
+            run_id: "r1-1234".into(),
+            stack: strings(&["A.md", "B.md"]),
+        };
         let request = TokenRequest {
             issuer: "dev-idp",
             audience: "dev-api",
@@ -511,13 +559,17 @@ mod tests {
             roles: &roles,
             issued_at: NOW,
             expires_at: NOW + 60,
-            run_id: Some("r1-1234"),
+            run: Some(&scope),
         };
         let token = mint(SECRET, &request);
         let principal =
             authenticate(Some(&format!("Bearer {token}")), SECRET, &validation()).unwrap();
-        assert_eq!(principal.run_id.as_deref(), Some("r1-1234"));
+        assert_eq!(principal.run_scope, Some(scope));
         assert_eq!(principal.claims.get("run_id"), Some(&json!("r1-1234")));
+        assert_eq!(
+            principal.claims.get("rbk_stack"),
+            Some(&json!(["A.md", "B.md"]))
+        );
 
         let later = Validation {
             now: NOW + 91,
@@ -527,6 +579,34 @@ mod tests {
             authenticate(Some(&format!("Bearer {token}")), SECRET, &later),
             Err(AuthError::InvalidToken(JwtError::Expired))
         );
+    }
+
+    #[test]
+    fn a_run_id_claim_makes_a_run_token_that_must_be_well_formed() {
+        let principal = principal_with(json!({"run_id": "r1-x", "rbk_stack": []}));
+        assert_eq!(
+            principal.run_scope,
+            Some(RunScope {
+                run_id: "r1-x".into(),
+                stack: Vec::new()
+            })
+        );
+        for claims in [
+            json!({"run_id": "r1-x"}),
+            json!({"run_id": "r1-x", "rbk_stack": "A.md"}),
+            json!({"run_id": "r1-x", "rbk_stack": ["A.md", 3]}),
+            json!({"run_id": 7, "rbk_stack": []}),
+            json!({"run_id": "", "rbk_stack": []}),
+            json!({"run_id": null, "rbk_stack": []}),
+        ] {
+            let header = format!("Bearer {}", token_with(claims.clone()));
+            assert_eq!(
+                authenticate(Some(&header), SECRET, &validation()),
+                Err(AuthError::MalformedRunToken),
+                "{claims}"
+            );
+        }
+        assert_eq!(principal_with(json!({"rbk_stack": ["A.md"]})).run_scope, None);
     }
 
     #[test]
@@ -540,7 +620,7 @@ mod tests {
                 roles: &[],
                 issued_at: NOW,
                 expires_at: NOW + 60,
-                run_id: None,
+                run: None,
             },
         );
         let claims = jwt::decode(&token, SECRET, &validation()).unwrap();

@@ -141,6 +141,12 @@ pub const SETTINGS: &[Setting] = &[
         "",
         "comma-separated names of server variables never passed to scripts",
     ),
+    setting(
+        "MAX_SUBRUNS_PER_RUN",
+        "64",
+        "sub-runs alive at once in one run's tree that MAX_CONCURRENT_RUNS does not count \
+         (at least MAX_RECURSION_DEPTH)",
+    ),
 ];
 
 /// Why the configuration was refused.
@@ -207,6 +213,7 @@ pub struct Config {
     pub trusted_proxies: Vec<IpAddr>,
     /// Each setting's effective value and origin, secrets already hidden.
     pub items: Vec<(&'static str, String, Origin)>,
+    pub max_subruns_per_run: usize,
 }
 
 struct Reader<'a> {
@@ -378,6 +385,14 @@ impl Config {
                 reason: format!("{item:?} is not an IP address"),
             })?);
         }
+        // A chain as deep as MAX_RECURSION_DEPTH must fit in one tree's exemption.
+        let max_subruns_per_run = r.number::<usize>("MAX_SUBRUNS_PER_RUN", 1)?;
+        if max_subruns_per_run < max_recursion_depth {
+            return Err(ConfigError::Invalid {
+                name: "MAX_SUBRUNS_PER_RUN",
+                reason: format!("must be at least MAX_RECURSION_DEPTH ({max_recursion_depth})"),
+            });
+        }
         Ok(Config {
             max_concurrent_runs,
             cancel_grace,
@@ -410,6 +425,7 @@ impl Config {
             viewer_stall,
             secret_env_vars,
             items: r.items,
+            max_subruns_per_run,
         })
     }
 
@@ -491,6 +507,32 @@ mod tests {
         assert!(err.to_string().contains("ENABLE_LOGIN"));
         let err = config_with(&[("JWT_SECRET", SECRET), ("HEARTBEAT_SECONDS", "0")]).unwrap_err();
         assert!(err.to_string().contains("HEARTBEAT_SECONDS"));
+    }
+
+    #[test]
+    fn subruns_per_run_is_at_least_the_recursion_depth() {
+        let c = config_with(&[("JWT_SECRET", SECRET)]).unwrap();
+        assert_eq!(c.max_subruns_per_run, 64);
+        let c = config_with(&[
+            ("JWT_SECRET", SECRET),
+            ("MAX_RECURSION_DEPTH", "5"),
+            ("MAX_SUBRUNS_PER_RUN", "5"),
+        ])
+        .unwrap();
+        assert_eq!(c.max_subruns_per_run, 5);
+        let err = config_with(&[
+            ("JWT_SECRET", SECRET),
+            ("MAX_RECURSION_DEPTH", "5"),
+            ("MAX_SUBRUNS_PER_RUN", "4"),
+        ])
+        .unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "invalid MAX_SUBRUNS_PER_RUN: must be at least MAX_RECURSION_DEPTH (5)"
+        );
+        let err = config_with(&[("JWT_SECRET", SECRET), ("MAX_SUBRUNS_PER_RUN", "20")])
+            .unwrap_err();
+        assert!(err.to_string().contains("MAX_SUBRUNS_PER_RUN"), "{err}");
     }
 
     #[test]

@@ -11,11 +11,11 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use crate::app::App;
-use crate::auth::{self, Principal, TokenRequest};
+use crate::auth::{self, Principal, RunScope, TokenRequest};
 use crate::catalog::CatalogError;
 use crate::history::{self, HistoryEntry, StreamExcerpt};
 use crate::record::{self, RunRecord, RunStatus};
-use crate::run::{AdmitError, Run};
+use crate::run::{AdmitError, AdmitLimits, Run};
 use crate::runbook::{self, Runbook};
 use crate::runenv::{self, RequestVars, SystemValues};
 use crate::runlog::{Outcome, RunLog, Stream};
@@ -59,6 +59,7 @@ pub struct ExecuteRequest {
     pub principal: Principal,
     pub vars: RequestVars,
     pub correlation_id: Option<String>,
+    /// The callers' runbooks, outermost first: from the run token for a sub-runbook call.
     pub recursion_stack: Vec<String>,
 }
 
@@ -113,21 +114,19 @@ pub fn start(app: &Arc<App>, req: ExecuteRequest) -> Result<Arc<Run>, ExecError>
     let book = runbook::parse(&content);
     authorize(app, &path, &book, &req.principal)?;
     let run_id = format!("{}-{}", app.config.instance_id, uuid::Uuid::new_v4());
-    // A sub-runbook call of a running run does not count against MAX_CONCURRENT_RUNS, so
-    // chains cannot starve.
-    let is_subcall = !req.recursion_stack.is_empty()
-        && req
-            .principal
-            .run_id
-            .as_deref()
-            .is_some_and(|parent| app.runs.is_running(parent));
+    // A sub-runbook call made with a running run's token does not count against
+    // MAX_CONCURRENT_RUNS (so chains cannot starve) up to MAX_SUBRUNS_PER_RUN per tree.
+    let parent = req.principal.run_scope.as_ref().map(|s| s.run_id.as_str());
     app.runs
         .admit(
             &run_id,
             &req.file,
-            !is_subcall,
-            app.config.max_concurrent_runs,
-            book.concurrency_max,
+            parent,
+            &AdmitLimits {
+                max_total: app.config.max_concurrent_runs,
+                max_subruns: app.config.max_subruns_per_run,
+                per_runbook: book.concurrency_max,
+            },
         )
         .map_err(ExecError::Admission)?;
     let started = launch(app, req, &path, &book, &run_id);
@@ -229,6 +228,12 @@ fn launch(
     let now = chrono::Utc::now().timestamp();
     let deadline =
         now + (app.config.script_timeout + app.config.cancel_grace).as_secs() as i64 + 60;
+    let mut stack = req.recursion_stack.clone();
+    stack.push(req.file.clone());
+    let scope = RunScope {
+        run_id: run_id.to_string(),
+        stack,
+    };
     let run_token = auth::mint(
         &app.secret,
         &TokenRequest {
@@ -238,12 +243,10 @@ fn launch(
             roles: &req.principal.roles,
             issued_at: now,
             expires_at: deadline,
-            run_id: Some(run_id),
+            run: Some(&scope),
         },
     );
-    let mut stack = req.recursion_stack.clone();
-    stack.push(req.file.clone());
-    let stack_json = serde_json::to_string(&stack).unwrap_or_else(|_| "[]".into());
+    let stack_json = serde_json::to_string(&scope.stack).unwrap_or_else(|_| "[]".into());
     let correlation_id = req
         .correlation_id
         .clone()

@@ -1,6 +1,7 @@
 //! A run: one execution of a runbook, with its record, its log and its cancel switch; and the
 //! `Registry` of every known run, which also admits new runs against the concurrency limits
-//! (the check and the reservation happen under one lock).
+//! (the check and the reservation happen under one lock) and knows which run started which
+//! through a run token (the tree of sub-runs under each root run).
 
 use std::collections::HashMap;
 use std::fmt;
@@ -148,11 +149,32 @@ impl fmt::Display for AdmitError {
 
 impl std::error::Error for AdmitError {}
 
+/// The limits a new run is admitted against.
+#[derive(Debug, Clone, Copy)]
+pub struct AdmitLimits {
+    /// MAX_CONCURRENT_RUNS: counted runs at once.
+    pub max_total: usize,
+    /// MAX_SUBRUNS_PER_RUN: uncounted sub-runs alive at once in one root run's tree.
+    pub max_subruns: usize,
+    /// The runbook's `# Concurrency` max.
+    pub per_runbook: Option<u32>,
+}
+
+/// Where a run started in this process sits among sub-runbook calls.
+struct Lineage {
+    /// The run whose run token started it.
+    parent: Option<String>,
+    /// The first run of its tree (itself for a run a user started).
+    root: String,
+}
+
 #[derive(Default)]
 struct Inner {
     runs: HashMap<String, Arc<Run>>,
     /// Running run id -> (runbook, counts against MAX_CONCURRENT_RUNS).
     running: HashMap<String, (String, bool)>,
+    /// Run id -> its parent and root, for runs admitted since the server started.
+    lineage: HashMap<String, Lineage>,
 }
 
 /// Every run this server knows, and which of them are running.
@@ -162,17 +184,45 @@ pub struct Registry {
 }
 
 impl Registry {
-    /// Reserves a running slot for `run_id` or says why not. `counted`: false for sub-runbook
-    /// calls of a running run, which the global limit does not apply to.
+    /// Reserves a running slot for `run_id` or says why not. `parent`: the run whose run token
+    /// asks for this one. A sub-run of a running parent is exempt from `max_total` while fewer
+    /// than `max_subruns` exempt runs are alive in the parent's tree; beyond that, and for every
+    /// other run, it counts like any run.
     pub fn admit(
         &self,
         run_id: &str,
         runbook: &str,
-        counted: bool,
-        max_total: usize,
-        per_runbook: Option<u32>,
+        parent: Option<&str>,
+        limits: &AdmitLimits,
     ) -> Result<(), AdmitError> {
         let mut inner = lock(&self.inner);
+        let inner = &mut *inner;
+        let parent = parent.filter(|p| inner.running.contains_key(*p));
+        let root = parent.map(|p| {
+            inner
+                .lineage
+                .get(p)
+                .map_or_else(|| p.to_string(), |l| l.root.clone())
+        });
+        let counted = match &root {
+            None => true,
+            Some(root) => {
+                let exempt_in_tree = inner
+                    .running
+                    .iter()
+                    .filter(|(id, (_, counted))| {
+                        !counted
+                            && inner
+                                .lineage
+                                .get(id.as_str())
+                                .is_some_and(|l| &l.root == root)
+                    })
+                    .count();
+                exempt_in_tree >= limits.max_subruns
+            }
+        };
+        let max_total = limits.max_total;
+        let per_runbook = limits.per_runbook;
         if counted {
             let total = inner.running.values().filter(|(_, c)| *c).count();
             if total >= max_total {
@@ -193,12 +243,37 @@ impl Registry {
         inner
             .running
             .insert(run_id.to_string(), (runbook.to_string(), counted));
+        inner.lineage.insert(
+            run_id.to_string(),
+            Lineage {
+                parent: parent.map(str::to_string),
+                root: root.unwrap_or_else(|| run_id.to_string()),
+            },
+        );
         Ok(())
     }
 
-    /// Frees a running slot.
+    /// Frees a running slot (and forgets the lineage of a run that never came to exist).
     pub fn release(&self, run_id: &str) {
-        lock(&self.inner).running.remove(run_id);
+        let mut inner = lock(&self.inner);
+        inner.running.remove(run_id);
+        if !inner.runs.contains_key(run_id) {
+            inner.lineage.remove(run_id);
+        }
+    }
+
+    /// Whether `id` is `ancestor` or was started, directly or down a chain of sub-runbook
+    /// calls, with a run token of `ancestor`.
+    pub fn descends_from(&self, id: &str, ancestor: &str) -> bool {
+        let inner = lock(&self.inner);
+        let mut current = Some(id);
+        while let Some(run) = current {
+            if run == ancestor {
+                return true;
+            }
+            current = inner.lineage.get(run).and_then(|l| l.parent.as_deref());
+        }
+        false
     }
 
     pub fn insert(&self, run: Arc<Run>) {
@@ -210,7 +285,9 @@ impl Registry {
     }
 
     pub fn forget(&self, id: &str) {
-        lock(&self.inner).runs.remove(id);
+        let mut inner = lock(&self.inner);
+        inner.runs.remove(id);
+        inner.lineage.remove(id);
     }
 
     pub fn is_running(&self, id: &str) -> bool {
@@ -240,5 +317,75 @@ impl Registry {
             .keys()
             .filter_map(|id| inner.runs.get(id).cloned())
             .collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn limits(max_total: usize, max_subruns: usize) -> AdmitLimits {
+        AdmitLimits {
+            max_total,
+            max_subruns,
+            per_runbook: None,
+        }
+    }
+
+    #[test]
+    fn sub_runs_are_exempt_up_to_the_cap_of_their_tree() {
+        let runs = Registry::default();
+        let l = limits(2, 2);
+        runs.admit("root", "A.md", None, &l).unwrap();
+        // Two exempt sub-runs: one child, one grandchild (the same tree).
+        runs.admit("c1", "B.md", Some("root"), &l).unwrap();
+        runs.admit("g1", "C.md", Some("c1"), &l).unwrap();
+        // Beyond the cap a sub-run counts: one slot of MAX_CONCURRENT_RUNS is left.
+        runs.admit("c2", "B.md", Some("root"), &l).unwrap();
+        assert!(matches!(
+            runs.admit("c3", "B.md", Some("g1"), &l),
+            Err(AdmitError::TooManyRuns { limit: 2 })
+        ));
+        assert!(matches!(
+            runs.admit("other", "A.md", None, &l),
+            Err(AdmitError::TooManyRuns { .. })
+        ));
+        // An exempt run ending frees a place in the tree.
+        runs.release("g1");
+        runs.admit("c4", "B.md", Some("c2"), &l).unwrap();
+        assert!(runs.descends_from("c4", "root"));
+    }
+
+    #[test]
+    fn trees_have_separate_caps_and_a_finished_parent_gives_no_exemption() {
+        let runs = Registry::default();
+        let l = limits(2, 1);
+        runs.admit("r1", "A.md", None, &l).unwrap();
+        runs.admit("r2", "A.md", None, &l).unwrap();
+        runs.admit("r1-sub", "B.md", Some("r1"), &l).unwrap();
+        runs.admit("r2-sub", "B.md", Some("r2"), &l).unwrap();
+        assert!(runs.admit("r1-sub2", "B.md", Some("r1"), &l).is_err());
+        runs.release("r1");
+        runs.release("r1-sub");
+        // r1 is over: its token starts an ordinary, counted run (r2 holds the other slot).
+        runs.admit("late", "B.md", Some("r1"), &l).unwrap();
+        assert!(!runs.descends_from("late", "r1"));
+        assert!(runs.admit("late2", "B.md", Some("r1"), &l).is_err());
+    }
+
+    #[test]
+    fn descends_from_follows_parents_only() {
+        let runs = Registry::default();
+        let l = limits(10, 10);
+        runs.admit("a", "A.md", None, &l).unwrap();
+        runs.admit("b", "B.md", Some("a"), &l).unwrap();
+        runs.admit("c", "C.md", Some("b"), &l).unwrap();
+        runs.admit("x", "X.md", None, &l).unwrap();
+        assert!(runs.descends_from("a", "a"));
+        assert!(runs.descends_from("c", "a"));
+        assert!(runs.descends_from("c", "b"));
+        assert!(!runs.descends_from("a", "b"));
+        assert!(!runs.descends_from("x", "a"));
+        assert!(!runs.descends_from("unknown", "a"));
     }
 }

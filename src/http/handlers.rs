@@ -97,6 +97,7 @@ pub fn handle(
     } else {
         None
     };
+    check_run_scope(app, &route, principal.as_ref(), incoming)?;
     let principal = principal.as_ref();
     match (route, principal) {
         (Route::WebPage, _) => Ok(Reply::Text(
@@ -146,6 +147,48 @@ fn authenticate(app: &App, incoming: &Incoming, query_token: bool) -> Result<Pri
     })
 }
 
+/// A run token works only on the routes it is made for (`Route::allows_run_token`), on open
+/// routes too (it cannot be turned into a dev-login token), and only while its run is going.
+/// Which runs it reads is decided in `runs`; an execute takes its recursion stack from it.
+fn check_run_scope(
+    app: &App,
+    route: &Route,
+    principal: Option<&Principal>,
+    incoming: &Incoming,
+) -> Result<(), ApiError> {
+    let presented;
+    let principal = match principal {
+        Some(p) => p,
+        None => {
+            // An open route: only a valid run token in the header matters here.
+            let Some(header) = incoming.header("authorization") else {
+                return Ok(());
+            };
+            match auth::authenticate(Some(header), &app.secret, &app.token_validation()) {
+                Ok(p) => {
+                    presented = p;
+                    &presented
+                }
+                Err(_) => return Ok(()),
+            }
+        }
+    };
+    let Some(scope) = &principal.run_scope else {
+        return Ok(());
+    };
+    if !app.runs.is_running(&scope.run_id) {
+        return Err(ApiError::Unauthorized(
+            "the run this token belongs to has ended".into(),
+        ));
+    }
+    if !route.allows_run_token() {
+        return Err(ApiError::Forbidden(
+            "a run token may only execute runbooks and read its own run and its sub-runs".into(),
+        ));
+    }
+    Ok(())
+}
+
 fn dev_login(app: &App, request: &mut tiny_http::Request) -> Result<Reply, ApiError> {
     if !app.config.enable_login {
         return Err(ApiError::NotFound(
@@ -186,7 +229,7 @@ fn dev_login(app: &App, request: &mut tiny_http::Request) -> Result<Reply, ApiEr
             roles: &roles,
             issued_at: now.timestamp(),
             expires_at: expires.timestamp(),
-            run_id: None,
+            run: None,
         },
     );
     Ok(Reply::Json(
@@ -292,10 +335,15 @@ fn execute(
     request: &mut tiny_http::Request,
 ) -> Result<Reply, ApiError> {
     let vars = env_vars_body(request)?;
-    let recursion_stack = incoming
-        .header("x-recursion-stack")
-        .and_then(|h| serde_json::from_str::<Vec<String>>(h).ok())
-        .unwrap_or_default();
+    // A run token's stack is the truth; the header is believed only from user tokens, which get
+    // no exemption from MAX_CONCURRENT_RUNS for it.
+    let recursion_stack = match &principal.run_scope {
+        Some(scope) => scope.stack.clone(),
+        None => incoming
+            .header("x-recursion-stack")
+            .and_then(|h| serde_json::from_str::<Vec<String>>(h).ok())
+            .unwrap_or_default(),
+    };
     let correlation_id = incoming
         .header("x-correlation-id")
         .map(|c| {

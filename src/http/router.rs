@@ -54,6 +54,20 @@ impl Route {
         matches!(self, Route::RunEvents(_) | Route::RunDownload(_))
     }
 
+    /// What a run token (one minted for a run's script) may do: execute sub-runbooks and read
+    /// runs (which ones is decided by run visibility). Anything else with it is 403.
+    pub fn allows_run_token(&self) -> bool {
+        matches!(
+            self,
+            Route::Execute(_)
+                | Route::ListRuns
+                | Route::GetRun(_)
+                | Route::RunEvents(_)
+                | Route::RunLogs(_)
+                | Route::RunDownload(_)
+        )
+    }
+
     /// Routes under /api need a token.
     pub fn needs_token(&self) -> bool {
         !matches!(
@@ -136,5 +150,33 @@ mod tests {
             route("POST", "/api/runs/x"),
             Err(ApiError::MethodNotAllowed(["GET", "DELETE"]))
         ));
+    }
+
+    #[test]
+    fn run_tokens_may_only_execute_and_read_runs() {
+        let allowed = [
+            ("POST", "/api/runbooks/a.md/execute"),
+            ("GET", "/api/runs"),
+            ("GET", "/api/runs/x"),
+            ("HEAD", "/api/runs/x/events"),
+            ("GET", "/api/runs/x/logs"),
+            ("GET", "/api/runs/x/logs/download"),
+        ];
+        for (method, path) in allowed {
+            assert!(route(method, path).unwrap().allows_run_token(), "{path}");
+        }
+        let refused = [
+            ("GET", "/"),
+            ("POST", "/dev-login"),
+            ("GET", "/api/config"),
+            ("GET", "/api/runbooks"),
+            ("GET", "/api/runbooks/a.md"),
+            ("GET", "/api/runbooks/a.md/required-env"),
+            ("PATCH", "/api/runbooks/a.md/validate"),
+            ("DELETE", "/api/runs/x"),
+        ];
+        for (method, path) in refused {
+            assert!(!route(method, path).unwrap().allows_run_token(), "{path}");
+        }
     }
 }

@@ -1,6 +1,7 @@
 //! The `/api/runs` endpoints: list, show, cancel, follow (SSE with resume), lines, download.
 //! A run is visible to the user who started it and to anyone whose token satisfies its
-//! runbook's Required Claims; a run id alone is not a key.
+//! runbook's Required Claims; a run id alone is not a key. A run token sees only its own run
+//! and the runs started under it.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -24,6 +25,9 @@ const DEFAULT_TAIL_LINES: usize = 500;
 /// Whether `principal` may see and cancel runs of `runbook` started by `owner`. `cache` keeps
 /// the verdict per runbook for one request.
 fn may_see(app: &App, principal: &Principal, run: &Run, cache: &mut HashMap<String, bool>) -> bool {
+    if let Some(scope) = &principal.run_scope {
+        return app.runs.descends_from(&run.id, &scope.run_id);
+    }
     if run.user == principal.subject {
         return true;
     }
@@ -52,10 +56,12 @@ fn visible_run(app: &App, principal: &Principal, id: &str) -> Result<Arc<Run>, A
     }
     let run = app.runs.get(id).ok_or_else(not_found)?;
     if !may_see(app, principal, &run, &mut HashMap::new()) {
-        return Err(ApiError::Forbidden(
+        return Err(ApiError::Forbidden(if principal.run_scope.is_some() {
+            "a run token may read only its own run and its sub-runs".into()
+        } else {
             "this run belongs to another user and the runbook's Required Claims (RBAC) are not met"
-                .into(),
-        ));
+                .into()
+        }));
     }
     Ok(run)
 }

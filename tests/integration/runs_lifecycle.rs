@@ -155,11 +155,12 @@ fn run_ids_of(runs: &[Value]) -> BTreeSet<String> {
         .collect()
 }
 
-/// A token like the one the server gives a run's script: the caller's subject and roles plus a
-/// `run_id` claim.
-fn run_token(run_id: &str) -> String {
+/// A token like the one the server gives a run's script: the caller's subject and roles plus
+/// `run_id` and `rbk_stack` claims.
+fn run_token(run_id: &str, stack: &[&str]) -> String {
     let mut c = claims("dev-tester", json!(["developer"]));
     c["run_id"] = json!(run_id);
+    c["rbk_stack"] = json!(stack);
     sign_hs256(&c, TEST_SECRET.as_bytes())
 }
 
@@ -204,14 +205,8 @@ fn executes_beyond_max_concurrent_runs_get_429() {
     );
     assert!(server.history_entries("Quick.md").is_empty());
 
-    // A sub-runbook call (recursion stack + the run token of a running run) is not counted.
-    let sub = server.execute_raw(
-        "Quick.md",
-        "",
-        &run_token(&r1),
-        json!({}),
-        &[("X-Recursion-Stack", "[\"Gated.md\"]")],
-    );
+    // A sub-runbook call (the run token of a running run) is not counted.
+    let sub = server.execute_raw("Quick.md", "", &run_token(&r1, &["Gated.md"]), json!({}), &[]);
     assert_eq!(sub.status, 200, "{}", sub.text());
     assert_eq!(sub.json()["stdout"], json!("quick\n"));
 
@@ -228,7 +223,7 @@ fn executes_beyond_max_concurrent_runs_get_429() {
 }
 
 #[test]
-fn a_finished_runs_token_is_not_exempt_from_the_limit() {
+fn a_finished_runs_token_is_refused() {
     let server = Server::start(
         ServerOpts::new()
             .runbook("Gated.md", gated("Gated"))
@@ -252,11 +247,12 @@ fn a_finished_runs_token_is_not_exempt_from_the_limit() {
     let resp = server.execute_raw(
         "Quick.md",
         "",
-        &run_token(&finished_id),
+        &run_token(&finished_id, &["Quick.md"]),
         json!({}),
-        &[("X-Recursion-Stack", "[\"Quick.md\"]")],
+        &[],
     );
-    assert_eq!(resp.status, 429, "{}", resp.text());
+    assert_eq!(resp.status, 401, "{}", resp.text());
+    assert!(resp.text().contains("the run this token belongs to has ended"));
     gate.open();
     server.wait_finished(&running, &token, RUN_TIMEOUT);
 }
