@@ -49,7 +49,7 @@ pub enum AuthError {
     InvalidToken(JwtError),
     /// A signed token with a `run_id` claim that is not a string, or without a recursion stack
     /// (`rbk_stack`, a list of strings).
-    MalformedRunToken,
+    BadRunScope,
 }
 
 impl fmt::Display for AuthError {
@@ -57,7 +57,7 @@ impl fmt::Display for AuthError {
         match self {
             AuthError::MissingToken => f.write_str("missing bearer token"),
             AuthError::InvalidToken(reason) => write!(f, "invalid token: {reason}"),
-            AuthError::MalformedRunToken => f.write_str(
+            AuthError::BadRunScope => f.write_str(
                 "invalid token: a run token needs a string run_id and a rbk_stack list of strings",
             ),
         }
@@ -67,7 +67,7 @@ impl fmt::Display for AuthError {
 impl std::error::Error for AuthError {
     fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
         match self {
-            AuthError::MissingToken | AuthError::MalformedRunToken => None,
+            AuthError::MissingToken | AuthError::BadRunScope => None,
             AuthError::InvalidToken(reason) => Some(reason),
         }
     }
@@ -122,14 +122,14 @@ fn run_scope_of(claims: &Map<String, Value>) -> Result<Option<RunScope>, AuthErr
     let run_id = run_id
         .as_str()
         .filter(|id| !id.is_empty())
-        .ok_or(AuthError::MalformedRunToken)?;
+        .ok_or(AuthError::BadRunScope)?;
     let stack = match claims.get(STACK_CLAIM) {
         Some(Value::Array(items)) => items
             .iter()
             .map(|item| item.as_str().map(str::to_string))
             .collect::<Option<Vec<String>>>()
-            .ok_or(AuthError::MalformedRunToken)?,
-        _ => return Err(AuthError::MalformedRunToken),
+            .ok_or(AuthError::BadRunScope)?,
+        _ => return Err(AuthError::BadRunScope),
     };
     Ok(Some(RunScope {
         run_id: run_id.to_string(),
@@ -602,11 +602,14 @@ mod tests {
             let header = format!("Bearer {}", token_with(claims.clone()));
             assert_eq!(
                 authenticate(Some(&header), SECRET, &validation()),
-                Err(AuthError::MalformedRunToken),
+                Err(AuthError::BadRunScope),
                 "{claims}"
             );
         }
-        assert_eq!(principal_with(json!({"rbk_stack": ["A.md"]})).run_scope, None);
+        assert_eq!(
+            principal_with(json!({"rbk_stack": ["A.md"]})).run_scope,
+            None
+        );
     }
 
     #[test]

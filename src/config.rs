@@ -530,8 +530,8 @@ mod tests {
             err.to_string(),
             "invalid MAX_SUBRUNS_PER_RUN: must be at least MAX_RECURSION_DEPTH (5)"
         );
-        let err = config_with(&[("JWT_SECRET", SECRET), ("MAX_SUBRUNS_PER_RUN", "20")])
-            .unwrap_err();
+        let err =
+            config_with(&[("JWT_SECRET", SECRET), ("MAX_SUBRUNS_PER_RUN", "20")]).unwrap_err();
         assert!(err.to_string().contains("MAX_SUBRUNS_PER_RUN"), "{err}");
     }
 

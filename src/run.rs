@@ -127,8 +127,15 @@ impl Run {
 #[derive(Debug)]
 #[non_exhaustive]
 pub enum AdmitError {
-    TooManyRuns { limit: usize },
-    RunbookBusy { max: u32, running: Vec<String> },
+    TooManyRuns {
+        limit: usize,
+    },
+    RunbookBusy {
+        max: u32,
+        running: Vec<String>,
+    },
+    /// The run whose token asks for a sub-run is over.
+    ParentEnded,
 }
 
 impl fmt::Display for AdmitError {
@@ -143,6 +150,7 @@ impl fmt::Display for AdmitError {
                 "this runbook allows {max} concurrent run(s); running: {}",
                 running.join(", ")
             ),
+            AdmitError::ParentEnded => f.write_str("the run this token belongs to has ended"),
         }
     }
 }
@@ -185,9 +193,9 @@ pub struct Registry {
 
 impl Registry {
     /// Reserves a running slot for `run_id` or says why not. `parent`: the run whose run token
-    /// asks for this one. A sub-run of a running parent is exempt from `max_total` while fewer
-    /// than `max_subruns` exempt runs are alive in the parent's tree; beyond that, and for every
-    /// other run, it counts like any run.
+    /// asks for this one, which must still be running. A sub-run is exempt from `max_total`
+    /// while fewer than `max_subruns` exempt runs are alive in the parent's tree; beyond that,
+    /// and for every other run, it counts like any run.
     pub fn admit(
         &self,
         run_id: &str,
@@ -197,7 +205,9 @@ impl Registry {
     ) -> Result<(), AdmitError> {
         let mut inner = lock(&self.inner);
         let inner = &mut *inner;
-        let parent = parent.filter(|p| inner.running.contains_key(*p));
+        if parent.is_some_and(|p| !inner.running.contains_key(p)) {
+            return Err(AdmitError::ParentEnded);
+        }
         let root = parent.map(|p| {
             inner
                 .lineage
@@ -357,7 +367,7 @@ mod tests {
     }
 
     #[test]
-    fn trees_have_separate_caps_and_a_finished_parent_gives_no_exemption() {
+    fn trees_have_separate_caps_and_a_finished_parent_starts_nothing() {
         let runs = Registry::default();
         let l = limits(2, 1);
         runs.admit("r1", "A.md", None, &l).unwrap();
@@ -367,10 +377,17 @@ mod tests {
         assert!(runs.admit("r1-sub2", "B.md", Some("r1"), &l).is_err());
         runs.release("r1");
         runs.release("r1-sub");
-        // r1 is over: its token starts an ordinary, counted run (r2 holds the other slot).
-        runs.admit("late", "B.md", Some("r1"), &l).unwrap();
+        // r1 is over: its token starts nothing; r2's tree has its own cap.
+        assert!(matches!(
+            runs.admit("late", "B.md", Some("r1"), &l),
+            Err(AdmitError::ParentEnded)
+        ));
         assert!(!runs.descends_from("late", "r1"));
-        assert!(runs.admit("late2", "B.md", Some("r1"), &l).is_err());
+        runs.admit("r2-counted", "B.md", Some("r2"), &l).unwrap();
+        assert!(matches!(
+            runs.admit("r2-more", "B.md", Some("r2"), &l),
+            Err(AdmitError::TooManyRuns { .. })
+        ));
     }
 
     #[test]

@@ -75,6 +75,9 @@ impl From<ExecError> for ApiError {
             ExecError::Admission(e @ AdmitError::TooManyRuns { .. }) => {
                 ApiError::TooManyRequests(e.to_string())
             }
+            ExecError::Admission(e @ AdmitError::ParentEnded) => {
+                ApiError::Unauthorized(e.to_string())
+            }
             ExecError::Admission(ref e @ AdmitError::RunbookBusy { ref running, .. }) => {
                 ApiError::RunbookBusy {
                     message: e.to_string(),

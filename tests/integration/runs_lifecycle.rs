@@ -206,7 +206,13 @@ fn executes_beyond_max_concurrent_runs_get_429() {
     assert!(server.history_entries("Quick.md").is_empty());
 
     // A sub-runbook call (the run token of a running run) is not counted.
-    let sub = server.execute_raw("Quick.md", "", &run_token(&r1, &["Gated.md"]), json!({}), &[]);
+    let sub = server.execute_raw(
+        "Quick.md",
+        "",
+        &run_token(&r1, &["Gated.md"]),
+        json!({}),
+        &[],
+    );
     assert_eq!(sub.status, 200, "{}", sub.text());
     assert_eq!(sub.json()["stdout"], json!("quick\n"));
 
@@ -252,7 +258,9 @@ fn a_finished_runs_token_is_refused() {
         &[],
     );
     assert_eq!(resp.status, 401, "{}", resp.text());
-    assert!(resp.text().contains("the run this token belongs to has ended"));
+    assert!(resp
+        .text()
+        .contains("the run this token belongs to has ended"));
     gate.open();
     server.wait_finished(&running, &token, RUN_TIMEOUT);
 }

@@ -208,7 +208,13 @@ fn a_run_token_reads_only_its_own_run_and_its_sub_runs() {
     // The sub-run's token dies with the sub-run; the parent's lives on.
     release(&dir, &sub);
     server.wait_finished(&sub, &user, RUN_TIMEOUT);
-    let resp = server.call("GET", &format!("/api/runs/{sub}"), Some(&sub_token), &[], None);
+    let resp = server.call(
+        "GET",
+        &format!("/api/runs/{sub}"),
+        Some(&sub_token),
+        &[],
+        None,
+    );
     assert_eq!(resp.status, 401, "{}", resp.text());
     assert_eq!(resp.json()["success"], json!(false));
     assert!(
@@ -244,7 +250,8 @@ fn a_run_token_reads_only_its_own_run_and_its_sub_runs() {
 
 #[test]
 fn a_run_tokens_stack_cannot_be_shortened_by_a_header() {
-    let (server, dir) = holder_server(&[("MAX_RECURSION_DEPTH", "2"), ("MAX_SUBRUNS_PER_RUN", "2")]);
+    let (server, dir) =
+        holder_server(&[("MAX_RECURSION_DEPTH", "2"), ("MAX_SUBRUNS_PER_RUN", "2")]);
     let user = dev_token();
     let root = server.start_run("Holder.md", &user, dir_env(&dir));
     let root_token = token_of(&dir, &root);
@@ -326,7 +333,12 @@ fn sub_runs_beyond_max_subruns_per_run_count_against_max_concurrent_runs() {
         assert!(retry.trim().parse::<u64>().is_ok(), "{retry:?}");
     }
     let resp = start_with(&server, "Third.md", &user, &dir);
-    assert_eq!(resp.status, 429, "the user's own runs are held too: {}", resp.text());
+    assert_eq!(
+        resp.status,
+        429,
+        "the user's own runs are held too: {}",
+        resp.text()
+    );
 
     // An exempt sub-run ending makes room in the tree again.
     release(&dir, &grandchild);
@@ -356,11 +368,23 @@ fn run_tokens_from_before_a_restart_are_refused() {
     let user = dev_token();
     let id = daemon.start_run("Holder.md", &user, dir_env(&dir));
     let run_token = token_of(&dir, &id);
-    let resp = daemon.call("GET", &format!("/api/runs/{id}"), Some(&run_token), &[], None);
+    let resp = daemon.call(
+        "GET",
+        &format!("/api/runs/{id}"),
+        Some(&run_token),
+        &[],
+        None,
+    );
     assert_eq!(resp.status, 200, "{}", resp.text());
     daemon.kill9();
     daemon.restart(&[]);
-    let resp = daemon.call("GET", &format!("/api/runs/{id}"), Some(&run_token), &[], None);
+    let resp = daemon.call(
+        "GET",
+        &format!("/api/runs/{id}"),
+        Some(&run_token),
+        &[],
+        None,
+    );
     assert_eq!(resp.status, 401, "{}", resp.text());
     assert!(resp.text().contains("has ended"), "{}", resp.text());
     release(&dir, &id);
