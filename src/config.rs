@@ -141,6 +141,11 @@ pub const SETTINGS: &[Setting] = &[
         "",
         "comma-separated names of server variables never passed to scripts",
     ),
+    setting(
+        "RUN_CGROUP",
+        "",
+        "cgroup v2 directory each run gets a child cgroup of, killed with the run (unset: runbookd's own cgroup when writable; off: process groups only)",
+    ),
 ];
 
 /// Why the configuration was refused.
@@ -205,6 +210,8 @@ pub struct Config {
     pub state_max_bytes: u64,
     pub run_log_max_bytes: u64,
     pub trusted_proxies: Vec<IpAddr>,
+    /// `RUN_CGROUP` as given: empty (default), `off` or a directory; resolved at start.
+    pub run_cgroup: String,
     /// Each setting's effective value and origin, secrets already hidden.
     pub items: Vec<(&'static str, String, Origin)>,
 }
@@ -378,7 +385,9 @@ impl Config {
                 reason: format!("{item:?} is not an IP address"),
             })?);
         }
+        let run_cgroup = r.text("RUN_CGROUP").trim().to_string();
         Ok(Config {
+            run_cgroup,
             max_concurrent_runs,
             cancel_grace,
             shutdown_grace,
