@@ -38,7 +38,10 @@ pub struct ProcStat {
 /// Parses a `/proc/<pid>/stat` line; None for a zombie or an unreadable line.
 pub fn parse_stat(pid: u32, stat: &str) -> Option<ProcStat> {
     // The command may hold spaces and parentheses: fields resume after the last ')'.
-    let fields: Vec<&str> = stat.get(stat.rfind(')')? + 1..)?.split_whitespace().collect();
+    let fields: Vec<&str> = stat
+        .get(stat.rfind(')')? + 1..)?
+        .split_whitespace()
+        .collect();
     // fields[0] is field 3 (state); pgrp is field 5, start time field 22.
     if matches!(fields.first(), Some(&"Z") | Some(&"X")) {
         return None;

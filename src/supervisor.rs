@@ -37,8 +37,7 @@ const NO_CGROUP: &str = "-";
 /// into the run's cgroup, then execs the interpreter; on failure prints why on stderr and exits
 /// as a shell would (127 not found, 126 not executable).
 pub fn child_helper_main(args: &[OsString]) -> i32 {
-    let (Some(soft), Some(cgroup), Some(program)) = (args.first(), args.get(1), args.get(2))
-    else {
+    let (Some(soft), Some(cgroup), Some(program)) = (args.first(), args.get(1), args.get(2)) else {
         eprintln!("runbookd: internal helper called without a program");
         return 2;
     };
