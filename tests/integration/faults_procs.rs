@@ -545,3 +545,48 @@ fn a_restart_kills_and_removes_the_cgroup_of_an_interrupted_run() {
     assert_eq!(record["status"], json!("interrupted"), "{record}");
     assert_all_gone(&guards, &cgroup, &id);
 }
+
+#[test]
+#[ignore = "needs root and cgroup v2; CI runs it"]
+fn setsid_escapees_die_when_the_script_exits() {
+    let cgroup = TestCgroup::create();
+    // The script exits once the test has seen the escapees alive.
+    let script = ESCAPING.replace("sleep 300\n", "") + &wait_for_gate("GATE");
+    let (server, token, gate, id) = start_gated_run(
+        ServerOpts::new().env("RUN_CGROUP", &cgroup.path()),
+        "Escape",
+        &script,
+    );
+    let (_, guards) = escapees(&server, &id, &token);
+    gate.open();
+    let record = server.wait_finished(&id, &token, RUN_TIMEOUT);
+    assert_eq!(record["status"], json!("succeeded"), "{record}");
+    assert_all_gone(&guards, &cgroup, &id);
+}
+
+#[test]
+#[ignore = "needs root and cgroup v2; CI runs it"]
+fn setsid_escapees_die_at_shutdown() {
+    let cgroup = TestCgroup::create();
+    let mut daemon = Daemon::start(
+        &[("Escape.md", Runbook::new("Escape", ESCAPING).render())],
+        &[
+            ("RUN_CGROUP", &cgroup.path()),
+            ("SHUTDOWN_GRACE_SECONDS", "5"),
+        ],
+    );
+    let token = dev_token();
+    let id = daemon.start_run("Escape.md", &token, json!({}));
+    let (pgid, guards) = escapees(&daemon, &id, &token);
+    let _group = GroupGuard(pgid);
+    daemon.sigterm();
+    assert!(
+        daemon.wait_exit(Duration::from_secs(30)).is_some(),
+        "the server did not stop"
+    );
+    assert_eq!(
+        stored_record(&daemon.runs_dir(), &id)["status"],
+        json!("interrupted")
+    );
+    assert_all_gone(&guards, &cgroup, &id);
+}
