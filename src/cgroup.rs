@@ -424,6 +424,21 @@ mod tests {
     }
 
     #[test]
+    fn without_cgroup_kill_every_listed_pid_is_killed() {
+        // A stand-in cgroup directory with no cgroup.kill, listing one process.
+        let dir = crate::test_dirs::TempDir::new("cgroup-fallback");
+        let mut sleeper = std::process::Command::new("sleep")
+            .arg("60")
+            .spawn()
+            .unwrap();
+        dir.write("cgroup.procs", format!("{}\n", sleeper.id()).as_bytes());
+        kill_members(dir.path()).unwrap();
+        let status = sleeper.wait().unwrap();
+        use std::os::unix::process::ExitStatusExt;
+        assert_eq!(status.signal(), Some(libc::SIGKILL));
+    }
+
+    #[test]
     fn leftovers_are_only_the_runs_own() {
         let dir = crate::test_dirs::TempDir::new("cgroup-leftover");
         let path = dir.path().join("runbookd-r1-x");
