@@ -32,6 +32,8 @@ pub struct App {
     pub runs_dir: PathBuf,
     /// Set once SIGTERM/SIGINT arrived: no new runs.
     pub shutting_down: AtomicBool,
+    /// Where runs get their own cgroup; None: process groups only.
+    pub run_cgroups: Option<crate::cgroup::Parent>,
 }
 
 impl App {

@@ -147,6 +147,11 @@ pub const SETTINGS: &[Setting] = &[
         "sub-runs alive at once in one run's tree that MAX_CONCURRENT_RUNS does not count \
          (at least MAX_RECURSION_DEPTH)",
     ),
+    setting(
+        "RUN_CGROUP",
+        "",
+        "cgroup v2 directory each run gets a child cgroup of, killed with the run (unset: runbookd's own cgroup when writable; off: process groups only)",
+    ),
 ];
 
 /// Why the configuration was refused.
@@ -211,6 +216,8 @@ pub struct Config {
     pub state_max_bytes: u64,
     pub run_log_max_bytes: u64,
     pub trusted_proxies: Vec<IpAddr>,
+    /// `RUN_CGROUP` as given: empty (default), `off` or a directory; resolved at start.
+    pub run_cgroup: String,
     /// Each setting's effective value and origin, secrets already hidden.
     pub items: Vec<(&'static str, String, Origin)>,
     pub max_subruns_per_run: usize,
@@ -393,7 +400,9 @@ impl Config {
                 reason: format!("must be at least MAX_RECURSION_DEPTH ({max_recursion_depth})"),
             });
         }
+        let run_cgroup = r.text("RUN_CGROUP").trim().to_string();
         Ok(Config {
+            run_cgroup,
             max_concurrent_runs,
             cancel_grace,
             shutdown_grace,

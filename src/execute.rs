@@ -188,6 +188,8 @@ fn launch(
         log_capped: false,
         pgid: None,
         pgid_start_ticks: None,
+        boot_id: None,
+        cgroup: None,
         error: None,
         errors: errors.clone(),
         warnings,
@@ -276,6 +278,7 @@ fn launch(
         cwd: work.cwd.clone(),
         env,
         nofile_soft: app.nofile_soft,
+        cgroup: app.run_cgroups.as_ref().map(|c| c.run_path(run_id)),
     };
     let child = match supervisor::spawn(&launch, log.clone(), Some(&run_token)) {
         Ok(child) => child,
@@ -297,6 +300,10 @@ fn launch(
     let record = run.update(|r| {
         r.pgid = Some(pgid);
         r.pgid_start_ticks = sys::process_start_ticks(pgid).ok();
+        r.boot_id = crate::leftover::boot_id().ok();
+        r.cgroup = child
+            .cgroup_path()
+            .map(|p| p.to_string_lossy().into_owned());
     });
     save_record(app, &record);
     let (cancel_tx, cancel_rx) = crossbeam_channel::unbounded();
@@ -424,6 +431,8 @@ fn conclude(
         r.error = outcome.error.clone();
         r.pgid = None;
         r.pgid_start_ticks = None;
+        r.boot_id = None;
+        r.cgroup = None;
     });
     save_record(app, &record);
     write_history(app, path, &run.id, log, &outcome, None);

@@ -1,5 +1,6 @@
 //! The server's life around its runs: loading run records at start (runs that were going
-//! become `interrupted` and their surviving process groups are killed), pruning old runs at
+//! become `interrupted`; their leftover cgroups are killed and removed, and their process groups
+//! killed only when `leftover::judge` proves them theirs), pruning old runs at
 //! start and hourly, and stopping running runs on shutdown.
 
 use std::path::Path;
@@ -7,6 +8,8 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use crate::app::App;
+use crate::cgroup;
+use crate::leftover::{self, Verdict};
 use crate::record::{self, RunStatus};
 use crate::run::Run;
 use crate::runlog::RunLog;
@@ -43,24 +46,64 @@ pub fn recover(app: &App) {
 /// Why a run the previous server left going is over.
 const INTERRUPTED_REASON: &str = "the server stopped while the run was going";
 
-/// Ends a run the previous server left going: kills what is left of its process group, then
-/// writes its record and history entry from what its log holds.
-fn settle_interrupted(app: &App, rec: &mut record::RunRecord, log_path: &Path) {
-    if let (Some(pgid), Some(ticks)) = (rec.pgid, rec.pgid_start_ticks) {
-        let survivors = sys::group_members_since(pgid, ticks);
-        if !survivors.is_empty() {
-            log::warn!(
-                "run {}: killing {} leftover process(es) of group {pgid}",
+/// Kills what a run the previous server left going has left: its cgroup (exact: named by the
+/// run id), and its process group when it is provably the run's. Returns why something was
+/// left alone, if it was.
+fn stop_leftovers(app: &App, rec: &record::RunRecord) -> Option<String> {
+    let cgroup_path = rec
+        .cgroup
+        .as_ref()
+        .map(std::path::PathBuf::from)
+        .or_else(|| app.run_cgroups.as_ref().map(|c| c.run_path(&rec.run_id)));
+    if let Some(path) = cgroup_path {
+        match cgroup::remove_leftover(&path, &rec.run_id) {
+            Ok(true) => log::warn!(
+                "run {}: killed and removed its leftover cgroup {}",
                 rec.run_id,
-                survivors.len()
-            );
-            let _ = sys::kill_group(pgid);
+                path.display()
+            ),
+            Ok(false) => {}
+            Err(e) => log::error!(
+                "run {}: cannot remove its leftover cgroup {}: {e}",
+                rec.run_id,
+                path.display()
+            ),
         }
     }
+    let (Some(pgid), Some(ticks)) = (rec.pgid, rec.pgid_start_ticks) else {
+        return None;
+    };
+    match leftover::judge(pgid, ticks, rec.boot_id.as_deref()) {
+        Verdict::Gone => None,
+        Verdict::Ours => {
+            log::warn!(
+                "run {}: killing the leftover processes of group {pgid}",
+                rec.run_id
+            );
+            let _ = sys::kill_group(pgid);
+            None
+        }
+        Verdict::NotOurs(why) => {
+            log::warn!(
+                "run {}: process group {pgid} not signalled: {why}",
+                rec.run_id
+            );
+            Some(format!("its process group {pgid} was not signalled: {why}"))
+        }
+    }
+}
+
+/// Ends a run the previous server left going: kills what is left of it (see
+/// `stop_leftovers`), then writes its record and history entry from what its log holds.
+fn settle_interrupted(app: &App, rec: &mut record::RunRecord, log_path: &Path) {
+    let reason = match stop_leftovers(app, rec) {
+        Some(left_alone) => format!("{INTERRUPTED_REASON}; {left_alone}"),
+        None => INTERRUPTED_REASON.to_string(),
+    };
     let finished = chrono::Utc::now();
     let outcome = crate::runlog::Outcome {
         return_code: -1,
-        error: Some(INTERRUPTED_REASON.into()),
+        error: Some(reason.clone()),
         timed_out: false,
         finished_at: finished,
     };
@@ -79,9 +122,11 @@ fn settle_interrupted(app: &App, rec: &mut record::RunRecord, log_path: &Path) {
     rec.finished_at = Some(finished);
     rec.duration_ms = Some((finished - rec.started_at).num_milliseconds().max(0) as u64);
     rec.return_code = Some(outcome.return_code);
-    rec.error = Some(INTERRUPTED_REASON.into());
+    rec.error = Some(reason.clone());
     rec.pgid = None;
     rec.pgid_start_ticks = None;
+    rec.boot_id = None;
+    rec.cgroup = None;
     if let Err(e) = record::save(&app.runs_dir, rec) {
         log::error!("run {}: cannot update its record: {e}", rec.run_id);
     }
@@ -98,7 +143,7 @@ fn settle_interrupted(app: &App, rec: &mut record::RunRecord, log_path: &Path) {
         &rec.run_id,
         &log,
         &outcome,
-        Some(&format!("runbookd: {INTERRUPTED_REASON}")),
+        Some(&format!("runbookd: {reason}")),
     );
 }
 

@@ -4,6 +4,7 @@
 mod app;
 mod auth;
 mod catalog;
+mod cgroup;
 mod chunker;
 mod cli;
 mod config;
@@ -11,6 +12,7 @@ mod execute;
 mod history;
 mod http;
 mod jwt;
+mod leftover;
 mod lifecycle;
 mod loglines;
 mod metrics;
@@ -49,6 +51,7 @@ enum StartError {
     Io(&'static str, std::io::Error),
     Catalog(catalog::CatalogError),
     Listen(String),
+    Cgroup(cgroup::CgroupError),
 }
 
 impl fmt::Display for StartError {
@@ -57,6 +60,7 @@ impl fmt::Display for StartError {
             StartError::Io(what, e) => write!(f, "{what}: {e}"),
             StartError::Catalog(e) => write!(f, "runbooks directory: {e}"),
             StartError::Listen(e) => write!(f, "cannot listen: {e}"),
+            StartError::Cgroup(e) => write!(f, "RUN_CGROUP: {e}"),
         }
     }
 }
@@ -154,6 +158,17 @@ fn start(config: Config) -> Result<(), StartError> {
             None
         }
     };
+    let run_cgroups = match cgroup::select(&config.run_cgroup) {
+        Ok(cgroup::Selection::Use(parent)) => {
+            log::info!("runs get their own cgroup under {}", parent.dir().display());
+            Some(parent)
+        }
+        Ok(cgroup::Selection::Off(why)) => {
+            log::warn!("runs are not placed in cgroups ({why}): a process that leaves its run's process group (setsid) can outlive the run");
+            None
+        }
+        Err(e) => return Err(StartError::Cgroup(e)),
+    };
     let server_env: HashMap<String, String> = std::env::vars().collect();
     let withheld = config.withheld_env_names();
     let script_base_env = server_env
@@ -179,6 +194,7 @@ fn start(config: Config) -> Result<(), StartError> {
         port: local.port(),
         runs_dir,
         shutting_down: AtomicBool::new(false),
+        run_cgroups,
     });
     lifecycle::recover(&app);
     lifecycle::prune(&app);

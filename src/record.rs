@@ -74,6 +74,13 @@ pub struct RunRecord {
     pub pgid: Option<u32>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub pgid_start_ticks: Option<u64>,
+    /// The boot the start time belongs to (`/proc/sys/kernel/random/boot_id`): after a
+    /// reboot the recorded ids name nothing of the run.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub boot_id: Option<String>,
+    /// The run's own cgroup (`<RUN_CGROUP>/runbookd-<run id>`) while it runs, if it has one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cgroup: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub error: Option<String>,
     #[serde(default)]

@@ -3,7 +3,8 @@
 //! `Outcome`. One reader thread per pipe appends to the log; a waiter thread learns of the main
 //! process's exit without reaping it, so the group id cannot be reused while the group is still
 //! being signalled. Descendants get `ORPHAN_GRACE_MS` to release the pipes, then the group is
-//! killed and the pipes abandoned.
+//! killed and the pipes abandoned. With a run cgroup, the script enters it before it execs, and
+//! the run's end kills and removes it, so descendants that left the group die too.
 
 use std::ffi::OsString;
 use std::fmt;
@@ -18,6 +19,7 @@ use std::time::{Duration, Instant};
 
 use crossbeam_channel::{select, Receiver};
 
+use crate::cgroup::{self, RunCgroup};
 use crate::chunker::{Chunker, HOLD_BACK_RELEASE};
 use crate::runlog::{Outcome, RunLog, Stream};
 use crate::sys::{self, ExitStatus, Readiness};
@@ -28,16 +30,28 @@ const SELF_EXE: &str = "/proc/self/exe";
 /// First argument that makes this binary act as the script-starting helper.
 pub const CHILD_HELPER_ARG: &str = "--runbookd-internal-exec";
 
-/// The helper's main: `--runbookd-internal-exec SOFT|- PROGRAM ARGS...`. Execs the
-/// interpreter; on failure prints why on stderr and exits as a shell would (127 not found, 126
-/// not executable).
+/// No run cgroup, as the helper's argument.
+const NO_CGROUP: &str = "-";
+
+/// The helper's main: `--runbookd-internal-exec SOFT|- CGROUP|- PROGRAM ARGS...`. Moves itself
+/// into the run's cgroup, then execs the interpreter; on failure prints why on stderr and exits
+/// as a shell would (127 not found, 126 not executable).
 pub fn child_helper_main(args: &[OsString]) -> i32 {
-    let (Some(soft), Some(program)) = (args.first(), args.get(1)) else {
+    let (Some(soft), Some(cgroup), Some(program)) = (args.first(), args.get(1), args.get(2)) else {
         eprintln!("runbookd: internal helper called without a program");
         return 2;
     };
+    if cgroup != NO_CGROUP {
+        if let Err(e) = cgroup::enter(std::path::Path::new(cgroup)) {
+            eprintln!(
+                "runbookd: cannot enter the run's cgroup {}: {e}",
+                cgroup.to_string_lossy()
+            );
+            return 1;
+        }
+    }
     let soft = soft.to_str().and_then(|s| s.parse::<u64>().ok());
-    let error = sys::exec_script_interpreter(soft, program, &args[2..]);
+    let error = sys::exec_script_interpreter(soft, program, &args[3..]);
     eprintln!(
         "runbookd: cannot run {}: {error}",
         program.to_string_lossy()
@@ -60,6 +74,8 @@ pub struct Launch {
     pub env: Vec<(String, String)>,
     /// Soft `RLIMIT_NOFILE` the child gets back (the server raises its own).
     pub nofile_soft: Option<u64>,
+    /// The run's own cgroup, created here and entered by the script before it execs.
+    pub cgroup: Option<PathBuf>,
 }
 
 /// Time limits of one run.
@@ -82,6 +98,8 @@ pub enum SpawnError {
     NotExecutable(io::Error),
     /// The server is out of descriptors or processes; trying later may work.
     Exhausted(io::Error),
+    /// The run's cgroup could not be created.
+    Cgroup(io::Error),
     Other(io::Error),
 }
 
@@ -91,6 +109,7 @@ impl fmt::Display for SpawnError {
             SpawnError::NotFound(e) => write!(f, "interpreter not found: {e}"),
             SpawnError::NotExecutable(e) => write!(f, "interpreter not executable: {e}"),
             SpawnError::Exhausted(e) => write!(f, "server out of resources: {e}"),
+            SpawnError::Cgroup(e) => write!(f, "cannot create the run's cgroup: {e}"),
             SpawnError::Other(e) => write!(f, "cannot start the script: {e}"),
         }
     }
@@ -130,6 +149,7 @@ pub struct Supervised {
     reader_done: Receiver<()>,
     stop_readers: Option<PipeWriter>,
     log: Arc<RunLog>,
+    cgroup: Option<RunCgroup>,
 }
 
 /// What a run's owner may ask of its supervisor while the main process runs.
@@ -152,6 +172,19 @@ impl Supervised {
     /// Process id of the main process, which is also the process-group id.
     pub fn pid(&self) -> u32 {
         self.pid
+    }
+
+    /// The run's own cgroup, if it has one.
+    pub fn cgroup_path(&self) -> Option<&std::path::Path> {
+        self.cgroup.as_ref().map(RunCgroup::path)
+    }
+
+    /// KILL to the group and to everything in the run's cgroup.
+    fn kill_all(&self) {
+        let _ = sys::kill_group(self.pid);
+        if let Some(cgroup) = &self.cgroup {
+            cgroup.kill();
+        }
     }
 
     /// Waits for the run to end (exit, timeout or `cancel`), cleans up the group, and returns
@@ -190,7 +223,7 @@ impl Supervised {
                     }
                     Ok(StopRequest::Kill) => {
                         stop.get_or_insert(Stop::Cancelled);
-                        let _ = sys::kill_group(pid);
+                        self.kill_all();
                         kill_at = Some(Instant::now() + Duration::from_secs(3600));
                     }
                     // Nobody can ask any more: only exit and timeout remain.
@@ -198,7 +231,7 @@ impl Supervised {
                 },
                 default(wait) => {
                     if kill_at.is_some() {
-                        let _ = sys::kill_group(pid);
+                        self.kill_all();
                         kill_at = Some(Instant::now() + Duration::from_secs(3600));
                     } else {
                         stop = Some(Stop::TimedOut);
@@ -226,13 +259,19 @@ impl Supervised {
                 Err(_) => break,
             }
         }
-        let _ = sys::kill_group(pid);
+        self.kill_all();
         // Readers still blocked on pipes held by an escaped descendant are told to stop.
         drop(self.stop_readers.take());
         for reader in self.readers.drain(..) {
             let _ = reader.join();
         }
         let reaped = self.child.wait();
+        // Whatever is left of the run (escapees of the group included) dies now.
+        if let Some(mut cgroup) = self.cgroup.take() {
+            if let Err(e) = cgroup.kill_and_remove() {
+                log::error!("cannot remove cgroup {}: {e}", cgroup.path().display());
+            }
+        }
         let return_code = match (status, reaped) {
             (Some(s), _) => s.return_code(),
             (None, Ok(s)) => exit_code_of(s),
@@ -282,10 +321,19 @@ pub fn spawn(
     let soft = launch
         .nofile_soft
         .map_or_else(|| "-".to_string(), |s| s.to_string());
+    let cgroup = match &launch.cgroup {
+        Some(path) => Some(RunCgroup::create(path).map_err(SpawnError::Cgroup)?),
+        None => None,
+    };
     let mut command = Command::new(SELF_EXE);
     command
         .arg(CHILD_HELPER_ARG)
         .arg(soft)
+        .arg(
+            cgroup
+                .as_ref()
+                .map_or_else(|| OsString::from(NO_CGROUP), |c| c.path().into()),
+        )
         .arg(&launch.program)
         .args(&launch.args)
         .current_dir(&launch.cwd)
@@ -338,6 +386,7 @@ pub fn spawn(
         reader_done: done_rx,
         stop_readers: Some(stop_write),
         log,
+        cgroup,
     })
 }
 

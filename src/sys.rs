@@ -48,6 +48,22 @@ pub fn signal_group(pgid: u32, signal: libc::c_int) -> io::Result<()> {
     }
 }
 
+/// Sends SIGKILL to one process. A process that is already gone is not an error.
+pub fn kill_process(pid: u32) -> io::Result<()> {
+    let pid =
+        libc::pid_t::try_from(pid).map_err(|_| io::Error::from(io::ErrorKind::InvalidInput))?;
+    if pid <= 1 {
+        return Err(io::Error::from(io::ErrorKind::InvalidInput));
+    }
+    // SAFETY: kill has no memory-safety preconditions; pid > 1 so it never targets a group,
+    // every process or init.
+    match check(unsafe { libc::kill(pid, libc::SIGKILL) }) {
+        Ok(_) => Ok(()),
+        Err(e) if e.raw_os_error() == Some(libc::ESRCH) => Ok(()),
+        Err(e) => Err(e),
+    }
+}
+
 /// Asks a group to stop: TERM, then CONT so that a stopped member still receives it.
 pub fn terminate_group(pgid: u32) -> io::Result<()> {
     signal_group(pgid, libc::SIGTERM)?;
@@ -245,37 +261,6 @@ pub fn process_start_ticks(pid: u32) -> io::Result<u64> {
         .nth(19)
         .and_then(|f| f.parse().ok())
         .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidData, "unreadable /proc stat"))
-}
-
-/// Processes of group `pgid` that started at or after `since_ticks` (so they belong to the run
-/// recorded with that start time, not to an unrelated group that reused the id).
-pub fn group_members_since(pgid: u32, since_ticks: u64) -> Vec<u32> {
-    let Ok(entries) = std::fs::read_dir("/proc") else {
-        return Vec::new();
-    };
-    let mut members = Vec::new();
-    for entry in entries.flatten() {
-        let Some(pid) = entry
-            .file_name()
-            .to_str()
-            .and_then(|n| n.parse::<u32>().ok())
-        else {
-            continue;
-        };
-        let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
-            continue;
-        };
-        let Some(fields) = stat.rfind(')').map(|i| &stat[i + 1..]) else {
-            continue;
-        };
-        let fields: Vec<&str> = fields.split_whitespace().collect();
-        let group = fields.get(2).and_then(|f| f.parse::<u32>().ok());
-        let start = fields.get(19).and_then(|f| f.parse::<u64>().ok());
-        if group == Some(pgid) && start.is_some_and(|s| s >= since_ticks) {
-            members.push(pid);
-        }
-    }
-    members
 }
 
 fn termination_set() -> io::Result<libc::sigset_t> {

@@ -1284,7 +1284,6 @@ fn systemd_unit_settings() {
         ("ProtectKernelTunables", "yes"),
         ("ProtectKernelModules", "yes"),
         ("ProtectKernelLogs", "yes"),
-        ("ProtectControlGroups", "yes"),
         ("RestrictSUIDSGID", "yes"),
         ("LockPersonality", "yes"),
         ("RestrictRealtime", "yes"),
@@ -1295,6 +1294,10 @@ fn systemd_unit_settings() {
         assert_eq!(one(key), value, "{key}");
     }
     assert!(!get("ReadWritePaths").is_empty());
+    // Runs get their own cgroups in the delegated subtree; ProtectControlGroups=yes would make
+    // it read-only.
+    assert_eq!(one("Delegate"), "yes");
+    assert!(get("ProtectControlGroups").is_empty());
 
     // Ordinary scripts keep the network.
     for key in ["PrivateNetwork", "IPAddressDeny", "MemoryDenyWriteExecute"] {
@@ -1428,7 +1431,7 @@ fn systemd_analyze_security_rates_the_unit() {
             .unwrap_or("")
     );
     assert!(
-        score <= 2.0,
-        "exposure {score} (was 1.7 when the unit was written):\n{text}"
+        score <= 2.5,
+        "exposure {score} (1.9 with Delegate=yes and without ProtectControlGroups):\n{text}"
     );
 }
