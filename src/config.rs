@@ -141,6 +141,11 @@ pub const SETTINGS: &[Setting] = &[
         "",
         "comma-separated names of server variables never passed to scripts",
     ),
+    setting(
+        "ADMIN_ROLES",
+        "admin",
+        "comma-separated roles whose holders may cancel other users' runs of runbooks whose Required Claims they meet",
+    ),
 ];
 
 /// Why the configuration was refused.
@@ -207,6 +212,8 @@ pub struct Config {
     pub trusted_proxies: Vec<IpAddr>,
     /// Each setting's effective value and origin, secrets already hidden.
     pub items: Vec<(&'static str, String, Origin)>,
+    /// Roles whose holders may cancel runs of other users (when they meet the claims).
+    pub admin_roles: Vec<String>,
 }
 
 struct Reader<'a> {
@@ -378,6 +385,13 @@ impl Config {
                 reason: format!("{item:?} is not an IP address"),
             })?);
         }
+        let admin_roles = r
+            .text("ADMIN_ROLES")
+            .split(',')
+            .map(str::trim)
+            .filter(|s| !s.is_empty())
+            .map(String::from)
+            .collect();
         Ok(Config {
             max_concurrent_runs,
             cancel_grace,
@@ -410,6 +424,7 @@ impl Config {
             viewer_stall,
             secret_env_vars,
             items: r.items,
+            admin_roles,
         })
     }
 

@@ -14,6 +14,7 @@ mod jwt;
 mod lifecycle;
 mod loglines;
 mod metrics;
+mod params;
 mod record;
 mod result_json;
 mod run;
