@@ -238,7 +238,10 @@ fn trim_entries(content: &mut Vec<u8>, max_entries: usize) -> bool {
             start
         }
     };
-    let starts: Vec<usize> = headed.iter().map(|&(start, _)| owned_start(start)).collect();
+    let starts: Vec<usize> = headed
+        .iter()
+        .map(|&(start, _)| owned_start(start))
+        .collect();
     let spans: Vec<(usize, usize)> = headed
         .iter()
         .enumerate()
@@ -250,7 +253,7 @@ fn trim_entries(content: &mut Vec<u8>, max_entries: usize) -> bool {
         if excess == 0 {
             break;
         }
-        if is_refusal_heading(first_line(&content[start..end].trim_ascii_start())) {
+        if is_refusal_heading(first_line(content[start..end].trim_ascii_start())) {
             dropped[i] = true;
             excess -= 1;
         }
@@ -686,11 +689,15 @@ mod tests {
 
     #[test]
     fn a_run_that_exits_403_is_not_a_refusal() {
-        assert!(is_refusal_heading(b"### 2026-11-22T07:15:01.123Z | Exit Code: 403\n"));
+        assert!(is_refusal_heading(
+            b"### 2026-11-22T07:15:01.123Z | Exit Code: 403\n"
+        ));
         assert!(!is_refusal_heading(
             b"### 2026-11-22T07:15:01.123Z | Exit Code: 403 | Run: r1-x\n"
         ));
-        assert!(!is_refusal_heading(b"### 2026-11-22T07:15:01.123Z | Exit Code: 1\n"));
+        assert!(!is_refusal_heading(
+            b"### 2026-11-22T07:15:01.123Z | Exit Code: 1\n"
+        ));
         assert!(!is_refusal_heading(b"## 2026 | Exit Code: 403\n"));
     }
 

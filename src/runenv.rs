@@ -19,7 +19,9 @@ pub const SYSTEM_VARS: &[&str] = &[
     "RUNBOOK_HEADERS",
 ];
 
-/// The most bytes one request variable's value may have (128 KiB).
+/// The most bytes one request variable may have as the `NAME=value` string the script gets,
+/// with its terminating NUL (128 KiB): the kernel's limit for one environment string
+/// (`MAX_ARG_STRLEN`), beyond which the script could not even start.
 pub const MAX_VALUE_BYTES: usize = 128 * 1024;
 /// The most bytes all of a request's variable values may have together (512 KiB).
 pub const MAX_TOTAL_BYTES: usize = 512 * 1024;
@@ -32,7 +34,7 @@ pub struct RequestVars {
 }
 
 /// Checks `env_vars` from a request body. Err: a client-safe reason (answered with 400).
-/// A value over [`MAX_VALUE_BYTES`], or values over [`MAX_TOTAL_BYTES`] together, are refused.
+/// A variable over [`MAX_VALUE_BYTES`], or values over [`MAX_TOTAL_BYTES`] together, are refused.
 pub fn check_request_vars(env_vars: Option<&Value>) -> Result<RequestVars, String> {
     let mut out = RequestVars::default();
     let mut total = 0usize;
@@ -60,9 +62,9 @@ pub fn check_request_vars(env_vars: Option<&Value>) -> Result<RequestVars, Strin
                 ))
             }
         };
-        if text.len() > MAX_VALUE_BYTES {
+        if name.len() + text.len() + 2 > MAX_VALUE_BYTES {
             return Err(format!(
-                "env_vars.{name} is {} bytes; a value may have at most {MAX_VALUE_BYTES} bytes (128 KiB)",
+                "env_vars.{name} is {} bytes; a variable may have at most 128 KiB ({MAX_VALUE_BYTES} bytes, counting NAME=, the value and a final NUL)",
                 text.len()
             ));
         }
@@ -177,11 +179,15 @@ mod tests {
 
     #[test]
     fn value_sizes_are_limited() {
-        let big = "x".repeat(MAX_VALUE_BYTES);
+        // "A=" + value + NUL fills the limit exactly.
+        let big = "x".repeat(MAX_VALUE_BYTES - 3);
         assert!(check_request_vars(Some(&json!({ "A": big }))).is_ok());
-        let over = "x".repeat(MAX_VALUE_BYTES + 1);
+        let over = "x".repeat(MAX_VALUE_BYTES - 2);
         let err = check_request_vars(Some(&json!({ "A": over }))).unwrap_err();
-        assert!(err.contains("env_vars.A") && err.contains("128 KiB"), "{err}");
+        assert!(
+            err.contains("env_vars.A") && err.contains("128 KiB"),
+            "{err}"
+        );
         let four: serde_json::Map<String, Value> = ["A", "B", "C", "D"]
             .iter()
             .map(|n| (n.to_string(), json!(big)))
