@@ -525,4 +525,12 @@ mod tests {
             assert!(help.contains(s.name), "{} missing from help", s.name);
         }
     }
+
+    #[test]
+    fn admin_roles_are_a_comma_separated_list() {
+        let c = config_with(&[("JWT_SECRET", SECRET)]).unwrap();
+        assert_eq!(c.admin_roles, vec!["admin".to_string()]);
+        let c = config_with(&[("JWT_SECRET", SECRET), ("ADMIN_ROLES", " ops , sre,,")]).unwrap();
+        assert_eq!(c.admin_roles, vec!["ops".to_string(), "sre".to_string()]);
+    }
 }

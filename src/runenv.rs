@@ -192,10 +192,13 @@ mod tests {
             .iter()
             .map(|n| (n.to_string(), json!(big)))
             .collect();
-        assert!(check_request_vars(Some(&Value::Object(four.clone()))).is_ok());
-        let mut five = four;
-        five.insert("E".into(), json!("x"));
-        let err = check_request_vars(Some(&Value::Object(five))).unwrap_err();
+        let rest = MAX_TOTAL_BYTES - 4 * big.len();
+        let mut full = four.clone();
+        full.insert("E".into(), json!("x".repeat(rest)));
+        assert!(check_request_vars(Some(&Value::Object(full))).is_ok());
+        let mut over = four;
+        over.insert("E".into(), json!("x".repeat(rest + 1)));
+        let err = check_request_vars(Some(&Value::Object(over))).unwrap_err();
         assert!(err.contains("512 KiB"), "{err}");
     }
 
