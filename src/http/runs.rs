@@ -22,7 +22,7 @@ use crate::runlog::{Stream, FIRST_SEQ};
 const DEFAULT_LIST_LIMIT: usize = 50;
 const DEFAULT_TAIL_LINES: usize = 500;
 
-/// Whether `principal` may see and cancel runs of `runbook` started by `owner`. `cache` keeps
+/// Whether `principal` may see runs of `runbook` started by `owner`. `cache` keeps
 /// the verdict per runbook for one request.
 fn may_see(app: &App, principal: &Principal, run: &Run, cache: &mut HashMap<String, bool>) -> bool {
     if run.user == principal.subject {
