@@ -152,6 +152,11 @@ pub const SETTINGS: &[Setting] = &[
         "",
         "cgroup v2 directory each run gets a child cgroup of, killed with the run (unset: runbookd's own cgroup when writable; off: process groups only)",
     ),
+    setting(
+        "ADMIN_ROLES",
+        "admin",
+        "comma-separated roles whose holders may cancel other users' runs of runbooks whose Required Claims they meet",
+    ),
 ];
 
 /// Why the configuration was refused.
@@ -221,6 +226,8 @@ pub struct Config {
     /// Each setting's effective value and origin, secrets already hidden.
     pub items: Vec<(&'static str, String, Origin)>,
     pub max_subruns_per_run: usize,
+    /// Roles whose holders may cancel runs of other users (when they meet the claims).
+    pub admin_roles: Vec<String>,
 }
 
 struct Reader<'a> {
@@ -401,6 +408,13 @@ impl Config {
             });
         }
         let run_cgroup = r.text("RUN_CGROUP").trim().to_string();
+        let admin_roles = r
+            .text("ADMIN_ROLES")
+            .split(',')
+            .map(str::trim)
+            .filter(|s| !s.is_empty())
+            .map(String::from)
+            .collect();
         Ok(Config {
             run_cgroup,
             max_concurrent_runs,
@@ -435,6 +449,7 @@ impl Config {
             secret_env_vars,
             items: r.items,
             max_subruns_per_run,
+            admin_roles,
         })
     }
 
@@ -560,5 +575,13 @@ mod tests {
         for s in SETTINGS {
             assert!(help.contains(s.name), "{} missing from help", s.name);
         }
+    }
+
+    #[test]
+    fn admin_roles_are_a_comma_separated_list() {
+        let c = config_with(&[("JWT_SECRET", SECRET)]).unwrap();
+        assert_eq!(c.admin_roles, vec!["admin".to_string()]);
+        let c = config_with(&[("JWT_SECRET", SECRET), ("ADMIN_ROLES", " ops , sre,,")]).unwrap();
+        assert_eq!(c.admin_roles, vec!["ops".to_string(), "sre".to_string()]);
     }
 }

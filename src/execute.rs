@@ -14,6 +14,7 @@ use crate::app::App;
 use crate::auth::{self, Principal, RunScope, TokenRequest};
 use crate::catalog::CatalogError;
 use crate::history::{self, HistoryEntry, StreamExcerpt};
+use crate::params;
 use crate::record::{self, RunRecord, RunStatus};
 use crate::run::{AdmitError, AdmitLimits, Run};
 use crate::runbook::{self, Runbook};
@@ -63,13 +64,37 @@ pub struct ExecuteRequest {
     pub recursion_stack: Vec<String>,
 }
 
-/// Checks the caller against the runbook's Required Claims; a refusal is written to history.
+/// Checks the caller against the runbook's Required Claims for an execute; a refusal is
+/// written to history (only here: validating writes nothing, see [`check_claims`]).
 pub fn authorize(
     app: &App,
     path: &Path,
     book: &Runbook,
     principal: &Principal,
 ) -> Result<(), ExecError> {
+    if let Err(ExecError::Forbidden(reason)) = check_claims(book, principal) {
+        let empty = StreamExcerpt::default();
+        let stderr = StreamExcerpt {
+            head: reason.clone(),
+            ..StreamExcerpt::default()
+        };
+        let entry = history::format_entry(&HistoryEntry {
+            finished_at: chrono::Utc::now(),
+            exit_code: history::REFUSED_EXIT_CODE,
+            run_id: None,
+            stdout: &empty,
+            stderr: &stderr,
+        });
+        if let Err(e) = history::append(path, &entry, app.config.history_max_entries) {
+            log::error!("cannot write history: {e}");
+        }
+        return Err(ExecError::Forbidden(reason));
+    }
+    Ok(())
+}
+
+/// Checks the caller against the runbook's Required Claims (RBAC); writes nothing.
+pub fn check_claims(book: &Runbook, principal: &Principal) -> Result<(), ExecError> {
     let required: Vec<(String, Vec<String>)> = book
         .required_claims
         .iter()
@@ -83,25 +108,7 @@ pub fn authorize(
     } else {
         auth::check_required_claims(principal, &required)
     };
-    if let Err(reason) = verdict {
-        let empty = StreamExcerpt::default();
-        let stderr = StreamExcerpt {
-            head: reason.clone(),
-            ..StreamExcerpt::default()
-        };
-        let entry = history::format_entry(&HistoryEntry {
-            finished_at: chrono::Utc::now(),
-            exit_code: 403,
-            run_id: None,
-            stdout: &empty,
-            stderr: &stderr,
-        });
-        if let Err(e) = history::append(path, &entry, app.config.history_max_entries) {
-            log::error!("cannot write history: {e}");
-        }
-        return Err(ExecError::Forbidden(reason));
-    }
-    Ok(())
+    verdict.map_err(ExecError::Forbidden)
 }
 
 /// Starts a run. Validation and recursion failures still make a (failed) run, as stage0 does;
@@ -151,16 +158,18 @@ fn launch(
         app.config.run_log_max_bytes,
     )
     .map_err(|e| ExecError::Unavailable(format!("cannot create the run log: {e}")))?;
+    // Only what the runbook declares reaches the script; the rest is named in a warning.
+    let vars = params::keep_declared(&req.vars, book);
     let findings = validation::validate(
         book,
         &req.file,
-        &req.vars.vars,
+        &vars.vars,
         &|name| app.server_var(name),
         &app.catalog,
     );
     let mut errors = findings.errors;
     let mut warnings = findings.warnings;
-    warnings.extend(req.vars.warnings.iter().cloned());
+    warnings.extend(vars.warnings.iter().cloned());
     if req.recursion_stack.iter().any(|r| r == &req.file) {
         errors.push(format!(
             "recursion refused: {} is already in the call stack {:?}",
@@ -256,7 +265,7 @@ fn launch(
     let exec_dir = work.cwd.to_string_lossy().into_owned();
     let env = runenv::build(
         &app.script_base_env,
-        &req.vars.vars,
+        &vars.vars,
         &SystemValues {
             run_token: &run_token,
             correlation_id: &correlation_id,

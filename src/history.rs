@@ -1,5 +1,6 @@
 //! The `# History` section of a runbook: formats execution entries and appends them to the
-//! runbook file under an exclusive lock, dropping the oldest entries beyond a maximum.
+//! runbook file under an exclusive lock, dropping the oldest entries beyond a maximum (refusals
+//! first), and reduces the entries to their heading lines for readers who may not see output.
 
 use std::fmt::{self, Write as _};
 use std::fs::OpenOptions;
@@ -61,6 +62,9 @@ impl From<io::Error> for HistoryError {
         HistoryError::Io(error)
     }
 }
+
+/// The exit code of the entry written for a refused execute (RBAC); such an entry has no run id.
+pub const REFUSED_EXIT_CODE: i32 = 403;
 
 const FENCE: &str = "```";
 const ESCAPED_FENCE: &str = "\\`\\`\\`";
@@ -169,20 +173,7 @@ pub fn append(runbook_path: &Path, entry: &str, max_entries: usize) -> Result<()
     updated.extend_from_slice(&addition);
     updated.extend_from_slice(&content[insert_at..]);
 
-    let trimmed = match Layout::of(&updated).history {
-        Some(history) if history.entry_starts.len() > max_entries => {
-            let dropped = history.entry_starts.len() - max_entries;
-            let first = history.entry_starts[0];
-            let kept_from = history
-                .entry_starts
-                .get(dropped)
-                .copied()
-                .unwrap_or(history.end);
-            updated.drain(first..kept_from);
-            true
-        }
-        _ => false,
-    };
+    let trimmed = trim_entries(&mut updated, max_entries);
 
     if trimmed || insert_at < content.len() {
         file.seek(SeekFrom::Start(0))?;
@@ -193,6 +184,119 @@ pub fn append(runbook_path: &Path, entry: &str, max_entries: usize) -> Result<()
         file.write_all(&addition)?;
     }
     Ok(())
+}
+
+/// Each History entry of `content` as a byte range (its `### ` line up to the next entry or the
+/// end of the section), oldest first; empty without a History section.
+fn entry_spans(content: &[u8]) -> Vec<(usize, usize)> {
+    let Some(history) = Layout::of(content).history else {
+        return Vec::new();
+    };
+    let starts = &history.entry_starts;
+    starts
+        .iter()
+        .enumerate()
+        .map(|(i, &start)| (start, starts.get(i + 1).copied().unwrap_or(history.end)))
+        .collect()
+}
+
+/// The first line of `span`, with its line ending.
+fn first_line(span: &[u8]) -> &[u8] {
+    let end = span
+        .iter()
+        .position(|&b| b == b'\n')
+        .map_or(span.len(), |at| at + 1);
+    &span[..end]
+}
+
+/// Whether an entry heading (`### <time> | Exit Code: 403`, no run part) records a refused
+/// execute rather than a run.
+fn is_refusal_heading(line: &[u8]) -> bool {
+    let Some(rest) = line.strip_prefix(ENTRY_PREFIX) else {
+        return false;
+    };
+    let text = String::from_utf8_lossy(rest);
+    let parts: Vec<&str> = text.trim_end().split(" | ").collect();
+    let refused = format!("Exit Code: {REFUSED_EXIT_CODE}");
+    parts.len() == 2 && parts[1].trim() == refused
+}
+
+/// Drops entries from the History section of `content` so that at most `max_entries` remain:
+/// refusals first (oldest first), then the oldest of the others, so that refused requests can
+/// never push a run's entry out. Returns whether anything was dropped.
+fn trim_entries(content: &mut Vec<u8>, max_entries: usize) -> bool {
+    let headed = entry_spans(content);
+    if headed.len() <= max_entries {
+        return false;
+    }
+    // An entry owns the blank line before its heading (entries are written starting with one),
+    // so dropping the newest one leaves no stray blank line behind.
+    let owned_start = |start: usize| {
+        if start >= 2 && content[start - 1] == b'\n' && content[start - 2] == b'\n' {
+            start - 1
+        } else {
+            start
+        }
+    };
+    let starts: Vec<usize> = headed
+        .iter()
+        .map(|&(start, _)| owned_start(start))
+        .collect();
+    let spans: Vec<(usize, usize)> = headed
+        .iter()
+        .enumerate()
+        .map(|(i, &(_, end))| (starts[i], starts.get(i + 1).copied().unwrap_or(end)))
+        .collect();
+    let mut excess = spans.len() - max_entries;
+    let mut dropped = vec![false; spans.len()];
+    for (i, &(start, end)) in spans.iter().enumerate() {
+        if excess == 0 {
+            break;
+        }
+        if is_refusal_heading(first_line(content[start..end].trim_ascii_start())) {
+            dropped[i] = true;
+            excess -= 1;
+        }
+    }
+    for flag in dropped.iter_mut().filter(|flag| !**flag) {
+        if excess == 0 {
+            break;
+        }
+        *flag = true;
+        excess -= 1;
+    }
+    let mut kept = Vec::with_capacity(content.len());
+    let mut from = 0;
+    for (&(start, end), _) in spans.iter().zip(&dropped).filter(|(_, d)| **d) {
+        kept.extend_from_slice(&content[from..start]);
+        from = end;
+    }
+    kept.extend_from_slice(&content[from..]);
+    *content = kept;
+    true
+}
+
+/// `content` with each History entry reduced to its heading line (time, exit code, run id): no
+/// output and no refusal reason. Everything outside the entries is kept as it is.
+pub fn headings_only(content: &str) -> String {
+    let bytes = content.as_bytes();
+    let spans = entry_spans(bytes);
+    let mut out = Vec::with_capacity(bytes.len().min(64 * 1024));
+    let mut from = 0;
+    for (start, end) in spans {
+        out.extend_from_slice(&bytes[from..start]);
+        let heading = first_line(&bytes[start..end]);
+        out.extend_from_slice(heading);
+        if !heading.ends_with(b"\n") {
+            out.push(b'\n');
+        }
+        if heading.len() < end - start {
+            out.push(b'\n');
+        }
+        from = end;
+    }
+    out.extend_from_slice(&bytes[from..]);
+    String::from_utf8_lossy(&out).into_owned()
 }
 
 /// A code fence: the fence character and how many of them opened the block.
@@ -518,11 +622,121 @@ mod tests {
         );
     }
 
+    fn refusal_text(reason: &str) -> String {
+        format_entry(&HistoryEntry {
+            finished_at: time(),
+            exit_code: REFUSED_EXIT_CODE,
+            run_id: None,
+            stdout: &StreamExcerpt::default(),
+            stderr: &whole(reason),
+        })
+    }
+
+    #[test]
+    fn refusals_are_trimmed_before_runs() {
+        let preamble = "# R\n# History\n";
+        let file = TempFile::with(preamble);
+        let runs: Vec<String> = (0..3)
+            .map(|i| entry_text(Some(&format!("run-{i}")), &format!("out {i}\n"), ""))
+            .collect();
+        append(&file.path(), &runs[0], 3).unwrap();
+        append(&file.path(), &refusal_text("no 1\n"), 3).unwrap();
+        append(&file.path(), &runs[1], 3).unwrap();
+        // Full: the next entry drops the refusal, not the oldest run.
+        append(&file.path(), &runs[2], 3).unwrap();
+        assert_eq!(file.content(), format!("{preamble}{}", runs.concat()));
+        // Any number of refusals: each is dropped itself, no run goes.
+        for i in 0..10 {
+            append(&file.path(), &refusal_text(&format!("no {i}\n")), 3).unwrap();
+        }
+        assert_eq!(file.content(), format!("{preamble}{}", runs.concat()));
+        // A run with only runs present drops the oldest run, as before.
+        let newest = entry_text(Some("run-3"), "out 3\n", "");
+        append(&file.path(), &newest, 3).unwrap();
+        assert_eq!(
+            file.content(),
+            format!("{preamble}{}{}{newest}", runs[1], runs[2])
+        );
+    }
+
+    #[test]
+    fn oldest_refusals_go_first_and_runs_keep_their_order() {
+        let mut content = format!(
+            "# R\n# History\n{}{}{}{}{}",
+            refusal_text("old refusal\n"),
+            entry_text(Some("a"), "A\n", ""),
+            refusal_text("new refusal\n"),
+            entry_text(Some("b"), "B\n", ""),
+            entry_text(Some("c"), "C\n", ""),
+        )
+        .into_bytes();
+        assert!(trim_entries(&mut content, 4));
+        let text = String::from_utf8(content.clone()).unwrap();
+        assert!(!text.contains("old refusal"));
+        assert!(text.contains("new refusal"));
+        assert!(trim_entries(&mut content, 2));
+        let text = String::from_utf8(content.clone()).unwrap();
+        assert_eq!(
+            text,
+            format!(
+                "# R\n# History\n{}{}",
+                entry_text(Some("b"), "B\n", ""),
+                entry_text(Some("c"), "C\n", "")
+            )
+        );
+        assert!(!trim_entries(&mut content, 2));
+    }
+
+    #[test]
+    fn a_run_that_exits_403_is_not_a_refusal() {
+        assert!(is_refusal_heading(
+            b"### 2026-11-22T07:15:01.123Z | Exit Code: 403\n"
+        ));
+        assert!(!is_refusal_heading(
+            b"### 2026-11-22T07:15:01.123Z | Exit Code: 403 | Run: r1-x\n"
+        ));
+        assert!(!is_refusal_heading(
+            b"### 2026-11-22T07:15:01.123Z | Exit Code: 1\n"
+        ));
+        assert!(!is_refusal_heading(b"## 2026 | Exit Code: 403\n"));
+    }
+
+    #[test]
+    fn headings_only_keeps_heading_lines_and_the_rest_of_the_document() {
+        let with_output = format_entry(&HistoryEntry {
+            finished_at: time(),
+            exit_code: 2,
+            run_id: Some("r1-x"),
+            stdout: &whole("secret out\n### not a heading\n"),
+            stderr: &StreamExcerpt {
+                head: "err head\n".into(),
+                tail: "err tail\n".into(),
+                omitted_bytes: 9,
+            },
+        });
+        let content = format!(
+            "# R\n# Script\n```sh\necho\n```\n# History\nIntro.\n{with_output}{}{}# Notes\nkeep\n",
+            refusal_text("RBAC: missing required claim roles (one of: admin)\n"),
+            entry_text(Some("r1-y"), "", ""),
+        );
+        let reduced = headings_only(&content);
+        assert_eq!(
+            reduced,
+            "# R\n# Script\n```sh\necho\n```\n# History\nIntro.\n\n\
+             ### 2026-11-22T07:15:01.123Z | Exit Code: 2 | Run: r1-x\n\n\
+             ### 2026-11-22T07:15:01.123Z | Exit Code: 403\n\n\
+             ### 2026-11-22T07:15:01.123Z | Exit Code: 0 | Run: r1-y\n\
+             # Notes\nkeep\n"
+        );
+        let plain = "# R\n# Script\n```sh\necho\n```\n";
+        assert_eq!(headings_only(plain), plain);
+    }
+
     #[test]
     fn zero_max_entries_empties_the_section() {
         let file = TempFile::with("# R\n# History\n");
         append(&file.path(), &entry_text(Some("r1"), "x\n", ""), 0).unwrap();
-        assert_eq!(file.content(), "# R\n# History\n\n");
+        assert_eq!(file.content(), "# R\n# History\n");
     }
 
     #[test]

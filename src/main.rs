@@ -16,6 +16,7 @@ mod leftover;
 mod lifecycle;
 mod loglines;
 mod metrics;
+mod params;
 mod record;
 mod result_json;
 mod run;

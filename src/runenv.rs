@@ -19,6 +19,13 @@ pub const SYSTEM_VARS: &[&str] = &[
     "RUNBOOK_HEADERS",
 ];
 
+/// The most bytes one request variable may have as the `NAME=value` string the script gets,
+/// with its terminating NUL (128 KiB): the kernel's limit for one environment string
+/// (`MAX_ARG_STRLEN`), beyond which the script could not even start.
+pub const MAX_VALUE_BYTES: usize = 128 * 1024;
+/// The most bytes all of a request's variable values may have together (512 KiB).
+pub const MAX_TOTAL_BYTES: usize = 512 * 1024;
+
 /// The request's variables, checked and cleaned, plus warnings about dropped ones.
 #[derive(Debug, Default)]
 pub struct RequestVars {
@@ -27,8 +34,10 @@ pub struct RequestVars {
 }
 
 /// Checks `env_vars` from a request body. Err: a client-safe reason (answered with 400).
+/// A variable over [`MAX_VALUE_BYTES`], or values over [`MAX_TOTAL_BYTES`] together, are refused.
 pub fn check_request_vars(env_vars: Option<&Value>) -> Result<RequestVars, String> {
     let mut out = RequestVars::default();
+    let mut total = 0usize;
     let map = match env_vars {
         None | Some(Value::Null) => return Ok(out),
         Some(Value::Object(map)) => map,
@@ -53,6 +62,18 @@ pub fn check_request_vars(env_vars: Option<&Value>) -> Result<RequestVars, Strin
                 ))
             }
         };
+        if name.len() + text.len() + 2 > MAX_VALUE_BYTES {
+            return Err(format!(
+                "env_vars.{name} is {} bytes; a variable may have at most 128 KiB ({MAX_VALUE_BYTES} bytes, counting NAME=, the value and a final NUL)",
+                text.len()
+            ));
+        }
+        total += text.len();
+        if total > MAX_TOTAL_BYTES {
+            return Err(format!(
+                "env_vars values exceed {MAX_TOTAL_BYTES} bytes (512 KiB) in total"
+            ));
+        }
         if SYSTEM_VARS.contains(&name.as_str()) {
             out.warnings.push(format!(
                 "{name} is set by the server; the value given was ignored"
@@ -154,6 +175,31 @@ mod tests {
         assert!(check_request_vars(Some(&json!({"1X": "a"}))).is_err());
         assert!(check_request_vars(Some(&json!({"LD_PRELOAD": "a"}))).is_err());
         assert!(check_request_vars(Some(&json!(["A"]))).is_err());
+    }
+
+    #[test]
+    fn value_sizes_are_limited() {
+        // "A=" + value + NUL fills the limit exactly.
+        let big = "x".repeat(MAX_VALUE_BYTES - 3);
+        assert!(check_request_vars(Some(&json!({ "A": big }))).is_ok());
+        let over = "x".repeat(MAX_VALUE_BYTES - 2);
+        let err = check_request_vars(Some(&json!({ "A": over }))).unwrap_err();
+        assert!(
+            err.contains("env_vars.A") && err.contains("128 KiB"),
+            "{err}"
+        );
+        let four: serde_json::Map<String, Value> = ["A", "B", "C", "D"]
+            .iter()
+            .map(|n| (n.to_string(), json!(big)))
+            .collect();
+        let rest = MAX_TOTAL_BYTES - 4 * big.len();
+        let mut full = four.clone();
+        full.insert("E".into(), json!("x".repeat(rest)));
+        assert!(check_request_vars(Some(&Value::Object(full))).is_ok());
+        let mut over = four;
+        over.insert("E".into(), json!("x".repeat(rest + 1)));
+        let err = check_request_vars(Some(&Value::Object(over))).unwrap_err();
+        assert!(err.contains("512 KiB"), "{err}");
     }
 
     #[test]

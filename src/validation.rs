@@ -1,7 +1,9 @@
 //! The checks a runbook must pass before it runs (and what `PATCH .../validate` reports):
-//! required sections, required environment variables, input files, a script block.
+//! required sections, required environment variables (none that changes how an interpreter
+//! starts), input files, a script block.
 
 use crate::catalog::Catalog;
+use crate::params;
 use crate::runbook::Runbook;
 
 /// Sections every runbook must have.
@@ -48,6 +50,7 @@ pub fn validate(
             ));
         }
     }
+    f.errors.extend(params::declaration_errors(runbook));
     for input in &runbook.inputs {
         if catalog.resolve_input(input).is_none() {
             f.errors.push(format!(

@@ -14,6 +14,8 @@ use crate::auth::{self, AuthError, Principal, TokenRequest};
 use crate::catalog::CatalogError;
 use crate::config::Origin;
 use crate::execute::{self, ExecError, ExecuteRequest};
+use crate::history;
+use crate::params;
 use crate::run::{AdmitError, Run};
 use crate::runbook;
 use crate::runenv;
@@ -117,7 +119,7 @@ pub fn handle(
         (Route::OpenApi, _) => Ok(Reply::Text(200, "application/yaml", OPENAPI.into())),
         (Route::DevLogin, _) => dev_login(app, request),
         (Route::ListRunbooks, Some(_)) => list_runbooks(app),
-        (Route::GetRunbook(file), Some(_)) => get_runbook(app, &file),
+        (Route::GetRunbook(file), Some(p)) => get_runbook(app, &file, p),
         (Route::RequiredEnv(file), Some(_)) => required_env(app, &file),
         (Route::Validate(file), Some(p)) => validate(app, &file, p, request),
         (Route::Execute(file), Some(p)) => execute(app, &file, p, incoming, request),
@@ -259,9 +261,16 @@ fn list_runbooks(app: &App) -> Result<Reply, ApiError> {
     ))
 }
 
-fn get_runbook(app: &App, file: &str) -> Result<Reply, ApiError> {
+/// The runbook's text; for a caller who does not meet its Required Claims, History entries are
+/// reduced to their heading lines (time, exit code, run id), as run output is theirs to see only
+/// through the runs endpoints.
+fn get_runbook(app: &App, file: &str, principal: &Principal) -> Result<Reply, ApiError> {
     let (_, content) = app.catalog.read(file)?;
     let book = runbook::parse(&content);
+    let content = match execute::check_claims(&book, principal) {
+        Ok(()) => content,
+        Err(_) => history::headings_only(&content),
+    };
     Ok(Reply::Json(
         200,
         json!({
@@ -306,9 +315,10 @@ fn validate(
     request: &mut tiny_http::Request,
 ) -> Result<Reply, ApiError> {
     let vars = env_vars_body(request)?;
-    let (path, content) = app.catalog.read(file)?;
+    let (_, content) = app.catalog.read(file)?;
     let book = runbook::parse(&content);
-    execute::authorize(app, &path, &book, principal)?;
+    execute::check_claims(&book, principal)?;
+    let vars = params::keep_declared(&vars, &book);
     let mut findings = validation::validate(
         &book,
         file,

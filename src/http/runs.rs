@@ -1,7 +1,8 @@
 //! The `/api/runs` endpoints: list, show, cancel, follow (SSE with resume), lines, download.
 //! A run is visible to the user who started it and to anyone whose token satisfies its
 //! runbook's Required Claims; a run id alone is not a key. A run token sees only its own run
-//! and the runs started under it.
+//! and the runs started under it. Cancelling is for the user who started it and for
+//! administrators (`ADMIN_ROLES`) who meet the claims.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -22,7 +23,7 @@ use crate::runlog::{Stream, FIRST_SEQ};
 const DEFAULT_LIST_LIMIT: usize = 50;
 const DEFAULT_TAIL_LINES: usize = 500;
 
-/// Whether `principal` may see and cancel runs of `runbook` started by `owner`. `cache` keeps
+/// Whether `principal` may see runs of `runbook` started by `owner`. `cache` keeps
 /// the verdict per runbook for one request.
 fn may_see(app: &App, principal: &Principal, run: &Run, cache: &mut HashMap<String, bool>) -> bool {
     if let Some(scope) = &principal.run_scope {
@@ -103,8 +104,25 @@ pub fn get(app: &App, principal: &Principal, id: &str) -> Result<Reply, ApiError
     Ok(Reply::Json(200, body))
 }
 
+/// Whether `principal` may cancel `run`: the user who started it, or a user holding a role in
+/// `ADMIN_ROLES` who meets the runbook's Required Claims.
+fn may_cancel(app: &App, principal: &Principal, run: &Run) -> bool {
+    run.user == principal.subject
+        || (principal
+            .roles
+            .iter()
+            .any(|role| app.config.admin_roles.contains(role))
+            && may_see(app, principal, run, &mut HashMap::new()))
+}
+
 pub fn cancel(app: &App, principal: &Principal, id: &str) -> Result<Reply, ApiError> {
     let run = visible_run(app, principal, id)?;
+    if !may_cancel(app, principal, &run) {
+        return Err(ApiError::Forbidden(
+            "only the user who started this run, or an administrator (ADMIN_ROLES) who meets the runbook's Required Claims, may cancel it"
+                .into(),
+        ));
+    }
     let record = run.record();
     if record.status.is_finished() || !run.request_cancel() {
         return Err(ApiError::Conflict(format!(

@@ -99,7 +99,11 @@ fn instance_id_prefixes_run_ids() {
 #[test]
 fn env_vars_are_passed_and_converted() {
     let script = "printf '%s|%s|%s|%s|%s|%s\\n' \"$S\" \"$N\" \"$F\" \"$B\" \"$B2\" \"$NEG\"\nprintf '%s\\n' \"$CTRL\"\n[ \"$CRV\" = \"$(printf 'x\\ry')\" ] && echo cr-kept\n";
-    let server = Server::start(ServerOpts::new().runbook("Vars.md", Runbook::new("Vars", script)));
+    let mut book = Runbook::new("Vars", script);
+    for name in ["S", "N", "F", "B", "B2", "NEG", "CTRL", "CRV"] {
+        book = book.env(name, "a value");
+    }
+    let server = Server::start(ServerOpts::new().runbook("Vars.md", book));
     let resp = server.execute(
         "Vars.md",
         &dev_token(),
@@ -155,13 +159,16 @@ fn bad_env_vars_are_400_and_run_nothing() {
 
 #[test]
 fn system_variables_cannot_be_set_by_the_request() {
-    let server = Server::start(ServerOpts::new().runbook(
-        "Sys.md",
-        Runbook::new(
-            "Sys",
-            "echo \"RUN=$RUNBOOK_RUN_ID\"\necho \"URL=$RUNBOOK_URL\"\necho \"OK=$OK\"\n",
+    let server = Server::start(
+        ServerOpts::new().runbook(
+            "Sys.md",
+            Runbook::new(
+                "Sys",
+                "echo \"RUN=$RUNBOOK_RUN_ID\"\necho \"URL=$RUNBOOK_URL\"\necho \"OK=$OK\"\n",
+            )
+            .env("OK", "passed through"),
         ),
-    ));
+    );
     let resp = server.execute(
         "Sys.md",
         &dev_token(),

@@ -23,3 +23,4 @@ mod runs_resume;
 mod runs_support;
 mod subrunbooks;
 mod trust_tokens;
+mod trust_params;

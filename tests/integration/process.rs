@@ -145,13 +145,16 @@ fn stalled_viewer_blocks_nothing_and_is_cut_off() {
 
 #[test]
 fn twenty_concurrent_runs_keep_their_own_output() {
-    let server = Server::start(ServerOpts::new().runbook(
-        "Conc.md",
-        Runbook::new(
-            "Conc",
-            "echo \"value=$UNIQ\"\nsleep 0.2\necho \"err=$UNIQ\" >&2\necho \"again=$UNIQ\"\n",
+    let server = Server::start(
+        ServerOpts::new().runbook(
+            "Conc.md",
+            Runbook::new(
+                "Conc",
+                "echo \"value=$UNIQ\"\nsleep 0.2\necho \"err=$UNIQ\" >&2\necho \"again=$UNIQ\"\n",
+            )
+            .env("UNIQ", "a value unique to the run"),
         ),
-    ));
+    );
     let port = server.port;
     let started = Instant::now();
     let handles: Vec<_> = (0..20)

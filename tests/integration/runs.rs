@@ -375,7 +375,7 @@ fn only_the_owner_and_holders_of_the_required_claims_see_a_run() {
         assert_eq!(first.data, "ops output\n", "{who}");
     }
 
-    // A holder of the claims may cancel.
+    // An administrator (ADMIN_ROLES) who holds the claims may cancel.
     let cancel = server.cancel(&id, &carol);
     assert_eq!(cancel.status, 202, "{}", cancel.text());
     let record = server.wait_finished(&id, &alice, RUN_TIMEOUT);

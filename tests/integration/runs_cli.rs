@@ -360,10 +360,14 @@ fn monitor_resumes_after_a_dropped_connection_without_repeating_output() {
 #[test]
 fn exec_starts_a_run_and_follows_it() {
     let script = "echo \"greeting: $GREETING ($OTHER)\"\necho 'a warning' >&2\nexit 4\n";
-    let server = Server::start(ServerOpts::new().runbook(
-        "Greet.md",
-        Runbook::new("Greet", script).env("GREETING", "what to say"),
-    ));
+    let server = Server::start(
+        ServerOpts::new().runbook(
+            "Greet.md",
+            Runbook::new("Greet", script)
+                .env("GREETING", "what to say")
+                .env("OTHER", "a value with ="),
+        ),
+    );
     let token = token("cli-user", &["developer"]);
     let mut cli = Cli::start(
         &[
