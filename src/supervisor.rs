@@ -346,7 +346,8 @@ trait ReadFd: Read + AsRawFd + Send {}
 impl<T: Read + AsRawFd + Send> ReadFd for T {}
 
 /// Copies one pipe into the log until EOF, or until `stop` becomes readable (its writer was
-/// dropped). Bytes held back by the chunker are released after `HOLD_BACK_RELEASE` of silence.
+/// dropped). Bytes held back by the chunker that it lets go on a timer are released after
+/// `HOLD_BACK_RELEASE` of silence; the rest when they resolve or at the end.
 fn pump(
     mut pipe: Box<dyn ReadFd>,
     stream: Stream,
@@ -358,9 +359,9 @@ fn pump(
     let mut buf = vec![0u8; READ_BUFFER];
     let fds = [stop.as_raw_fd(), pipe.as_raw_fd()];
     loop {
-        let timeout = chunker.is_holding().then_some(HOLD_BACK_RELEASE);
+        let timeout = chunker.has_timed_release().then_some(HOLD_BACK_RELEASE);
         match sys::poll_readable(&fds, timeout) {
-            Ok(Readiness::TimedOut) => log.append(stream, &chunker.flush()),
+            Ok(Readiness::TimedOut) => log.append(stream, &chunker.release_timed()),
             Ok(Readiness::Ready(1)) => match pipe.read(&mut buf) {
                 Ok(0) => break,
                 Ok(n) => log.append(stream, &chunker.push(&buf[..n])),
@@ -393,5 +394,5 @@ fn pump(
             }
         }
     }
-    log.append(stream, &chunker.flush());
+    log.append(stream, &chunker.finish());
 }
