@@ -9,6 +9,7 @@ use crate::catalog::Catalog;
 use crate::config::Config;
 use crate::jwt::Validation;
 use crate::metrics::Metrics;
+use crate::retention::Retention;
 use crate::run::Registry;
 
 /// Leeway for `exp`/`nbf` checks.
@@ -32,6 +33,8 @@ pub struct App {
     pub runs_dir: PathBuf,
     /// Set once SIGTERM/SIGINT arrived: no new runs.
     pub shutting_down: AtomicBool,
+    /// The finished runs retention may remove.
+    pub retention: Retention,
 }
 
 impl App {

@@ -16,6 +16,7 @@ mod loglines;
 mod metrics;
 mod record;
 mod result_json;
+mod retention;
 mod run;
 mod runbook;
 mod runenv;
@@ -179,9 +180,10 @@ fn start(config: Config) -> Result<(), StartError> {
         port: local.port(),
         runs_dir,
         shutting_down: AtomicBool::new(false),
+        retention: retention::Retention::default(),
     });
     lifecycle::recover(&app);
-    lifecycle::prune(&app);
+    app.retention.start(&app);
     lifecycle::start_retention_thread(app.clone());
     let current = Arc::new(Mutex::new(None::<Arc<tiny_http::Server>>));
     watch_termination(app.clone(), current.clone());

@@ -16,7 +16,7 @@ use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use crossbeam_channel::{select, Receiver};
+use crossbeam_channel::{select, Receiver, Sender};
 
 use crate::chunker::{Chunker, HOLD_BACK_RELEASE};
 use crate::runlog::{Outcome, RunLog, Stream};
@@ -129,6 +129,8 @@ pub struct Supervised {
     readers: Vec<JoinHandle<()>>,
     reader_done: Receiver<()>,
     stop_readers: Option<PipeWriter>,
+    /// A reader found that the log cannot be written any more (a full disk).
+    write_failed: Receiver<()>,
     log: Arc<RunLog>,
 }
 
@@ -146,6 +148,8 @@ pub enum StopRequest {
 enum Stop {
     TimedOut,
     Cancelled,
+    /// The log could not be written: output would be lost, so the script is stopped.
+    WriteFailed,
 }
 
 impl Supervised {
@@ -175,6 +179,7 @@ impl Supervised {
         let deadline = started + limits.timeout;
         let mut stop: Option<Stop> = None;
         let mut kill_at: Option<Instant> = None;
+        let mut write_failed = self.write_failed.clone();
         let status = loop {
             let wake_at = kill_at.unwrap_or(deadline);
             let wait = wake_at.saturating_duration_since(Instant::now());
@@ -195,6 +200,15 @@ impl Supervised {
                     }
                     // Nobody can ask any more: only exit and timeout remain.
                     Err(_) => requests = crossbeam_channel::never(),
+                },
+                recv(write_failed) -> failed => {
+                    write_failed = crossbeam_channel::never();
+                    if failed.is_ok() && stop.is_none() {
+                        log::warn!("run of process group {pid}: its log cannot be written; stopping it");
+                        stop = Some(Stop::WriteFailed);
+                        let _ = sys::terminate_group(pid);
+                        kill_at = Some(Instant::now() + limits.kill_grace);
+                    }
                 },
                 default(wait) => {
                     if kill_at.is_some() {
@@ -249,6 +263,7 @@ impl Supervised {
                 Some(msg)
             }
             Some(Stop::Cancelled) => Some("the run was cancelled".to_string()),
+            Some(Stop::WriteFailed) => self.log.write_error(),
             None => None,
         };
         let outcome = Outcome {
@@ -299,6 +314,7 @@ pub fn spawn(
     let pid = child.id();
     let stop_read = Arc::new(stop_read);
     let (done_tx, done_rx) = crossbeam_channel::bounded::<()>(2);
+    let (failed_tx, failed_rx) = crossbeam_channel::bounded::<()>(1);
     let mut readers = Vec::with_capacity(2);
     let pipes: [(Option<Box<dyn ReadFd>>, Stream); 2] = [
         (
@@ -315,11 +331,12 @@ pub fn spawn(
         let log = log.clone();
         let stop = stop_read.clone();
         let done = done_tx.clone();
+        let failed = failed_tx.clone();
         let secret = mask.map(|m| m.as_bytes().to_vec());
         let spawned = std::thread::Builder::new()
             .name(format!("{}-{pid}", stream.name()))
             .spawn(move || {
-                pump(pipe, stream, &log, secret.as_deref(), &stop);
+                pump(pipe, stream, &log, secret.as_deref(), &stop, &failed);
                 let _ = done.send(());
             });
         match spawned {
@@ -337,6 +354,7 @@ pub fn spawn(
         readers,
         reader_done: done_rx,
         stop_readers: Some(stop_write),
+        write_failed: failed_rx,
         log,
     })
 }
@@ -346,7 +364,7 @@ trait ReadFd: Read + AsRawFd + Send {}
 impl<T: Read + AsRawFd + Send> ReadFd for T {}
 
 /// Copies one pipe into the log until EOF, or until `stop` becomes readable (its writer was
-/// dropped). Bytes held back by the chunker that it lets go on a timer are released after
+/// dropped). Tells `failed` once when the log cannot be written any more. Bytes held back by the chunker that it lets go on a timer are released after
 /// `HOLD_BACK_RELEASE` of silence; the rest when they resolve or at the end.
 fn pump(
     mut pipe: Box<dyn ReadFd>,
@@ -354,11 +372,17 @@ fn pump(
     log: &RunLog,
     secret: Option<&[u8]>,
     stop: &PipeReader,
+    failed: &Sender<()>,
 ) {
     let mut chunker = Chunker::new(secret);
+    let mut told = false;
     let mut buf = vec![0u8; READ_BUFFER];
     let fds = [stop.as_raw_fd(), pipe.as_raw_fd()];
     loop {
+        if !told && log.has_write_error() {
+            told = true;
+            let _ = failed.try_send(());
+        }
         let timeout = chunker.has_timed_release().then_some(HOLD_BACK_RELEASE);
         match sys::poll_readable(&fds, timeout) {
             Ok(Readiness::TimedOut) => log.append(stream, &chunker.release_timed()),
