@@ -45,31 +45,44 @@ impl Index {
 
     /// Takes the runs beyond the limits out of the index, oldest first, and returns them.
     /// `running_bytes`: what the runs still going hold, counted against `max_bytes`.
-    fn excess(
-        &mut self,
-        now: DateTime<Utc>,
-        max_count: usize,
-        max_days: u64,
-        max_bytes: u64,
-        running_bytes: u64,
-    ) -> Vec<String> {
-        let cutoff = i64::try_from(max_days)
+    /// `spare`: a run kept in any case (the one that has just ended: its viewers are still
+    /// reading its log).
+    fn excess(&mut self, now: DateTime<Utc>, limits: &Limits, spare: Option<&str>) -> Vec<String> {
+        let cutoff = i64::try_from(limits.max_days)
             .ok()
             .and_then(chrono::Duration::try_days)
             .and_then(|age| now.checked_sub_signed(age));
+        let mut count = self.runs.len();
+        let mut total = self.total;
         let mut out = Vec::new();
-        while let Some((ended, id)) = self.by_end.first().cloned() {
-            let too_many = self.runs.len() > max_count;
-            let too_old = cutoff.is_some_and(|c| ended < c);
-            let too_big = self.total.saturating_add(running_bytes) > max_bytes;
+        for (ended, id) in &self.by_end {
+            if spare == Some(id.as_str()) {
+                continue;
+            }
+            let too_many = count > limits.max_count;
+            let too_old = cutoff.is_some_and(|c| *ended < c);
+            let too_big = total.saturating_add(limits.running_bytes) > limits.max_bytes;
             if !(too_many || too_old || too_big) {
                 break;
             }
-            self.remove(&id);
-            out.push(id);
+            count -= 1;
+            total = total.saturating_sub(self.runs.get(id).map_or(0, |r| r.1));
+            out.push(id.clone());
+        }
+        for id in &out {
+            self.remove(id);
         }
         out
     }
+}
+
+/// The limits one pass applies.
+struct Limits {
+    max_count: usize,
+    max_days: u64,
+    max_bytes: u64,
+    /// What the runs still going hold, counted against `max_bytes`.
+    running_bytes: u64,
 }
 
 impl Retention {
@@ -100,11 +113,15 @@ impl Retention {
         let ended = rec.finished_at.unwrap_or(rec.started_at);
         let bytes = stored_bytes(&app.runs_dir, &run.id);
         self.lock().insert(&run.id, ended, bytes);
-        self.apply(app);
+        self.apply_sparing(app, Some(&run.id));
     }
 
     /// Removes the finished runs beyond the limits, oldest end first; returns how many.
     pub fn apply(&self, app: &App) -> usize {
+        self.apply_sparing(app, None)
+    }
+
+    fn apply_sparing(&self, app: &App, spare: Option<&str>) -> usize {
         let cfg = &app.config;
         let running_bytes: u64 = app
             .runs
@@ -113,13 +130,13 @@ impl Retention {
             .filter_map(|run| run.live_log())
             .map(|log| log.stored_bytes())
             .sum();
-        let victims = self.lock().excess(
-            Utc::now(),
-            cfg.run_retention_count,
-            cfg.run_retention_days,
-            cfg.state_max_bytes,
+        let limits = Limits {
+            max_count: cfg.run_retention_count,
+            max_days: cfg.run_retention_days,
+            max_bytes: cfg.state_max_bytes,
             running_bytes,
-        );
+        };
+        let victims = self.lock().excess(Utc::now(), &limits, spare);
         for id in &victims {
             app.runs.forget(id);
             record::remove(&app.runs_dir, id);
@@ -148,6 +165,15 @@ mod tests {
         DateTime::from_timestamp(1_700_000_000 + secs, 0).unwrap()
     }
 
+    fn limits(max_count: usize, max_days: u64, max_bytes: u64, running_bytes: u64) -> Limits {
+        Limits {
+            max_count,
+            max_days,
+            max_bytes,
+            running_bytes,
+        }
+    }
+
     #[test]
     fn count_limit_removes_the_oldest_ends() {
         let mut index = Index::default();
@@ -155,7 +181,7 @@ mod tests {
             // Inserted out of end order.
             index.insert(&format!("r{i}"), at((i * 7) % 10), 1);
         }
-        let gone = index.excess(at(100), 3, 365, u64::MAX, 0);
+        let gone = index.excess(at(100), &limits(3, 365, u64::MAX, 0), None);
         assert_eq!(gone.len(), 7);
         let mut kept: Vec<_> = index.by_end.iter().map(|(t, _)| *t).collect();
         kept.sort();
@@ -171,9 +197,15 @@ mod tests {
         index.insert("mid", at(5 * day), 10);
         index.insert("new", at(6 * day), 10);
         // Two days of retention at day 6: "old" goes.
-        assert_eq!(index.excess(at(6 * day), 100, 2, u64::MAX, 0), ["old"]);
+        assert_eq!(
+            index.excess(at(6 * day), &limits(100, 2, u64::MAX, 0), None),
+            ["old"]
+        );
         // 25 bytes allowed with 10 held by a running run: "mid" goes too.
-        assert_eq!(index.excess(at(6 * day), 100, 2, 25, 10), ["mid"]);
+        assert_eq!(
+            index.excess(at(6 * day), &limits(100, 2, 25, 10), None),
+            ["mid"]
+        );
         assert_eq!(index.total, 10);
         // Re-inserting a run replaces it rather than counting it twice.
         index.insert("new", at(6 * day), 12);
@@ -181,10 +213,34 @@ mod tests {
     }
 
     #[test]
+    fn the_run_that_just_ended_is_spared() {
+        let mut index = Index::default();
+        index.insert("a", at(0), 100);
+        index.insert("b", at(1), 100);
+        index.insert("c", at(2), 100);
+        // Over the byte limit with only "c" left: it is spared, "a" and "b" go.
+        assert_eq!(
+            index.excess(at(3), &limits(10, 365, 50, 0), Some("c")),
+            ["a", "b"]
+        );
+        // Spared even when it is the oldest; the next one goes for the count.
+        index.insert("d", at(3), 1);
+        index.insert("c", at(0), 1);
+        assert_eq!(
+            index.excess(at(4), &limits(1, 365, u64::MAX, 0), Some("c")),
+            ["d"]
+        );
+    }
+
+    #[test]
     fn huge_day_counts_do_not_overflow() {
         let mut index = Index::default();
         index.insert("a", at(0), 1);
-        assert!(index.excess(at(0), 10, u64::MAX, u64::MAX, 0).is_empty());
-        assert!(index.excess(at(0), 10, 100_000_000, u64::MAX, 0).is_empty());
+        assert!(index
+            .excess(at(0), &limits(10, u64::MAX, u64::MAX, 0), None)
+            .is_empty());
+        assert!(index
+            .excess(at(0), &limits(10, 100_000_000, u64::MAX, 0), None)
+            .is_empty());
     }
 }

@@ -24,12 +24,10 @@ printf 'e1\r' >&2; sleep 0.05; printf '\ne2\n' >&2
 "#;
 
 fn server() -> Server {
-    Server::start(
-        ServerOpts::new().runbook(
-            "Split.md",
-            Runbook::new("Split", SPLIT_SCRIPT).env("TOKEN_FILE", "where the token goes"),
-        ),
-    )
+    Server::start(ServerOpts::new().runbook(
+        "Split.md",
+        Runbook::new("Split", SPLIT_SCRIPT).env("TOKEN_FILE", "where the token goes"),
+    ))
 }
 
 /// The run token the script saw, and its first segment (the constant JWT header).
@@ -118,7 +116,13 @@ fn split_writes_come_out_whole_live_on_replay_in_done_and_in_logs() {
     let (out, err) = result_streams(&done_json(&events));
     check("replay done", &out, &err, &token, &header);
 
-    let logs = server.call("GET", &format!("/api/runs/{id}/logs"), Some(&tok), &[], None);
+    let logs = server.call(
+        "GET",
+        &format!("/api/runs/{id}/logs"),
+        Some(&tok),
+        &[],
+        None,
+    );
     assert_eq!(logs.status, 200, "{}", logs.text());
     let logs = logs.json();
     let lines = logs["logs"].as_array().expect("logs");

@@ -202,7 +202,11 @@ fn full_state_dir_refuses_then_a_run_that_fills_it_fails_and_stays_readable() {
         "done without the write error: {done}"
     );
     assert_eq!(done["success"], json!(false));
-    let pid: u32 = fs::read_to_string(&pidfile).unwrap().trim().parse().unwrap();
+    let pid: u32 = fs::read_to_string(&pidfile)
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap();
     assert!(
         wait_until(Duration::from_secs(10), || !process_alive(pid)),
         "the script {pid} was not stopped"
@@ -227,10 +231,9 @@ fn full_state_dir_refuses_then_a_run_that_fills_it_fails_and_stays_readable() {
         logs.text()
     );
     // The stored record on disk says the same.
-    let stored: serde_json::Value = serde_json::from_slice(
-        &fs::read(fs.dir.join("runs").join(format!("{id}.json"))).unwrap(),
-    )
-    .unwrap();
+    let stored: serde_json::Value =
+        serde_json::from_slice(&fs::read(fs.dir.join("runs").join(format!("{id}.json"))).unwrap())
+            .unwrap();
     assert_eq!(stored["status"], json!("failed"), "{stored}");
     assert!(
         stored["error"]
