@@ -3,7 +3,8 @@
 //! `Outcome`. One reader thread per pipe appends to the log; a waiter thread learns of the main
 //! process's exit without reaping it, so the group id cannot be reused while the group is still
 //! being signalled. Descendants get `ORPHAN_GRACE_MS` to release the pipes, then the group is
-//! killed and the pipes abandoned.
+//! killed and the pipes abandoned. A run whose log cannot be written any more (a full disk) is
+//! stopped as a timed-out one is: its output would be lost.
 
 use std::ffi::OsString;
 use std::fmt;
@@ -204,7 +205,7 @@ impl Supervised {
                 recv(write_failed) -> failed => {
                     write_failed = crossbeam_channel::never();
                     if failed.is_ok() && stop.is_none() {
-                        log::warn!("run of process group {pid}: its log cannot be written; stopping it");
+                        log::warn!("group {pid}: its run log cannot be written; stopping it");
                         stop = Some(Stop::WriteFailed);
                         let _ = sys::terminate_group(pid);
                         kill_at = Some(Instant::now() + limits.kill_grace);
@@ -364,8 +365,9 @@ trait ReadFd: Read + AsRawFd + Send {}
 impl<T: Read + AsRawFd + Send> ReadFd for T {}
 
 /// Copies one pipe into the log until EOF, or until `stop` becomes readable (its writer was
-/// dropped). Tells `failed` once when the log cannot be written any more. Bytes held back by the chunker that it lets go on a timer are released after
-/// `HOLD_BACK_RELEASE` of silence; the rest when they resolve or at the end.
+/// dropped). Tells `failed` once when the log cannot be written any more. Bytes held back by
+/// the chunker that it lets go on a timer are released after `HOLD_BACK_RELEASE` of silence;
+/// the rest when they resolve or at the end.
 fn pump(
     mut pipe: Box<dyn ReadFd>,
     stream: Stream,
