@@ -9,6 +9,7 @@ use crate::catalog::Catalog;
 use crate::config::Config;
 use crate::jwt::Validation;
 use crate::metrics::Metrics;
+use crate::retention::Retention;
 use crate::run::Registry;
 
 /// Leeway for `exp`/`nbf` checks.
@@ -34,6 +35,8 @@ pub struct App {
     pub shutting_down: AtomicBool,
     /// Where runs get their own cgroup; None: process groups only.
     pub run_cgroups: Option<crate::cgroup::Parent>,
+    /// The finished runs retention may remove.
+    pub retention: Retention,
 }
 
 impl App {

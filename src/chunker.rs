@@ -1,7 +1,15 @@
 //! Cuts a pipe's byte stream into chunks that each decode on their own: a chunk never ends inside
 //! a UTF-8 character or between CR and LF, and never inside a secret that must be masked. The few
-//! bytes held back wait for the next read, or are released by `flush` (the reader calls it when
-//! nothing followed within `HOLD_BACK_RELEASE`).
+//! bytes held back wait for the next read; what the reader may release after
+//! `HOLD_BACK_RELEASE` of silence is given by `release_timed`, the rest only by `finish` at the
+//! end of the stream:
+//! - an incomplete UTF-8 character (still valid so far) is never released by the timer: only
+//!   when the next bytes complete it or prove it invalid, or at the end;
+//! - a trailing CR may be released by the timer; an LF that then starts the next read is
+//!   dropped, as the CR already was that line break (text views show CR as a line break);
+//! - a tail that matches only the secret's first segment (a JWT's constant header, before the
+//!   first '.') may be released by the timer, and the rest of the secret is still masked if it
+//!   follows; a tail that reaches past that segment waits, and at the end is masked.
 
 use std::time::Duration;
 
@@ -16,36 +24,138 @@ pub const MASK: &[u8] = b"***";
 pub struct Chunker {
     held: Vec<u8>,
     secret: Option<Vec<u8>>,
+    /// Length of the secret's first segment (before its first '.'): a held prefix of the
+    /// secret no longer than this may be released by the timer.
+    public_len: usize,
+    /// The output released so far ends with this many bytes of the secret's start (let go by
+    /// the timer); `held` continues them.
+    sent_prefix: usize,
+    /// The last byte released by the timer was a CR.
+    sent_cr: bool,
 }
 
 impl Chunker {
     /// `secret`: bytes to replace by `***` wherever they appear (None or empty: mask nothing).
     pub fn new(secret: Option<&[u8]>) -> Chunker {
+        let secret = secret.filter(|s| !s.is_empty()).map(<[u8]>::to_vec);
+        let public_len = secret
+            .as_deref()
+            .and_then(|s| s.iter().position(|&b| b == b'.'))
+            .unwrap_or(0);
         Chunker {
-            held: Vec::new(),
-            secret: secret.filter(|s| !s.is_empty()).map(<[u8]>::to_vec),
+            secret,
+            public_len,
+            ..Chunker::default()
         }
     }
 
-    /// True when bytes are waiting for their continuation.
-    pub fn is_holding(&self) -> bool {
-        !self.held.is_empty()
+    /// True when some held bytes may be released by the timer (`release_timed` would give
+    /// something): the reader then waits at most `HOLD_BACK_RELEASE` for more.
+    pub fn has_timed_release(&self) -> bool {
+        !self.held.is_empty() && self.timed_keep() < self.held.len()
     }
 
     /// Feeds bytes just read; returns the chunk that may be sent now (possibly empty).
     pub fn push(&mut self, data: &[u8]) -> Vec<u8> {
         let mut buf = std::mem::take(&mut self.held);
         buf.extend_from_slice(data);
+        if std::mem::take(&mut self.sent_cr) && buf.first() == Some(&b'\n') {
+            buf.remove(0);
+        }
+        let mut out = Vec::new();
+        if self.sent_prefix > 0 {
+            if let Some(rest) = self.secret.as_deref().map(|s| &s[self.sent_prefix..]) {
+                if buf.starts_with(rest) {
+                    // The secret completed: its start is out already, the rest is masked.
+                    out.extend_from_slice(MASK);
+                    buf.drain(..rest.len());
+                } else if rest.starts_with(&buf) {
+                    self.held = buf;
+                    return out;
+                }
+            }
+            self.sent_prefix = 0;
+        }
         let mut buf = self.mask(buf);
         let keep = self.safe_end(&buf);
         self.held = buf.split_off(keep);
-        buf
+        out.extend_from_slice(&buf);
+        out
     }
 
-    /// Releases whatever is held back, as it is.
-    pub fn flush(&mut self) -> Vec<u8> {
-        let held = std::mem::take(&mut self.held);
-        self.mask(held)
+    /// What the timer may release of the held bytes (see the module notes); the rest stays.
+    pub fn release_timed(&mut self) -> Vec<u8> {
+        let keep = self.timed_keep();
+        if keep == self.held.len() {
+            return Vec::new();
+        }
+        let kept = self.held.split_off(self.held.len() - keep);
+        let released = std::mem::replace(&mut self.held, kept);
+        self.sent_prefix = if self.sent_prefix > 0 {
+            self.sent_prefix + released.len()
+        } else {
+            self.secret_tail(&released)
+        };
+        self.sent_cr = released.last() == Some(&b'\r');
+        released
+    }
+
+    /// Releases whatever is held back at the end of the stream; a held prefix of the secret
+    /// that reaches past its first segment is masked.
+    pub fn finish(&mut self) -> Vec<u8> {
+        let mut held = std::mem::take(&mut self.held);
+        let sent = std::mem::take(&mut self.sent_prefix);
+        if self.secret.is_none() || held.is_empty() {
+            return held;
+        }
+        if sent > 0 {
+            return if sent + held.len() > self.public_len {
+                MASK.to_vec()
+            } else {
+                held
+            };
+        }
+        let n = self.secret_tail(&held);
+        if n > self.public_len {
+            held.truncate(held.len() - n);
+            held.extend_from_slice(MASK);
+        }
+        held
+    }
+
+    /// How many bytes at the end of `held` the timer must not release.
+    fn timed_keep(&self) -> usize {
+        let held = &self.held;
+        if self.sent_prefix > 0 {
+            // All of `held` continues a secret prefix already sent.
+            return if self.sent_prefix + held.len() > self.public_len {
+                held.len()
+            } else {
+                0
+            };
+        }
+        let n = self.secret_tail(held);
+        if n > self.public_len {
+            return n;
+        }
+        let body = &held[..held.len() - n];
+        if n == 0 {
+            // Only an incomplete character can still be waiting (a CR may go).
+            return body.len() - utf8_safe_end(body);
+        }
+        0
+    }
+
+    /// Length of the longest proper prefix of the secret that `buf` ends with.
+    fn secret_tail(&self, buf: &[u8]) -> usize {
+        let Some(secret) = &self.secret else {
+            return 0;
+        };
+        let longest = (secret.len() - 1).min(buf.len());
+        (1..=longest)
+            .rev()
+            .find(|&n| secret.starts_with(&buf[buf.len() - n..]))
+            .unwrap_or(0)
     }
 
     fn mask(&self, buf: Vec<u8>) -> Vec<u8> {
@@ -71,17 +181,8 @@ impl Chunker {
 
     /// Length of the longest prefix of `buf` that may end a chunk.
     fn safe_end(&self, buf: &[u8]) -> usize {
-        let mut end = buf.len();
         // A trailing proper prefix of the secret might be completed by the next read.
-        if let Some(secret) = &self.secret {
-            let longest = (secret.len() - 1).min(end);
-            if let Some(n) = (1..=longest)
-                .rev()
-                .find(|&n| secret.starts_with(&buf[end - n..]))
-            {
-                end -= n;
-            }
-        }
+        let mut end = buf.len() - self.secret_tail(buf);
         end = utf8_safe_end(&buf[..end]);
         if end > 0 && buf[end - 1] == b'\r' {
             end -= 1;
@@ -90,7 +191,8 @@ impl Chunker {
     }
 }
 
-/// Length of `buf` without a trailing incomplete (but so far valid) UTF-8 sequence.
+/// Length of `buf` without a trailing incomplete UTF-8 sequence that is valid so far (one the
+/// next bytes may complete); an invalid tail is not held.
 pub fn utf8_safe_end(buf: &[u8]) -> usize {
     let len = buf.len();
     // Look back at most 3 bytes for the lead byte of the last character.
@@ -99,13 +201,14 @@ pub fn utf8_safe_end(buf: &[u8]) -> usize {
         if byte & 0b1100_0000 == 0b1000_0000 {
             continue; // continuation byte: keep looking for the lead
         }
-        let needed = match byte {
-            0xC2..=0xDF => 2,
-            0xE0..=0xEF => 3,
-            0xF0..=0xF4 => 4,
-            _ => return len, // ASCII or an invalid lead: nothing to complete
+        if !(0xC2..=0xF4).contains(&byte) {
+            return len; // ASCII or an invalid lead: nothing to complete
+        }
+        return match std::str::from_utf8(&buf[len - back..]) {
+            // Cut short, not wrong: the rest may follow.
+            Err(e) if e.valid_up_to() == 0 && e.error_len().is_none() => len - back,
+            _ => len,
         };
-        return if back < needed { len - back } else { len };
     }
     len
 }
@@ -150,7 +253,7 @@ mod tests {
     fn whole_text_passes_through() {
         let mut c = Chunker::new(None);
         assert_eq!(c.push(b"hello\n"), b"hello\n");
-        assert!(!c.is_holding());
+        assert!(!c.has_timed_release());
     }
 
     #[test]
@@ -167,27 +270,50 @@ mod tests {
     }
 
     #[test]
-    fn four_byte_character_held_at_most_three_bytes() {
+    fn incomplete_character_is_not_released_by_the_timer() {
         let mut c = Chunker::new(None);
         let emoji = "😀".as_bytes();
         assert!(c.push(&emoji[..3]).is_empty());
-        assert_eq!(c.flush(), &emoji[..3]);
+        assert!(!c.has_timed_release());
+        assert!(c.release_timed().is_empty());
+        assert_eq!(c.push(&emoji[3..]), emoji);
+        // At the end of the stream an unfinished character goes out as it is.
+        assert!(c.push(&emoji[..2]).is_empty());
+        assert_eq!(c.finish(), &emoji[..2]);
+        assert!(!c.has_timed_release());
     }
 
     #[test]
     fn cr_is_not_separated_from_lf() {
         let mut c = Chunker::new(None);
         assert_eq!(c.push(b"line\r"), b"line");
-        assert!(c.is_holding());
+        assert!(c.has_timed_release());
         assert_eq!(c.push(b"\nnext"), b"\r\nnext");
     }
 
     #[test]
-    fn lone_cr_released_by_flush() {
+    fn lone_cr_released_by_timer_then_lf_adds_no_break() {
         let mut c = Chunker::new(None);
         assert_eq!(c.push(b"50%\r"), b"50%");
-        assert_eq!(c.flush(), b"\r");
-        assert!(!c.is_holding());
+        assert_eq!(c.release_timed(), b"\r");
+        assert!(!c.has_timed_release());
+        // The CR was the line break: the LF that completes the CRLF is dropped, once.
+        assert_eq!(c.push(b"\nnext\n"), b"next\n");
+        assert_eq!(c.push(b"\nmore"), b"\nmore");
+        // A CR followed by anything else keeps what follows.
+        assert_eq!(c.push(b"\r"), b"");
+        assert_eq!(c.release_timed(), b"\r");
+        assert_eq!(c.push(b"60%"), b"60%");
+    }
+
+    #[test]
+    fn cr_goes_on_the_timer_but_a_character_after_it_waits() {
+        let mut c = Chunker::new(None);
+        let euro = "€".as_bytes();
+        assert_eq!(c.push(&[b'a', b'\r', euro[0], euro[1]]), b"a");
+        assert_eq!(c.release_timed(), b"\r");
+        assert!(!c.has_timed_release());
+        assert_eq!(c.push(&euro[2..]), euro);
     }
 
     #[test]
@@ -195,6 +321,10 @@ mod tests {
         let mut c = Chunker::new(None);
         assert_eq!(c.push(b"x\xff"), b"x\xff");
         assert_eq!(c.push(b"\x80"), b"\x80");
+        // A lead byte followed by a byte that cannot continue it is resolved at once.
+        assert_eq!(c.push(b"\xe0\x80"), b"\xe0\x80");
+        assert_eq!(c.push(b"\xe2"), b"");
+        assert_eq!(c.push(b"A"), b"\xe2A");
     }
 
     #[test]
@@ -208,6 +338,61 @@ mod tests {
         // A prefix that turns out not to be the secret is released unchanged.
         assert_eq!(c.push(b"TOKE"), b"");
         assert_eq!(c.push(b"X"), b"TOKEX");
+    }
+
+    const JWT: &[u8] = b"eyJhbGciOiJIUzI1NiJ9.eyJzdWIiOiJ4In0.c2lnbmF0dXJl";
+
+    #[test]
+    fn token_header_goes_on_the_timer_and_the_rest_is_still_masked() {
+        let mut c = Chunker::new(Some(JWT));
+        let dot = JWT.iter().position(|&b| b == b'.').unwrap();
+        assert_eq!(c.push(b"t="), b"t=");
+        assert_eq!(c.push(&JWT[..dot]), b"");
+        assert!(c.has_timed_release());
+        assert_eq!(c.release_timed(), &JWT[..dot]);
+        // The rest arrives in two pieces: held (it reaches past the header), then masked.
+        assert_eq!(c.push(&JWT[dot..dot + 5]), b"");
+        assert!(!c.has_timed_release());
+        assert!(c.release_timed().is_empty());
+        assert_eq!(c.push(&JWT[dot + 5..]), b"***");
+        assert_eq!(c.push(b" end"), b" end");
+    }
+
+    #[test]
+    fn token_prefix_past_the_header_waits_until_resolved_or_masked_at_the_end() {
+        let dot = JWT.iter().position(|&b| b == b'.').unwrap();
+        let mut c = Chunker::new(Some(JWT));
+        assert_eq!(c.push(&JWT[..dot + 3]), b"");
+        assert!(!c.has_timed_release());
+        assert!(c.release_timed().is_empty());
+        assert_eq!(c.push(&JWT[dot + 3..]), b"***");
+        // Not the token after all: released as text.
+        assert_eq!(c.push(&JWT[..dot + 3]), b"");
+        assert_eq!(c.push(b"!"), [&JWT[..dot + 3], b"!"].concat());
+        // Cut off by the end of the stream: masked.
+        assert_eq!(c.push(&JWT[..JWT.len() - 1]), b"");
+        assert_eq!(c.finish(), MASK);
+        // A header-only prefix at the end is plain text.
+        let mut c = Chunker::new(Some(JWT));
+        assert_eq!(c.push(&JWT[..4]), b"");
+        assert_eq!(c.finish(), &JWT[..4]);
+    }
+
+    #[test]
+    fn released_header_followed_by_other_text_is_plain() {
+        let dot = JWT.iter().position(|&b| b == b'.').unwrap();
+        let mut c = Chunker::new(Some(JWT));
+        assert_eq!(c.push(&JWT[..dot]), b"");
+        assert_eq!(c.release_timed(), &JWT[..dot]);
+        assert_eq!(c.push(b"."), b"");
+        assert_eq!(c.push(b"x\n"), b".x\n");
+        // A released piece continued on the timer, still within the header.
+        let mut c = Chunker::new(Some(JWT));
+        assert_eq!(c.push(&JWT[..3]), b"");
+        assert_eq!(c.release_timed(), &JWT[..3]);
+        assert_eq!(c.push(&JWT[3..6]), b"");
+        assert_eq!(c.release_timed(), &JWT[3..6]);
+        assert_eq!(c.push(&JWT[6..]), b"***");
     }
 
     #[test]
@@ -226,5 +411,7 @@ mod tests {
         assert_eq!(utf8_safe_end(&[b'a', 0xE2, 0x82]), 1);
         assert_eq!(utf8_safe_end(&[0xE2, 0x82, 0xAC]), 3);
         assert_eq!(utf8_safe_end(&[0xF0, 0x9F, 0x98]), 0);
+        assert_eq!(utf8_safe_end(&[b'a', 0xE0, 0x80]), 3);
+        assert_eq!(utf8_safe_end(&[b'a', 0xF4, 0x90]), 3);
     }
 }

@@ -143,6 +143,9 @@ pub fn start(app: &Arc<App>, req: ExecuteRequest) -> Result<Arc<Run>, ExecError>
     started
 }
 
+/// How a refusal for want of room in STATE_DIR starts.
+const NO_ROOM: &str = "the state directory cannot take a new run";
+
 fn launch(
     app: &Arc<App>,
     req: ExecuteRequest,
@@ -157,7 +160,7 @@ fn launch(
         app.config.history_output_bytes as usize,
         app.config.run_log_max_bytes,
     )
-    .map_err(|e| ExecError::Unavailable(format!("cannot create the run log: {e}")))?;
+    .map_err(|e| ExecError::Unavailable(format!("{NO_ROOM}: cannot create its log: {e}")))?;
     // Only what the runbook declares reaches the script; the rest is named in a warning.
     let vars = params::keep_declared(&req.vars, book);
     let findings = validation::validate(
@@ -203,7 +206,14 @@ fn launch(
         errors: errors.clone(),
         warnings,
     };
-    save_record(app, &record);
+    // Nothing starts that could not be recorded (a full or read-only state directory).
+    if let Err(e) = record::save(&app.runs_dir, &record) {
+        drop(log);
+        let _ = fs::remove_file(&log_path);
+        return Err(ExecError::Unavailable(format!(
+            "{NO_ROOM}: cannot write its record: {e}"
+        )));
+    }
     let log = Arc::new(log);
     let run = Arc::new(Run::new(record, log_path, Some(log.clone())));
     app.runs.insert(run.clone());
@@ -462,6 +472,7 @@ fn conclude(
     app.runs.release(&run.id);
     log.finish(outcome);
     run.release_live_log();
+    app.retention.run_ended(app, run);
 }
 
 /// Appends the history entry of a run that is over to the runbook at `path`: its exit code and

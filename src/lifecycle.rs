@@ -1,7 +1,7 @@
 //! The server's life around its runs: loading run records at start (runs that were going
 //! become `interrupted`; their leftover cgroups are killed and removed, and their process groups
-//! killed only when `leftover::judge` proves them theirs), pruning old runs at
-//! start and hourly, and stopping running runs on shutdown.
+//! killed only when `leftover::judge` proves them theirs), pruning old runs hourly (runs are
+//! also pruned as they end, see `retention.rs`), and stopping running runs on shutdown.
 
 use std::path::Path;
 use std::sync::Arc;
@@ -147,69 +147,10 @@ fn settle_interrupted(app: &App, rec: &mut record::RunRecord, log_path: &Path) {
     );
 }
 
-/// Drops finished runs beyond the retention limits, oldest first.
+/// Drops finished runs beyond the retention limits, oldest end first (from the index built at
+/// start: no scan of the state directory).
 pub fn prune(app: &App) {
-    let cfg = &app.config;
-    let mut finished: Vec<Arc<Run>> = app
-        .runs
-        .all()
-        .into_iter()
-        .filter(|r| r.record().status.is_finished())
-        .collect();
-    finished.reverse(); // oldest first
-    let cutoff = chrono::Utc::now() - chrono::Duration::days(cfg.run_retention_days as i64);
-    let mut removed = 0usize;
-    let mut keep = Vec::with_capacity(finished.len());
-    for run in finished {
-        if run.record().started_at < cutoff {
-            forget(app, &run);
-            removed += 1;
-        } else {
-            keep.push(run);
-        }
-    }
-    let excess = keep.len().saturating_sub(cfg.run_retention_count);
-    for run in keep.drain(..excess) {
-        forget(app, &run);
-        removed += 1;
-    }
-    let mut total = dir_bytes(&app.runs_dir);
-    let mut oldest = keep.into_iter();
-    while total > cfg.state_max_bytes {
-        let Some(run) = oldest.next() else { break };
-        total = total.saturating_sub(run_bytes(&app.runs_dir, &run.id));
-        forget(app, &run);
-        removed += 1;
-    }
-    if removed > 0 {
-        log::info!("retention: removed {removed} finished run(s)");
-    }
-}
-
-fn forget(app: &App, run: &Run) {
-    app.runs.forget(&run.id);
-    record::remove(&app.runs_dir, &run.id);
-}
-
-fn run_bytes(dir: &Path, id: &str) -> u64 {
-    [record::log_path(dir, id), record::record_path(dir, id)]
-        .iter()
-        .filter_map(|p| std::fs::metadata(p).ok())
-        .map(|m| m.len())
-        .sum()
-}
-
-fn dir_bytes(dir: &Path) -> u64 {
-    std::fs::read_dir(dir)
-        .map(|entries| {
-            entries
-                .flatten()
-                .filter_map(|e| e.metadata().ok())
-                .filter(|m| m.is_file())
-                .map(|m| m.len())
-                .sum()
-        })
-        .unwrap_or(0)
+    app.retention.apply(app);
 }
 
 /// Prunes every hour, for the life of the process.

@@ -19,6 +19,7 @@ mod metrics;
 mod params;
 mod record;
 mod result_json;
+mod retention;
 mod run;
 mod runbook;
 mod runenv;
@@ -196,9 +197,10 @@ fn start(config: Config) -> Result<(), StartError> {
         runs_dir,
         shutting_down: AtomicBool::new(false),
         run_cgroups,
+        retention: retention::Retention::default(),
     });
     lifecycle::recover(&app);
-    lifecycle::prune(&app);
+    app.retention.start(&app);
     lifecycle::start_retention_thread(app.clone());
     let current = Arc::new(Mutex::new(None::<Arc<tiny_http::Server>>));
     watch_termination(app.clone(), current.clone());

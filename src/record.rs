@@ -122,8 +122,25 @@ pub fn save(runs_dir: &Path, record: &RunRecord) -> io::Result<()> {
     let path = record_path(runs_dir, &record.run_id);
     let tmp = runs_dir.join(format!(".{}.json.tmp", record.run_id));
     let text = serde_json::to_vec_pretty(record).map_err(io::Error::other)?;
-    fs::write(&tmp, text)?;
-    fs::rename(&tmp, &path)
+    let Err(e) = fs::write(&tmp, &text).and_then(|()| fs::rename(&tmp, &path)) else {
+        return Ok(());
+    };
+    let _ = fs::remove_file(&tmp);
+    // A full disk may still take the new version in the old one's place (a run that ends
+    // because its log could not be written still gets its final record).
+    if matches!(e.raw_os_error(), Some(libc::ENOSPC) | Some(libc::EDQUOT)) && path.is_file() {
+        return overwrite(&path, &text).map_err(|_| e);
+    }
+    Err(e)
+}
+
+/// Writes `text` over the file at `path` without allocating a new file.
+fn overwrite(path: &Path, text: &[u8]) -> io::Result<()> {
+    use std::io::Write;
+    let mut file = fs::File::options().write(true).open(path)?;
+    file.write_all(text)?;
+    file.set_len(text.len() as u64)?;
+    file.sync_data()
 }
 
 /// Every readable record in the runs directory; unreadable ones are logged and skipped.

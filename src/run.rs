@@ -97,6 +97,11 @@ impl Run {
         RunLog::open_finished(&self.log_path, outcome, record.log_capped).map(Arc::new)
     }
 
+    /// The log this process is writing, while it has one.
+    pub fn live_log(&self) -> Option<Arc<RunLog>> {
+        lock(&self.live).clone()
+    }
+
     /// Drops the in-memory log once the run is over and recorded (viewers holding it go on).
     pub fn release_live_log(&self) {
         lock(&self.live).take();

@@ -297,6 +297,16 @@ impl RunLog {
         self.lock().write_error.clone()
     }
 
+    /// Bytes of the log file written so far.
+    pub fn stored_bytes(&self) -> u64 {
+        self.lock().file_len
+    }
+
+    /// True once storing output failed (see [`RunLog::write_error`]).
+    pub fn has_write_error(&self) -> bool {
+        self.lock().write_error.is_some()
+    }
+
     /// Sequence number from which output was no longer stored (RUN_LOG_MAX_BYTES), if so.
     pub fn capped_at(&self) -> Option<u64> {
         self.lock().capped_at

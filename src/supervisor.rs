@@ -4,7 +4,8 @@
 //! process's exit without reaping it, so the group id cannot be reused while the group is still
 //! being signalled. Descendants get `ORPHAN_GRACE_MS` to release the pipes, then the group is
 //! killed and the pipes abandoned. With a run cgroup, the script enters it before it execs, and
-//! the run's end kills and removes it, so descendants that left the group die too.
+//! the run's end kills and removes it, so descendants that left the group die too. A run whose log cannot be written any more (a full disk) is
+//! stopped as a timed-out one is: its output would be lost.
 
 use std::ffi::OsString;
 use std::fmt;
@@ -17,7 +18,7 @@ use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use crossbeam_channel::{select, Receiver};
+use crossbeam_channel::{select, Receiver, Sender};
 
 use crate::cgroup::{self, RunCgroup};
 use crate::chunker::{Chunker, HOLD_BACK_RELEASE};
@@ -148,6 +149,8 @@ pub struct Supervised {
     readers: Vec<JoinHandle<()>>,
     reader_done: Receiver<()>,
     stop_readers: Option<PipeWriter>,
+    /// A reader found that the log cannot be written any more (a full disk).
+    write_failed: Receiver<()>,
     log: Arc<RunLog>,
     cgroup: Option<RunCgroup>,
 }
@@ -166,6 +169,8 @@ pub enum StopRequest {
 enum Stop {
     TimedOut,
     Cancelled,
+    /// The log could not be written: output would be lost, so the script is stopped.
+    WriteFailed,
 }
 
 impl Supervised {
@@ -208,6 +213,7 @@ impl Supervised {
         let deadline = started + limits.timeout;
         let mut stop: Option<Stop> = None;
         let mut kill_at: Option<Instant> = None;
+        let mut write_failed = self.write_failed.clone();
         let status = loop {
             let wake_at = kill_at.unwrap_or(deadline);
             let wait = wake_at.saturating_duration_since(Instant::now());
@@ -228,6 +234,15 @@ impl Supervised {
                     }
                     // Nobody can ask any more: only exit and timeout remain.
                     Err(_) => requests = crossbeam_channel::never(),
+                },
+                recv(write_failed) -> failed => {
+                    write_failed = crossbeam_channel::never();
+                    if failed.is_ok() && stop.is_none() {
+                        log::warn!("group {pid}: its run log cannot be written; stopping it");
+                        stop = Some(Stop::WriteFailed);
+                        let _ = sys::terminate_group(pid);
+                        kill_at = Some(Instant::now() + limits.kill_grace);
+                    }
                 },
                 default(wait) => {
                     if kill_at.is_some() {
@@ -288,6 +303,7 @@ impl Supervised {
                 Some(msg)
             }
             Some(Stop::Cancelled) => Some("the run was cancelled".to_string()),
+            Some(Stop::WriteFailed) => self.log.write_error(),
             None => None,
         };
         let outcome = Outcome {
@@ -347,6 +363,7 @@ pub fn spawn(
     let pid = child.id();
     let stop_read = Arc::new(stop_read);
     let (done_tx, done_rx) = crossbeam_channel::bounded::<()>(2);
+    let (failed_tx, failed_rx) = crossbeam_channel::bounded::<()>(1);
     let mut readers = Vec::with_capacity(2);
     let pipes: [(Option<Box<dyn ReadFd>>, Stream); 2] = [
         (
@@ -363,11 +380,12 @@ pub fn spawn(
         let log = log.clone();
         let stop = stop_read.clone();
         let done = done_tx.clone();
+        let failed = failed_tx.clone();
         let secret = mask.map(|m| m.as_bytes().to_vec());
         let spawned = std::thread::Builder::new()
             .name(format!("{}-{pid}", stream.name()))
             .spawn(move || {
-                pump(pipe, stream, &log, secret.as_deref(), &stop);
+                pump(pipe, stream, &log, secret.as_deref(), &stop, &failed);
                 let _ = done.send(());
             });
         match spawned {
@@ -385,6 +403,7 @@ pub fn spawn(
         readers,
         reader_done: done_rx,
         stop_readers: Some(stop_write),
+        write_failed: failed_rx,
         log,
         cgroup,
     })
@@ -395,21 +414,29 @@ trait ReadFd: Read + AsRawFd + Send {}
 impl<T: Read + AsRawFd + Send> ReadFd for T {}
 
 /// Copies one pipe into the log until EOF, or until `stop` becomes readable (its writer was
-/// dropped). Bytes held back by the chunker are released after `HOLD_BACK_RELEASE` of silence.
+/// dropped). Tells `failed` once when the log cannot be written any more. Bytes held back by
+/// the chunker that it lets go on a timer are released after `HOLD_BACK_RELEASE` of silence;
+/// the rest when they resolve or at the end.
 fn pump(
     mut pipe: Box<dyn ReadFd>,
     stream: Stream,
     log: &RunLog,
     secret: Option<&[u8]>,
     stop: &PipeReader,
+    failed: &Sender<()>,
 ) {
     let mut chunker = Chunker::new(secret);
+    let mut told = false;
     let mut buf = vec![0u8; READ_BUFFER];
     let fds = [stop.as_raw_fd(), pipe.as_raw_fd()];
     loop {
-        let timeout = chunker.is_holding().then_some(HOLD_BACK_RELEASE);
+        if !told && log.has_write_error() {
+            told = true;
+            let _ = failed.try_send(());
+        }
+        let timeout = chunker.has_timed_release().then_some(HOLD_BACK_RELEASE);
         match sys::poll_readable(&fds, timeout) {
-            Ok(Readiness::TimedOut) => log.append(stream, &chunker.flush()),
+            Ok(Readiness::TimedOut) => log.append(stream, &chunker.release_timed()),
             Ok(Readiness::Ready(1)) => match pipe.read(&mut buf) {
                 Ok(0) => break,
                 Ok(n) => log.append(stream, &chunker.push(&buf[..n])),
@@ -442,5 +469,5 @@ fn pump(
             }
         }
     }
-    log.append(stream, &chunker.flush());
+    log.append(stream, &chunker.finish());
 }

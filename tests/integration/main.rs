@@ -8,6 +8,8 @@ mod deploy;
 mod execute_sse;
 mod execute_sync;
 mod faults_procs;
+mod faults_chunks;
+mod faults_limits;
 mod fd_exhaustion;
 mod fixtures;
 mod history;
