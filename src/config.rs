@@ -141,6 +141,16 @@ pub const SETTINGS: &[Setting] = &[
         "",
         "comma-separated names of server variables never passed to scripts",
     ),
+    setting(
+        "REQUEST_TIMEOUT_SECONDS",
+        "30",
+        "a request head or body read that stalls this long, or an idle keep-alive connection, is closed",
+    ),
+    setting(
+        "LOGS_MAX_LINES",
+        "10000",
+        "most lines GET /api/runs/{id}/logs returns (tail); asking for more is a 400",
+    ),
 ];
 
 /// Why the configuration was refused.
@@ -205,6 +215,8 @@ pub struct Config {
     pub state_max_bytes: u64,
     pub run_log_max_bytes: u64,
     pub trusted_proxies: Vec<IpAddr>,
+    pub request_timeout: Duration,
+    pub logs_max_lines: usize,
     /// Each setting's effective value and origin, secrets already hidden.
     pub items: Vec<(&'static str, String, Origin)>,
 }
@@ -378,7 +390,11 @@ impl Config {
                 reason: format!("{item:?} is not an IP address"),
             })?);
         }
+        let request_timeout = Duration::from_secs(r.number::<u64>("REQUEST_TIMEOUT_SECONDS", 1)?);
+        let logs_max_lines = r.number::<usize>("LOGS_MAX_LINES", 1)?;
         Ok(Config {
+            request_timeout,
+            logs_max_lines,
             max_concurrent_runs,
             cancel_grace,
             shutdown_grace,
