@@ -693,16 +693,29 @@ fn shipped_nginx_refuses_huge_request_heads_before_runbookd() {
     stream
         .set_write_timeout(Some(Duration::from_secs(10)))
         .unwrap();
-    let line = format!("X-Fill: {}\r\n", "a".repeat(1000));
+    // 64 header lines of 1 KB at a time; nginx answers once the head outgrows its buffers
+    // and then drains what follows (lingering close), so its answer is looked for after each
+    // batch and ends the sending.
+    let batch = format!("X-Fill: {}\r\n", "a".repeat(1000)).repeat(64);
     let mut sent = 0usize;
+    let mut answer = Vec::new();
     let _ = stream.write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\n");
+    let mut buf = [0u8; 4096];
     while sent < TOTAL {
-        if stream.write_all(line.as_bytes()).is_err() {
+        if stream.write_all(batch.as_bytes()).is_err() {
             break;
         }
-        sent += line.len();
+        sent += batch.len();
+        stream
+            .set_read_timeout(Some(Duration::from_millis(1)))
+            .unwrap();
+        if let Ok(n) = stream.read(&mut buf) {
+            answer.extend_from_slice(&buf[..n]);
+            break;
+        }
     }
-    let (answer, _) = read_until_closed(&mut stream, Instant::now() + Duration::from_secs(30));
+    let (rest, _) = read_until_closed(&mut stream, Instant::now() + Duration::from_secs(30));
+    answer.extend_from_slice(&rest);
     let answer = String::from_utf8_lossy(&answer).into_owned();
     assert!(
         sent < TOTAL,
