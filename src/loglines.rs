@@ -273,6 +273,27 @@ mod tests {
     }
 
     #[test]
+    fn second_pass_sees_what_the_first_counted_while_the_log_grows() {
+        let log = log_with(&[(Stream::Stdout, b"a\nb\nc\npart")]);
+        let q = LineQuery {
+            tail: 2,
+            since: None,
+            stream: None,
+        };
+        let count = count_lines(&log, &q).unwrap();
+        assert_eq!(count.matching, 4);
+        assert!(count.truncated(2));
+        log.append(Stream::Stdout, b"ial\nd\n");
+        let mut seen = Vec::new();
+        for_each_line(&log, &q, &count, |l| {
+            seen.push((l.line, l.text));
+            Ok(())
+        })
+        .unwrap();
+        assert_eq!(seen, [(3, "c".to_string()), (4, "part".to_string())]);
+    }
+
+    #[test]
     fn levels() {
         assert_eq!(level_of("an Error and a warning", Stream::Stdout), "ERROR");
         assert_eq!(level_of("WARN: x", Stream::Stdout), "WARNING");
