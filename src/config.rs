@@ -157,6 +157,16 @@ pub const SETTINGS: &[Setting] = &[
         "admin",
         "comma-separated roles whose holders may cancel other users' runs of runbooks whose Required Claims they meet",
     ),
+    setting(
+        "REQUEST_TIMEOUT_SECONDS",
+        "30",
+        "a request head or body read that stalls this long, or an idle keep-alive connection, is closed",
+    ),
+    setting(
+        "LOGS_MAX_LINES",
+        "10000",
+        "most lines GET /api/runs/{id}/logs returns (tail); asking for more is a 400",
+    ),
 ];
 
 /// Why the configuration was refused.
@@ -223,6 +233,8 @@ pub struct Config {
     pub trusted_proxies: Vec<IpAddr>,
     /// `RUN_CGROUP` as given: empty (default), `off` or a directory; resolved at start.
     pub run_cgroup: String,
+    pub request_timeout: Duration,
+    pub logs_max_lines: usize,
     /// Each setting's effective value and origin, secrets already hidden.
     pub items: Vec<(&'static str, String, Origin)>,
     pub max_subruns_per_run: usize,
@@ -415,8 +427,12 @@ impl Config {
             .filter(|s| !s.is_empty())
             .map(String::from)
             .collect();
+        let request_timeout = Duration::from_secs(r.number::<u64>("REQUEST_TIMEOUT_SECONDS", 1)?);
+        let logs_max_lines = r.number::<usize>("LOGS_MAX_LINES", 1)?;
         Ok(Config {
             run_cgroup,
+            request_timeout,
+            logs_max_lines,
             max_concurrent_runs,
             cancel_grace,
             shutdown_grace,

@@ -1,8 +1,9 @@
 //! The run's output as lines for `GET /api/runs/{id}/logs`: one entry per line per stream,
 //! numbered from 1 in the order lines complete, each with the time its first byte arrived, its
-//! stream and a level guessed from its words. Read from the log file with bounded memory.
+//! stream and a level guessed from its words. Read from the log file in two passes (count, then
+//! emit the wanted tail one line at a time), so memory stays bounded whatever the log's size.
 
-use std::collections::VecDeque;
+use std::io;
 
 use crate::runlog::{LogError, RunLog, Stream};
 use crate::text::normalize;
@@ -34,32 +35,98 @@ struct Partial {
     cut: bool,
 }
 
+/// What a first pass over the log found: how many lines match and how far it read. A second
+/// pass (`for_each_line`) reads the same records, so it sees the same lines even while the run
+/// goes on writing.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct LineCount {
+    pub matching: u64,
+    /// Sequence number of the last chunk read (0: none).
+    last_seq: u64,
+}
+
+impl LineCount {
+    /// Whether `tail` leaves some matching lines out.
+    pub fn truncated(&self, tail: usize) -> bool {
+        self.matching > tail as u64
+    }
+}
+
+/// Counts the lines matching `query` (ignoring its `tail`), holding at most one partial line
+/// per stream.
+pub fn count_lines(log: &RunLog, query: &LineQuery) -> Result<LineCount, LogError> {
+    let mut matching = 0u64;
+    let last_seq = scan(log, query, None, |_| {
+        matching += 1;
+        Ok(())
+    })?;
+    Ok(LineCount { matching, last_seq })
+}
+
+/// Calls `sink` with each of the last `query.tail` matching lines of those `count` found, in
+/// order, one line in memory at a time.
+pub fn for_each_line(
+    log: &RunLog,
+    query: &LineQuery,
+    count: &LineCount,
+    mut sink: impl FnMut(LogLine) -> io::Result<()>,
+) -> Result<(), LogError> {
+    let skip = count.matching.saturating_sub(query.tail as u64);
+    let mut index = 0u64;
+    scan(log, query, Some(count.last_seq), |line| {
+        index += 1;
+        if index > skip && index <= count.matching {
+            sink(line)?;
+        }
+        Ok(())
+    })?;
+    Ok(())
+}
+
 /// Returns the matching lines (at most `tail`, the last ones) and whether some were left out.
+#[cfg(test)]
 pub fn read_lines(log: &RunLog, query: &LineQuery) -> Result<(Vec<LogLine>, bool), LogError> {
+    let count = count_lines(log, query)?;
+    let mut lines = Vec::new();
+    for_each_line(log, query, &count, |l| {
+        lines.push(l);
+        Ok(())
+    })?;
+    Ok((lines, count.truncated(query.tail)))
+}
+
+/// Walks the stored output as numbered lines, calling `sink` with each line that passes the
+/// query's stream and time filters, up to the chunk `upto_seq` (None: all stored); returns the
+/// sequence number of the last chunk read.
+fn scan(
+    log: &RunLog,
+    query: &LineQuery,
+    upto_seq: Option<u64>,
+    mut sink: impl FnMut(LogLine) -> io::Result<()>,
+) -> Result<u64, LogError> {
     let since_ms = query.since.map(|t| t.timestamp_millis());
     let mut partial: [Option<Partial>; 2] = [None, None];
     let mut next_line = 1u64;
-    let mut kept: VecDeque<LogLine> = VecDeque::new();
-    let mut left_out = false;
-    let mut emit = |stream: Stream, p: Partial, next_line: &mut u64| {
+    let mut last_seq = 0u64;
+    let mut emit = |stream: Stream, p: Partial, next_line: &mut u64| -> io::Result<()> {
         let number = *next_line;
         *next_line += 1;
         if query.stream.is_some_and(|s| s != stream) || since_ms.is_some_and(|s| p.time_ms <= s) {
-            return;
+            return Ok(());
         }
-        kept.push_back(LogLine {
+        sink(LogLine {
             line: number,
             time_ms: p.time_ms,
             stream,
             level: level_of(&p.text, stream),
             text: p.text,
-        });
-        if kept.len() > query.tail {
-            kept.pop_front();
-            left_out = true;
-        }
+        })
     };
     log.for_each_stored(None, |chunk| {
+        if upto_seq.is_some_and(|upto| chunk.seq > upto) {
+            return Ok(false);
+        }
+        last_seq = chunk.seq;
         let slot = match chunk.stream {
             Stream::Stdout => 0,
             Stream::Stderr => 1,
@@ -88,7 +155,7 @@ pub fn read_lines(log: &RunLog, query: &LineQuery) -> Result<(Vec<LogLine>, bool
             }
             if complete {
                 if let Some(done) = partial[slot].take() {
-                    emit(chunk.stream, done, &mut next_line);
+                    emit(chunk.stream, done, &mut next_line)?;
                 }
             } else if piece.is_empty() && partial[slot].as_ref().is_some_and(|p| p.text.is_empty())
             {
@@ -107,9 +174,9 @@ pub fn read_lines(log: &RunLog, query: &LineQuery) -> Result<(Vec<LogLine>, bool
     }
     rest.sort_by_key(|(_, p)| p.time_ms);
     for (stream, p) in rest {
-        emit(stream, p, &mut next_line);
+        emit(stream, p, &mut next_line)?;
     }
-    Ok((kept.into_iter().collect(), left_out))
+    Ok(last_seq)
 }
 
 /// ERROR, WARNING (or WARN), DEBUG, INFO, the first of them found as a word (in that order of
@@ -203,6 +270,27 @@ mod tests {
         let (lines, _) = read_lines(&log, &q).unwrap();
         assert_eq!(lines[0].line, 4);
         assert_eq!(lines[0].level, "WARNING");
+    }
+
+    #[test]
+    fn second_pass_sees_what_the_first_counted_while_the_log_grows() {
+        let log = log_with(&[(Stream::Stdout, b"a\nb\nc\npart")]);
+        let q = LineQuery {
+            tail: 2,
+            since: None,
+            stream: None,
+        };
+        let count = count_lines(&log, &q).unwrap();
+        assert_eq!(count.matching, 4);
+        assert!(count.truncated(2));
+        log.append(Stream::Stdout, b"ial\nd\n");
+        let mut seen = Vec::new();
+        for_each_line(&log, &q, &count, |l| {
+            seen.push((l.line, l.text));
+            Ok(())
+        })
+        .unwrap();
+        assert_eq!(seen, [(3, "c".to_string()), (4, "part".to_string())]);
     }
 
     #[test]

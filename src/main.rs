@@ -179,7 +179,7 @@ fn start(config: Config) -> Result<(), StartError> {
         .map(|(n, v)| (n.clone(), v.clone()))
         .collect();
     let addr = SocketAddr::new(config.bind_address, config.api_port);
-    let listener = http::bind(addr, config.viewer_stall)
+    let listener = http::bind(addr, config.viewer_stall, config.request_timeout)
         .map_err(|e| StartError::Listen(format!("{addr}: {e}")))?;
     let local = listener
         .local_addr()
@@ -213,7 +213,7 @@ fn start(config: Config) -> Result<(), StartError> {
         // tiny_http's accept loop ends for good on an accept error (EMFILE, ...); bind again.
         let bound = match listener.take() {
             Some(l) => Ok(l),
-            None => http::bind(local, app.config.viewer_stall),
+            None => http::bind(local, app.config.viewer_stall, app.config.request_timeout),
         };
         let server = match bound
             .map_err(|e| e.to_string())

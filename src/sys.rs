@@ -206,6 +206,16 @@ pub fn set_send_stall_timeout(socket: &impl AsRawFd, stall: Duration) -> io::Res
     )
 }
 
+/// Sets `SO_RCVTIMEO` on a socket. Set on a listening socket, Linux copies it to every accepted
+/// connection, so a read that waits that long for a byte fails (`WouldBlock`).
+pub fn set_receive_timeout(socket: &impl AsRawFd, timeout: Duration) -> io::Result<()> {
+    let tv = libc::timeval {
+        tv_sec: libc::time_t::try_from(timeout.as_secs()).unwrap_or(libc::time_t::MAX),
+        tv_usec: libc::suseconds_t::from(timeout.subsec_micros()),
+    };
+    set_socket_option(socket.as_raw_fd(), libc::SOL_SOCKET, libc::SO_RCVTIMEO, &tv)
+}
+
 /// What `poll_readable` saw.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Readiness {

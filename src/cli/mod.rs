@@ -3,7 +3,7 @@
 //! HTTP/1.1 over std sockets; for TLS, go through a local address.
 
 mod args;
-mod chunked;
+pub(crate) mod chunked;
 mod exec;
 mod http_client;
 mod lines;

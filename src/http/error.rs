@@ -24,6 +24,8 @@ pub enum ApiError {
     TooManyRequests(String),
     Unavailable(String),
     Internal(String),
+    /// A request body read got no byte for REQUEST_TIMEOUT_SECONDS.
+    RequestTimeout,
 }
 
 impl ApiError {
@@ -39,6 +41,7 @@ impl ApiError {
             ApiError::TooManyRequests(_) => 429,
             ApiError::Unavailable(_) => 503,
             ApiError::Internal(_) => 500,
+            ApiError::RequestTimeout => 408,
         }
     }
 
@@ -82,6 +85,9 @@ impl fmt::Display for ApiError {
             ApiError::TooManyRequests(why) => write!(f, "{why}"),
             ApiError::Unavailable(why) => write!(f, "service unavailable: {why}"),
             ApiError::Internal(why) => write!(f, "internal error: {why}"),
+            ApiError::RequestTimeout => {
+                write!(f, "the request body stalled for REQUEST_TIMEOUT_SECONDS")
+            }
         }
     }
 }

@@ -44,6 +44,13 @@ pub enum Reply {
         run: Arc<Run>,
         log: Arc<RunLog>,
     },
+    /// The run's output as numbered lines (`GET /api/runs/{id}/logs`), counted already.
+    RunLines {
+        run: Arc<Run>,
+        log: Arc<RunLog>,
+        query: crate::loglines::LineQuery,
+        count: crate::loglines::LineCount,
+    },
     /// The run's raw output as a download.
     RunDownload {
         run: Arc<Run>,

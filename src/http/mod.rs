@@ -41,12 +41,21 @@ fn accept_loop_alive(local: SocketAddr) -> bool {
 /// Accept queue length (the kernel caps it at net.core.somaxconn).
 const LISTEN_BACKLOG: i32 = 4096;
 
-/// Binds the listening socket. Linux copies `SO_SNDTIMEO` / `TCP_USER_TIMEOUT` from it to every
-/// accepted connection, so a viewer whose socket accepts nothing for the stall time fails.
-pub fn bind(addr: SocketAddr, stall: std::time::Duration) -> io::Result<TcpListener> {
+/// Binds the listening socket. Linux copies `SO_SNDTIMEO` / `TCP_USER_TIMEOUT` and
+/// `SO_RCVTIMEO` from it to every accepted connection: a viewer whose socket accepts nothing for
+/// the stall time fails, and a read of a request head or body that gets no byte for
+/// `request_timeout` fails, which closes the connection and frees its thread (an idle
+/// keep-alive connection included). Streams are not affected: while one is written, only
+/// tiny_http's wait for a next request head reads, and its end just closes the read side.
+pub fn bind(
+    addr: SocketAddr,
+    stall: std::time::Duration,
+    request_timeout: std::time::Duration,
+) -> io::Result<TcpListener> {
     let listener = TcpListener::bind(addr)?;
     crate::sys::set_listen_backlog(&listener, LISTEN_BACKLOG)?;
     crate::sys::set_send_stall_timeout(&listener, stall)?;
+    crate::sys::set_receive_timeout(&listener, request_timeout)?;
     Ok(listener)
 }
 
@@ -115,6 +124,12 @@ fn handle(app: &Arc<App>, mut request: tiny_http::Request) {
             announce,
         }) => view::stream_events(app, request, &run, &log, from_seq, announce),
         Ok(Reply::RunResult { run, log }) => view::send_result(app, request, &run, &log),
+        Ok(Reply::RunLines {
+            run,
+            log,
+            query,
+            count,
+        }) => view::send_lines(request, &run, &log, &query, &count),
         Ok(Reply::RunDownload { run, log, stream }) => {
             view::send_download(request, &run, &log, stream)
         }

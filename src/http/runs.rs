@@ -218,31 +218,28 @@ pub fn logs(
                 .with_timezone(&chrono::Utc),
         ),
     };
+    let max = app.config.logs_max_lines;
+    let tail = match number(incoming, "tail")? {
+        None => DEFAULT_TAIL_LINES.min(max),
+        Some(t) if t > max as u64 => {
+            return Err(ApiError::BadRequest(format!(
+                "tail must be at most {max} (LOGS_MAX_LINES)"
+            )))
+        }
+        Some(t) => t as usize,
+    };
     let query = LineQuery {
-        tail: number(incoming, "tail")?.map_or(DEFAULT_TAIL_LINES, |t| t as usize),
+        tail,
         since,
         stream: stream_param(incoming)?,
     };
-    let (lines, truncated) = loglines::read_lines(&log, &query)?;
-    let logs: Vec<Value> = lines
-        .iter()
-        .map(|l| {
-            let time = chrono::DateTime::from_timestamp_millis(l.time_ms)
-                .unwrap_or_default()
-                .to_rfc3339_opts(chrono::SecondsFormat::Millis, true);
-            json!({
-                "line": l.line,
-                "time": time,
-                "stream": l.stream.name(),
-                "level": l.level,
-                "text": l.text,
-            })
-        })
-        .collect();
-    Ok(Reply::Json(
-        200,
-        json!({"success": true, "run_id": run.id, "logs": logs, "truncated": truncated}),
-    ))
+    let count = loglines::count_lines(&log, &query)?;
+    Ok(Reply::RunLines {
+        run,
+        log,
+        query,
+        count,
+    })
 }
 
 pub fn download(

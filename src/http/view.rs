@@ -9,6 +9,7 @@ use serde_json::json;
 
 use super::wire::{Batcher, StreamWriter};
 use crate::app::App;
+use crate::loglines::{self, LineCount, LineQuery};
 use crate::result_json::write_result;
 use crate::run::Run;
 use crate::runlog::{Next, RunLog, Stream};
@@ -42,6 +43,9 @@ pub fn stream_events(
             return 200;
         }
     };
+    if out.head_only() {
+        return 200;
+    }
     match follow(app, &mut out, run, log, from_seq, announce) {
         Ok(()) => {
             let _ = out.finish();
@@ -157,6 +161,9 @@ pub fn send_download(
         ("X-Run-Id", run.id.clone()),
     ];
     let sent = StreamWriter::start(request, 200, &headers).and_then(|mut out| {
+        if out.head_only() {
+            return Ok(());
+        }
         let mut body = Batcher::new(&mut out);
         log.for_each_stored(stream, |chunk| body.write_all(&chunk.data).map(|()| true))
             .map_err(|e| std::io::Error::other(e.to_string()))?;
@@ -165,6 +172,62 @@ pub fn send_download(
     });
     if let Err(e) = sent {
         log::debug!("download of {} not delivered: {e}", run.id);
+    }
+    200
+}
+
+/// Sends `{"success", "run_id", "truncated", "logs": [...]}` for `GET /api/runs/{id}/logs`,
+/// each line written as it is read from the log file.
+pub fn send_lines(
+    request: tiny_http::Request,
+    run: &Run,
+    log: &RunLog,
+    query: &LineQuery,
+    count: &LineCount,
+) -> u16 {
+    let headers = [
+        ("Content-Type", "application/json".to_string()),
+        ("X-Run-Id", run.id.clone()),
+    ];
+    let sent = StreamWriter::start(request, 200, &headers).and_then(|mut out| {
+        if out.head_only() {
+            return Ok(());
+        }
+        let mut body = Batcher::new(&mut out);
+        let head = json!({
+            "success": true,
+            "run_id": run.id,
+            "truncated": count.truncated(query.tail),
+        })
+        .to_string();
+        // Drop the closing brace to go on with the streamed array.
+        body.write_all(&head.as_bytes()[..head.len() - 1])?;
+        body.write_all(b",\"logs\":[")?;
+        let mut first = true;
+        loglines::for_each_line(log, query, count, |l| {
+            let time = chrono::DateTime::from_timestamp_millis(l.time_ms)
+                .unwrap_or_default()
+                .to_rfc3339_opts(chrono::SecondsFormat::Millis, true);
+            let item = json!({
+                "line": l.line,
+                "time": time,
+                "stream": l.stream.name(),
+                "level": l.level,
+                "text": l.text,
+            });
+            if !first {
+                body.write_all(b",")?;
+            }
+            first = false;
+            serde_json::to_writer(&mut body, &item).map_err(std::io::Error::other)
+        })
+        .map_err(|e| std::io::Error::other(e.to_string()))?;
+        body.write_all(b"]}")?;
+        body.flush()?;
+        out.finish()
+    });
+    if let Err(e) = sent {
+        log::debug!("lines of {} not delivered: {e}", run.id);
     }
     200
 }

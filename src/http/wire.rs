@@ -1,6 +1,7 @@
 //! Writes a streamed response ourselves through `Request::into_writer()`: the status line and
 //! headers, then one HTTP chunk per batch (or, for HTTP/1.0 clients, raw bytes and a closed
-//! connection), each batch one write + flush so it leaves at once.
+//! connection), each batch one write + flush so it leaves at once. The answer to a `HEAD`
+//! request is the head alone: its body (and chunk framing) is dropped.
 
 use std::io::{self, Write};
 
@@ -8,6 +9,7 @@ use std::io::{self, Write};
 pub struct StreamWriter {
     socket: Box<dyn Write + Send>,
     chunked: bool,
+    head_only: bool,
 }
 
 fn reason(status: u16) -> &'static str {
@@ -33,10 +35,12 @@ impl StreamWriter {
         headers: &[(&str, String)],
     ) -> io::Result<StreamWriter> {
         let http10 = *request.http_version() == tiny_http::HTTPVersion(1, 0);
+        let head_only = *request.method() == tiny_http::Method::Head;
         let socket = request.into_writer();
         let mut writer = StreamWriter {
             socket,
             chunked: !http10,
+            head_only,
         };
         let mut head = format!("HTTP/1.1 {status} {}\r\n", reason(status));
         for (name, value) in headers {
@@ -56,9 +60,14 @@ impl StreamWriter {
         Ok(writer)
     }
 
+    /// True for a `HEAD` request: the head is all there is to send.
+    pub fn head_only(&self) -> bool {
+        self.head_only
+    }
+
     /// Sends one batch and flushes it.
     pub fn send(&mut self, batch: &[u8]) -> io::Result<()> {
-        if batch.is_empty() {
+        if batch.is_empty() || self.head_only {
             return Ok(());
         }
         if self.chunked {
@@ -75,7 +84,7 @@ impl StreamWriter {
 
     /// Ends the body.
     pub fn finish(mut self) -> io::Result<()> {
-        if self.chunked {
+        if self.chunked && !self.head_only {
             self.socket.write_all(b"0\r\n\r\n")?;
         }
         self.socket.flush()

@@ -26,3 +26,4 @@ mod runs_support;
 mod subrunbooks;
 mod trust_tokens;
 mod trust_params;
+mod trust_connections;
