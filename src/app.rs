@@ -9,6 +9,7 @@ use crate::catalog::Catalog;
 use crate::config::Config;
 use crate::jwt::Validation;
 use crate::metrics::Metrics;
+use crate::privsep::RunAs;
 use crate::run::Registry;
 
 /// Leeway for `exp`/`nbf` checks.
@@ -32,6 +33,8 @@ pub struct App {
     pub runs_dir: PathBuf,
     /// Set once SIGTERM/SIGINT arrived: no new runs.
     pub shutting_down: AtomicBool,
+    /// The user scripts run as (`RUN_AS_USER`); None: runbookd's own.
+    pub run_as: Option<RunAs>,
 }
 
 impl App {
@@ -48,7 +51,12 @@ impl App {
         self.shutting_down.load(Ordering::SeqCst)
     }
 
+    /// A server variable as a script would see it: a withheld one (`JWT_SECRET`,
+    /// `SECRET_ENV_VARS`, ...) is not available.
     pub fn server_var(&self, name: &str) -> Option<String> {
+        if self.config.withheld_env_names().iter().any(|n| n == name) {
+            return None;
+        }
         self.server_env.get(name).cloned()
     }
 

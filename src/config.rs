@@ -141,6 +141,11 @@ pub const SETTINGS: &[Setting] = &[
         "",
         "comma-separated names of server variables never passed to scripts",
     ),
+    setting(
+        "RUN_AS_USER",
+        "",
+        "user name or UID:GID every script runs as (unset: runbookd's own user); needs CAP_SETUID, CAP_SETGID, CAP_KILL, CAP_CHOWN",
+    ),
 ];
 
 /// Why the configuration was refused.
@@ -205,6 +210,8 @@ pub struct Config {
     pub state_max_bytes: u64,
     pub run_log_max_bytes: u64,
     pub trusted_proxies: Vec<IpAddr>,
+    /// `RUN_AS_USER` as given; resolved and checked at start (`privsep::prepare`).
+    pub run_as_user: Option<String>,
     /// Each setting's effective value and origin, secrets already hidden.
     pub items: Vec<(&'static str, String, Origin)>,
 }
@@ -378,7 +385,9 @@ impl Config {
                 reason: format!("{item:?} is not an IP address"),
             })?);
         }
+        let run_as_user = r.raw("RUN_AS_USER").map(|v| v.trim().to_string());
         Ok(Config {
+            run_as_user,
             max_concurrent_runs,
             cancel_grace,
             shutdown_grace,

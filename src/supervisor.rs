@@ -28,16 +28,26 @@ const SELF_EXE: &str = "/proc/self/exe";
 /// First argument that makes this binary act as the script-starting helper.
 pub const CHILD_HELPER_ARG: &str = "--runbookd-internal-exec";
 
-/// The helper's main: `--runbookd-internal-exec SOFT|- PROGRAM ARGS...`. Execs the
-/// interpreter; on failure prints why on stderr and exits as a shell would (127 not found, 126
-/// not executable).
+/// The helper's main: `--runbookd-internal-exec SOFT|- UID:GID|- PROGRAM ARGS...`. Becomes
+/// UID:GID when given, then execs the interpreter; on failure prints why on stderr and exits as
+/// a shell would (127 not found, 126 not executable).
 pub fn child_helper_main(args: &[OsString]) -> i32 {
-    let (Some(soft), Some(program)) = (args.first(), args.get(1)) else {
+    let (Some(soft), Some(user), Some(program)) = (args.first(), args.get(1), args.get(2)) else {
         eprintln!("runbookd: internal helper called without a program");
         return 2;
     };
     let soft = soft.to_str().and_then(|s| s.parse::<u64>().ok());
-    let error = sys::exec_script_interpreter(soft, program, &args[2..]);
+    let run_as = match user.to_str() {
+        Some("-") => None,
+        other => match other.and_then(parse_ids) {
+            Some(ids) => Some(ids),
+            None => {
+                eprintln!("runbookd: internal helper called with a bad user");
+                return 2;
+            }
+        },
+    };
+    let error = sys::exec_script_interpreter(soft, run_as, program, &args[3..]);
     eprintln!(
         "runbookd: cannot run {}: {error}",
         program.to_string_lossy()
@@ -48,6 +58,11 @@ pub fn child_helper_main(args: &[OsString]) -> i32 {
         _ => 1,
     }
 }
+fn parse_ids(text: &str) -> Option<(u32, u32)> {
+    let (uid, gid) = text.split_once(':')?;
+    Some((uid.parse().ok()?, gid.parse().ok()?))
+}
+
 /// Most bytes drained from a pipe after the readers were told to stop.
 const FINAL_DRAIN_LIMIT: usize = 1024 * 1024;
 
@@ -60,6 +75,8 @@ pub struct Launch {
     pub env: Vec<(String, String)>,
     /// Soft `RLIMIT_NOFILE` the child gets back (the server raises its own).
     pub nofile_soft: Option<u64>,
+    /// User and group id the script runs as (`RUN_AS_USER`); None: runbookd's own.
+    pub run_as: Option<(u32, u32)>,
 }
 
 /// Time limits of one run.
@@ -286,6 +303,11 @@ pub fn spawn(
     command
         .arg(CHILD_HELPER_ARG)
         .arg(soft)
+        .arg(
+            launch
+                .run_as
+                .map_or_else(|| "-".to_string(), |(u, g)| format!("{u}:{g}")),
+        )
         .arg(&launch.program)
         .args(&launch.args)
         .current_dir(&launch.cwd)
