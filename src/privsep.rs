@@ -146,20 +146,21 @@ pub fn lock_state_dir(dir: &Path, run_as: Option<RunAs>) -> io::Result<()> {
 /// `work` tree become the script user's, `work` itself 0711 so that runbookd can still enter it
 /// to start the script there.
 pub fn hand_over(root: &Path, work: &Path, script: &Path, run_as: RunAs) -> io::Result<()> {
+    // Modes first: once the files are the script user's, runbookd may no longer change them.
     fs::set_permissions(root, fs::Permissions::from_mode(0o711))?;
+    fs::set_permissions(work, fs::Permissions::from_mode(0o711))?;
     std::os::unix::fs::lchown(script, Some(run_as.uid), Some(run_as.gid))?;
-    chown_tree(work, run_as)?;
-    fs::set_permissions(work, fs::Permissions::from_mode(0o711))
+    chown_tree(work, run_as)
 }
 
+/// Children first: once a directory is the script user's, runbookd may not be able to list it.
 fn chown_tree(path: &Path, run_as: RunAs) -> io::Result<()> {
-    std::os::unix::fs::lchown(path, Some(run_as.uid), Some(run_as.gid))?;
     if fs::symlink_metadata(path)?.is_dir() {
         for entry in fs::read_dir(path)? {
             chown_tree(&entry?.path(), run_as)?;
         }
     }
-    Ok(())
+    std::os::unix::fs::lchown(path, Some(run_as.uid), Some(run_as.gid))
 }
 
 /// Empties `work` as the script user, through this binary re-executed as a helper that becomes

@@ -176,8 +176,8 @@ pub fn effective_uid() -> u32 {
 
 /// A user's id and primary group id from the user database (`getpwnam_r`); None: no such user.
 pub fn lookup_user(name: &str) -> io::Result<Option<(u32, u32)>> {
-    let c_name = std::ffi::CString::new(name)
-        .map_err(|_| io::Error::from(io::ErrorKind::InvalidInput))?;
+    let c_name =
+        std::ffi::CString::new(name).map_err(|_| io::Error::from(io::ErrorKind::InvalidInput))?;
     let mut buf_len = 1024usize;
     loop {
         let mut buf = vec![0 as libc::c_char; buf_len];
@@ -265,8 +265,14 @@ pub fn become_user(uid: u32, gid: u32) -> io::Result<()> {
         return Err(io::Error::last_os_error());
     }
     // SAFETY: the id getters cannot fail and have no preconditions.
-    let (now_uid, now_euid, now_gid, now_egid) =
-        unsafe { (libc::getuid(), libc::geteuid(), libc::getgid(), libc::getegid()) };
+    let (now_uid, now_euid, now_gid, now_egid) = unsafe {
+        (
+            libc::getuid(),
+            libc::geteuid(),
+            libc::getgid(),
+            libc::getegid(),
+        )
+    };
     if (now_uid, now_euid, now_gid, now_egid) != (uid, uid, gid, gid) {
         return Err(io::Error::new(
             io::ErrorKind::PermissionDenied,

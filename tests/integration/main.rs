@@ -21,3 +21,4 @@ mod runs_lifecycle;
 mod runs_resume;
 mod runs_support;
 mod subrunbooks;
+mod trust_secrets;
