@@ -658,3 +658,61 @@ fn a_withheld_variable_is_not_available() {
         "{result}"
     );
 }
+
+#[test]
+#[ignore = "needs systemd-analyze; CI runs it"]
+fn the_unit_with_run_as_user_enabled_verifies_and_is_rated() {
+    need("systemd-analyze");
+    let shipped =
+        fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("systemd/runbookd.service"))
+            .unwrap();
+    let caps = "CAP_SETUID CAP_SETGID CAP_KILL CAP_CHOWN";
+    // Enabled as the unit's own comment says: the two empty capability lines replaced.
+    assert!(shipped.contains(&format!("#   AmbientCapabilities={caps}\n")));
+    let unit = shipped
+        .replace(
+            "ExecStart=/usr/local/bin/runbookd",
+            &format!("ExecStart={}", env!("CARGO_BIN_EXE_runbookd")),
+        )
+        .replace(
+            "\nCapabilityBoundingSet=\n",
+            &format!("\nCapabilityBoundingSet={caps}\n"),
+        )
+        .replace(
+            "\nAmbientCapabilities=\n",
+            &format!("\nAmbientCapabilities={caps}\n"),
+        );
+    assert!(unit.contains(&format!("\nAmbientCapabilities={caps}\n")));
+    let dir = unique_root();
+    let path = dir.join("runbookd.service");
+    fs::write(&path, unit).unwrap();
+    let verify = Command::new("systemd-analyze")
+        .arg("verify")
+        .arg(&path)
+        .output()
+        .unwrap();
+    let security = Command::new("systemd-analyze")
+        .args(["security", "--offline=true", "--no-pager"])
+        .arg(&path)
+        .output()
+        .unwrap();
+    let _ = fs::remove_dir_all(&dir);
+    let verify_text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&verify.stdout),
+        String::from_utf8_lossy(&verify.stderr)
+    );
+    assert!(
+        verify.status.success() && verify_text.is_empty(),
+        "{verify_text}"
+    );
+    let text = String::from_utf8_lossy(&security.stdout);
+    let score: f64 = text
+        .lines()
+        .find(|l| l.contains("Overall exposure level for runbookd.service"))
+        .and_then(|l| l.rsplit(':').next())
+        .and_then(|s| s.split_whitespace().next())
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(|| panic!("no overall exposure level:\n{text}"));
+    assert!(score <= 2.5, "exposure {score} (2.3 when written):\n{text}");
+}
