@@ -716,3 +716,50 @@ fn the_unit_with_run_as_user_enabled_verifies_and_is_rated() {
         .unwrap_or_else(|| panic!("no overall exposure level:\n{text}"));
     assert!(score <= 2.5, "exposure {score} (2.3 when written):\n{text}");
 }
+
+/// Sweeps the environment of every process it may read, for a few seconds, printing the
+/// `JWT_SECRET=` and `RUNBOOK_RUN_ID=` entries it finds.
+const WATCH: &str = r#"#!/bin/bash
+end=$((SECONDS + 5))
+scans=0
+while [ $SECONDS -lt $end ]; do
+    grep -a -o -h -E 'JWT_SECRET=[^[:cntrl:]]*|RUNBOOK_RUN_ID=[^[:cntrl:]]*' /proc/[0-9]*/environ 2> /dev/null
+    scans=$((scans + 1))
+done | sort -u
+echo "marker: watch done"
+"#;
+
+#[test]
+#[ignore = "needs root and setpriv; CI runs it"]
+fn processes_being_started_never_show_the_secret() {
+    let server = Staged::start(
+        &[
+            ("Watch.md", Runbook::new("Watch", WATCH).render()),
+            ("Short.md", Runbook::new("Short", "sleep 0.1\n").render()),
+        ],
+        &[],
+        None,
+    );
+    // While one script sweeps /proc, others are started: the moment between the server's
+    // spawn and the helper's exec must not show the server's environment either.
+    let (watch, others) = thread::scope(|scope| {
+        let watcher = scope.spawn(|| server.execute("Watch.md", json!({})));
+        thread::sleep(Duration::from_millis(500));
+        let mut others = Vec::new();
+        for _ in 0..15 {
+            let result = server.execute("Short.md", json!({}));
+            others.push(result["run_id"].as_str().unwrap().to_string());
+        }
+        (watcher.join().unwrap(), others)
+    });
+    let text = format!("{}\n{}", watch["stdout"], watch["stderr"]);
+    assert!(text.contains("marker: watch done"), "{text}");
+    assert!(
+        others
+            .iter()
+            .any(|id| text.contains(&format!("RUNBOOK_RUN_ID={id}"))),
+        "the sweep saw none of the runs started meanwhile:\n{text}"
+    );
+    assert!(!text.contains("JWT_SECRET="), "{text}");
+    assert!(!text.contains(&server.secret), "{text}");
+}
