@@ -10,6 +10,7 @@ use crate::config::Config;
 use crate::jwt::Validation;
 use crate::metrics::Metrics;
 use crate::retention::Retention;
+use crate::privsep::RunAs;
 use crate::run::Registry;
 
 /// Leeway for `exp`/`nbf` checks.
@@ -37,6 +38,8 @@ pub struct App {
     pub run_cgroups: Option<crate::cgroup::Parent>,
     /// The finished runs retention may remove.
     pub retention: Retention,
+    /// The user scripts run as (`RUN_AS_USER`); None: runbookd's own.
+    pub run_as: Option<RunAs>,
 }
 
 impl App {
@@ -53,7 +56,12 @@ impl App {
         self.shutting_down.load(Ordering::SeqCst)
     }
 
+    /// A server variable as a script would see it: a withheld one (`JWT_SECRET`,
+    /// `SECRET_ENV_VARS`, ...) is not available.
     pub fn server_var(&self, name: &str) -> Option<String> {
+        if self.config.withheld_env_names().iter().any(|n| n == name) {
+            return None;
+        }
         self.server_env.get(name).cloned()
     }
 

@@ -167,6 +167,11 @@ pub const SETTINGS: &[Setting] = &[
         "10000",
         "most lines GET /api/runs/{id}/logs returns (tail); asking for more is a 400",
     ),
+    setting(
+        "RUN_AS_USER",
+        "",
+        "user name or UID:GID every script runs as (unset: runbookd's own user); needs CAP_SETUID, CAP_SETGID, CAP_KILL, CAP_CHOWN",
+    ),
 ];
 
 /// Why the configuration was refused.
@@ -235,6 +240,8 @@ pub struct Config {
     pub run_cgroup: String,
     pub request_timeout: Duration,
     pub logs_max_lines: usize,
+    /// `RUN_AS_USER` as given; resolved and checked at start (`privsep::prepare`).
+    pub run_as_user: Option<String>,
     /// Each setting's effective value and origin, secrets already hidden.
     pub items: Vec<(&'static str, String, Origin)>,
     pub max_subruns_per_run: usize,
@@ -429,10 +436,12 @@ impl Config {
             .collect();
         let request_timeout = Duration::from_secs(r.number::<u64>("REQUEST_TIMEOUT_SECONDS", 1)?);
         let logs_max_lines = r.number::<usize>("LOGS_MAX_LINES", 1)?;
+        let run_as_user = r.raw("RUN_AS_USER").map(|v| v.trim().to_string());
         Ok(Config {
             run_cgroup,
             request_timeout,
             logs_max_lines,
+            run_as_user,
             max_concurrent_runs,
             cancel_grace,
             shutdown_grace,

@@ -15,6 +15,7 @@ use crate::auth::{self, Principal, RunScope, TokenRequest};
 use crate::catalog::CatalogError;
 use crate::history::{self, HistoryEntry, StreamExcerpt};
 use crate::params;
+use crate::privsep::{self, RunAs};
 use crate::record::{self, RunRecord, RunStatus};
 use crate::run::{AdmitError, AdmitLimits, Run};
 use crate::runbook::{self, Runbook};
@@ -234,12 +235,12 @@ fn launch(
         return Ok(run);
     }
 
-    let work = RunDirs::create(&app.config.execution_dir, run_id).map_err(|e| {
+    let work = RunDirs::create(&app.config.execution_dir, run_id, app.run_as).map_err(|e| {
         unstarted.refused(&e);
         ExecError::Unavailable(format!("cannot create the working directory: {e}"))
     })?;
     let script = book.script.clone().unwrap_or_default();
-    if let Err(e) = prepare(app, book, &work, &script) {
+    if let Err(e) = prepare(app, book, &work, &script).and_then(|()| work.hand_over()) {
         work.remove();
         let msg = format!("runbookd: cannot prepare the run: {e}\n");
         unstarted.end(&msg, Outcome::failed(1, Some(msg.clone())));
@@ -298,6 +299,7 @@ fn launch(
         env,
         nofile_soft: app.nofile_soft,
         cgroup: app.run_cgroups.as_ref().map(|c| c.run_path(run_id)),
+        run_as: app.run_as.map(|r| (r.uid, r.gid)),
     };
     let child = match supervisor::spawn(&launch, log.clone(), Some(&run_token)) {
         Ok(child) => child,
@@ -520,15 +522,17 @@ pub fn write_history(
 }
 
 /// A run's directories: `<EXECUTION_DIR>/runbookd-<run id>/` holding the script file and the
-/// working directory `work/` the script runs in.
+/// working directory `work/` the script runs in. With `RUN_AS_USER` the root stays runbookd's
+/// and the script file and `work/` become the script user's (`privsep::hand_over`).
 struct RunDirs {
     root: PathBuf,
     cwd: PathBuf,
     script: PathBuf,
+    run_as: Option<RunAs>,
 }
 
 impl RunDirs {
-    fn create(execution_dir: &Path, run_id: &str) -> io::Result<RunDirs> {
+    fn create(execution_dir: &Path, run_id: &str, run_as: Option<RunAs>) -> io::Result<RunDirs> {
         let root = execution_dir.join(format!("runbookd-{run_id}"));
         let cwd = root.join("work");
         fs::create_dir_all(&cwd)?;
@@ -536,10 +540,26 @@ impl RunDirs {
             script: root.join("script"),
             root,
             cwd,
+            run_as,
         })
     }
 
+    /// Once prepared: gives the script file and `work/` to the script user, if there is one.
+    fn hand_over(&self) -> io::Result<()> {
+        match self.run_as {
+            Some(run_as) => privsep::hand_over(&self.root, &self.cwd, &self.script, run_as),
+            None => Ok(()),
+        }
+    }
+
     fn remove(&self) {
+        if let Some(run_as) = self.run_as {
+            // What the script made in `work/` is the script user's: emptied as that user.
+            if let Err(e) = privsep::empty_as(&self.cwd, run_as) {
+                log::warn!("cannot empty {}: {e}", self.cwd.display());
+            }
+            let _ = fs::remove_dir(&self.cwd);
+        }
         if let Err(e) = fs::remove_dir_all(&self.root) {
             log::warn!("cannot remove {}: {e}", self.root.display());
         }

@@ -17,6 +17,7 @@ mod lifecycle;
 mod loglines;
 mod metrics;
 mod params;
+mod privsep;
 mod record;
 mod result_json;
 mod retention;
@@ -78,6 +79,10 @@ fn main() -> ExitCode {
         let code = supervisor::child_helper_main(&raw[1..]);
         return ExitCode::from(u8::try_from(code).unwrap_or(1));
     }
+    if raw.first().is_some_and(|a| a == privsep::CLEAN_HELPER_ARG) {
+        let code = privsep::clean_helper_main(&raw[1..]);
+        return ExitCode::from(u8::try_from(code).unwrap_or(1));
+    }
     let args: Vec<String> = raw
         .iter()
         .map(|a| a.to_string_lossy().into_owned())
@@ -93,6 +98,12 @@ fn main() -> ExitCode {
         eprintln!("runbookd: unknown argument {unknown:?}; see runbookd --help");
         return ExitCode::from(2);
     }
+    // Before anything else: a script of the same user must not read our environment (the
+    // secret), memory or descriptors through /proc, nor ptrace us.
+    if let Err(e) = sys::make_non_dumpable() {
+        eprintln!("runbookd: cannot make the process non-dumpable: {e}");
+        return ExitCode::FAILURE;
+    }
     env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info")).init();
     let config = match Config::from_lookup(&|name| std::env::var(name).ok()) {
         Ok(c) => c,
@@ -101,7 +112,15 @@ fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
-    match start(config) {
+    let run_as = match config.run_as_user.as_deref().map(privsep::prepare) {
+        None => None,
+        Some(Ok(run_as)) => Some(run_as),
+        Some(Err(e)) => {
+            eprintln!("runbookd: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    match start(config, run_as) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("runbookd: {e}");
@@ -129,7 +148,7 @@ fn watch_termination(app: Arc<App>, current: Arc<Mutex<Option<Arc<tiny_http::Ser
     }
 }
 
-fn start(config: Config) -> Result<(), StartError> {
+fn start(config: Config, run_as: Option<privsep::RunAs>) -> Result<(), StartError> {
     sys::block_termination_signals().map_err(|e| StartError::Io("cannot set up signals", e))?;
     let secret = match &config.jwt_secret {
         Some(s) => s.clone().into_bytes(),
@@ -142,6 +161,12 @@ fn start(config: Config) -> Result<(), StartError> {
     };
     let runs_dir = config.state_dir.join("runs");
     std::fs::create_dir_all(&runs_dir).map_err(|e| StartError::Io("cannot create STATE_DIR", e))?;
+    if let Err(e) = privsep::lock_state_dir(&config.state_dir, run_as) {
+        if run_as.is_some() {
+            return Err(StartError::Io("STATE_DIR", e));
+        }
+        log::warn!("cannot make STATE_DIR private (mode 0700): {e}");
+    }
     std::fs::create_dir_all(&config.execution_dir)
         .map_err(|e| StartError::Io("cannot create EXECUTION_DIR", e))?;
     let runbooks_dir: PathBuf = match &config.runbooks_dir {
@@ -198,6 +223,7 @@ fn start(config: Config) -> Result<(), StartError> {
         shutting_down: AtomicBool::new(false),
         run_cgroups,
         retention: retention::Retention::default(),
+        run_as,
     });
     lifecycle::recover(&app);
     app.retention.start(&app);

@@ -34,11 +34,14 @@ pub const CHILD_HELPER_ARG: &str = "--runbookd-internal-exec";
 /// No run cgroup, as the helper's argument.
 const NO_CGROUP: &str = "-";
 
-/// The helper's main: `--runbookd-internal-exec SOFT|- CGROUP|- PROGRAM ARGS...`. Moves itself
-/// into the run's cgroup, then execs the interpreter; on failure prints why on stderr and exits
-/// as a shell would (127 not found, 126 not executable).
+/// The helper's main: `--runbookd-internal-exec SOFT|- CGROUP|- UID:GID|- PROGRAM ARGS...`.
+/// Moves itself into the run's cgroup, becomes UID:GID when given, then execs the interpreter;
+/// on failure prints why on stderr and exits as a shell would (127 not found, 126 not
+/// executable).
 pub fn child_helper_main(args: &[OsString]) -> i32 {
-    let (Some(soft), Some(cgroup), Some(program)) = (args.first(), args.get(1), args.get(2)) else {
+    let (Some(soft), Some(cgroup), Some(user), Some(program)) =
+        (args.first(), args.get(1), args.get(2), args.get(3))
+    else {
         eprintln!("runbookd: internal helper called without a program");
         return 2;
     };
@@ -52,7 +55,17 @@ pub fn child_helper_main(args: &[OsString]) -> i32 {
         }
     }
     let soft = soft.to_str().and_then(|s| s.parse::<u64>().ok());
-    let error = sys::exec_script_interpreter(soft, program, &args[3..]);
+    let run_as = match user.to_str() {
+        Some("-") => None,
+        other => match other.and_then(parse_ids) {
+            Some(ids) => Some(ids),
+            None => {
+                eprintln!("runbookd: internal helper called with a bad user");
+                return 2;
+            }
+        },
+    };
+    let error = sys::exec_script_interpreter(soft, run_as, program, &args[4..]);
     eprintln!(
         "runbookd: cannot run {}: {error}",
         program.to_string_lossy()
@@ -63,6 +76,11 @@ pub fn child_helper_main(args: &[OsString]) -> i32 {
         _ => 1,
     }
 }
+fn parse_ids(text: &str) -> Option<(u32, u32)> {
+    let (uid, gid) = text.split_once(':')?;
+    Some((uid.parse().ok()?, gid.parse().ok()?))
+}
+
 /// Most bytes drained from a pipe after the readers were told to stop.
 const FINAL_DRAIN_LIMIT: usize = 1024 * 1024;
 
@@ -77,6 +95,8 @@ pub struct Launch {
     pub nofile_soft: Option<u64>,
     /// The run's own cgroup, created here and entered by the script before it execs.
     pub cgroup: Option<PathBuf>,
+    /// User and group id the script runs as (`RUN_AS_USER`); None: runbookd's own.
+    pub run_as: Option<(u32, u32)>,
 }
 
 /// Time limits of one run.
@@ -349,6 +369,11 @@ pub fn spawn(
             cgroup
                 .as_ref()
                 .map_or_else(|| OsString::from(NO_CGROUP), |c| c.path().into()),
+        )
+        .arg(
+            launch
+                .run_as
+                .map_or_else(|| "-".to_string(), |(u, g)| format!("{u}:{g}")),
         )
         .arg(&launch.program)
         .args(&launch.args)

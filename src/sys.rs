@@ -1,5 +1,6 @@
 //! The only home of `unsafe`: thin, checked wrappers over the Linux calls std does not offer
-//! (process-group signals, waiting without reaping, descriptor limits, socket options, poll).
+//! (process-group signals, waiting without reaping, descriptor limits, socket options, poll,
+//! dumpability, user lookup and the switch to the script user).
 //! Every function returns `io::Result` built from `errno`; callers never see raw return codes.
 
 use std::io;
@@ -129,11 +130,13 @@ pub fn raise_nofile_limit() -> io::Result<u64> {
 /// Runs in the short-lived helper process that stands between the server and a script (see
 /// `supervisor::CHILD_HELPER_ARG`): gives the termination signals their default disposition (a
 /// server started from a non-interactive shell inherits SIGINT/SIGQUIT ignored), restores the
-/// original soft `RLIMIT_NOFILE`, then replaces itself with the script's interpreter. Doing this
+/// original soft `RLIMIT_NOFILE`, becomes the script user when `run_as` is given (see
+/// `become_user`), then replaces itself with the script's interpreter. Doing this
 /// in a helper keeps the server's own spawn on `posix_spawn` instead of forking a process with
 /// thousands of threads. Returns only on failure.
 pub fn exec_script_interpreter(
     nofile_soft: Option<u64>,
+    run_as: Option<(u32, u32)>,
     program: &std::ffi::OsStr,
     args: &[std::ffi::OsString],
 ) -> io::Error {
@@ -165,7 +168,134 @@ pub fn exec_script_interpreter(
             }
         }
     }
+    if let Some((uid, gid)) = run_as {
+        if let Err(e) = become_user(uid, gid) {
+            return e;
+        }
+    }
     Command::new(program).args(args).exec()
+}
+
+/// Makes this process non-dumpable: no core file, and processes of the same user can neither
+/// ptrace it nor read its `/proc/<pid>/environ`, `mem` or `fd` (the kernel then treats it like a
+/// process of another user). Children get the flag back at `execve`, so this covers only us.
+pub fn make_non_dumpable() -> io::Result<()> {
+    // SAFETY: PR_SET_DUMPABLE takes a plain integer and touches no memory of ours.
+    check(unsafe { libc::prctl(libc::PR_SET_DUMPABLE, 0, 0, 0, 0) }).map(|_| ())
+}
+
+/// The effective user id.
+pub fn effective_uid() -> u32 {
+    // SAFETY: geteuid cannot fail and has no preconditions.
+    unsafe { libc::geteuid() }
+}
+
+/// A user's id and primary group id from the user database (`getpwnam_r`); None: no such user.
+pub fn lookup_user(name: &str) -> io::Result<Option<(u32, u32)>> {
+    let c_name =
+        std::ffi::CString::new(name).map_err(|_| io::Error::from(io::ErrorKind::InvalidInput))?;
+    let mut buf_len = 1024usize;
+    loop {
+        let mut buf = vec![0 as libc::c_char; buf_len];
+        // SAFETY: passwd is plain data; zeroed is a valid value that getpwnam_r overwrites.
+        let mut pwd: libc::passwd = unsafe { std::mem::zeroed() };
+        let mut result: *mut libc::passwd = std::ptr::null_mut();
+        // SAFETY: every pointer is valid for the call: `c_name` is NUL-terminated, `pwd` and
+        // `result` are writable, and `buf` has `buf.len()` writable bytes.
+        let ret = unsafe {
+            libc::getpwnam_r(
+                c_name.as_ptr(),
+                &mut pwd,
+                buf.as_mut_ptr(),
+                buf.len(),
+                &mut result,
+            )
+        };
+        if ret == libc::ERANGE && buf_len < 1 << 20 {
+            buf_len *= 4;
+            continue;
+        }
+        if ret != 0 {
+            return Err(io::Error::from_raw_os_error(ret));
+        }
+        if result.is_null() {
+            return Ok(None);
+        }
+        return Ok(Some((pwd.pw_uid, pwd.pw_gid)));
+    }
+}
+
+/// Turns this (single-threaded, about to exec) process into `uid`:`gid` for good: no
+/// supplementary groups, real, effective and saved ids all set, and every capability dropped
+/// (ambient, inheritable, permitted, effective), so that nothing the program it execs runs can
+/// get back to the server's user.
+pub fn become_user(uid: u32, gid: u32) -> io::Result<()> {
+    // SAFETY: setgroups with a count of 0 reads no memory.
+    check(unsafe { libc::setgroups(0, std::ptr::null()) })?;
+    // SAFETY: plain id arguments.
+    check(unsafe { libc::setresgid(gid, gid, gid) })?;
+    // SAFETY: plain id arguments.
+    check(unsafe { libc::setresuid(uid, uid, uid) })?;
+    // SAFETY: PR_CAP_AMBIENT_CLEAR_ALL takes plain integers.
+    let cleared = check(unsafe {
+        libc::prctl(
+            libc::PR_CAP_AMBIENT,
+            libc::PR_CAP_AMBIENT_CLEAR_ALL,
+            0,
+            0,
+            0,
+        )
+    });
+    // Kernels before 4.3 have no ambient set: nothing to clear there.
+    if let Err(e) = cleared {
+        if e.raw_os_error() != Some(libc::EINVAL) {
+            return Err(e);
+        }
+    }
+    #[repr(C)]
+    struct CapHeader {
+        version: u32,
+        pid: libc::c_int,
+    }
+    #[repr(C)]
+    #[derive(Clone, Copy)]
+    struct CapData {
+        effective: u32,
+        permitted: u32,
+        inheritable: u32,
+    }
+    const LINUX_CAPABILITY_VERSION_3: u32 = 0x2008_0522;
+    let mut header = CapHeader {
+        version: LINUX_CAPABILITY_VERSION_3,
+        pid: 0,
+    };
+    let data = [CapData {
+        effective: 0,
+        permitted: 0,
+        inheritable: 0,
+    }; 2];
+    // SAFETY: `header` and `data` are the layout capset(2) expects for version 3 (one header,
+    // two data structs) and live for the duration of the call.
+    let ret = unsafe { libc::syscall(libc::SYS_capset, &mut header, data.as_ptr()) };
+    if ret == -1 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: the id getters cannot fail and have no preconditions.
+    let (now_uid, now_euid, now_gid, now_egid) = unsafe {
+        (
+            libc::getuid(),
+            libc::geteuid(),
+            libc::getgid(),
+            libc::getegid(),
+        )
+    };
+    if (now_uid, now_euid, now_gid, now_egid) != (uid, uid, gid, gid) {
+        return Err(io::Error::new(
+            io::ErrorKind::PermissionDenied,
+            "the user change did not take effect",
+        ));
+    }
+    Ok(())
 }
 
 /// Re-issues `listen` with a longer accept queue than std's default, so a burst of clients is

@@ -27,3 +27,4 @@ mod subrunbooks;
 mod trust_tokens;
 mod trust_params;
 mod trust_connections;
+mod trust_secrets;
