@@ -8,13 +8,10 @@ use serde_json::{json, Map, Value};
 
 use crate::jwt::{self, JwtError, Validation};
 
-/// Subject reported when a token has no string `sub` claim.
-const UNKNOWN_SUBJECT: &str = "unknown";
-
 /// The caller, as established from a verified token.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Principal {
-    /// The `sub` claim, or "unknown" when it is absent or not a string.
+    /// The `sub` claim (a token without a non-empty string `sub` is refused).
     pub subject: String,
     /// The `roles` claim, read with [`claim_values`].
     pub roles: Vec<String>,
@@ -32,6 +29,8 @@ pub enum AuthError {
     MissingToken,
     /// A bearer token was given but refused.
     InvalidToken(JwtError),
+    /// A valid token whose `sub` is absent, empty or not a string: it names nobody.
+    NoSubject,
 }
 
 impl fmt::Display for AuthError {
@@ -39,6 +38,9 @@ impl fmt::Display for AuthError {
         match self {
             AuthError::MissingToken => f.write_str("missing bearer token"),
             AuthError::InvalidToken(reason) => write!(f, "invalid token: {reason}"),
+            AuthError::NoSubject => {
+                f.write_str("invalid token: the sub claim must be a non-empty string")
+            }
         }
     }
 }
@@ -46,7 +48,7 @@ impl fmt::Display for AuthError {
 impl std::error::Error for AuthError {
     fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
         match self {
-            AuthError::MissingToken => None,
+            AuthError::MissingToken | AuthError::NoSubject => None,
             AuthError::InvalidToken(reason) => Some(reason),
         }
     }
@@ -63,7 +65,7 @@ pub fn authenticate(
         .and_then(bearer_token)
         .ok_or(AuthError::MissingToken)?;
     let claims = jwt::decode(token, secret, validation).map_err(AuthError::InvalidToken)?;
-    Ok(principal_from_claims(claims))
+    principal_from_claims(claims)
 }
 
 /// The token of a `Bearer` Authorization value, or `None` for another scheme or an empty token.
@@ -76,23 +78,24 @@ fn bearer_token(authorization: &str) -> Option<&str> {
     (!token.is_empty()).then_some(token)
 }
 
-fn principal_from_claims(claims: Map<String, Value>) -> Principal {
+fn principal_from_claims(claims: Map<String, Value>) -> Result<Principal, AuthError> {
     let subject = claims
         .get("sub")
         .and_then(Value::as_str)
-        .unwrap_or(UNKNOWN_SUBJECT)
+        .filter(|s| !s.is_empty())
+        .ok_or(AuthError::NoSubject)?
         .to_string();
     let roles = claim_values(&claims, "roles");
     let run_id = claims
         .get("run_id")
         .and_then(Value::as_str)
         .map(str::to_string);
-    Principal {
+    Ok(Principal {
         subject,
         roles,
         run_id,
         claims,
-    }
+    })
 }
 
 /// The values of a claim as strings: a JSON string is split on commas (each value trimmed,
@@ -231,6 +234,7 @@ mod tests {
             "aud": "dev-api",
             "iat": NOW,
             "exp": NOW + 600,
+            "sub": "tester",
         }));
         claims.extend(object(extra));
         jwt::encode(&claims, SECRET)
@@ -342,10 +346,18 @@ mod tests {
     }
 
     #[test]
-    fn subject_defaults_to_unknown() {
-        assert_eq!(principal_with(json!({})).subject, "unknown");
-        assert_eq!(principal_with(json!({"sub": 42})).subject, "unknown");
-        assert_eq!(principal_with(json!({"sub": null})).subject, "unknown");
+    fn a_token_without_a_string_subject_is_refused() {
+        assert_eq!(principal_with(json!({})).subject, "tester");
+        for sub in [json!(42), json!(null), json!(""), json!(["alice"])] {
+            let header = format!("Bearer {}", token_with(json!({"sub": sub})));
+            let err = authenticate(Some(&header), SECRET, &validation()).unwrap_err();
+            assert_eq!(err, AuthError::NoSubject, "sub {sub}");
+        }
+        let mut claims = object(json!({"iss": "dev-idp", "aud": "dev-api", "exp": NOW + 600}));
+        claims.remove("sub");
+        let header = format!("Bearer {}", jwt::encode(&claims, SECRET));
+        let err = authenticate(Some(&header), SECRET, &validation()).unwrap_err();
+        assert_eq!(err, AuthError::NoSubject);
     }
 
     #[test]

@@ -41,7 +41,7 @@ pub fn recover(app: &App) {
 }
 
 /// Why a run the previous server left going is over.
-const INTERRUPTED_REASON: &str = "the server stopped while the run was going";
+pub const INTERRUPTED_REASON: &str = "the server stopped while the run was going";
 
 /// Ends a run the previous server left going: kills what is left of its process group, then
 /// writes its record and history entry from what its log holds.
@@ -77,7 +77,14 @@ fn settle_interrupted(app: &App, rec: &mut record::RunRecord, log_path: &Path) {
     }
     rec.status = RunStatus::Interrupted;
     rec.finished_at = Some(finished);
-    rec.duration_ms = Some((finished - rec.started_at).num_milliseconds().max(0) as u64);
+    rec.duration_ms = Some(
+        u64::try_from(
+            finished
+                .signed_duration_since(rec.started_at)
+                .num_milliseconds(),
+        )
+        .unwrap_or(0),
+    );
     rec.return_code = Some(outcome.return_code);
     rec.error = Some(INTERRUPTED_REASON.into());
     rec.pgid = None;
@@ -112,7 +119,12 @@ pub fn prune(app: &App) {
         .filter(|r| r.record().status.is_finished())
         .collect();
     finished.reverse(); // oldest first
-    let cutoff = chrono::Utc::now() - chrono::Duration::days(cfg.run_retention_days as i64);
+    // A cutoff before the earliest representable time prunes nothing by age.
+    let cutoff = i64::try_from(cfg.run_retention_days)
+        .ok()
+        .and_then(chrono::TimeDelta::try_days)
+        .and_then(|age| chrono::Utc::now().checked_sub_signed(age))
+        .unwrap_or(chrono::DateTime::<chrono::Utc>::MIN_UTC);
     let mut removed = 0usize;
     let mut keep = Vec::with_capacity(finished.len());
     for run in finished {
@@ -186,7 +198,7 @@ pub fn start_retention_thread(app: Arc<App>) {
 /// Stops every running run (TERM + CONT, grace, KILL) and waits until their records, history
 /// and final `done` events are written, within the shutdown grace.
 pub fn stop_runs(app: &App) {
-    let deadline = Instant::now() + app.config.shutdown_grace;
+    let deadline = crate::clock::instant_after(app.config.shutdown_grace);
     let running = app.runs.running();
     if !running.is_empty() {
         log::info!("shutdown: stopping {} running run(s)", running.len());
@@ -196,7 +208,9 @@ pub fn stop_runs(app: &App) {
         run.request_cancel();
     }
     // Leave a second of the grace for the runs to write their records after the KILL.
-    let kill_at = deadline - Duration::from_secs(1).min(app.config.shutdown_grace / 2);
+    let kill_at = deadline
+        .checked_sub(Duration::from_secs(1).min(app.config.shutdown_grace / 2))
+        .unwrap_or(deadline);
     let mut killed = false;
     while app.runs.running_count() > 0 && Instant::now() < deadline {
         if !killed && Instant::now() >= kill_at {
