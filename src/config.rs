@@ -458,7 +458,8 @@ impl Config {
         }
         let jwt_issuer = r.text("JWT_ISSUER");
         let jwt_audience = r.text("JWT_AUDIENCE");
-        let jwt_ttl = Duration::from_secs(r.number::<u64>("JWT_TTL_MINUTES", 1)?.saturating_mul(60));
+        let jwt_ttl =
+            Duration::from_secs(r.number::<u64>("JWT_TTL_MINUTES", 1)?.saturating_mul(60));
         let script_timeout = Duration::from_secs(r.number::<u64>("SCRIPT_TIMEOUT_SECONDS", 1)?);
         let max_output_bytes = r.number::<u64>("MAX_OUTPUT_SIZE_BYTES", 0)?;
         let history_output_bytes = r.number::<u64>("HISTORY_OUTPUT_BYTES", 0)?;
@@ -701,8 +702,8 @@ mod tests {
             "SHUTDOWN_GRACE_SECONDS",
             "ORPHAN_GRACE_MS",
         ] {
-            let err = config_with(&[("JWT_SECRET", SECRET), (name, "18446744073709551615")])
-                .unwrap_err();
+            let err =
+                config_with(&[("JWT_SECRET", SECRET), (name, "18446744073709551615")]).unwrap_err();
             assert!(err.to_string().contains(name), "{err}");
         }
     }

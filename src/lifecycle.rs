@@ -119,7 +119,7 @@ pub fn prune(app: &App) {
         .filter(|r| r.record().status.is_finished())
         .collect();
     finished.reverse(); // oldest first
-    // A cutoff before the earliest representable time prunes nothing by age.
+                        // A cutoff before the earliest representable time prunes nothing by age.
     let cutoff = i64::try_from(cfg.run_retention_days)
         .ok()
         .and_then(chrono::TimeDelta::try_days)
