@@ -2,7 +2,8 @@
 //! one-line error and exit status 2; event ids at the edge of u64 get a sane answer; a panic at
 //! any point of a run (forced by the debug build's `RUNBOOKD_TEST_PANIC`) still concludes the
 //! run and frees its slot; a token without a string `sub` is 401; a run stopped by shutdown is
-//! `interrupted` in `done` and in its record; a file-size limit does not kill the server.
+//! `interrupted` in `done` and in its record; a file-size limit does not kill the server, and
+//! scripts still get the default SIGXFSZ.
 
 use std::process::{Command, Output, Stdio};
 use std::thread;
@@ -510,5 +511,24 @@ fn a_file_size_limit_is_an_error_not_a_death() {
             .as_str()
             .is_some_and(|e| e.contains("File too large")),
         "{body}"
+    );
+}
+
+#[test]
+fn scripts_get_the_default_file_size_signal() {
+    let server = Server::start(ServerOpts::new().runbook(
+        "Sig.md",
+        Runbook::new("Sig", "grep '^SigIgn:' /proc/$$/status\n"),
+    ));
+    let resp = server.execute("Sig.md", &dev_token(), json!({}));
+    assert_eq!(resp.status, 200, "{}", resp.text());
+    let stdout = resp.json()["stdout"].as_str().unwrap().to_string();
+    let mask = u64::from_str_radix(stdout.trim_start_matches("SigIgn:").trim(), 16)
+        .unwrap_or_else(|e| panic!("{stdout:?}: {e}"));
+    // SIGXFSZ is signal 25: bit 24 of the mask.
+    assert_eq!(
+        mask & (1 << 24),
+        0,
+        "SIGXFSZ ignored in the script: {stdout}"
     );
 }
