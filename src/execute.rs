@@ -395,8 +395,8 @@ fn launch(
             }
         });
     if let Err(e) = spawned {
-        // Without a supervisor the child must not linger.
-        let _ = sys::kill_group(pgid);
+        // Without a supervisor the child must not linger: dropping its handle (moved into the
+        // closure that was not started) killed its group and reaped it.
         unstarted.refused(&e);
         return Err(ExecError::Unavailable(format!("cannot start the run: {e}")));
     }
