@@ -9,8 +9,8 @@ use crate::catalog::Catalog;
 use crate::config::Config;
 use crate::jwt::Validation;
 use crate::metrics::Metrics;
-use crate::retention::Retention;
 use crate::privsep::RunAs;
+use crate::retention::Retention;
 use crate::run::Registry;
 
 /// Leeway for `exp`/`nbf` checks.

@@ -8,9 +8,6 @@ use serde_json::{json, Map, Value};
 
 use crate::jwt::{self, JwtError, Validation};
 
-/// Subject reported when a token has no string `sub` claim.
-const UNKNOWN_SUBJECT: &str = "unknown";
-
 /// The claim naming the run a run token was minted for.
 const RUN_ID_CLAIM: &str = "run_id";
 
@@ -29,7 +26,7 @@ pub struct RunScope {
 /// The caller, as established from a verified token.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Principal {
-    /// The `sub` claim, or "unknown" when it is absent or not a string.
+    /// The `sub` claim (a token without a non-empty string `sub` is refused).
     pub subject: String,
     /// The `roles` claim, read with [`claim_values`].
     pub roles: Vec<String>,
@@ -50,6 +47,8 @@ pub enum AuthError {
     /// A signed token with a `run_id` claim that is not a string, or without a recursion stack
     /// (`rbk_stack`, a list of strings).
     BadRunScope,
+    /// A valid token whose `sub` is absent, empty or not a string: it names nobody.
+    NoSubject,
 }
 
 impl fmt::Display for AuthError {
@@ -60,6 +59,9 @@ impl fmt::Display for AuthError {
             AuthError::BadRunScope => f.write_str(
                 "invalid token: a run token needs a string run_id and a rbk_stack list of strings",
             ),
+            AuthError::NoSubject => {
+                f.write_str("invalid token: the sub claim must be a non-empty string")
+            }
         }
     }
 }
@@ -67,7 +69,7 @@ impl fmt::Display for AuthError {
 impl std::error::Error for AuthError {
     fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
         match self {
-            AuthError::MissingToken | AuthError::BadRunScope => None,
+            AuthError::MissingToken | AuthError::BadRunScope | AuthError::NoSubject => None,
             AuthError::InvalidToken(reason) => Some(reason),
         }
     }
@@ -101,7 +103,8 @@ fn principal_from_claims(claims: Map<String, Value>) -> Result<Principal, AuthEr
     let subject = claims
         .get("sub")
         .and_then(Value::as_str)
-        .unwrap_or(UNKNOWN_SUBJECT)
+        .filter(|s| !s.is_empty())
+        .ok_or(AuthError::NoSubject)?
         .to_string();
     let roles = claim_values(&claims, "roles");
     let run_scope = run_scope_of(&claims)?;
@@ -275,6 +278,7 @@ mod tests {
             "aud": "dev-api",
             "iat": NOW,
             "exp": NOW + 600,
+            "sub": "tester",
         }));
         claims.extend(object(extra));
         jwt::encode(&claims, SECRET)
@@ -386,10 +390,18 @@ mod tests {
     }
 
     #[test]
-    fn subject_defaults_to_unknown() {
-        assert_eq!(principal_with(json!({})).subject, "unknown");
-        assert_eq!(principal_with(json!({"sub": 42})).subject, "unknown");
-        assert_eq!(principal_with(json!({"sub": null})).subject, "unknown");
+    fn a_token_without_a_string_subject_is_refused() {
+        assert_eq!(principal_with(json!({})).subject, "tester");
+        for sub in [json!(42), json!(null), json!(""), json!(["alice"])] {
+            let header = format!("Bearer {}", token_with(json!({"sub": sub})));
+            let err = authenticate(Some(&header), SECRET, &validation()).unwrap_err();
+            assert_eq!(err, AuthError::NoSubject, "sub {sub}");
+        }
+        let mut claims = object(json!({"iss": "dev-idp", "aud": "dev-api", "exp": NOW + 600}));
+        claims.remove("sub");
+        let header = format!("Bearer {}", jwt::encode(&claims, SECRET));
+        let err = authenticate(Some(&header), SECRET, &validation()).unwrap_err();
+        assert_eq!(err, AuthError::NoSubject);
     }
 
     #[test]

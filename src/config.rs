@@ -14,6 +14,8 @@ pub struct Setting {
     pub default: &'static str,
     pub help: &'static str,
     pub secret: bool,
+    /// For a number: the smallest and largest value accepted (both included).
+    pub range: Option<(u64, u64)>,
 }
 
 const fn setting(name: &'static str, default: &'static str, help: &'static str) -> Setting {
@@ -22,11 +24,42 @@ const fn setting(name: &'static str, default: &'static str, help: &'static str) 
         default,
         help,
         secret: false,
+        range: None,
     }
 }
 
+/// A numeric setting accepted from `min` to `max` (both included).
+const fn ranged(
+    name: &'static str,
+    default: &'static str,
+    help: &'static str,
+    min: u64,
+    max: u64,
+) -> Setting {
+    Setting {
+        name,
+        default,
+        help,
+        secret: false,
+        range: Some((min, max)),
+    }
+}
+
+const KIB: u64 = 1024;
+const MIB: u64 = 1024 * KIB;
+const TIB: u64 = 1024 * 1024 * MIB;
+const PIB: u64 = 1024 * TIB;
+/// One year: the longest any time setting may be.
+const YEAR_SECONDS: u64 = 365 * 24 * 3600;
+
 pub const SETTINGS: &[Setting] = &[
-    setting("API_PORT", "8083", "listen port (0 = pick a free one)"),
+    ranged(
+        "API_PORT",
+        "8083",
+        "listen port (0 = pick a free one)",
+        0,
+        65535,
+    ),
     setting("BIND_ADDRESS", "127.0.0.1", "listen address"),
     setting(
         "RUNBOOKS_DIR",
@@ -54,31 +87,52 @@ pub const SETTINGS: &[Setting] = &[
         default: "",
         help: "HS256 signing secret, at least 32 bytes (required unless ENABLE_LOGIN=true)",
         secret: true,
+        range: None,
     },
     setting("JWT_ISSUER", "dev-idp", "required token issuer"),
     setting("JWT_AUDIENCE", "dev-api", "required token audience"),
-    setting("JWT_TTL_MINUTES", "480", "lifetime of dev-login tokens"),
-    setting(
+    ranged(
+        "JWT_TTL_MINUTES",
+        "480",
+        "lifetime of dev-login tokens",
+        1,
+        YEAR_SECONDS / 60,
+    ),
+    ranged(
         "SCRIPT_TIMEOUT_SECONDS",
         "600",
         "then the script's process group is terminated",
+        1,
+        YEAR_SECONDS,
     ),
-    setting(
+    ranged(
         "MAX_OUTPUT_SIZE_BYTES",
         "10485760",
         "per stream, the most kept in the done event and the sync JSON",
+        0,
+        TIB,
     ),
-    setting(
+    ranged(
         "HISTORY_OUTPUT_BYTES",
         "65536",
         "per stream, the most written into a history entry",
+        0,
+        16 * MIB,
     ),
-    setting(
+    ranged(
         "HISTORY_MAX_ENTRIES",
         "100",
         "history entries kept per runbook",
+        1,
+        1_000_000,
     ),
-    setting("MAX_RECURSION_DEPTH", "50", "sub-runbook depth limit"),
+    ranged(
+        "MAX_RECURSION_DEPTH",
+        "50",
+        "sub-runbook depth limit",
+        1,
+        1000,
+    ),
     setting(
         "API_PROTOCOL",
         "http",
@@ -89,47 +143,75 @@ pub const SETTINGS: &[Setting] = &[
         "localhost",
         "host of RUNBOOK_URL given to scripts",
     ),
-    setting("HEARTBEAT_SECONDS", "15", "SSE keepalive comment interval"),
-    setting(
+    ranged(
+        "HEARTBEAT_SECONDS",
+        "15",
+        "SSE keepalive comment interval",
+        1,
+        3600,
+    ),
+    ranged(
         "ORPHAN_GRACE_MS",
         "500",
         "after the main process exits, how long descendants may hold the pipes",
+        0,
+        3_600_000,
     ),
-    setting(
+    ranged(
         "VIEWER_STALL_SECONDS",
         "30",
         "a viewer whose socket accepts nothing for this long is cut off",
+        1,
+        86_400,
     ),
-    setting("MAX_CONCURRENT_RUNS", "64", "runs at once; more get 429"),
-    setting(
+    ranged(
+        "MAX_CONCURRENT_RUNS",
+        "64",
+        "runs at once; more get 429",
+        1,
+        10_000,
+    ),
+    ranged(
         "CANCEL_GRACE_SECONDS",
         "5",
         "between TERM and KILL when a run is cancelled or timed out",
+        0,
+        3600,
     ),
-    setting(
+    ranged(
         "SHUTDOWN_GRACE_SECONDS",
         "10",
         "on SIGTERM/SIGINT, the longest the server takes to stop its runs and exit",
+        1,
+        3600,
     ),
-    setting(
+    ranged(
         "RUN_RETENTION_DAYS",
         "30",
         "finished runs older than this are pruned",
+        0,
+        36_500,
     ),
-    setting(
+    ranged(
         "RUN_RETENTION_COUNT",
         "1000",
         "at most this many finished runs are kept",
+        1,
+        1_000_000,
     ),
-    setting(
+    ranged(
         "STATE_MAX_BYTES",
         "10737418240",
         "run logs and records are pruned (oldest finished first) to stay under this",
+        1,
+        PIB,
     ),
-    setting(
+    ranged(
         "RUN_LOG_MAX_BYTES",
         "1073741824",
         "per run, the most output stored; later output is counted and dropped",
+        1024,
+        PIB,
     ),
     setting(
         "TRUSTED_PROXIES",
@@ -141,11 +223,13 @@ pub const SETTINGS: &[Setting] = &[
         "",
         "comma-separated names of server variables never passed to scripts",
     ),
-    setting(
+    ranged(
         "MAX_SUBRUNS_PER_RUN",
         "64",
         "sub-runs alive at once in one run's tree that MAX_CONCURRENT_RUNS does not count \
          (at least MAX_RECURSION_DEPTH)",
+        1,
+        100_000,
     ),
     setting(
         "RUN_CGROUP",
@@ -157,15 +241,19 @@ pub const SETTINGS: &[Setting] = &[
         "admin",
         "comma-separated roles whose holders may cancel other users' runs of runbooks whose Required Claims they meet",
     ),
-    setting(
+    ranged(
         "REQUEST_TIMEOUT_SECONDS",
         "30",
         "a request head or body read that stalls this long, or an idle keep-alive connection, is closed",
+        1,
+        3600,
     ),
-    setting(
+    ranged(
         "LOGS_MAX_LINES",
         "10000",
         "most lines GET /api/runs/{id}/logs returns (tail); asking for more is a 400",
+        1,
+        1_000_000,
     ),
     setting(
         "RUN_AS_USER",
@@ -249,6 +337,27 @@ pub struct Config {
     pub admin_roles: Vec<String>,
 }
 
+/// The largest value of an unsigned integer type, as a u64.
+trait Bounded {
+    const MAX_U64: u64;
+}
+
+impl Bounded for u16 {
+    const MAX_U64: u64 = u16::MAX as u64;
+}
+
+impl Bounded for u64 {
+    const MAX_U64: u64 = u64::MAX;
+}
+
+impl Bounded for usize {
+    const MAX_U64: u64 = if usize::BITS > 64 {
+        u64::MAX
+    } else {
+        usize::MAX as u64
+    };
+}
+
 struct Reader<'a> {
     lookup: &'a dyn Fn(&str) -> Option<String>,
     items: Vec<(&'static str, String, Origin)>,
@@ -285,22 +394,42 @@ impl Reader<'_> {
         self.raw(name).unwrap_or_else(|| default.to_string())
     }
 
-    fn number<T>(&mut self, name: &'static str, min: T) -> Result<T, ConfigError>
+    /// A whole number within the setting's range from `SETTINGS` (or from `min` to the
+    /// largest `T` for a row without one).
+    fn number<T>(&mut self, name: &'static str, min: u64) -> Result<T, ConfigError>
     where
-        T: std::str::FromStr + PartialOrd + fmt::Display + Copy,
+        T: TryFrom<u64> + Bounded,
     {
+        let (min, max) = SETTINGS
+            .iter()
+            .find(|s| s.name == name)
+            .and_then(|s| s.range)
+            .unwrap_or((min, T::MAX_U64));
+        let max = max.min(T::MAX_U64);
         let text = self.text(name);
-        let value: T = text.trim().parse().map_err(|_| ConfigError::Invalid {
+        let out_of_range = || ConfigError::Invalid {
             name,
-            reason: format!("{text:?} is not a whole number"),
-        })?;
-        if value < min {
-            return Err(ConfigError::Invalid {
-                name,
-                reason: format!("must be at least {min}"),
-            });
+            reason: format!("must be between {min} and {max}"),
+        };
+        let digits = text.trim();
+        let value: u64 = match digits.parse() {
+            Ok(v) => v,
+            Err(_) if !digits.is_empty() && digits.bytes().all(|b| b.is_ascii_digit()) => {
+                return Err(out_of_range())
+            }
+            Err(_) => {
+                return Err(ConfigError::Invalid {
+                    name,
+                    reason: format!(
+                        "{text:?} is not a whole number (must be between {min} and {max})"
+                    ),
+                })
+            }
+        };
+        if value < min || value > max {
+            return Err(out_of_range());
         }
-        Ok(value)
+        T::try_from(value).map_err(|_| out_of_range())
     }
 
     fn flag(&mut self, name: &'static str) -> Result<bool, ConfigError> {
@@ -375,7 +504,8 @@ impl Config {
         }
         let jwt_issuer = r.text("JWT_ISSUER");
         let jwt_audience = r.text("JWT_AUDIENCE");
-        let jwt_ttl = Duration::from_secs(60 * r.number::<u64>("JWT_TTL_MINUTES", 1)?);
+        let jwt_ttl =
+            Duration::from_secs(r.number::<u64>("JWT_TTL_MINUTES", 1)?.saturating_mul(60));
         let script_timeout = Duration::from_secs(r.number::<u64>("SCRIPT_TIMEOUT_SECONDS", 1)?);
         let max_output_bytes = r.number::<u64>("MAX_OUTPUT_SIZE_BYTES", 0)?;
         let history_output_bytes = r.number::<u64>("HISTORY_OUTPUT_BYTES", 0)?;
@@ -402,7 +532,7 @@ impl Config {
         let max_concurrent_runs = r.number::<usize>("MAX_CONCURRENT_RUNS", 1)?;
         let cancel_grace = Duration::from_secs(r.number::<u64>("CANCEL_GRACE_SECONDS", 0)?);
         let shutdown_grace = Duration::from_secs(r.number::<u64>("SHUTDOWN_GRACE_SECONDS", 1)?);
-        let run_retention_days = r.number::<u64>("RUN_RETENTION_DAYS", 1)?;
+        let run_retention_days = r.number::<u64>("RUN_RETENTION_DAYS", 0)?;
         let run_retention_count = r.number::<usize>("RUN_RETENTION_COUNT", 1)?;
         let state_max_bytes = r.number::<u64>("STATE_MAX_BYTES", 1)?;
         let run_log_max_bytes = r.number::<u64>("RUN_LOG_MAX_BYTES", 1024)?;
@@ -497,7 +627,8 @@ pub fn help_text() -> String {
          \x20      runbookd monitor RUN_ID      follow a run's output (runbookd monitor --help)\n\
          \x20      runbookd exec RUNBOOK        start a run and follow it (runbookd exec --help)\n\
          \x20      runbookd --help              this text\n\n\
-         configuration (environment variables, default in brackets):\n",
+         configuration (environment variables, accepted range in parentheses, default in\n\
+         brackets; a value outside its range is refused at start):\n",
     );
     for s in SETTINGS {
         let default = if s.default.is_empty() {
@@ -505,7 +636,11 @@ pub fn help_text() -> String {
         } else {
             format!(" [{}]", s.default)
         };
-        out.push_str(&format!("  {:<24}{}{}\n", s.name, s.help, default));
+        let range = match s.range {
+            Some((min, max)) => format!(" ({min} to {max})"),
+            None => String::new(),
+        };
+        out.push_str(&format!("  {:<24}{}{range}{default}\n", s.name, s.help));
     }
     out.push_str("\nRUST_LOG (e.g. info, debug) sets the log level.\n");
     out
@@ -592,6 +727,97 @@ mod tests {
         ])
         .unwrap();
         assert_eq!(c.state_dir, PathBuf::from("/var/lib/runbookd"));
+    }
+
+    #[test]
+    fn every_numeric_setting_has_a_range() {
+        // Every setting whose default is a number is checked against a range.
+        for s in SETTINGS {
+            if !s.default.is_empty() && s.default.bytes().all(|b| b.is_ascii_digit()) {
+                assert!(s.range.is_some(), "{} has no range", s.name);
+            }
+        }
+    }
+
+    #[test]
+    fn each_range_is_enforced_at_both_ends() {
+        // Settings bounded by another one are tried with that one out of the way.
+        let companion = |name: &str| match name {
+            "MAX_RECURSION_DEPTH" => ("MAX_SUBRUNS_PER_RUN", "100000"),
+            "MAX_SUBRUNS_PER_RUN" => ("MAX_RECURSION_DEPTH", "1"),
+            _ => ("JWT_SECRET", SECRET),
+        };
+        for s in SETTINGS {
+            let Some((min, max)) = s.range else { continue };
+            let default: u64 = s.default.parse().unwrap();
+            assert!(
+                (min..=max).contains(&default),
+                "{}: default in range",
+                s.name
+            );
+            for ok in [min, max] {
+                let text = ok.to_string();
+                let c = config_with(&[("JWT_SECRET", SECRET), companion(s.name), (s.name, &text)]);
+                assert!(c.is_ok(), "{}={ok}: {:?}", s.name, c.err());
+            }
+            let mut bad = vec![max.saturating_add(1).to_string(), format!("{}0", u64::MAX)];
+            if min > 0 {
+                bad.push((min - 1).to_string());
+            }
+            for text in bad {
+                let err =
+                    config_with(&[("JWT_SECRET", SECRET), companion(s.name), (s.name, &text)])
+                        .unwrap_err();
+                assert_eq!(
+                    err.to_string(),
+                    format!("invalid {}: must be between {min} and {max}", s.name),
+                    "{}={text}",
+                    s.name
+                );
+            }
+            let err = config_with(&[("JWT_SECRET", SECRET), (s.name, "-1")]).unwrap_err();
+            let text = err.to_string();
+            assert!(
+                text.starts_with(&format!("invalid {}:", s.name)) && !text.contains('\n'),
+                "{text}"
+            );
+        }
+    }
+
+    #[test]
+    fn retention_days_out_of_range_is_refused() {
+        let err = config_with(&[("JWT_SECRET", SECRET), ("RUN_RETENTION_DAYS", "100000000")])
+            .unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "invalid RUN_RETENTION_DAYS: must be between 0 and 36500"
+        );
+        let c = config_with(&[("JWT_SECRET", SECRET), ("RUN_RETENTION_DAYS", "36500")]).unwrap();
+        assert_eq!(c.run_retention_days, 36500);
+    }
+
+    #[test]
+    fn extreme_times_are_refused() {
+        for name in [
+            "SCRIPT_TIMEOUT_SECONDS",
+            "JWT_TTL_MINUTES",
+            "CANCEL_GRACE_SECONDS",
+            "HEARTBEAT_SECONDS",
+            "VIEWER_STALL_SECONDS",
+            "SHUTDOWN_GRACE_SECONDS",
+            "ORPHAN_GRACE_MS",
+        ] {
+            let err =
+                config_with(&[("JWT_SECRET", SECRET), (name, "18446744073709551615")]).unwrap_err();
+            assert!(err.to_string().contains(name), "{err}");
+        }
+    }
+
+    #[test]
+    fn help_shows_ranges() {
+        let help = help_text();
+        assert!(help.contains("(0 to 36500)"), "{help}");
+        assert!(help.contains("(1 to 31536000)"), "{help}");
     }
 
     #[test]

@@ -3,9 +3,11 @@
 //! the inputs and the script, builds the environment, spawns, and hands the child to a run
 //! thread that finishes the log, writes history and the audit line, and cleans up.
 
+use std::cell::Cell;
 use std::fmt;
 use std::fs;
 use std::io;
+use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Instant;
@@ -13,6 +15,7 @@ use std::time::Instant;
 use crate::app::App;
 use crate::auth::{self, Principal, RunScope, TokenRequest};
 use crate::catalog::CatalogError;
+use crate::fault;
 use crate::history::{self, HistoryEntry, StreamExcerpt};
 use crate::params;
 use crate::privsep::{self, RunAs};
@@ -34,6 +37,8 @@ pub enum ExecError {
     Forbidden(String),
     Unavailable(String),
     Admission(AdmitError),
+    /// The request panicked before its run existed (the panic's message).
+    Internal(String),
 }
 
 impl fmt::Display for ExecError {
@@ -43,6 +48,7 @@ impl fmt::Display for ExecError {
             ExecError::Forbidden(why) => write!(f, "{why}"),
             ExecError::Unavailable(why) => write!(f, "{why}"),
             ExecError::Admission(e) => write!(f, "{e}"),
+            ExecError::Internal(why) => write!(f, "while starting the run: {why}"),
         }
     }
 }
@@ -137,7 +143,16 @@ pub fn start(app: &Arc<App>, req: ExecuteRequest) -> Result<Arc<Run>, ExecError>
             },
         )
         .map_err(ExecError::Admission)?;
-    let started = launch(app, req, &path, &book, &run_id);
+    // Set once the run thread owns the run: from then on it concludes the run, whatever
+    // happens to this request.
+    let handed_over = Cell::new(false);
+    let launched = catch_unwind(AssertUnwindSafe(|| {
+        launch(app, req, &path, &book, &run_id, &handed_over)
+    }));
+    let started = match launched {
+        Ok(started) => started,
+        Err(payload) => launch_panicked(app, &run_id, &path, &handed_over, payload.as_ref()),
+    };
     if started.is_err() {
         app.runs.release(&run_id);
     }
@@ -147,18 +162,51 @@ pub fn start(app: &Arc<App>, req: ExecuteRequest) -> Result<Arc<Run>, ExecError>
 /// How a refusal for want of room in STATE_DIR starts.
 const NO_ROOM: &str = "the state directory cannot take a new run";
 
+/// A panic while starting a run: the run, if it exists and no thread owns it yet, is concluded
+/// as failed (its child, if any, was killed when its supervisor handle was dropped).
+fn launch_panicked(
+    app: &Arc<App>,
+    run_id: &str,
+    path: &Path,
+    handed_over: &Cell<bool>,
+    payload: &(dyn std::any::Any + Send),
+) -> Result<Arc<Run>, ExecError> {
+    let message = fault::message(payload);
+    let run = app.runs.get(run_id);
+    let log = run.as_ref().and_then(|r| r.log().ok());
+    match (run, log) {
+        (Some(run), Some(log)) => {
+            if !handed_over.get() && log.outcome().is_none() {
+                conclude_after_panic(
+                    app,
+                    &run,
+                    &log,
+                    path,
+                    &message,
+                    Instant::now(),
+                    &mut Progress::default(),
+                );
+            }
+            Ok(run)
+        }
+        _ => Err(ExecError::Internal(message)),
+    }
+}
+
 fn launch(
     app: &Arc<App>,
     req: ExecuteRequest,
     path: &Path,
     book: &Runbook,
     run_id: &str,
+    handed_over: &Cell<bool>,
 ) -> Result<Arc<Run>, ExecError> {
+    fault::test_point("launch-early");
     let started = Instant::now();
     let log_path = record::log_path(&app.runs_dir, run_id);
     let log = RunLog::create(
         &log_path,
-        app.config.history_output_bytes as usize,
+        usize::try_from(app.config.history_output_bytes).unwrap_or(usize::MAX),
         app.config.run_log_max_bytes,
     )
     .map_err(|e| ExecError::Unavailable(format!("{NO_ROOM}: cannot create its log: {e}")))?;
@@ -248,8 +296,14 @@ fn launch(
     }
 
     let now = chrono::Utc::now().timestamp();
-    let deadline =
-        now + (app.config.script_timeout + app.config.cancel_grace).as_secs() as i64 + 60;
+    // The token outlives the longest the script may run (timeout, grace, a minute to spare).
+    let lifetime = app
+        .config
+        .script_timeout
+        .saturating_add(app.config.cancel_grace)
+        .as_secs()
+        .saturating_add(60);
+    let deadline = now.saturating_add(i64::try_from(lifetime).unwrap_or(i64::MAX));
     let mut stack = req.recursion_stack.clone();
     stack.push(req.file.clone());
     let scope = RunScope {
@@ -327,6 +381,7 @@ fn launch(
             .map(|p| p.to_string_lossy().into_owned());
     });
     save_record(app, &record);
+    fault::test_point("launch");
     let (cancel_tx, cancel_rx) = crossbeam_channel::unbounded();
     run.set_cancel(cancel_tx);
     let limits = Limits {
@@ -341,24 +396,42 @@ fn launch(
     let spawned = std::thread::Builder::new()
         .name(format!("run-{}", &run_id[..run_id.len().min(16)]))
         .spawn(move || {
-            let (outcome, cancelled) = child.supervise(limits, cancel_rx);
-            work.remove();
-            conclude(
-                &thread_app,
-                &thread_run,
-                &thread_log,
-                &thread_path,
-                outcome,
-                cancelled,
-                started,
-            );
+            let mut progress = Progress::default();
+            let ran = catch_unwind(AssertUnwindSafe(|| {
+                let (outcome, cancelled) = child.supervise(limits, cancel_rx);
+                work.remove();
+                conclude_tracked(
+                    &thread_app,
+                    &thread_run,
+                    &thread_log,
+                    &thread_path,
+                    outcome,
+                    cancelled,
+                    started,
+                    &mut progress,
+                );
+            }));
+            if let Err(payload) = ran {
+                // The child was killed and reaped when its handle was dropped.
+                work.remove();
+                conclude_after_panic(
+                    &thread_app,
+                    &thread_run,
+                    &thread_log,
+                    &thread_path,
+                    &fault::message(payload.as_ref()),
+                    started,
+                    &mut progress,
+                );
+            }
         });
     if let Err(e) = spawned {
-        // Without a supervisor the child must not linger.
-        let _ = sys::kill_group(pgid);
+        // Without a supervisor the child must not linger: dropping its handle (moved into the
+        // closure that was not started) killed its group and reaped it.
         unstarted.refused(&e);
         return Err(ExecError::Unavailable(format!("cannot start the run: {e}")));
     }
+    handed_over.set(true);
     Ok(run)
 }
 
@@ -421,6 +494,36 @@ fn conclude(
     cancelled: bool,
     started: Instant,
 ) {
+    conclude_tracked(
+        app,
+        run,
+        log,
+        path,
+        outcome,
+        cancelled,
+        started,
+        &mut Progress::default(),
+    );
+}
+
+/// How far concluding a run got, so that concluding it again after a panic repeats nothing.
+#[derive(Debug, Default)]
+struct Progress {
+    history_written: bool,
+    metrics_counted: bool,
+}
+
+#[allow(clippy::too_many_arguments)]
+fn conclude_tracked(
+    app: &App,
+    run: &Run,
+    log: &RunLog,
+    path: &Path,
+    outcome: Outcome,
+    cancelled: bool,
+    started: Instant,
+    progress: &mut Progress,
+) {
     // Everything about the run is settled (record, history, slot) before `finish` lets the
     // viewers send `done`, so a client that got the result sees a finished run everywhere.
     let mut outcome = outcome;
@@ -428,7 +531,13 @@ fn conclude(
         outcome.error = log.write_error();
     }
     let totals = log.totals();
-    let status = if run.interrupted() {
+    // A run the shutdown stopped is interrupted (in its record and in `done`); one that ended
+    // on its own before the stop reached it keeps its own status.
+    let interrupted = run.interrupted() && cancelled;
+    if interrupted {
+        outcome.error = Some(crate::lifecycle::INTERRUPTED_REASON.to_string());
+    }
+    let status = if interrupted {
         RunStatus::Interrupted
     } else if cancelled {
         RunStatus::Cancelled
@@ -443,7 +552,7 @@ fn conclude(
     let record = run.update(|r| {
         r.status = status;
         r.finished_at = Some(outcome.finished_at);
-        r.duration_ms = Some(started.elapsed().as_millis() as u64);
+        r.duration_ms = Some(u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX));
         r.return_code = Some(outcome.return_code);
         r.stdout_bytes = totals.stdout_bytes;
         r.stderr_bytes = totals.stderr_bytes;
@@ -456,9 +565,12 @@ fn conclude(
         r.cgroup = None;
     });
     save_record(app, &record);
+    fault::test_point("conclude-before-history");
     write_history(app, path, &run.id, log, &outcome, None);
+    progress.history_written = true;
     app.metrics
         .run_finished(status.as_str(), totals.stdout_bytes + totals.stderr_bytes);
+    progress.metrics_counted = true;
     let audit = serde_json::json!({
         "event": "run",
         "user": run.user,
@@ -475,6 +587,59 @@ fn conclude(
     log.finish(outcome);
     run.release_live_log();
     app.retention.run_ended(app, run);
+}
+
+/// Concludes a run after a panic in one of its threads or in the request starting it: status
+/// `failed` with the panic as its error, record, history entry (unless already written), `done`
+/// to viewers and its slot freed. Each step goes on even if an earlier one panics again.
+fn conclude_after_panic(
+    app: &App,
+    run: &Run,
+    log: &RunLog,
+    path: &Path,
+    message: &str,
+    started: Instant,
+    progress: &mut Progress,
+) {
+    log::error!(
+        "run {}: internal error while running; concluding it as failed",
+        run.id
+    );
+    let error = fault::internal_error(message);
+    let outcome = Outcome::failed(-1, Some(error.clone()));
+    let recorded = catch_unwind(AssertUnwindSafe(|| {
+        let totals = log.totals();
+        let record = run.update(|r| {
+            r.status = RunStatus::Failed;
+            r.finished_at = Some(outcome.finished_at);
+            r.duration_ms = Some(u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX));
+            r.return_code = Some(outcome.return_code);
+            r.stdout_bytes = totals.stdout_bytes;
+            r.stderr_bytes = totals.stderr_bytes;
+            r.log_capped = log.capped_at().is_some();
+            r.error = Some(error.clone());
+            r.pgid = None;
+            r.pgid_start_ticks = None;
+        });
+        save_record(app, &record);
+        if !progress.history_written {
+            progress.history_written = true;
+            write_history(app, path, &run.id, log, &outcome, Some(&error));
+        }
+        if !progress.metrics_counted {
+            progress.metrics_counted = true;
+            app.metrics.run_finished(
+                RunStatus::Failed.as_str(),
+                totals.stdout_bytes + totals.stderr_bytes,
+            );
+        }
+    }));
+    if recorded.is_err() {
+        log::error!("run {}: its record or history could not be written", run.id);
+    }
+    app.runs.release(&run.id);
+    log.finish(outcome);
+    run.release_live_log();
 }
 
 /// Appends the history entry of a run that is over to the runbook at `path`: its exit code and
@@ -529,6 +694,14 @@ struct RunDirs {
     cwd: PathBuf,
     script: PathBuf,
     run_as: Option<RunAs>,
+    removed: Cell<bool>,
+}
+
+impl Drop for RunDirs {
+    /// Dropped without `remove` (a panic on the way): removed anyway.
+    fn drop(&mut self) {
+        self.remove();
+    }
 }
 
 impl RunDirs {
@@ -541,6 +714,7 @@ impl RunDirs {
             root,
             cwd,
             run_as,
+            removed: Cell::new(false),
         })
     }
 
@@ -553,6 +727,9 @@ impl RunDirs {
     }
 
     fn remove(&self) {
+        if self.removed.replace(true) {
+            return;
+        }
         if let Some(run_as) = self.run_as {
             // What the script made in `work/` is the script user's: emptied as that user.
             if let Err(e) = privsep::empty_as(&self.cwd, run_as) {

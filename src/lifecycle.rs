@@ -44,7 +44,7 @@ pub fn recover(app: &App) {
 }
 
 /// Why a run the previous server left going is over.
-const INTERRUPTED_REASON: &str = "the server stopped while the run was going";
+pub const INTERRUPTED_REASON: &str = "the server stopped while the run was going";
 
 /// Kills what a run the previous server left going has left: its cgroup (exact: named by the
 /// run id), and its process group when it is provably the run's. Returns why something was
@@ -120,7 +120,14 @@ fn settle_interrupted(app: &App, rec: &mut record::RunRecord, log_path: &Path) {
     }
     rec.status = RunStatus::Interrupted;
     rec.finished_at = Some(finished);
-    rec.duration_ms = Some((finished - rec.started_at).num_milliseconds().max(0) as u64);
+    rec.duration_ms = Some(
+        u64::try_from(
+            finished
+                .signed_duration_since(rec.started_at)
+                .num_milliseconds(),
+        )
+        .unwrap_or(0),
+    );
     rec.return_code = Some(outcome.return_code);
     rec.error = Some(reason.clone());
     rec.pgid = None;
@@ -172,7 +179,7 @@ pub fn start_retention_thread(app: Arc<App>) {
 /// Stops every running run (TERM + CONT, grace, KILL) and waits until their records, history
 /// and final `done` events are written, within the shutdown grace.
 pub fn stop_runs(app: &App) {
-    let deadline = Instant::now() + app.config.shutdown_grace;
+    let deadline = crate::clock::instant_after(app.config.shutdown_grace);
     let running = app.runs.running();
     if !running.is_empty() {
         log::info!("shutdown: stopping {} running run(s)", running.len());
@@ -182,7 +189,9 @@ pub fn stop_runs(app: &App) {
         run.request_cancel();
     }
     // Leave a second of the grace for the runs to write their records after the KILL.
-    let kill_at = deadline - Duration::from_secs(1).min(app.config.shutdown_grace / 2);
+    let kill_at = deadline
+        .checked_sub(Duration::from_secs(1).min(app.config.shutdown_grace / 2))
+        .unwrap_or(deadline);
     let mut killed = false;
     while app.runs.running_count() > 0 && Instant::now() < deadline {
         if !killed && Instant::now() >= kill_at {

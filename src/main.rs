@@ -7,8 +7,10 @@ mod catalog;
 mod cgroup;
 mod chunker;
 mod cli;
+mod clock;
 mod config;
 mod execute;
+mod fault;
 mod history;
 mod http;
 mod jwt;
@@ -105,6 +107,7 @@ fn main() -> ExitCode {
         return ExitCode::FAILURE;
     }
     env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info")).init();
+    fault::install_panic_hook();
     let config = match Config::from_lookup(&|name| std::env::var(name).ok()) {
         Ok(c) => c,
         Err(e) => {
@@ -150,6 +153,7 @@ fn watch_termination(app: Arc<App>, current: Arc<Mutex<Option<Arc<tiny_http::Ser
 
 fn start(config: Config, run_as: Option<privsep::RunAs>) -> Result<(), StartError> {
     sys::block_termination_signals().map_err(|e| StartError::Io("cannot set up signals", e))?;
+    sys::ignore_file_size_signal().map_err(|e| StartError::Io("cannot set up signals", e))?;
     let secret = match &config.jwt_secret {
         Some(s) => s.clone().into_bytes(),
         None => {

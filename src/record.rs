@@ -92,7 +92,7 @@ pub struct RunRecord {
 impl RunRecord {
     /// The fields the API shows.
     pub fn to_api(&self) -> serde_json::Value {
-        serde_json::json!({
+        let mut api = serde_json::json!({
             "run_id": self.run_id,
             "runbook": self.runbook,
             "status": self.status,
@@ -104,7 +104,12 @@ impl RunRecord {
             "stdout_bytes": self.stdout_bytes,
             "stderr_bytes": self.stderr_bytes,
             "truncated": self.truncated,
-        })
+        });
+        // Why the run failed on the server's side (timeout, cancel, shutdown, internal error).
+        if let Some(error) = &self.error {
+            api["error"] = serde_json::json!(error);
+        }
+        api
     }
 }
 

@@ -11,7 +11,7 @@ use crate::run::Run;
 use crate::runlog::{LogError, Outcome, RunLog, Stream};
 use crate::text::{normalize, write_json_escaped};
 
-/// Writes `{success, runbook, run_id, return_code, stdout, stderr, errors, warnings,
+/// Writes `{success, runbook, run_id, status, return_code, stdout, stderr, errors, warnings,
 /// truncated, error?}` for a finished run, each stream capped at `limit` bytes.
 pub fn write_result(
     out: &mut impl Write,
@@ -22,10 +22,12 @@ pub fn write_result(
 ) -> io::Result<()> {
     let totals = log.totals();
     let success = outcome.return_code == 0 && outcome.error.is_none();
+    let record = run.record();
     let prefix = json!({
         "success": success,
         "runbook": run.runbook,
         "run_id": run.id,
+        "status": record.status,
         "return_code": outcome.return_code,
     });
     let prefix = prefix.to_string();
@@ -36,7 +38,6 @@ pub fn write_result(
         write_stream(out, log, stream, limit)?;
         out.write_all(b"\"")?;
     }
-    let record = run.record();
     let mut tail = json!({
         "errors": record.errors,
         "warnings": record.warnings,

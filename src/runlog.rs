@@ -267,7 +267,7 @@ impl RunLog {
                     index.push((header.seq, header.start));
                 }
                 stream_bytes[i] += header.len as u64;
-                next_seq = header.seq + 1;
+                next_seq = header.seq.saturating_add(1);
                 end_offset = records.offset;
             }
         }
@@ -354,7 +354,7 @@ impl RunLog {
             match records.read_header()? {
                 Some(header) => {
                     records.skip_data()?;
-                    at_seq = header.seq + 1;
+                    at_seq = header.seq.saturating_add(1);
                     offset = records.offset;
                 }
                 None => break,
@@ -562,7 +562,7 @@ impl RunLog {
     /// Waits up to `wait` for chunks at the cursor; returns at most about `max_bytes` of them
     /// (always at least one when any is there).
     pub fn next(&self, cursor: &mut Cursor, max_bytes: usize, wait: Duration) -> Next {
-        let deadline = Instant::now() + wait;
+        let deadline = crate::clock::instant_after(wait);
         let mut st = self.lock();
         loop {
             if cursor.next_seq < st.next_seq {

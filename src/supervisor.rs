@@ -12,9 +12,10 @@ use std::fmt;
 use std::io::{self, PipeReader, PipeWriter, Read};
 use std::os::fd::AsRawFd;
 use std::os::unix::process::CommandExt;
+use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
@@ -22,6 +23,7 @@ use crossbeam_channel::{select, Receiver, Sender};
 
 use crate::cgroup::{self, RunCgroup};
 use crate::chunker::{Chunker, HOLD_BACK_RELEASE};
+use crate::fault;
 use crate::runlog::{Outcome, RunLog, Stream};
 use crate::sys::{self, ExitStatus, Readiness};
 
@@ -162,7 +164,8 @@ impl SpawnError {
     }
 }
 
-/// A started child whose output is flowing into the log.
+/// A started child whose output is flowing into the log. Dropped before `supervise` reaped the
+/// main process (a panic on the way), it kills the group, stops the readers and reaps.
 pub struct Supervised {
     child: Child,
     pid: u32,
@@ -173,6 +176,33 @@ pub struct Supervised {
     write_failed: Receiver<()>,
     log: Arc<RunLog>,
     cgroup: Option<RunCgroup>,
+    /// The message of the first panic in a reader or waiter thread.
+    panicked: Arc<Mutex<Option<String>>>,
+    reaped: bool,
+}
+
+impl Drop for Supervised {
+    fn drop(&mut self) {
+        if self.reaped {
+            return;
+        }
+        // The main process is not reaped: the group id is still ours to signal.
+        self.kill_all();
+        drop(self.stop_readers.take());
+        for reader in self.readers.drain(..) {
+            let _ = reader.join();
+        }
+        let _ = self.child.wait();
+        self.reaped = true;
+        // Dropping the run's cgroup kills what is left in it and removes it.
+        drop(self.cgroup.take());
+    }
+}
+
+/// Keeps the first panic message of a helper thread.
+fn note_panic(slot: &Mutex<Option<String>>, message: String) {
+    let mut slot = slot.lock().unwrap_or_else(|p| p.into_inner());
+    slot.get_or_insert(message);
 }
 
 /// What a run's owner may ask of its supervisor while the main process runs.
@@ -221,16 +251,24 @@ impl Supervised {
     ) -> (Outcome, bool) {
         let pid = self.pid;
         let (exit_tx, exit_rx) = crossbeam_channel::bounded::<io::Result<ExitStatus>>(1);
+        let waiter_panicked = self.panicked.clone();
         let waiter = std::thread::Builder::new()
             .name(format!("wait-{pid}"))
             .spawn(move || {
-                let _ = exit_tx.send(sys::wait_exit_keep_zombie(pid));
+                let waited = catch_unwind(|| {
+                    fault::test_point("waiter");
+                    sys::wait_exit_keep_zombie(pid)
+                });
+                let result = waited.unwrap_or_else(|payload| {
+                    note_panic(&waiter_panicked, fault::message(payload.as_ref()));
+                    Err(io::Error::other("the waiter thread panicked"))
+                });
+                let _ = exit_tx.send(result);
             });
         if let Err(e) = waiter {
             log::error!("cannot start waiter thread: {e}");
         }
-        let started = Instant::now();
-        let deadline = started + limits.timeout;
+        let deadline = crate::clock::instant_after(limits.timeout);
         let mut stop: Option<Stop> = None;
         let mut kill_at: Option<Instant> = None;
         let mut write_failed = self.write_failed.clone();
@@ -244,13 +282,13 @@ impl Supervised {
                         if stop.is_none() {
                             stop = Some(Stop::Cancelled);
                             let _ = sys::terminate_group(pid);
-                            kill_at = Some(Instant::now() + limits.kill_grace);
+                            kill_at = Some(crate::clock::instant_after(limits.kill_grace));
                         }
                     }
                     Ok(StopRequest::Kill) => {
                         stop.get_or_insert(Stop::Cancelled);
                         self.kill_all();
-                        kill_at = Some(Instant::now() + Duration::from_secs(3600));
+                        kill_at = Some(crate::clock::instant_after(Duration::from_secs(3600)));
                     }
                     // Nobody can ask any more: only exit and timeout remain.
                     Err(_) => requests = crossbeam_channel::never(),
@@ -261,21 +299,22 @@ impl Supervised {
                         log::warn!("group {pid}: its run log cannot be written; stopping it");
                         stop = Some(Stop::WriteFailed);
                         let _ = sys::terminate_group(pid);
-                        kill_at = Some(Instant::now() + limits.kill_grace);
+                        kill_at = Some(crate::clock::instant_after(limits.kill_grace));
                     }
                 },
                 default(wait) => {
                     if kill_at.is_some() {
                         self.kill_all();
-                        kill_at = Some(Instant::now() + Duration::from_secs(3600));
+                        kill_at = Some(crate::clock::instant_after(Duration::from_secs(3600)));
                     } else {
                         stop = Some(Stop::TimedOut);
                         let _ = sys::terminate_group(pid);
-                        kill_at = Some(Instant::now() + limits.kill_grace);
+                        kill_at = Some(crate::clock::instant_after(limits.kill_grace));
                     }
                 },
             }
         };
+        fault::test_point("supervise");
         let status = match status {
             Ok(Ok(status)) => Some(status),
             Ok(Err(e)) => {
@@ -286,7 +325,7 @@ impl Supervised {
         };
         // The main process is gone but not reaped: the group id is still ours to signal.
         let _ = sys::terminate_group(pid);
-        let grace_end = Instant::now() + limits.orphan_grace;
+        let grace_end = crate::clock::instant_after(limits.orphan_grace);
         let mut finished_readers = 0;
         while finished_readers < self.readers.len() {
             match self.reader_done.recv_deadline(grace_end) {
@@ -307,6 +346,7 @@ impl Supervised {
                 log::error!("cannot remove cgroup {}: {e}", cgroup.path().display());
             }
         }
+        self.reaped = true;
         let return_code = match (status, reaped) {
             (Some(s), _) => s.return_code(),
             (None, Ok(s)) => exit_code_of(s),
@@ -326,6 +366,21 @@ impl Supervised {
             Some(Stop::WriteFailed) => self.log.write_error(),
             None => None,
         };
+        let panicked = self
+            .panicked
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .take();
+        if let Some(message) = panicked {
+            // A reader or the waiter died: the run fails with that, whatever else happened.
+            let outcome = Outcome {
+                return_code,
+                error: Some(fault::internal_error(&message)),
+                timed_out: false,
+                finished_at: chrono::Utc::now(),
+            };
+            return (outcome, false);
+        }
         let outcome = Outcome {
             return_code,
             error,
@@ -389,6 +444,7 @@ pub fn spawn(
     let stop_read = Arc::new(stop_read);
     let (done_tx, done_rx) = crossbeam_channel::bounded::<()>(2);
     let (failed_tx, failed_rx) = crossbeam_channel::bounded::<()>(1);
+    let panicked = Arc::new(Mutex::new(None));
     let mut readers = Vec::with_capacity(2);
     let pipes: [(Option<Box<dyn ReadFd>>, Stream); 2] = [
         (
@@ -407,10 +463,19 @@ pub fn spawn(
         let done = done_tx.clone();
         let failed = failed_tx.clone();
         let secret = mask.map(|m| m.as_bytes().to_vec());
+        let reader_panicked = panicked.clone();
         let spawned = std::thread::Builder::new()
             .name(format!("{}-{pid}", stream.name()))
             .spawn(move || {
-                pump(pipe, stream, &log, secret.as_deref(), &stop, &failed);
+                let pumped = catch_unwind(AssertUnwindSafe(|| {
+                    pump(pipe, stream, &log, secret.as_deref(), &stop, &failed)
+                }));
+                if let Err(payload) = pumped {
+                    // Nobody reads this pipe any more: end the run. The main process is not
+                    // reaped before the readers are joined, so the group id is still ours.
+                    note_panic(&reader_panicked, fault::message(payload.as_ref()));
+                    let _ = sys::kill_group(pid);
+                }
                 let _ = done.send(());
             });
         match spawned {
@@ -431,6 +496,8 @@ pub fn spawn(
         write_failed: failed_rx,
         log,
         cgroup,
+        panicked,
+        reaped: false,
     })
 }
 
@@ -464,7 +531,10 @@ fn pump(
             Ok(Readiness::TimedOut) => log.append(stream, &chunker.release_timed()),
             Ok(Readiness::Ready(1)) => match pipe.read(&mut buf) {
                 Ok(0) => break,
-                Ok(n) => log.append(stream, &chunker.push(&buf[..n])),
+                Ok(n) => {
+                    fault::test_point("reader");
+                    log.append(stream, &chunker.push(&buf[..n]))
+                }
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
                 Err(e) => {
                     log::warn!("reading {} failed: {e}", stream.name());

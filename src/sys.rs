@@ -150,7 +150,14 @@ pub fn exec_script_interpreter(
     if ret != 0 {
         return io::Error::from_raw_os_error(ret);
     }
-    for signal in [libc::SIGINT, libc::SIGQUIT, libc::SIGTERM, libc::SIGHUP] {
+    // SIGXFSZ is ignored by the server (see `ignore_file_size_signal`); scripts get the default.
+    for signal in [
+        libc::SIGINT,
+        libc::SIGQUIT,
+        libc::SIGTERM,
+        libc::SIGHUP,
+        libc::SIGXFSZ,
+    ] {
         // SAFETY: resetting a disposition to SIG_DFL has no memory-safety preconditions.
         unsafe {
             libc::signal(signal, libc::SIG_DFL);
@@ -413,6 +420,17 @@ fn termination_set() -> io::Result<libc::sigset_t> {
         check(libc::sigaddset(&mut set, libc::SIGINT))?;
     }
     Ok(set)
+}
+
+/// Ignores SIGXFSZ for the whole process, so a write past `RLIMIT_FSIZE` fails with EFBIG
+/// (an error the run log reports) instead of killing the server. The script helper restores
+/// the default for scripts.
+pub fn ignore_file_size_signal() -> io::Result<()> {
+    // SAFETY: setting a disposition to SIG_IGN has no memory-safety preconditions.
+    if unsafe { libc::signal(libc::SIGXFSZ, libc::SIG_IGN) } == libc::SIG_ERR {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
 }
 
 /// Blocks SIGTERM and SIGINT in the calling thread and every thread it starts afterwards, so

@@ -93,6 +93,7 @@ impl From<ExecError> for ApiError {
                     run_ids: running.clone(),
                 }
             }
+            e @ ExecError::Internal(_) => ApiError::Internal(e.to_string()),
         }
     }
 }
@@ -231,7 +232,9 @@ fn dev_login(app: &App, request: &mut tiny_http::Request) -> Result<Reply, ApiEr
         }
     };
     let now = chrono::Utc::now();
-    let expires = now + chrono::Duration::seconds(app.config.jwt_ttl.as_secs() as i64);
+    let ttl = i64::try_from(app.config.jwt_ttl.as_secs()).unwrap_or(i64::MAX);
+    let expires_at = now.timestamp().saturating_add(ttl);
+    let expires = chrono::DateTime::from_timestamp(expires_at, 0).unwrap_or(now);
     let token = auth::mint(
         &app.secret,
         &TokenRequest {
@@ -240,7 +243,7 @@ fn dev_login(app: &App, request: &mut tiny_http::Request) -> Result<Reply, ApiEr
             subject: &subject,
             roles: &roles,
             issued_at: now.timestamp(),
-            expires_at: expires.timestamp(),
+            expires_at,
             run: None,
         },
     );

@@ -184,12 +184,13 @@ pub fn events(
     let from_seq = match (last_event_id, number(incoming, "tail")?) {
         (Some(after), _) => {
             if let Some(_end) = log.outcome() {
-                let done_id = log.totals().last_seq + 1;
+                let done_id = log.totals().last_seq.saturating_add(1);
                 if after >= done_id {
                     return Ok(Reply::NoContent);
                 }
             }
-            after + 1
+            // An id past anything a run can reach waits for the end like any id ahead.
+            after.saturating_add(1)
         }
         (None, Some(lines)) => log.tail_start(lines)?,
         (None, None) => FIRST_SEQ,

@@ -107,6 +107,7 @@ fn follow(
             sse::push_event(&mut batch, "truncated", None, &note.to_string());
         }
         out.send(&batch)?;
+        crate::fault::test_point("stream");
         if let Next::End(outcome) = next {
             let mut body = Batcher::new(out);
             body.write_all(&sse::done_prefix(cursor.next_seq()))?;
