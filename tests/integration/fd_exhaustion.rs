@@ -68,7 +68,11 @@ fn keeps_serving_after_running_out_of_descriptors() {
     // the server listens again), so the proof of exhaustion is the server's own report.
     assert!(held.len() >= 20, "only {} connections opened", held.len());
     let ran_out = wait_until(Duration::from_secs(10), || {
-        server.stderr().contains("Too many open files")
+        // Either an accept or spawn error says so, or the accept loop died of it (tiny_http
+        // unwraps try_clone of the accepted socket; the panic hook logs only where) and the
+        // server noticed.
+        let stderr = server.stderr();
+        stderr.contains("Too many open files") || stderr.contains("the accept loop is gone")
     });
     assert!(
         ran_out,
