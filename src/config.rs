@@ -141,7 +141,15 @@ pub const SETTINGS: &[Setting] = &[
         "",
         "comma-separated names of server variables never passed to scripts",
     ),
+    setting(
+        "RUNBOOK_MAX_BYTES",
+        "16777216",
+        "largest runbook file read (1024 to 1073741824); History is trimmed to stay under it",
+    ),
 ];
+
+/// The largest `RUNBOOK_MAX_BYTES`: a runbook is read whole into memory.
+const RUNBOOK_MAX_BYTES_LIMIT: u64 = 1 << 30;
 
 /// Why the configuration was refused.
 #[derive(Debug)]
@@ -205,6 +213,7 @@ pub struct Config {
     pub state_max_bytes: u64,
     pub run_log_max_bytes: u64,
     pub trusted_proxies: Vec<IpAddr>,
+    pub runbook_max_bytes: u64,
     /// Each setting's effective value and origin, secrets already hidden.
     pub items: Vec<(&'static str, String, Origin)>,
 }
@@ -378,7 +387,15 @@ impl Config {
                 reason: format!("{item:?} is not an IP address"),
             })?);
         }
+        let runbook_max_bytes = r.number::<u64>("RUNBOOK_MAX_BYTES", 1024)?;
+        if runbook_max_bytes > RUNBOOK_MAX_BYTES_LIMIT {
+            return Err(ConfigError::Invalid {
+                name: "RUNBOOK_MAX_BYTES",
+                reason: format!("must be at most {RUNBOOK_MAX_BYTES_LIMIT}"),
+            });
+        }
         Ok(Config {
+            runbook_max_bytes,
             max_concurrent_runs,
             cancel_grace,
             shutdown_grace,
@@ -491,6 +508,13 @@ mod tests {
         assert!(err.to_string().contains("ENABLE_LOGIN"));
         let err = config_with(&[("JWT_SECRET", SECRET), ("HEARTBEAT_SECONDS", "0")]).unwrap_err();
         assert!(err.to_string().contains("HEARTBEAT_SECONDS"));
+        for bad in ["1023", "1073741825", "-1"] {
+            let err =
+                config_with(&[("JWT_SECRET", SECRET), ("RUNBOOK_MAX_BYTES", bad)]).unwrap_err();
+            assert!(err.to_string().contains("RUNBOOK_MAX_BYTES"), "{bad}");
+        }
+        let c = config_with(&[("JWT_SECRET", SECRET)]).unwrap();
+        assert_eq!(c.runbook_max_bytes, 16 * 1024 * 1024);
     }
 
     #[test]

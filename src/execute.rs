@@ -95,7 +95,12 @@ pub fn authorize(
             stdout: &empty,
             stderr: &stderr,
         });
-        if let Err(e) = history::append(path, &entry, app.config.history_max_entries) {
+        if let Err(e) = history::append(
+            path,
+            &entry,
+            app.config.history_max_entries,
+            app.config.runbook_max_bytes,
+        ) {
             log::error!("cannot write history: {e}");
         }
         return Err(ExecError::Forbidden(reason));
@@ -192,6 +197,7 @@ fn launch(
         error: None,
         errors: errors.clone(),
         warnings,
+        history_error: None,
     };
     save_record(app, &record);
     let log = Arc::new(log);
@@ -409,6 +415,9 @@ fn conclude(
         RunStatus::Failed
     };
     let limit = app.config.max_output_bytes;
+    let history_error = write_history(app, path, &run.id, log, &outcome, None)
+        .err()
+        .map(|e| e.to_string());
     let record = run.update(|r| {
         r.status = status;
         r.finished_at = Some(outcome.finished_at);
@@ -421,9 +430,9 @@ fn conclude(
         r.error = outcome.error.clone();
         r.pgid = None;
         r.pgid_start_ticks = None;
+        r.history_error = history_error;
     });
     save_record(app, &record);
-    write_history(app, path, &run.id, log, &outcome, None);
     app.metrics
         .run_finished(status.as_str(), totals.stdout_bytes + totals.stderr_bytes);
     let audit = serde_json::json!({
@@ -445,6 +454,7 @@ fn conclude(
 
 /// Appends the history entry of a run that is over to the runbook at `path`: its exit code and
 /// the head and tail of each stream as kept by `log`, with `note` as a last stderr line.
+/// A failure is logged and returned (the run's record shows it); the run concludes anyway.
 pub fn write_history(
     app: &App,
     path: &Path,
@@ -452,7 +462,7 @@ pub fn write_history(
     log: &RunLog,
     outcome: &Outcome,
     note: Option<&str>,
-) {
+) -> Result<(), history::HistoryError> {
     let excerpt = |stream| {
         let ex = log.excerpt(stream);
         StreamExcerpt {
@@ -482,9 +492,13 @@ pub fn write_history(
         stdout: &stdout,
         stderr: &stderr,
     });
-    if let Err(e) = history::append(path, &entry, app.config.history_max_entries) {
-        log::error!("run {run_id}: cannot write history: {e}");
-    }
+    history::append(
+        path,
+        &entry,
+        app.config.history_max_entries,
+        app.config.runbook_max_bytes,
+    )
+    .inspect_err(|e| log::error!("run {run_id}: cannot write history: {e}"))
 }
 
 /// A run's directories: `<EXECUTION_DIR>/runbookd-<run id>/` holding the script file and the

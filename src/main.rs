@@ -8,6 +8,8 @@ mod chunker;
 mod cli;
 mod config;
 mod execute;
+#[cfg(test)]
+mod fuzz_tests;
 mod history;
 mod http;
 mod jwt;
@@ -18,6 +20,7 @@ mod record;
 mod result_json;
 mod run;
 mod runbook;
+mod runbook_file;
 mod runenv;
 mod runlog;
 mod samples;
@@ -146,7 +149,9 @@ fn start(config: Config) -> Result<(), StartError> {
             dest
         }
     };
-    let catalog = catalog::Catalog::open(&runbooks_dir).map_err(StartError::Catalog)?;
+    let catalog = catalog::Catalog::open(&runbooks_dir)
+        .map_err(StartError::Catalog)?
+        .with_max_bytes(config.runbook_max_bytes);
     let nofile_soft = match sys::raise_nofile_limit() {
         Ok(soft) => Some(soft),
         Err(e) => {

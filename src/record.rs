@@ -80,12 +80,15 @@ pub struct RunRecord {
     pub errors: Vec<String>,
     #[serde(default)]
     pub warnings: Vec<String>,
+    /// Why the run's History entry could not be written (the run itself concluded normally).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub history_error: Option<String>,
 }
 
 impl RunRecord {
     /// The fields the API shows.
     pub fn to_api(&self) -> serde_json::Value {
-        serde_json::json!({
+        let mut api = serde_json::json!({
             "run_id": self.run_id,
             "runbook": self.runbook,
             "status": self.status,
@@ -97,7 +100,11 @@ impl RunRecord {
             "stdout_bytes": self.stdout_bytes,
             "stderr_bytes": self.stderr_bytes,
             "truncated": self.truncated,
-        })
+        });
+        if let Some(error) = &self.history_error {
+            api["history_error"] = serde_json::json!(error);
+        }
+        api
     }
 }
 
