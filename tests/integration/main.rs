@@ -7,6 +7,7 @@ mod config;
 mod deploy;
 mod execute_sse;
 mod execute_sync;
+mod faults_files;
 mod fd_exhaustion;
 mod fixtures;
 mod history;
