@@ -161,9 +161,12 @@ impl Catalog {
     pub fn read(&self, file: &str) -> Result<(PathBuf, String), CatalogError> {
         let path = self.resolve(file)?;
         let lock = runbook_file::lock(&path, false, runbook_file::LOCK_WAIT);
-        if let Err(error) = &lock {
-            // Only a writer can tear a read, and no writer gets past this sidecar either.
-            log::warn!("reading {file} without its lock: {error}");
+        // Only a writer can tear a read, and no writer gets past this sidecar either (a
+        // read-only directory, where no sidecar can be made, has no History writers at all).
+        match &lock {
+            Err(error @ FileError::Busy) => log::warn!("reading {file} without its lock: {error}"),
+            Err(error) => log::debug!("reading {file} without its lock: {error}"),
+            Ok(_) => {}
         }
         let file = runbook_file::open(&path, false, self.max_bytes).map_err(file_error)?;
         let bytes = runbook_file::read_bounded(&file, self.max_bytes).map_err(file_error)?;

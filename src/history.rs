@@ -596,7 +596,7 @@ mod tests {
         std::os::unix::fs::symlink("/dev/zero", &link).unwrap();
         let error = append(&link, "\n### x\n", 5, MAX).unwrap_err();
         assert!(error.to_string().contains("symbolic link"), "{error}");
-        let big = dir.write("big.md", &vec![b'x'; 100]);
+        let big = dir.write("big.md", &[b'x'; 100]);
         let error = append(&big, "\n### x\n", 5, 99).unwrap_err();
         assert!(error.to_string().contains("RUNBOOK_MAX_BYTES"), "{error}");
         assert_eq!(fs::read(&big).unwrap().len(), 100);
