@@ -284,3 +284,34 @@ fn readers_never_see_a_half_written_history_and_the_lock_is_a_hidden_sidecar() {
     );
     assert_eq!(listed(&server), vec!["Busy.md"]);
 }
+
+#[test]
+fn a_reader_waits_for_a_history_write_in_progress() {
+    let server =
+        Server::start(ServerOpts::new().runbook("Held.md", Runbook::new("Held", "echo held\n")));
+    let path = server.runbooks_dir().join("Held.md");
+    let whole = server.read_runbook("Held.md");
+    // This test plays the History writer: it holds the sidecar lock while the file is half
+    // written, as runbookd's own writer does.
+    let sidecar = fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .open(server.runbooks_dir().join(".Held.md.lock"))
+        .unwrap();
+    sidecar.lock().unwrap();
+    let half =
+        format!("{whole}\n### 2026-01-01T00:00:00.000Z | Exit Code: 0\n\n**Stdout:**\n```\nhal");
+    fs::write(&path, &half).unwrap();
+    let finished = format!("{whole}\n### 2026-01-01T00:00:00.000Z | Exit Code: 0\n\n**Stdout:**\n```\nhalf and whole\n```\n");
+    std::thread::scope(|scope| {
+        let reader = scope.spawn(|| prompt_get(&server, "/api/runbooks/Held.md", 200));
+        // Time for a reader that ignored the lock to read the half entry.
+        std::thread::sleep(Duration::from_millis(300));
+        fs::write(&path, &finished).unwrap();
+        sidecar.unlock().unwrap();
+        let body = reader.join().unwrap();
+        assert_eq!(body["content"], finished.as_str());
+    });
+}
