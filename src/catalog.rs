@@ -160,7 +160,7 @@ impl Catalog {
     /// is never seen half done.
     pub fn read(&self, file: &str) -> Result<(PathBuf, String), CatalogError> {
         let path = self.resolve(file)?;
-        let lock = runbook_file::lock(&path, false, runbook_file::LOCK_WAIT);
+        let lock = runbook_file::lock(&path, false, runbook_file::READ_LOCK_WAIT);
         // Only a writer can tear a read, and no writer gets past this sidecar either (a
         // read-only directory, where no sidecar can be made, has no History writers at all).
         match &lock {

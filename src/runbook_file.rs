@@ -9,9 +9,13 @@ use std::os::unix::fs::{FileTypeExt, MetadataExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-/// The longest a reader or writer waits for the sidecar lock. Writers hold it for the time of
+/// The longest a History writer waits for the sidecar lock. Writers hold it for the time of
 /// one read and one write, so only someone else holding it on purpose makes this run out.
 pub const LOCK_WAIT: Duration = Duration::from_secs(10);
+
+/// The longest a reader waits for the sidecar lock before reading without it: a request is not
+/// held up long by someone holding the lock on purpose.
+pub const READ_LOCK_WAIT: Duration = Duration::from_secs(3);
 
 const LOCK_POLL: Duration = Duration::from_millis(5);
 
@@ -52,11 +56,7 @@ impl fmt::Display for FileError {
                 f,
                 "the runbook is larger than RUNBOOK_MAX_BYTES ({max} bytes)"
             ),
-            FileError::Busy => write!(
-                f,
-                "the runbook's lock file was held elsewhere for {} s",
-                LOCK_WAIT.as_secs()
-            ),
+            FileError::Busy => f.write_str("the runbook's lock file was held elsewhere too long"),
             FileError::Io(error) => write!(f, "{error}"),
         }
     }

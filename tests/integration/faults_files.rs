@@ -315,3 +315,31 @@ fn a_reader_waits_for_a_history_write_in_progress() {
         assert_eq!(body["content"], finished.as_str());
     });
 }
+
+#[test]
+fn a_lock_held_elsewhere_delays_history_only_boundedly() {
+    let server =
+        Server::start(ServerOpts::new().runbook("Lock.md", Runbook::new("Lock", "echo ran\n")));
+    // Anyone who can write the runbooks directory (a script's leftover process, say) can hold
+    // the sidecar lock; here the test does.
+    let sidecar = fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .open(server.runbooks_dir().join(".Lock.md.lock"))
+        .unwrap();
+    sidecar.lock().unwrap();
+    let started = Instant::now();
+    let (answer, rec) = run_to_end(&server, "Lock.md");
+    assert!(
+        started.elapsed() < Duration::from_secs(60),
+        "{:?}",
+        started.elapsed()
+    );
+    assert_eq!(answer["stdout"], "ran\n", "{answer}");
+    assert_eq!(rec["status"], "succeeded", "{rec}");
+    assert!(history_error(&rec).contains("held elsewhere"), "{rec}");
+    sidecar.unlock().unwrap();
+    assert!(server.history_entries("Lock.md").is_empty());
+}
