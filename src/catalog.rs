@@ -1,19 +1,26 @@
 //! Safe access to the runbooks directory: listing runbooks and resolving names and input paths
-//! so that nothing outside the directory is ever read.
+//! so that nothing outside the directory is ever read. A runbook is read as a file a script may
+//! have replaced: never through a symbolic link, never blocking, at most `RUNBOOK_MAX_BYTES`,
+//! under the shared sidecar lock so that a History write is never seen half done.
 
 use std::fmt;
-use std::fs::{self, File, OpenOptions};
+use std::fs;
 use std::io::{self, BufRead, BufReader, Read};
-use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 
 use crate::runbook;
+use crate::runbook_file::{self, FileError};
+
+/// Default of `RUNBOOK_MAX_BYTES`.
+pub const DEFAULT_MAX_BYTES: u64 = 16 * 1024 * 1024;
 
 /// The runbooks directory.
 #[derive(Debug, Clone)]
 pub struct Catalog {
     /// Canonical path of the directory.
     root: PathBuf,
+    /// `RUNBOOK_MAX_BYTES`: larger runbooks are refused.
+    max_bytes: u64,
 }
 
 /// One runbook in a listing.
@@ -31,8 +38,13 @@ pub struct CatalogEntry {
 pub enum CatalogError {
     /// The name cannot be a runbook file name (separator, `..`, control character, not `.md`).
     InvalidName,
-    /// No such runbook: missing, not a regular file, or a symlink leading outside the directory.
+    /// No such runbook: missing, not a regular file (a FIFO, a device), or a symbolic link
+    /// (links are never followed, so where one leads is never revealed).
     NotFound,
+    /// Larger than `RUNBOOK_MAX_BYTES`.
+    TooLarge {
+        max: u64,
+    },
     Io(io::Error),
 }
 
@@ -41,6 +53,10 @@ impl fmt::Display for CatalogError {
         match self {
             CatalogError::InvalidName => f.write_str("invalid runbook file name"),
             CatalogError::NotFound => f.write_str("runbook not found"),
+            CatalogError::TooLarge { max } => write!(
+                f,
+                "the runbook is larger than RUNBOOK_MAX_BYTES ({max} bytes)"
+            ),
             CatalogError::Io(error) => write!(f, "cannot read the runbooks directory: {error}"),
         }
     }
@@ -50,7 +66,9 @@ impl std::error::Error for CatalogError {
     fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
         match self {
             CatalogError::Io(error) => Some(error),
-            CatalogError::InvalidName | CatalogError::NotFound => None,
+            CatalogError::InvalidName | CatalogError::NotFound | CatalogError::TooLarge { .. } => {
+                None
+            }
         }
     }
 }
@@ -71,7 +89,15 @@ impl Catalog {
                 "the runbooks directory is not a directory",
             )));
         }
-        Ok(Catalog { root })
+        Ok(Catalog {
+            root,
+            max_bytes: DEFAULT_MAX_BYTES,
+        })
+    }
+
+    /// The same directory with `RUNBOOK_MAX_BYTES` set to `max_bytes`.
+    pub fn with_max_bytes(self, max_bytes: u64) -> Catalog {
+        Catalog { max_bytes, ..self }
     }
 
     /// The canonical path of the runbooks directory.
@@ -80,7 +106,8 @@ impl Catalog {
     }
 
     /// Files directly in root ending `.md` whose first line is an H1 (`# `), sorted by filename.
-    /// Files that [`Catalog::resolve`] refuses are left out, as are unreadable ones.
+    /// Files that [`Catalog::resolve`] refuses (hidden files, symlinks, FIFOs, ...) are left out,
+    /// as are unreadable ones; one over `RUNBOOK_MAX_BYTES` is listed (reading it is refused).
     pub fn list(&self) -> Result<Vec<CatalogEntry>, CatalogError> {
         let mut entries = Vec::new();
         for dir_entry in fs::read_dir(&self.root).map_err(CatalogError::Io)? {
@@ -112,40 +139,38 @@ impl Catalog {
     }
 
     /// Resolve an already percent-decoded file name to a path inside root.
-    /// InvalidName: empty, contains '/', '\\', NUL, is "." or "..", contains "..", does not end
-    /// with ".md", or contains control characters.
-    /// NotFound: no such regular file, or it is a symlink whose canonical target is outside root
-    /// (never reveal which), or not a regular file.
-    /// A symlink inside root resolves to its canonical target.
+    /// InvalidName: empty, starts with '.', contains '/', '\\', NUL, is "." or "..", contains
+    /// "..", does not end with ".md", or contains control characters.
+    /// NotFound: no such regular file; a symbolic link is never followed, wherever it leads
+    /// (a script could otherwise point its runbook at `/dev/zero` or outside the directory).
     pub fn resolve(&self, file: &str) -> Result<PathBuf, CatalogError> {
         if !is_valid_file_name(file) {
             return Err(CatalogError::InvalidName);
         }
         let candidate = self.root.join(file);
         let metadata = fs::symlink_metadata(&candidate).map_err(absent_as_not_found)?;
-        if metadata.file_type().is_symlink() {
-            // Any failure past this point reads as "not found", so that probing through a
-            // symlink reveals nothing about what lies outside the directory.
-            let target = fs::canonicalize(&candidate).map_err(|_| CatalogError::NotFound)?;
-            let is_regular_file = fs::metadata(&target).is_ok_and(|meta| meta.is_file());
-            if !target.starts_with(&self.root) || !is_regular_file {
-                return Err(CatalogError::NotFound);
-            }
-            return Ok(target);
-        }
         if !metadata.is_file() {
             return Err(CatalogError::NotFound);
         }
         Ok(candidate)
     }
 
-    /// resolve + read to string (NotFound / Io); non-UTF-8 content is decoded lossily.
+    /// resolve + read to string (NotFound / TooLarge / Io); non-UTF-8 content is decoded
+    /// lossily. The read happens under the shared sidecar lock, so a History write in progress
+    /// is never seen half done.
     pub fn read(&self, file: &str) -> Result<(PathBuf, String), CatalogError> {
         let path = self.resolve(file)?;
-        let mut bytes = Vec::new();
-        open_regular_file(&path)?
-            .read_to_end(&mut bytes)
-            .map_err(CatalogError::Io)?;
+        let lock = runbook_file::lock(&path, false, runbook_file::READ_LOCK_WAIT);
+        // Only a writer can tear a read, and no writer gets past this sidecar either (a
+        // read-only directory, where no sidecar can be made, has no History writers at all).
+        match &lock {
+            Err(error @ FileError::Busy) => log::warn!("reading {file} without its lock: {error}"),
+            Err(error) => log::debug!("reading {file} without its lock: {error}"),
+            Ok(_) => {}
+        }
+        let file = runbook_file::open(&path, false, self.max_bytes).map_err(file_error)?;
+        let bytes = runbook_file::read_bounded(&file, self.max_bytes).map_err(file_error)?;
+        drop(lock);
         let text = match String::from_utf8(bytes) {
             Ok(text) => text,
             Err(error) => String::from_utf8_lossy(error.as_bytes()).into_owned(),
@@ -167,8 +192,7 @@ impl Catalog {
 
 fn is_valid_file_name(file: &str) -> bool {
     !file.is_empty()
-        && file != "."
-        && file != ".."
+        && !file.starts_with('.')
         && !file.contains(['/', '\\', '\0'])
         && !file.contains("..")
         && file.ends_with(RUNBOOK_EXTENSION)
@@ -186,24 +210,24 @@ fn absent_as_not_found(error: io::Error) -> CatalogError {
     }
 }
 
-/// Opens a resolved runbook for reading without following a symlink swapped in since it was
-/// resolved and without blocking on a FIFO; anything but a regular file is NotFound.
-fn open_regular_file(path: &Path) -> Result<File, CatalogError> {
-    let file = OpenOptions::new()
-        .read(true)
-        .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK)
-        .open(path)
-        .map_err(absent_as_not_found)?;
-    let metadata = file.metadata().map_err(CatalogError::Io)?;
-    if !metadata.is_file() {
-        return Err(CatalogError::NotFound);
+/// A runbook swapped since it was resolved (for a symlink, a FIFO, ...) reads as not found.
+fn file_error(error: FileError) -> CatalogError {
+    match error {
+        FileError::Missing | FileError::Symlink | FileError::NotRegular(_) => {
+            CatalogError::NotFound
+        }
+        FileError::TooLarge { max } => CatalogError::TooLarge { max },
+        FileError::Busy => {
+            CatalogError::Io(io::Error::new(io::ErrorKind::WouldBlock, error.to_string()))
+        }
+        FileError::Io(error) => CatalogError::Io(error),
     }
-    Ok(file)
 }
 
 /// The title of the H1 on the first line of the file, or None if the first line is not an H1.
+/// Reads at most [`FIRST_LINE_LIMIT`] bytes, so the size limit does not apply here.
 fn first_line_title(path: &Path) -> Result<Option<String>, CatalogError> {
-    let file = open_regular_file(path)?;
+    let file = runbook_file::open(path, false, u64::MAX).map_err(file_error)?;
     let mut first_line = Vec::new();
     BufReader::new(file.take(FIRST_LINE_LIMIT))
         .read_until(b'\n', &mut first_line)
@@ -256,6 +280,8 @@ mod tests {
         dir.write("notes.txt", b"# Text\n");
         dir.write("UPPER.MD", b"# Upper\n");
         dir.write("latin1.md", b"# Caf\xe9\n");
+        dir.write(".hidden.md", b"# Hidden\n");
+        dir.write(".zeta.md.lock", b"");
         fs::create_dir(dir.path().join("folder.md")).unwrap();
         symlink(dir.path().join("zeta.md"), dir.path().join("link.md")).unwrap();
         let secret = outside.write("secret.md", b"# Secret\n");
@@ -273,7 +299,6 @@ mod tests {
             ("alpha.md", "Alpha"),
             ("bom.md", "Bom"),
             ("latin1.md", "Caf\u{fffd}"),
-            ("link.md", "Zeta"),
             ("zeta.md", "Zeta"),
         ];
         let expected: Vec<(String, String, String)> = expected
@@ -367,18 +392,49 @@ mod tests {
     }
 
     #[test]
-    fn symlink_inside_is_allowed() {
+    fn symlinks_are_never_followed() {
         let dir = TempDir::new("symlink-in");
         fs::create_dir(dir.path().join("drafts")).unwrap();
         let target = dir.write("drafts/real.md", b"# Real\n");
         symlink(&target, dir.path().join("alias.md")).unwrap();
         symlink("drafts", dir.path().join("dir.md")).unwrap();
+        symlink("/dev/zero", dir.path().join("zero.md")).unwrap();
         let catalog = Catalog::open(dir.path()).unwrap();
 
-        let (path, text) = catalog.read("alias.md").unwrap();
-        assert_eq!(path, fs::canonicalize(&target).unwrap());
-        assert_eq!(text, "# Real\n");
-        assert!(not_found(catalog.resolve("dir.md")));
+        for name in ["alias.md", "dir.md", "zero.md"] {
+            assert!(not_found(catalog.resolve(name)), "{name}");
+            assert!(not_found(catalog.read(name)), "{name}");
+        }
+        assert!(catalog.list().unwrap().is_empty());
+    }
+
+    #[test]
+    fn hidden_files_are_not_runbooks() {
+        let dir = TempDir::new("hidden");
+        dir.write(".R.md", b"# R\n");
+        let catalog = Catalog::open(dir.path()).unwrap();
+        assert!(invalid(catalog.read(".R.md")));
+        assert!(catalog.list().unwrap().is_empty());
+    }
+
+    #[test]
+    fn runbooks_over_the_limit_are_listed_but_not_read() {
+        let dir = TempDir::new("too-large");
+        dir.write("big.md", b"# Big\n0123456789\n");
+        dir.write("small.md", b"# Small\n");
+        let catalog = Catalog::open(dir.path()).unwrap().with_max_bytes(10);
+        assert!(matches!(
+            catalog.read("big.md"),
+            Err(CatalogError::TooLarge { max: 10 })
+        ));
+        assert_eq!(catalog.read("small.md").unwrap().1, "# Small\n");
+        let names: Vec<String> = catalog
+            .list()
+            .unwrap()
+            .into_iter()
+            .map(|e| e.name)
+            .collect();
+        assert_eq!(names, vec!["Big", "Small"]);
     }
 
     #[test]

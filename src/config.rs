@@ -260,7 +260,17 @@ pub const SETTINGS: &[Setting] = &[
         "",
         "user name or UID:GID every script runs as (unset: runbookd's own user); needs CAP_SETUID, CAP_SETGID, CAP_KILL, CAP_CHOWN",
     ),
+    ranged(
+        "RUNBOOK_MAX_BYTES",
+        "16777216",
+        "largest runbook file read; History is trimmed to stay under it",
+        1024,
+        RUNBOOK_MAX_BYTES_LIMIT,
+    ),
 ];
+
+/// The largest `RUNBOOK_MAX_BYTES`: a runbook is read whole into memory.
+const RUNBOOK_MAX_BYTES_LIMIT: u64 = 1 << 30;
 
 /// Why the configuration was refused.
 #[derive(Debug)]
@@ -330,6 +340,7 @@ pub struct Config {
     pub logs_max_lines: usize,
     /// `RUN_AS_USER` as given; resolved and checked at start (`privsep::prepare`).
     pub run_as_user: Option<String>,
+    pub runbook_max_bytes: u64,
     /// Each setting's effective value and origin, secrets already hidden.
     pub items: Vec<(&'static str, String, Origin)>,
     pub max_subruns_per_run: usize,
@@ -567,7 +578,9 @@ impl Config {
         let request_timeout = Duration::from_secs(r.number::<u64>("REQUEST_TIMEOUT_SECONDS", 1)?);
         let logs_max_lines = r.number::<usize>("LOGS_MAX_LINES", 1)?;
         let run_as_user = r.raw("RUN_AS_USER").map(|v| v.trim().to_string());
+        let runbook_max_bytes = r.number::<u64>("RUNBOOK_MAX_BYTES", 1024)?;
         Ok(Config {
+            runbook_max_bytes,
             run_cgroup,
             request_timeout,
             logs_max_lines,
@@ -691,6 +704,13 @@ mod tests {
         assert!(err.to_string().contains("ENABLE_LOGIN"));
         let err = config_with(&[("JWT_SECRET", SECRET), ("HEARTBEAT_SECONDS", "0")]).unwrap_err();
         assert!(err.to_string().contains("HEARTBEAT_SECONDS"));
+        for bad in ["1023", "1073741825", "-1"] {
+            let err =
+                config_with(&[("JWT_SECRET", SECRET), ("RUNBOOK_MAX_BYTES", bad)]).unwrap_err();
+            assert!(err.to_string().contains("RUNBOOK_MAX_BYTES"), "{bad}");
+        }
+        let c = config_with(&[("JWT_SECRET", SECRET)]).unwrap();
+        assert_eq!(c.runbook_max_bytes, 16 * 1024 * 1024);
     }
 
     #[test]

@@ -92,7 +92,12 @@ pub fn authorize(
             stdout: &empty,
             stderr: &stderr,
         });
-        if let Err(e) = history::append(path, &entry, app.config.history_max_entries) {
+        if let Err(e) = history::append(
+            path,
+            &entry,
+            app.config.history_max_entries,
+            app.config.runbook_max_bytes,
+        ) {
             log::error!("cannot write history: {e}");
         }
         return Err(ExecError::Forbidden(reason));
@@ -254,6 +259,7 @@ fn launch(
         error: None,
         errors: errors.clone(),
         warnings,
+        history_error: None,
     };
     // Nothing starts that could not be recorded (a full or read-only state directory).
     if let Err(e) = record::save(&app.runs_dir, &record) {
@@ -549,6 +555,11 @@ fn conclude_tracked(
         RunStatus::Failed
     };
     let limit = app.config.max_output_bytes;
+    fault::test_point("conclude-before-history");
+    let history_error = write_history(app, path, &run.id, log, &outcome, None)
+        .err()
+        .map(|e| e.to_string());
+    progress.history_written = true;
     let record = run.update(|r| {
         r.status = status;
         r.finished_at = Some(outcome.finished_at);
@@ -563,11 +574,9 @@ fn conclude_tracked(
         r.pgid_start_ticks = None;
         r.boot_id = None;
         r.cgroup = None;
+        r.history_error = history_error;
     });
     save_record(app, &record);
-    fault::test_point("conclude-before-history");
-    write_history(app, path, &run.id, log, &outcome, None);
-    progress.history_written = true;
     app.metrics
         .run_finished(status.as_str(), totals.stdout_bytes + totals.stderr_bytes);
     progress.metrics_counted = true;
@@ -620,11 +629,16 @@ fn conclude_after_panic(
             r.error = Some(error.clone());
             r.pgid = None;
             r.pgid_start_ticks = None;
+            r.boot_id = None;
+            r.cgroup = None;
         });
         save_record(app, &record);
         if !progress.history_written {
             progress.history_written = true;
-            write_history(app, path, &run.id, log, &outcome, Some(&error));
+            if let Err(e) = write_history(app, path, &run.id, log, &outcome, Some(&error)) {
+                let record = run.update(|r| r.history_error = Some(e.to_string()));
+                save_record(app, &record);
+            }
         }
         if !progress.metrics_counted {
             progress.metrics_counted = true;
@@ -644,6 +658,7 @@ fn conclude_after_panic(
 
 /// Appends the history entry of a run that is over to the runbook at `path`: its exit code and
 /// the head and tail of each stream as kept by `log`, with `note` as a last stderr line.
+/// A failure is logged and returned (the run's record shows it); the run concludes anyway.
 pub fn write_history(
     app: &App,
     path: &Path,
@@ -651,7 +666,7 @@ pub fn write_history(
     log: &RunLog,
     outcome: &Outcome,
     note: Option<&str>,
-) {
+) -> Result<(), history::HistoryError> {
     let excerpt = |stream| {
         let ex = log.excerpt(stream);
         StreamExcerpt {
@@ -681,9 +696,13 @@ pub fn write_history(
         stdout: &stdout,
         stderr: &stderr,
     });
-    if let Err(e) = history::append(path, &entry, app.config.history_max_entries) {
-        log::error!("run {run_id}: cannot write history: {e}");
-    }
+    history::append(
+        path,
+        &entry,
+        app.config.history_max_entries,
+        app.config.runbook_max_bytes,
+    )
+    .inspect_err(|e| log::error!("run {run_id}: cannot write history: {e}"))
 }
 
 /// A run's directories: `<EXECUTION_DIR>/runbookd-<run id>/` holding the script file and the

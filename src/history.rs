@@ -1,13 +1,18 @@
 //! The `# History` section of a runbook: formats execution entries and appends them to the
 //! runbook file under an exclusive lock, dropping the oldest entries beyond a maximum (refusals
 //! first), and reduces the entries to their heading lines for readers who may not see output.
+//! runbook file under the exclusive sidecar lock, dropping the oldest entries beyond a maximum
+//! count and size. The runbook is handled as a file a script may have replaced.
 
 use std::fmt::{self, Write as _};
-use std::fs::OpenOptions;
-use std::io::{self, Read, Seek, SeekFrom, Write};
+use std::fs::{self, OpenOptions};
+use std::io::{self, Write};
+use std::os::unix::fs::{MetadataExt, OpenOptionsExt, PermissionsExt};
 use std::path::Path;
 
 use chrono::{DateTime, SecondsFormat, Utc};
+
+use crate::runbook_file::{self, FileError};
 
 /// What a history entry keeps of one output stream: the start, and the end when the stream was
 /// too long to keep whole.
@@ -39,12 +44,40 @@ pub struct HistoryEntry<'a> {
 #[non_exhaustive]
 pub enum HistoryError {
     Io(io::Error),
+    /// The runbook file cannot be used: gone, a symlink, a FIFO, too large, ...
+    File(FileError),
+    /// A code block opened on this line is never closed: an entry appended after it would
+    /// become part of the block (maybe the script), so nothing is appended.
+    UnclosedBlock {
+        line: usize,
+    },
+    /// The runbook alone, without History entries, is larger than the limit.
+    TooLarge {
+        max: u64,
+    },
+    /// The file was replaced while the entry was being written; the replacement is left alone.
+    Replaced,
 }
 
 impl fmt::Display for HistoryError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("cannot update the runbook history: ")?;
         match self {
-            HistoryError::Io(error) => write!(f, "cannot update the runbook history: {error}"),
+            HistoryError::Io(error) => write!(f, "{error}"),
+            HistoryError::File(error) => write!(f, "{error}"),
+            HistoryError::UnclosedBlock { line } => write!(
+                f,
+                "the code block opened on line {line} is never closed, and an entry after it \
+                 would change the runbook's code"
+            ),
+            HistoryError::TooLarge { max } => write!(
+                f,
+                "the runbook would be larger than RUNBOOK_MAX_BYTES ({max} bytes) even without \
+                 History entries"
+            ),
+            HistoryError::Replaced => {
+                f.write_str("the runbook file was replaced while the entry was being written")
+            }
         }
     }
 }
@@ -53,6 +86,17 @@ impl std::error::Error for HistoryError {
     fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
         match self {
             HistoryError::Io(error) => Some(error),
+            HistoryError::File(error) => Some(error),
+            _ => None,
+        }
+    }
+}
+
+impl From<FileError> for HistoryError {
+    fn from(error: FileError) -> HistoryError {
+        match error {
+            FileError::Io(error) => HistoryError::Io(error),
+            other => HistoryError::File(other),
         }
     }
 }
@@ -130,31 +174,34 @@ fn push_stream(out: &mut String, label: &str, excerpt: &StreamExcerpt, run_id: O
 
 /// Appends `entry` (see [`format_entry`]) to the `# History` section of the runbook at
 /// `runbook_path`, creating the section at the end if it is missing, and drops the oldest
-/// entries so that at most `max_entries` remain. The whole update happens under an exclusive
-/// lock on the file, so concurrent appends each leave one intact entry.
+/// entries so that at most `max_entries` remain and the file stays within `max_bytes`. The
+/// whole update happens under the exclusive sidecar lock (see [`runbook_file::lock`]), so
+/// concurrent appends each leave one intact entry and readers never see half of one.
 ///
-/// The entry is appended at the end of the file, or at the end of the History section when
-/// another section follows it. The file is rewritten in place only when that insertion or a
-/// trim requires it. A code block left open at the end of the file is closed first.
-pub fn append(runbook_path: &Path, entry: &str, max_entries: usize) -> Result<(), HistoryError> {
-    let mut file = OpenOptions::new()
-        .read(true)
-        .write(true)
-        .open(runbook_path)?;
-    file.lock()?;
-    let mut content = Vec::new();
-    file.read_to_end(&mut content)?;
+/// The runbook is opened without following a symlink and without blocking, and must be a
+/// regular file of at most `max_bytes` whose code blocks are all closed: History never changes
+/// the executable part of a file. An entry that goes at the end of the file and drops nothing is
+/// appended in place; any other change is written to a temporary file in the same directory,
+/// with the runbook's mode, and renamed over it.
+pub fn append(
+    runbook_path: &Path,
+    entry: &str,
+    max_entries: usize,
+    max_bytes: u64,
+) -> Result<(), HistoryError> {
+    let _lock = runbook_file::lock(runbook_path, true, runbook_file::LOCK_WAIT)?;
+    let mut file = runbook_file::open(runbook_path, true, max_bytes)?;
+    let content = runbook_file::read_bounded(&file, max_bytes)?;
 
     let layout = Layout::of(&content);
+    if let Some(line) = layout.open_fence_line {
+        return Err(HistoryError::UnclosedBlock { line });
+    }
     let mut addition = Vec::new();
     let insert_at = match &layout.history {
         Some(history) if history.end < content.len() => history.end,
         _ => {
             if !content.is_empty() && !content.ends_with(b"\n") {
-                addition.push(b'\n');
-            }
-            if let Some(fence) = layout.open_fence {
-                addition.extend(std::iter::repeat_n(fence.marker, fence.width));
                 addition.push(b'\n');
             }
             if layout.history.is_none() {
@@ -174,13 +221,15 @@ pub fn append(runbook_path: &Path, entry: &str, max_entries: usize) -> Result<()
     updated.extend_from_slice(&content[insert_at..]);
 
     let trimmed = trim_entries(&mut updated, max_entries);
+    let trimmed = trim_to_size(&mut updated, max_bytes)? || trimmed;
 
+    if !runbook_file::still_at(&file, runbook_path)? {
+        return Err(HistoryError::Replaced);
+    }
     if trimmed || insert_at < content.len() {
-        file.seek(SeekFrom::Start(0))?;
-        file.write_all(&updated)?;
-        file.set_len(updated.len() as u64)?;
+        replace(runbook_path, &file, &updated)?;
     } else {
-        file.seek(SeekFrom::End(0))?;
+        // The descriptor is in append mode: the entry lands at the end whatever the offset.
         file.write_all(&addition)?;
     }
     Ok(())
@@ -299,6 +348,59 @@ pub fn headings_only(content: &str) -> String {
     String::from_utf8_lossy(&out).into_owned()
 }
 
+/// Drops the oldest History entries, never the newest, until `updated` fits in `max_bytes`;
+/// whether it dropped any.
+fn trim_to_size(updated: &mut Vec<u8>, max_bytes: u64) -> Result<bool, HistoryError> {
+    let len = updated.len() as u64;
+    if len <= max_bytes {
+        return Ok(false);
+    }
+    let Some(history) = Layout::of(updated).history else {
+        return Err(HistoryError::TooLarge { max: max_bytes });
+    };
+    let Some(&first) = history.entry_starts.first() else {
+        return Err(HistoryError::TooLarge { max: max_bytes });
+    };
+    // The newest entry (the last) is never dropped to make room: without it, nothing is written.
+    for &kept_from in history.entry_starts.iter().skip(1) {
+        if len - (kept_from - first) as u64 <= max_bytes {
+            updated.drain(first..kept_from);
+            return Ok(true);
+        }
+    }
+    Err(HistoryError::TooLarge { max: max_bytes })
+}
+
+/// Writes `content` to a new file beside `path` with the mode (and, where permitted, the owner)
+/// of `original`, and renames it over `path`: readers see the old file or the new one.
+fn replace(path: &Path, original: &fs::File, content: &[u8]) -> Result<(), HistoryError> {
+    let metadata = original.metadata()?;
+    let name = path
+        .file_name()
+        .map(|name| name.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    let temp_path = path.with_file_name(format!(".{name}.{}.tmp", uuid::Uuid::new_v4()));
+    let written = (|| -> io::Result<()> {
+        let mut temp = OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .custom_flags(libc::O_NOFOLLOW)
+            .open(&temp_path)?;
+        temp.write_all(content)?;
+        temp.set_permissions(fs::Permissions::from_mode(metadata.mode() & 0o7777))?;
+        // Only a privileged server may give the file back to its owner; otherwise it is ours.
+        let _ = std::os::unix::fs::fchown(&temp, Some(metadata.uid()), Some(metadata.gid()));
+        temp.sync_all()?;
+        fs::rename(&temp_path, path)
+    })();
+    if let Err(error) = written {
+        let _ = fs::remove_file(&temp_path);
+        return Err(HistoryError::Io(error));
+    }
+    Ok(())
+}
+
 /// A code fence: the fence character and how many of them opened the block.
 #[derive(Debug, Clone, Copy)]
 struct Fence {
@@ -357,8 +459,8 @@ struct HistorySection {
 struct Layout {
     /// The first `# History` section (the first line, being the runbook's name, never counts).
     history: Option<HistorySection>,
-    /// The code block still open at the end of the file, if any.
-    open_fence: Option<Fence>,
+    /// The 1-based line of a code block still open at the end of the file, if any.
+    open_fence_line: Option<usize>,
 }
 
 impl Layout {
@@ -366,6 +468,7 @@ impl Layout {
         let mut history: Option<HistorySection> = None;
         let mut in_history = false;
         let mut open_fence: Option<Fence> = None;
+        let mut open_fence_line = None;
         let mut line_start = 0;
         for (index, raw_line) in content.split_inclusive(|&b| b == b'\n').enumerate() {
             let start = line_start;
@@ -380,6 +483,7 @@ impl Layout {
             }
             if let Some(fence) = opening_fence(line) {
                 open_fence = Some(fence);
+                open_fence_line = Some(index + 1);
                 continue;
             }
             if index > 0 {
@@ -407,7 +511,7 @@ impl Layout {
         }
         Layout {
             history,
-            open_fence,
+            open_fence_line: open_fence.and(open_fence_line),
         }
     }
 }
@@ -419,6 +523,8 @@ mod tests {
     use chrono::TimeZone;
     use std::fs;
     use std::path::PathBuf;
+
+    const MAX: u64 = 16 * 1024 * 1024;
 
     /// A runbook file in a directory that is removed when dropped.
     struct TempFile(TempDir);
@@ -551,7 +657,7 @@ mod tests {
     fn append_creates_the_section() {
         let file = TempFile::with("# R\n\n# Script\n```sh\necho\n```");
         let entry = entry_text(Some("r1"), "out\n", "");
-        append(&file.path(), &entry, 10).unwrap();
+        append(&file.path(), &entry, 10, MAX).unwrap();
         assert_eq!(
             file.content(),
             format!("# R\n\n# Script\n```sh\necho\n```\n\n# History\n{entry}")
@@ -564,20 +670,105 @@ mod tests {
         let file = TempFile::with(original);
         let first = entry_text(Some("r1"), "one\n", "");
         let second = entry_text(Some("r2"), "two\n", "err\n");
-        append(&file.path(), &first, 10).unwrap();
-        append(&file.path(), &second, 10).unwrap();
+        append(&file.path(), &first, 10, MAX).unwrap();
+        append(&file.path(), &second, 10, MAX).unwrap();
         assert_eq!(file.content(), format!("{original}{first}{second}"));
     }
 
     #[test]
-    fn append_closes_a_block_left_open() {
-        let file = TempFile::with("# R\n# Script\n````sh\necho hi");
+    fn a_block_left_open_is_never_appended_to() {
+        let original = "# R\n# Script\n````sh\necho hi\n# History\n";
+        let file = TempFile::with(original);
         let entry = entry_text(Some("r1"), "hi\n", "");
-        append(&file.path(), &entry, 10).unwrap();
+        let error = append(&file.path(), &entry, 10, MAX).unwrap_err();
+        assert!(matches!(error, HistoryError::UnclosedBlock { line: 3 }));
+        assert!(error.to_string().contains("line 3"), "{error}");
+        assert_eq!(file.content(), original);
+    }
+
+    #[test]
+    fn hostile_files_are_refused_without_blocking() {
+        let dir = TempDir::new("history-hostile");
+        let fifo = dir.path().join("fifo.md");
+        let status = std::process::Command::new("mkfifo")
+            .arg(&fifo)
+            .status()
+            .unwrap();
+        assert!(status.success());
+        let error = append(&fifo, "\n### x\n", 5, MAX).unwrap_err();
+        assert!(error.to_string().contains("FIFO"), "{error}");
+        let link = dir.path().join("zero.md");
+        std::os::unix::fs::symlink("/dev/zero", &link).unwrap();
+        let error = append(&link, "\n### x\n", 5, MAX).unwrap_err();
+        assert!(error.to_string().contains("symbolic link"), "{error}");
+        let big = dir.write("big.md", &[b'x'; 100]);
+        let error = append(&big, "\n### x\n", 5, 99).unwrap_err();
+        assert!(error.to_string().contains("RUNBOOK_MAX_BYTES"), "{error}");
+        assert_eq!(fs::read(&big).unwrap().len(), 100);
+        // Nothing but the sidecar locks was created beside them.
+        let mut names: Vec<String> = fs::read_dir(dir.path())
+            .unwrap()
+            .map(|entry| entry.unwrap().file_name().into_string().unwrap())
+            .collect();
+        names.sort();
+        assert_eq!(
+            names,
+            [
+                ".big.md.lock",
+                ".fifo.md.lock",
+                ".zero.md.lock",
+                "big.md",
+                "fifo.md",
+                "zero.md"
+            ]
+        );
+    }
+
+    #[test]
+    fn trimming_by_size_keeps_the_file_under_the_limit() {
+        let preamble = "# R\n# History\n";
+        let file = TempFile::with(preamble);
+        let entries: Vec<String> = (0..10)
+            .map(|i| entry_text(Some(&format!("run-{i}")), &"x".repeat(50), ""))
+            .collect();
+        let one = entries[0].len();
+        let max = (preamble.len() + 3 * one) as u64;
+        for entry in &entries {
+            append(&file.path(), entry, 100, max).unwrap();
+            assert!(file.content().len() as u64 <= max);
+        }
         assert_eq!(
             file.content(),
-            format!("# R\n# Script\n````sh\necho hi\n````\n\n# History\n{entry}")
+            format!("{preamble}{}", entries[7..].concat())
         );
+        // An entry that cannot fit even alone is refused and changes nothing.
+        let huge = entry_text(Some("huge"), &"y".repeat(max as usize), "");
+        assert!(matches!(
+            append(&file.path(), &huge, 100, max),
+            Err(HistoryError::TooLarge { .. })
+        ));
+        assert_eq!(
+            file.content(),
+            format!("{preamble}{}", entries[7..].concat())
+        );
+    }
+
+    #[test]
+    fn a_rewrite_keeps_the_mode_and_leaves_no_temporary_file() {
+        use std::os::unix::fs::PermissionsExt;
+        let file = TempFile::with("# R\n# History\n\n### old | Exit Code: 0\n# Notes\n");
+        fs::set_permissions(file.path(), fs::Permissions::from_mode(0o640)).unwrap();
+        append(&file.path(), &entry_text(Some("r1"), "x\n", ""), 1, MAX).unwrap();
+        let mode = fs::metadata(file.path()).unwrap().permissions().mode();
+        assert_eq!(mode & 0o777, 0o640);
+        let leftovers = fs::read_dir(file.0.path())
+            .unwrap()
+            .filter(|entry| {
+                let name = entry.as_ref().unwrap().file_name();
+                name.to_string_lossy().ends_with(".tmp")
+            })
+            .count();
+        assert_eq!(leftovers, 0);
     }
 
     #[test]
@@ -594,7 +785,7 @@ mod tests {
             })
             .collect();
         for entry in &entries {
-            append(&file.path(), entry, 3).unwrap();
+            append(&file.path(), entry, 3, MAX).unwrap();
         }
         assert_eq!(
             file.content(),
@@ -607,12 +798,12 @@ mod tests {
         let file = TempFile::with("# R\n# History\n\n### old | Exit Code: 0\n# Notes\nkeep me\n");
         let first = entry_text(Some("r1"), "one\n", "");
         let second = entry_text(Some("r2"), "two\n", "");
-        append(&file.path(), &first, 2).unwrap();
+        append(&file.path(), &first, 2, MAX).unwrap();
         assert_eq!(
             file.content(),
             format!("# R\n# History\n\n### old | Exit Code: 0\n{first}# Notes\nkeep me\n")
         );
-        append(&file.path(), &second, 2).unwrap();
+        append(&file.path(), &second, 2, MAX).unwrap();
         assert_eq!(
             file.content(),
             format!(
@@ -639,20 +830,20 @@ mod tests {
         let runs: Vec<String> = (0..3)
             .map(|i| entry_text(Some(&format!("run-{i}")), &format!("out {i}\n"), ""))
             .collect();
-        append(&file.path(), &runs[0], 3).unwrap();
-        append(&file.path(), &refusal_text("no 1\n"), 3).unwrap();
-        append(&file.path(), &runs[1], 3).unwrap();
+        append(&file.path(), &runs[0], 3, MAX).unwrap();
+        append(&file.path(), &refusal_text("no 1\n"), 3, MAX).unwrap();
+        append(&file.path(), &runs[1], 3, MAX).unwrap();
         // Full: the next entry drops the refusal, not the oldest run.
-        append(&file.path(), &runs[2], 3).unwrap();
+        append(&file.path(), &runs[2], 3, MAX).unwrap();
         assert_eq!(file.content(), format!("{preamble}{}", runs.concat()));
         // Any number of refusals: each is dropped itself, no run goes.
         for i in 0..10 {
-            append(&file.path(), &refusal_text(&format!("no {i}\n")), 3).unwrap();
+            append(&file.path(), &refusal_text(&format!("no {i}\n")), 3, MAX).unwrap();
         }
         assert_eq!(file.content(), format!("{preamble}{}", runs.concat()));
         // A run with only runs present drops the oldest run, as before.
         let newest = entry_text(Some("run-3"), "out 3\n", "");
-        append(&file.path(), &newest, 3).unwrap();
+        append(&file.path(), &newest, 3, MAX).unwrap();
         assert_eq!(
             file.content(),
             format!("{preamble}{}{}{newest}", runs[1], runs[2])
@@ -735,7 +926,7 @@ mod tests {
     #[test]
     fn zero_max_entries_empties_the_section() {
         let file = TempFile::with("# R\n# History\n");
-        append(&file.path(), &entry_text(Some("r1"), "x\n", ""), 0).unwrap();
+        append(&file.path(), &entry_text(Some("r1"), "x\n", ""), 0, MAX).unwrap();
         assert_eq!(file.content(), "# R\n# History\n");
     }
 
@@ -747,7 +938,7 @@ mod tests {
             .map(|i| entry_text(Some(&format!("r{i}")), "x\n", ""))
             .collect();
         for entry in &entries {
-            append(&file.path(), entry, 2).unwrap();
+            append(&file.path(), entry, 2, MAX).unwrap();
         }
         assert_eq!(
             file.content(),
@@ -760,8 +951,8 @@ mod tests {
         let dir = TempDir::new("history-missing");
         let path = dir.path().join("missing.md");
         assert!(matches!(
-            append(&path, "\n### x\n", 5),
-            Err(HistoryError::Io(_))
+            append(&path, "\n### x\n", 5, MAX),
+            Err(HistoryError::File(FileError::Missing))
         ));
         assert!(!path.exists());
     }
@@ -780,7 +971,7 @@ mod tests {
     fn append_concurrently(path: &Path, entries: &[String], max_entries: usize) {
         std::thread::scope(|scope| {
             for entry in entries {
-                scope.spawn(move || append(path, entry, max_entries).unwrap());
+                scope.spawn(move || append(path, entry, max_entries, MAX).unwrap());
             }
         });
     }

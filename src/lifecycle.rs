@@ -144,7 +144,8 @@ fn settle_interrupted(app: &App, rec: &mut record::RunRecord, log_path: &Path) {
         );
         return;
     };
-    crate::execute::write_history(
+    // A failure is logged there; the record was already saved.
+    let _ = crate::execute::write_history(
         app,
         &runbook_path,
         &rec.run_id,

@@ -11,6 +11,8 @@ mod clock;
 mod config;
 mod execute;
 mod fault;
+#[cfg(test)]
+mod fuzz_tests;
 mod history;
 mod http;
 mod jwt;
@@ -25,6 +27,7 @@ mod result_json;
 mod retention;
 mod run;
 mod runbook;
+mod runbook_file;
 mod runenv;
 mod runlog;
 mod samples;
@@ -181,7 +184,9 @@ fn start(config: Config, run_as: Option<privsep::RunAs>) -> Result<(), StartErro
             dest
         }
     };
-    let catalog = catalog::Catalog::open(&runbooks_dir).map_err(StartError::Catalog)?;
+    let catalog = catalog::Catalog::open(&runbooks_dir)
+        .map_err(StartError::Catalog)?
+        .with_max_bytes(config.runbook_max_bytes);
     let nofile_soft = match sys::raise_nofile_limit() {
         Ok(soft) => Some(soft),
         Err(e) => {

@@ -87,6 +87,9 @@ pub struct RunRecord {
     pub errors: Vec<String>,
     #[serde(default)]
     pub warnings: Vec<String>,
+    /// Why the run's History entry could not be written (the run itself concluded normally).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub history_error: Option<String>,
 }
 
 impl RunRecord {
@@ -108,6 +111,9 @@ impl RunRecord {
         // Why the run failed on the server's side (timeout, cancel, shutdown, internal error).
         if let Some(error) = &self.error {
             api["error"] = serde_json::json!(error);
+        }
+        if let Some(error) = &self.history_error {
+            api["history_error"] = serde_json::json!(error);
         }
         api
     }

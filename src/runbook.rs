@@ -3,7 +3,7 @@
 //! Pure text processing, no I/O. Parsing never fails: anything malformed is skipped and described
 //! in [`Runbook::problems`], so the caller can report it as a validation error.
 
-use yaml_rust2::parser::{Event, EventReceiver, Parser};
+use yaml_rust2::parser::{Event, Parser};
 use yaml_rust2::{Yaml, YamlLoader};
 
 /// Title of the section listing the environment variables a script needs.
@@ -350,25 +350,39 @@ impl<'a> Outline<'a> {
     }
 }
 
-/// Counts alias events, which the loader would expand by copying (exponentially, if nested).
-struct AliasCounter(usize);
+/// How deeply YAML collections may nest. The loader builds (and drops) documents recursively,
+/// so without a bound a few thousand levels overflow the stack.
+pub const MAX_YAML_DEPTH: usize = 64;
 
-impl EventReceiver for AliasCounter {
-    fn on_event(&mut self, event: Event) {
-        if matches!(event, Event::Alias(_)) {
-            self.0 += 1;
+/// Walks the events of `text` without building anything (the parser itself keeps its state on
+/// the heap) and refuses, before the recursive loader sees it, YAML that nests deeper than
+/// [`MAX_YAML_DEPTH`] or uses aliases (which the loader would expand by copying).
+fn check_yaml_shape(text: &str) -> Result<(), String> {
+    let mut parser = Parser::new_from_str(text);
+    let mut depth = 0usize;
+    loop {
+        let (event, _) = parser
+            .next_token()
+            .map_err(|error| format!("invalid YAML: {error}"))?;
+        match event {
+            Event::StreamEnd => return Ok(()),
+            Event::Alias(_) => {
+                return Err("YAML aliases (`*name`) are not supported".to_string());
+            }
+            Event::SequenceStart(..) | Event::MappingStart(..) => {
+                depth += 1;
+                if depth > MAX_YAML_DEPTH {
+                    return Err(format!("YAML nests deeper than {MAX_YAML_DEPTH} levels"));
+                }
+            }
+            Event::SequenceEnd | Event::MappingEnd => depth = depth.saturating_sub(1),
+            _ => {}
         }
     }
 }
 
 fn load_yaml(text: &str) -> Result<Vec<Yaml>, String> {
-    let mut aliases = AliasCounter(0);
-    Parser::new_from_str(text)
-        .load(&mut aliases, true)
-        .map_err(|error| format!("invalid YAML: {error}"))?;
-    if aliases.0 > 0 {
-        return Err("YAML aliases (`*name`) are not supported".to_string());
-    }
+    check_yaml_shape(text)?;
     YamlLoader::load_from_str(text).map_err(|error| format!("invalid YAML: {error}"))
 }
 

@@ -22,6 +22,8 @@ pub enum ApiError {
         run_ids: Vec<String>,
     },
     TooManyRequests(String),
+    /// The runbook file cannot be used as it is (larger than `RUNBOOK_MAX_BYTES`).
+    Unprocessable(String),
     Unavailable(String),
     Internal(String),
     /// A request body read got no byte for REQUEST_TIMEOUT_SECONDS.
@@ -39,6 +41,7 @@ impl ApiError {
             ApiError::Forbidden(_) => 403,
             ApiError::Conflict(_) | ApiError::RunbookBusy { .. } => 409,
             ApiError::TooManyRequests(_) => 429,
+            ApiError::Unprocessable(_) => 422,
             ApiError::Unavailable(_) => 503,
             ApiError::Internal(_) => 500,
             ApiError::RequestTimeout => 408,
@@ -83,6 +86,7 @@ impl fmt::Display for ApiError {
             ApiError::Conflict(why) => write!(f, "{why}"),
             ApiError::RunbookBusy { message, .. } => write!(f, "{message}"),
             ApiError::TooManyRequests(why) => write!(f, "{why}"),
+            ApiError::Unprocessable(why) => write!(f, "{why}"),
             ApiError::Unavailable(why) => write!(f, "service unavailable: {why}"),
             ApiError::Internal(why) => write!(f, "internal error: {why}"),
             ApiError::RequestTimeout => {

@@ -64,6 +64,7 @@ impl From<CatalogError> for ApiError {
         match e {
             CatalogError::InvalidName => ApiError::BadRequest("invalid runbook file name".into()),
             CatalogError::NotFound => ApiError::NotFound("runbook not found".into()),
+            CatalogError::TooLarge { .. } => ApiError::Unprocessable(e.to_string()),
             other => ApiError::Internal(other.to_string()),
         }
     }

@@ -8,6 +8,7 @@ mod deploy;
 mod execute_sse;
 mod execute_sync;
 mod faults_chunks;
+mod faults_files;
 mod faults_limits;
 mod faults_procs;
 mod faults_settings;
