@@ -199,10 +199,7 @@ impl Catalog {
                     && is_valid_file_name(&format!("{file}{RUNBOOK_EXTENSION}")) =>
             {
                 if did_you_mean.is_empty() {
-                    format!(
-                        "runbook names end in .md, and there is no runbook {}.md either",
-                        shown_name(file)
-                    )
+                    format!("runbook names end in .md, as in {}.md", shown_name(file))
                 } else {
                     format!("runbook names end in .md: {did_you_mean}")
                 }
@@ -386,7 +383,7 @@ mod tests {
         );
         assert_eq!(
             invalid("Other"),
-            "runbook names end in .md, and there is no runbook Other.md either"
+            "runbook names end in .md, as in Other.md"
         );
         assert!(invalid("../x.md").starts_with("invalid runbook file name ../x.md: "));
         assert!(invalid("a\u{1b}b").starts_with("invalid runbook file name \"a\\u{1b}b\": "));
