@@ -313,7 +313,10 @@ mod tests {
     #[test]
     fn a_bad_signature_under_a_per_process_secret_gets_a_hint() {
         let bad = AuthError::InvalidToken(JwtError::BadSignature);
-        assert_eq!(bad.explained(false), "invalid token: invalid token signature");
+        assert_eq!(
+            bad.explained(false),
+            "invalid token: invalid token signature"
+        );
         assert_eq!(
             bad.explained(true),
             "invalid token: invalid token signature (dev-login tokens are only valid until the server restarts; sign in again)"

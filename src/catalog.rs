@@ -381,10 +381,7 @@ mod tests {
             invalid("HelloWorld"),
             "runbook names end in .md: did you mean HelloWorld.md?"
         );
-        assert_eq!(
-            invalid("Other"),
-            "runbook names end in .md, as in Other.md"
-        );
+        assert_eq!(invalid("Other"), "runbook names end in .md, as in Other.md");
         assert!(invalid("../x.md").starts_with("invalid runbook file name ../x.md: "));
         assert!(invalid("a\u{1b}b").starts_with("invalid runbook file name \"a\\u{1b}b\": "));
         let long = "x".repeat(5000);

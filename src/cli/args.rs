@@ -455,7 +455,10 @@ mod tests {
 
     #[test]
     fn cancel_runs_and_version() {
-        assert_eq!(parse_with(&["--version"], &no_env).unwrap(), Command::Version);
+        assert_eq!(
+            parse_with(&["--version"], &no_env).unwrap(),
+            Command::Version
+        );
         assert_eq!(
             parse_with(&["cancel", "r1-x", "--token", "t"], &no_env).unwrap(),
             Command::Cancel {
@@ -465,7 +468,16 @@ mod tests {
         );
         assert_eq!(
             parse_with(
-                &["runs", "--runbook", "A.md", "--status=failed", "--limit", "7", "--token", "t"],
+                &[
+                    "runs",
+                    "--runbook",
+                    "A.md",
+                    "--status=failed",
+                    "--limit",
+                    "7",
+                    "--token",
+                    "t"
+                ],
                 &no_env
             )
             .unwrap(),
@@ -479,7 +491,10 @@ mod tests {
             }
         );
         assert!(matches!(
-            parse_with(&["exec", "A.md", "--cancel-on-interrupt", "--token", "t"], &no_env),
+            parse_with(
+                &["exec", "A.md", "--cancel-on-interrupt", "--token", "t"],
+                &no_env
+            ),
             Ok(Command::Exec {
                 cancel_on_interrupt: true,
                 ..
@@ -494,7 +509,10 @@ mod tests {
             Err(ArgsError::ExtraArgument(..))
         ));
         assert!(matches!(
-            parse_with(&["monitor", "r", "--cancel-on-interrupt", "--token", "t"], &no_env),
+            parse_with(
+                &["monitor", "r", "--cancel-on-interrupt", "--token", "t"],
+                &no_env
+            ),
             Err(ArgsError::UnknownOption(..))
         ));
         assert!(matches!(

@@ -133,7 +133,10 @@ fn on_interrupt(shared: &Shared) {
         // Not running any more: its end is on its way to the follower.
         Err(CallError::Rejected { status: 409, .. }) => {}
         Err(e) => {
-            say(&format!("runbookd: cannot cancel run {}: {e}\n", summary::shown(&run_id)));
+            say(&format!(
+                "runbookd: cannot cancel run {}: {e}\n",
+                summary::shown(&run_id)
+            ));
             say(&summary::left_going(&run_id, &shared.server.base));
             end_process();
         }

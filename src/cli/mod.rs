@@ -79,10 +79,7 @@ fn run(
     };
     match command {
         Command::Help(sub) => write_out(sinks, sub.usage()),
-        Command::Version => write_out(
-            sinks,
-            &format!("runbookd {}\n", env!("CARGO_PKG_VERSION")),
-        ),
+        Command::Version => write_out(sinks, &format!("runbookd {}\n", env!("CARGO_PKG_VERSION"))),
         Command::Runs { server, filter } => match runs::list(&server, &filter, policy.timeouts) {
             Ok(list) if list.is_empty() => {
                 let _ = writeln!(sinks.err, "runbookd: no runs found");
@@ -143,7 +140,11 @@ fn cancel(server: &ServerArgs, run_id: &str, sinks: &mut Sinks<'_>, policy: &Ret
     if let Err(e) = runs::cancel(server, run_id, policy.timeouts) {
         return report(sinks, &e, e.exit_code());
     }
-    let _ = writeln!(sinks.err, "runbookd: cancelling run {}", summary::shown(run_id));
+    let _ = writeln!(
+        sinks.err,
+        "runbookd: cancelling run {}",
+        summary::shown(run_id)
+    );
     let deadline = Instant::now() + CANCEL_WAIT;
     loop {
         if let Ok(record) = runs::record(server, run_id, policy.timeouts) {
@@ -280,7 +281,9 @@ mod tests {
         let events: Reply = Box::new(|_, stream| {
             stream.write_all(SSE_HEAD_CHUNKED).unwrap();
             stream
-                .write_all(&chunk(b"event: done\nid: 1\ndata: {\"status\":\"succeeded\",\"return_code\":0}\n\n"))
+                .write_all(&chunk(
+                    b"event: done\nid: 1\ndata: {\"status\":\"succeeded\",\"return_code\":0}\n\n",
+                ))
                 .unwrap();
             stream.write_all(b"0\r\n\r\n").unwrap();
         });
@@ -317,8 +320,17 @@ mod tests {
         let server = serve(vec![list, empty, refused]);
         let (code, out, err) = run_captured(
             &[
-                "runs", "--runbook", "Hello World.md", "--status", "failed", "--limit", "5",
-                "--url", &server.url, "--token", "t",
+                "runs",
+                "--runbook",
+                "Hello World.md",
+                "--status",
+                "failed",
+                "--limit",
+                "5",
+                "--url",
+                &server.url,
+                "--token",
+                "t",
             ],
             &no_env,
         );
@@ -332,13 +344,27 @@ mod tests {
         );
         let (code, out, err) =
             run_captured(&["runs", "--url", &server.url, "--token", "t"], &no_env);
-        assert_eq!((code, out.as_str(), err.as_str()), (0, "", "runbookd: no runs found\n"));
+        assert_eq!(
+            (code, out.as_str(), err.as_str()),
+            (0, "", "runbookd: no runs found\n")
+        );
         let (code, _, err) = run_captured(
-            &["runs", "--status", "x", "--url", &server.url, "--token", "t"],
+            &[
+                "runs",
+                "--status",
+                "x",
+                "--url",
+                &server.url,
+                "--token",
+                "t",
+            ],
             &no_env,
         );
         assert_eq!(code, 2);
-        assert_eq!(err, "runbookd: bad request: unknown status \"x\" (HTTP 400)\n");
+        assert_eq!(
+            err,
+            "runbookd: bad request: unknown status \"x\" (HTTP 400)\n"
+        );
         server.finish();
     }
 

@@ -62,7 +62,8 @@ fn call(
         ],
         body: None,
     };
-    let mut response = http_client::send(&server.base, &request, timeouts).map_err(CallError::Http)?;
+    let mut response =
+        http_client::send(&server.base, &request, timeouts).map_err(CallError::Http)?;
     if response.status != expected {
         return Err(CallError::Rejected {
             status: response.status,

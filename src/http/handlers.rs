@@ -168,9 +168,7 @@ fn authenticate(app: &App, incoming: &Incoming, query_token: bool) -> Result<Pri
 fn runbook_error(app: &App, file: &str, principal: &Principal, error: CatalogError) -> ApiError {
     let suggest = principal.run_scope.is_none();
     match error {
-        CatalogError::NotFound => {
-            ApiError::NotFound(app.catalog.explain(file, &error, suggest))
-        }
+        CatalogError::NotFound => ApiError::NotFound(app.catalog.explain(file, &error, suggest)),
         CatalogError::InvalidName => {
             ApiError::BadRequest(app.catalog.explain(file, &error, suggest))
         }

@@ -78,10 +78,7 @@ fn exec_names_the_run_first_and_ends_with_its_status_line() {
                 "Hello.md",
                 Runbook::new("Hello", "echo hello\necho 'a note' >&2\n"),
             )
-            .runbook(
-                "Broken.md",
-                Runbook::new("Broken", "echo trying\nexit 3\n"),
-            ),
+            .runbook("Broken.md", Runbook::new("Broken", "echo trying\nexit 3\n")),
     );
     let token = dev_token();
     let mut cli = Cli::against(server.port, &token, &["exec", "Hello.md"]);
@@ -118,10 +115,7 @@ fn ctrl_c_leaves_the_run_going_and_says_how_to_follow_or_cancel_it() {
     send_signal(cli.child.id(), "INT");
     assert_eq!(cli.exit_code(RUN_TIMEOUT), 130);
     let stderr = cli.stderr();
-    assert!(
-        stderr.contains(&format!("run {id} goes on")),
-        "{stderr:?}"
-    );
+    assert!(stderr.contains(&format!("run {id} goes on")), "{stderr:?}");
     let port_url = url(server.port);
     assert!(
         stderr.contains(&format!("runbookd monitor {id} --url {port_url}\n")),
@@ -161,7 +155,14 @@ fn ctrl_c_with_cancel_on_interrupt_cancels_the_run() {
     assert_eq!(record["status"], json!("cancelled"), "{record}");
     let return_code = record["return_code"].as_i64().unwrap();
     assert_final_line(&stderr, &id, "cancelled", return_code as i32);
-    assert_eq!(code, if return_code < 0 { 1 } else { (return_code & 255) as i32 });
+    assert_eq!(
+        code,
+        if return_code < 0 {
+            1
+        } else {
+            (return_code & 255) as i32
+        }
+    );
     assert!(!stderr.contains("goes on"), "{stderr:?}");
 }
 
@@ -190,10 +191,15 @@ fn cancel_and_runs_from_the_terminal() {
         assert!(lines[0].contains(header), "{listing}");
     }
     assert!(lines[1].starts_with(&id), "newest first: {listing}");
-    assert!(lines[1].contains(" running ") && lines[1].contains("so far"), "{listing}");
+    assert!(
+        lines[1].contains(" running ") && lines[1].contains("so far"),
+        "{listing}"
+    );
     assert!(lines[2].starts_with(&done_id), "{listing}");
     assert!(
-        lines[2].contains(" succeeded ") && lines[2].contains("Gated.md") && lines[2].contains("dev-tester"),
+        lines[2].contains(" succeeded ")
+            && lines[2].contains("Gated.md")
+            && lines[2].contains("dev-tester"),
         "{listing}"
     );
 
@@ -209,13 +215,24 @@ fn cancel_and_runs_from_the_terminal() {
     );
     let mut again = Cli::against(server.port, &token, &["cancel", &id]);
     assert_eq!(again.exit_code(RUN_TIMEOUT), 2);
-    assert!(again.stderr().contains("not running"), "{:?}", again.stderr());
+    assert!(
+        again.stderr().contains("not running"),
+        "{:?}",
+        again.stderr()
+    );
 
-    let mut filtered = Cli::against(server.port, &token, &["runs", "--status", "cancelled", "--limit", "5"]);
+    let mut filtered = Cli::against(
+        server.port,
+        &token,
+        &["runs", "--status", "cancelled", "--limit", "5"],
+    );
     assert_eq!(filtered.exit_code(RUN_TIMEOUT), 0);
     let listing = filtered.stdout();
     assert_eq!(listing.lines().count(), 2, "{listing}");
-    assert!(listing.lines().nth(1).unwrap().starts_with(&id), "{listing}");
+    assert!(
+        listing.lines().nth(1).unwrap().starts_with(&id),
+        "{listing}"
+    );
     let mut none = Cli::against(server.port, &token, &["runs", "--runbook", "Other.md"]);
     assert_eq!(none.exit_code(RUN_TIMEOUT), 0);
     assert_eq!(none.stdout(), "");
@@ -264,9 +281,15 @@ fn an_unknown_runbook_names_the_nearest_ones() {
         resp.json()["error"],
         json!("runbook Tickr.md not found; did you mean Ticker.md?")
     );
-    let resp = server.get("/api/runbooks/Nothing%20Alike.md/required-env", Some(&token));
+    let resp = server.get(
+        "/api/runbooks/Nothing%20Alike.md/required-env",
+        Some(&token),
+    );
     assert_eq!(resp.status, 404);
-    assert_eq!(resp.json()["error"], json!("runbook Nothing Alike.md not found"));
+    assert_eq!(
+        resp.json()["error"],
+        json!("runbook Nothing Alike.md not found")
+    );
 
     // Without .md: a hint instead of "invalid runbook file name".
     let hint = "bad request: runbook names end in .md: did you mean HelloWorld.md?";
@@ -344,7 +367,8 @@ fn a_dev_token_from_before_a_restart_says_why_it_is_refused() {
     let mut cli = Cli::against(daemon.port, &token, &["runs"]);
     assert_eq!(cli.exit_code(RUN_TIMEOUT), 2);
     assert!(
-        cli.stderr().contains("dev-login tokens are only valid until the server restarts"),
+        cli.stderr()
+            .contains("dev-login tokens are only valid until the server restarts"),
         "{:?}",
         cli.stderr()
     );
@@ -358,4 +382,3 @@ fn a_dev_token_from_before_a_restart_says_why_it_is_refused() {
         json!("unauthorized: invalid token: invalid token signature")
     );
 }
-
