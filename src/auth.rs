@@ -66,6 +66,19 @@ impl fmt::Display for AuthError {
     }
 }
 
+impl AuthError {
+    /// The text for the client; `per_process_secret`: dev login is on with a secret generated
+    /// at start, so a token signed before a restart no longer verifies, and the text says so.
+    pub fn explained(&self, per_process_secret: bool) -> String {
+        match self {
+            AuthError::InvalidToken(JwtError::BadSignature) if per_process_secret => format!(
+                "{self} (dev-login tokens are only valid until the server restarts; sign in again)"
+            ),
+            _ => self.to_string(),
+        }
+    }
+}
+
 impl std::error::Error for AuthError {
     fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
         match self {
@@ -295,6 +308,21 @@ mod tests {
 
     fn requirement(claim: &str, allowed: &[&str]) -> (String, Vec<String>) {
         (claim.to_string(), strings(allowed))
+    }
+
+    #[test]
+    fn a_bad_signature_under_a_per_process_secret_gets_a_hint() {
+        let bad = AuthError::InvalidToken(JwtError::BadSignature);
+        assert_eq!(
+            bad.explained(false),
+            "invalid token: invalid token signature"
+        );
+        assert_eq!(
+            bad.explained(true),
+            "invalid token: invalid token signature (dev-login tokens are only valid until the server restarts; sign in again)"
+        );
+        let expired = AuthError::InvalidToken(JwtError::Expired);
+        assert_eq!(expired.explained(true), expired.to_string());
     }
 
     #[test]

@@ -190,6 +190,126 @@ impl Catalog {
     }
 }
 
+/// Most runbook names suggested for a name that matches none.
+const MAX_SUGGESTIONS: usize = 3;
+/// Longest name (in characters) compared with the runbook names or echoed whole.
+const MAX_COMPARED_NAME: usize = 200;
+
+impl Catalog {
+    /// What to tell a caller who asked for `file` and got `error` (`NotFound` or
+    /// `InvalidName`): the name asked for and, with `suggest`, the nearest listed runbook
+    /// names (same name in another case or without `.md`, a small edit distance, or one
+    /// containing the other). Suggestions come from [`Catalog::list`] only, so they reveal
+    /// nothing a listing would not.
+    pub fn explain(&self, file: &str, error: &CatalogError, suggest: bool) -> String {
+        let nearest = if suggest {
+            self.nearest(file)
+        } else {
+            Vec::new()
+        };
+        let did_you_mean = match nearest.as_slice() {
+            [] => String::new(),
+            [only] => format!("did you mean {only}?"),
+            [init @ .., last] => format!("did you mean {} or {last}?", init.join(", ")),
+        };
+        match error {
+            CatalogError::NotFound if did_you_mean.is_empty() => {
+                format!("runbook {} not found", shown_name(file))
+            }
+            CatalogError::NotFound => {
+                format!("runbook {} not found; {did_you_mean}", shown_name(file))
+            }
+            CatalogError::InvalidName
+                if !file.ends_with(RUNBOOK_EXTENSION)
+                    && is_valid_file_name(&format!("{file}{RUNBOOK_EXTENSION}")) =>
+            {
+                if did_you_mean.is_empty() {
+                    format!("runbook names end in .md, as in {}.md", shown_name(file))
+                } else {
+                    format!("runbook names end in .md: {did_you_mean}")
+                }
+            }
+            CatalogError::InvalidName => format!(
+                "invalid runbook file name {}: a runbook is named by its file in the runbooks directory, ending in .md, without /, \\ or ..",
+                shown_name(file)
+            ),
+            other => other.to_string(),
+        }
+    }
+
+    /// The listed runbook names nearest to `file`, best first (at most [`MAX_SUGGESTIONS`]).
+    fn nearest(&self, file: &str) -> Vec<String> {
+        let wanted = stem_key(file);
+        if wanted.is_empty() || wanted.chars().count() > MAX_COMPARED_NAME {
+            return Vec::new();
+        }
+        let Ok(entries) = self.list() else {
+            return Vec::new();
+        };
+        let wanted_len = wanted.chars().count();
+        let allowed = (wanted_len / 3).clamp(1, 3);
+        let mut scored: Vec<(usize, String)> = entries
+            .into_iter()
+            .filter_map(|entry| {
+                let key = stem_key(&entry.filename);
+                let distance = edit_distance(&wanted, &key);
+                let contains = wanted_len >= 3 && (key.contains(&wanted) || wanted.contains(&key));
+                if distance <= allowed {
+                    Some((distance, entry.filename))
+                } else if contains {
+                    Some((allowed + 1, entry.filename))
+                } else {
+                    None
+                }
+            })
+            .collect();
+        scored.sort();
+        scored
+            .into_iter()
+            .take(MAX_SUGGESTIONS)
+            .map(|(_, name)| name)
+            .collect()
+    }
+}
+
+/// A name compared case-insensitively and without its `.md`.
+fn stem_key(name: &str) -> String {
+    let lower = name.to_lowercase();
+    match lower.strip_suffix(RUNBOOK_EXTENSION) {
+        Some(stem) => stem.to_string(),
+        None => lower,
+    }
+}
+
+/// Levenshtein distance over characters.
+fn edit_distance(a: &str, b: &str) -> usize {
+    let b: Vec<char> = b.chars().collect();
+    let mut previous: Vec<usize> = (0..=b.len()).collect();
+    for (i, ca) in a.chars().enumerate() {
+        let mut current = vec![i + 1; b.len() + 1];
+        for (j, cb) in b.iter().enumerate() {
+            let substitution = previous[j] + usize::from(ca != *cb);
+            current[j + 1] = substitution.min(previous[j + 1] + 1).min(current[j] + 1);
+        }
+        previous = current;
+    }
+    previous[b.len()]
+}
+
+/// A requested name as shown in an error: as it is, or quoted with escapes when it holds
+/// control characters; cut after [`MAX_COMPARED_NAME`] characters.
+fn shown_name(file: &str) -> String {
+    let mut name: String = file.chars().take(MAX_COMPARED_NAME).collect();
+    if name.len() < file.len() {
+        name.push_str("...");
+    }
+    if name.chars().any(char::is_control) || name.is_empty() {
+        format!("{name:?}")
+    } else {
+        name
+    }
+}
+
 fn is_valid_file_name(file: &str) -> bool {
     !file.is_empty()
         && !file.starts_with('.')
@@ -251,6 +371,45 @@ mod tests {
 
     fn invalid<T: fmt::Debug>(result: Result<T, CatalogError>) -> bool {
         matches!(result, Err(CatalogError::InvalidName))
+    }
+
+    #[test]
+    fn explains_a_missing_runbook_with_the_nearest_names() {
+        let dir = TempDir::new("explain");
+        for name in ["HelloWorld.md", "Ticker.md", "Deploy.md", "DeployAll.md"] {
+            dir.write(name, b"# A\n");
+        }
+        dir.write("Hidden.txt", b"# A\n");
+        let catalog = Catalog::open(dir.path()).unwrap();
+        let not_found = |file: &str| catalog.explain(file, &CatalogError::NotFound, true);
+        assert_eq!(
+            not_found("Helloworld.md"),
+            "runbook Helloworld.md not found; did you mean HelloWorld.md?"
+        );
+        assert_eq!(
+            not_found("Tikcer.md"),
+            "runbook Tikcer.md not found; did you mean Ticker.md?"
+        );
+        assert_eq!(
+            not_found("deploy.md"),
+            "runbook deploy.md not found; did you mean Deploy.md or DeployAll.md?"
+        );
+        assert_eq!(not_found("Nothing.md"), "runbook Nothing.md not found");
+        assert_eq!(not_found("Hidden.md"), "runbook Hidden.md not found");
+        assert_eq!(
+            catalog.explain("Helloworld.md", &CatalogError::NotFound, false),
+            "runbook Helloworld.md not found"
+        );
+        let invalid = |file: &str| catalog.explain(file, &CatalogError::InvalidName, true);
+        assert_eq!(
+            invalid("HelloWorld"),
+            "runbook names end in .md: did you mean HelloWorld.md?"
+        );
+        assert_eq!(invalid("Other"), "runbook names end in .md, as in Other.md");
+        assert!(invalid("../x.md").starts_with("invalid runbook file name ../x.md: "));
+        assert!(invalid("a\u{1b}b").starts_with("invalid runbook file name \"a\\u{1b}b\": "));
+        let long = "x".repeat(5000);
+        assert!(not_found(&long).len() < 300);
     }
 
     #[test]

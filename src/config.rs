@@ -639,6 +639,9 @@ pub fn help_text() -> String {
          usage: runbookd                     start the server\n\
          \x20      runbookd monitor RUN_ID      follow a run's output (runbookd monitor --help)\n\
          \x20      runbookd exec RUNBOOK        start a run and follow it (runbookd exec --help)\n\
+         \x20      runbookd cancel RUN_ID       cancel a run (runbookd cancel --help)\n\
+         \x20      runbookd runs                list recent runs (runbookd runs --help)\n\
+         \x20      runbookd --version           the version\n\
          \x20      runbookd --help              this text\n\n\
          configuration (environment variables, accepted range in parentheses, default in\n\
          brackets; a value outside its range is refused at start):\n",

@@ -456,3 +456,38 @@ pub fn wait_termination_signal() -> io::Result<i32> {
     }
     Ok(signal)
 }
+
+fn interrupt_set() -> io::Result<libc::sigset_t> {
+    // SAFETY: sigset_t is plain data; sigemptyset initialises it before use.
+    let mut set: libc::sigset_t = unsafe { std::mem::zeroed() };
+    // SAFETY: `set` is a valid sigset_t.
+    unsafe {
+        check(libc::sigemptyset(&mut set))?;
+        check(libc::sigaddset(&mut set, libc::SIGINT))?;
+    }
+    Ok(set)
+}
+
+/// Blocks SIGINT in the calling thread and every thread it starts afterwards, so that the
+/// terminal client's Ctrl-C watcher receives it through `wait_interrupt_signal`.
+pub fn block_interrupt_signal() -> io::Result<()> {
+    let set = interrupt_set()?;
+    // SAFETY: `set` is a valid, initialised sigset_t.
+    let ret = unsafe { libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut()) };
+    if ret != 0 {
+        return Err(io::Error::from_raw_os_error(ret));
+    }
+    Ok(())
+}
+
+/// Waits for SIGINT (blocked beforehand with `block_interrupt_signal`).
+pub fn wait_interrupt_signal() -> io::Result<()> {
+    let set = interrupt_set()?;
+    let mut signal: libc::c_int = 0;
+    // SAFETY: `set` and `signal` are valid for the call.
+    let ret = unsafe { libc::sigwait(&set, &mut signal) };
+    if ret != 0 {
+        return Err(io::Error::from_raw_os_error(ret));
+    }
+    Ok(())
+}

@@ -1,5 +1,6 @@
-//! Command-line arguments of the terminal subcommands (`monitor`, `exec`): options, the
-//! server URL and token with their environment fallbacks, and the usage texts.
+//! Command-line arguments of the terminal subcommands (`monitor`, `exec`, `cancel`, `runs`)
+//! and `--version`: options, the server URL and token with their environment fallbacks, and
+//! the usage texts.
 
 use std::fmt;
 
@@ -8,8 +9,11 @@ use super::url::{BaseUrl, UrlError, DEFAULT_URL};
 pub const MONITOR_USAGE: &str = "\
 Usage: runbookd monitor RUN_ID [--url URL] [--token TOKEN]
 
-Prints a run's output live (its stderr to stderr) and exits with the run's return code
-(modulo 256). A dropped connection is resumed without repeating output.
+Prints a run's output live (its stderr to stderr), ends with a line giving the run's status,
+exit code and duration, and exits with the run's return code (modulo 256). A dropped
+connection is resumed without repeating output. Ctrl-C stops following; the run goes on.
+
+RUN_ID is printed by `runbookd exec` when it starts a run; `runbookd runs` lists recent runs.
 
 Options:
   --url URL      server address, plain http (default: $RUNBOOKD_URL, else http://127.0.0.1:8083);
@@ -19,17 +23,54 @@ Options:
 ";
 
 pub const EXEC_USAGE: &str = "\
-Usage: runbookd exec RUNBOOK [-e NAME=VALUE]... [--url URL] [--token TOKEN]
+Usage: runbookd exec RUNBOOK [-e NAME=VALUE]... [--cancel-on-interrupt] [--url URL] [--token TOKEN]
 
-Starts a run of RUNBOOK (a file name such as Hello.md), prints its output live (its stderr
-to stderr) and exits with the run's return code (modulo 256).
+Starts a run of RUNBOOK (a file name such as Hello.md), prints its id on stderr, prints its
+output live (its stderr to stderr), ends with a line giving the run's status, exit code and
+duration, and exits with the run's return code (modulo 256).
+
+Ctrl-C stops following and leaves the run going (it says how to follow or cancel it), unless
+--cancel-on-interrupt is given: then the run is cancelled and followed to its end.
 
 Options:
-  -e, --env NAME=VALUE  an environment variable for the run (repeatable)
-  --url URL             server address, plain http (default: $RUNBOOKD_URL, else
-                        http://127.0.0.1:8083); for TLS, go through a local address
-  --token TOKEN         bearer token (default: $RUNBOOKD_TOKEN)
-  -h, --help            show this help
+  -e, --env NAME=VALUE   an environment variable for the run (repeatable)
+  --cancel-on-interrupt  cancel the run on Ctrl-C instead of leaving it going
+  --url URL              server address, plain http (default: $RUNBOOKD_URL, else
+                         http://127.0.0.1:8083); for TLS, go through a local address
+  --token TOKEN          bearer token (default: $RUNBOOKD_TOKEN)
+  -h, --help             show this help
+";
+
+pub const CANCEL_USAGE: &str = "\
+Usage: runbookd cancel RUN_ID [--url URL] [--token TOKEN]
+
+Cancels a run (allowed to the user who started it and to administrators), waits up to a
+minute for it to end and prints its final status line. Exits 0 once the cancel is accepted,
+2 when the server refuses it (for example a run that already ended), 1 on other errors.
+
+RUN_ID is printed by `runbookd exec` when it starts a run; `runbookd runs` lists recent runs.
+
+Options:
+  --url URL      server address, plain http (default: $RUNBOOKD_URL, else http://127.0.0.1:8083)
+  --token TOKEN  bearer token (default: $RUNBOOKD_TOKEN)
+  -h, --help     show this help
+";
+
+pub const RUNS_USAGE: &str = "\
+Usage: runbookd runs [--runbook RUNBOOK] [--status STATUS] [--limit N] [--url URL] [--token TOKEN]
+
+Lists the recent runs you may see, newest first: id, status, runbook, user, start time (UTC)
+and duration.
+
+Options:
+  --runbook RUNBOOK  only runs of this runbook (a file name such as Hello.md)
+  --status STATUS    only runs with this status: running, cancelling, succeeded, failed,
+                     cancelled, timed_out or interrupted
+  --limit N          at most N runs (the server's default: 50)
+  --url URL          server address, plain http (default: $RUNBOOKD_URL, else
+                     http://127.0.0.1:8083)
+  --token TOKEN      bearer token (default: $RUNBOOKD_TOKEN)
+  -h, --help         show this help
 ";
 
 /// The subcommands handled here.
@@ -37,6 +78,8 @@ Options:
 pub enum Subcommand {
     Monitor,
     Exec,
+    Cancel,
+    Runs,
 }
 
 impl Subcommand {
@@ -44,6 +87,8 @@ impl Subcommand {
         match name {
             "monitor" => Some(Subcommand::Monitor),
             "exec" => Some(Subcommand::Exec),
+            "cancel" => Some(Subcommand::Cancel),
+            "runs" => Some(Subcommand::Runs),
             _ => None,
         }
     }
@@ -52,6 +97,8 @@ impl Subcommand {
         match self {
             Subcommand::Monitor => MONITOR_USAGE,
             Subcommand::Exec => EXEC_USAGE,
+            Subcommand::Cancel => CANCEL_USAGE,
+            Subcommand::Runs => RUNS_USAGE,
         }
     }
 
@@ -59,8 +106,24 @@ impl Subcommand {
         match self {
             Subcommand::Monitor => "monitor",
             Subcommand::Exec => "exec",
+            Subcommand::Cancel => "cancel",
+            Subcommand::Runs => "runs",
         }
     }
+
+    /// What the one positional argument names, if the subcommand takes one.
+    fn target(self) -> Option<&'static str> {
+        match self {
+            Subcommand::Monitor | Subcommand::Cancel => Some("RUN_ID"),
+            Subcommand::Exec => Some("RUNBOOK"),
+            Subcommand::Runs => None,
+        }
+    }
+}
+
+/// Whether `arg` asks for the version.
+pub fn is_version_flag(arg: &str) -> bool {
+    arg == "--version" || arg == "-V"
 }
 
 /// Where the server is and how to authenticate.
@@ -70,10 +133,19 @@ pub struct ServerArgs {
     pub token: String,
 }
 
+/// The filters of `runbookd runs`.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct RunsFilter {
+    pub runbook: Option<String>,
+    pub status: Option<String>,
+    pub limit: Option<u32>,
+}
+
 /// A parsed command line.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Command {
     Help(Subcommand),
+    Version,
     Monitor {
         server: ServerArgs,
         run_id: String,
@@ -82,6 +154,15 @@ pub enum Command {
         server: ServerArgs,
         runbook: String,
         env_vars: Vec<(String, String)>,
+        cancel_on_interrupt: bool,
+    },
+    Cancel {
+        server: ServerArgs,
+        run_id: String,
+    },
+    Runs {
+        server: ServerArgs,
+        filter: RunsFilter,
     },
 }
 
@@ -96,6 +177,7 @@ pub enum ArgsError {
     MissingArgument(Subcommand, &'static str),
     ExtraArgument(Subcommand, String),
     BadEnvVar(String),
+    BadLimit(String),
     Url(UrlError),
     NoToken,
     BadToken,
@@ -104,10 +186,13 @@ pub enum ArgsError {
 impl fmt::Display for ArgsError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
-            ArgsError::MissingSubcommand => write!(f, "missing subcommand: monitor or exec"),
-            ArgsError::UnknownSubcommand(name) => {
-                write!(f, "unknown subcommand {name:?}: expected monitor or exec")
+            ArgsError::MissingSubcommand => {
+                write!(f, "missing subcommand: monitor, exec, cancel or runs")
             }
+            ArgsError::UnknownSubcommand(name) => write!(
+                f,
+                "unknown subcommand {name:?}: expected monitor, exec, cancel or runs"
+            ),
             ArgsError::UnknownOption(sub, option) => write!(
                 f,
                 "unknown option {option:?}; see runbookd {} --help",
@@ -132,6 +217,9 @@ impl fmt::Display for ArgsError {
                     "-e expects NAME=VALUE with a non-empty NAME, got {arg:?}"
                 )
             }
+            ArgsError::BadLimit(value) => {
+                write!(f, "--limit expects a whole number, got {value:?}")
+            }
             ArgsError::Url(e) => write!(f, "bad server URL: {e}"),
             ArgsError::NoToken => write!(f, "no token: pass --token TOKEN or set RUNBOOKD_TOKEN"),
             ArgsError::BadToken => {
@@ -143,10 +231,13 @@ impl fmt::Display for ArgsError {
 
 impl std::error::Error for ArgsError {}
 
-/// Parses the arguments after the program name (starting with the subcommand); `env` looks
-/// up environment variables.
+/// Parses the arguments after the program name (starting with the subcommand, or
+/// `--version`); `env` looks up environment variables.
 pub fn parse(args: &[String], env: &dyn Fn(&str) -> Option<String>) -> Result<Command, ArgsError> {
     let (name, rest) = args.split_first().ok_or(ArgsError::MissingSubcommand)?;
+    if is_version_flag(name) {
+        return Ok(Command::Version);
+    }
     let sub =
         Subcommand::from_name(name).ok_or_else(|| ArgsError::UnknownSubcommand(name.clone()))?;
     let options_end = rest.iter().position(|a| a == "--").unwrap_or(rest.len());
@@ -160,6 +251,8 @@ pub fn parse(args: &[String], env: &dyn Fn(&str) -> Option<String>) -> Result<Co
     let mut url = None;
     let mut token = None;
     let mut env_vars = Vec::new();
+    let mut cancel_on_interrupt = false;
+    let mut filter = RunsFilter::default();
     let mut positionals = Vec::new();
     let mut iter = rest.iter();
     while let Some(arg) = iter.next() {
@@ -184,6 +277,23 @@ pub fn parse(args: &[String], env: &dyn Fn(&str) -> Option<String>) -> Result<Co
             "-e" | "--env" if sub == Subcommand::Exec => {
                 env_vars.push(parse_env_var(&value("-e")?)?);
             }
+            "--cancel-on-interrupt" if sub == Subcommand::Exec && inline_value.is_none() => {
+                cancel_on_interrupt = true;
+            }
+            "--runbook" if sub == Subcommand::Runs => {
+                filter.runbook = Some(value("--runbook")?).filter(|v| !v.is_empty());
+            }
+            "--status" if sub == Subcommand::Runs => {
+                filter.status = Some(value("--status")?).filter(|v| !v.is_empty());
+            }
+            "--limit" if sub == Subcommand::Runs => {
+                let text = value("--limit")?;
+                filter.limit = Some(
+                    text.trim()
+                        .parse()
+                        .map_err(|_| ArgsError::BadLimit(text.clone()))?,
+                );
+            }
             _ if arg.starts_with('-') && arg.len() > 1 => {
                 return Err(ArgsError::UnknownOption(sub, arg.clone()))
             }
@@ -191,15 +301,14 @@ pub fn parse(args: &[String], env: &dyn Fn(&str) -> Option<String>) -> Result<Co
         }
     }
 
-    let what = match sub {
-        Subcommand::Monitor => "RUN_ID",
-        Subcommand::Exec => "RUNBOOK",
-    };
     let mut positionals = positionals.into_iter();
-    let target = positionals
-        .next()
-        .filter(|p| !p.is_empty())
-        .ok_or(ArgsError::MissingArgument(sub, what))?;
+    let target = match sub.target() {
+        Some(what) => positionals
+            .next()
+            .filter(|p| !p.is_empty())
+            .ok_or(ArgsError::MissingArgument(sub, what))?,
+        None => String::new(),
+    };
     if let Some(extra) = positionals.next() {
         return Err(ArgsError::ExtraArgument(sub, extra));
     }
@@ -226,7 +335,13 @@ pub fn parse(args: &[String], env: &dyn Fn(&str) -> Option<String>) -> Result<Co
             server,
             runbook: target,
             env_vars,
+            cancel_on_interrupt,
         },
+        Subcommand::Cancel => Command::Cancel {
+            server,
+            run_id: target,
+        },
+        Subcommand::Runs => Command::Runs { server, filter },
     })
 }
 
@@ -333,8 +448,77 @@ mod tests {
                     ("B".to_owned(), "x=y".to_owned()),
                     ("C".to_owned(), String::new()),
                 ],
+                cancel_on_interrupt: false,
             }
         );
+    }
+
+    #[test]
+    fn cancel_runs_and_version() {
+        assert_eq!(
+            parse_with(&["--version"], &no_env).unwrap(),
+            Command::Version
+        );
+        assert_eq!(
+            parse_with(&["cancel", "r1-x", "--token", "t"], &no_env).unwrap(),
+            Command::Cancel {
+                server: server(DEFAULT_URL, "t"),
+                run_id: "r1-x".to_owned()
+            }
+        );
+        assert_eq!(
+            parse_with(
+                &[
+                    "runs",
+                    "--runbook",
+                    "A.md",
+                    "--status=failed",
+                    "--limit",
+                    "7",
+                    "--token",
+                    "t"
+                ],
+                &no_env
+            )
+            .unwrap(),
+            Command::Runs {
+                server: server(DEFAULT_URL, "t"),
+                filter: RunsFilter {
+                    runbook: Some("A.md".to_owned()),
+                    status: Some("failed".to_owned()),
+                    limit: Some(7),
+                },
+            }
+        );
+        assert!(matches!(
+            parse_with(
+                &["exec", "A.md", "--cancel-on-interrupt", "--token", "t"],
+                &no_env
+            ),
+            Ok(Command::Exec {
+                cancel_on_interrupt: true,
+                ..
+            })
+        ));
+        assert!(matches!(
+            parse_with(&["runs", "--limit", "many", "--token", "t"], &no_env),
+            Err(ArgsError::BadLimit(_))
+        ));
+        assert!(matches!(
+            parse_with(&["runs", "extra", "--token", "t"], &no_env),
+            Err(ArgsError::ExtraArgument(..))
+        ));
+        assert!(matches!(
+            parse_with(
+                &["monitor", "r", "--cancel-on-interrupt", "--token", "t"],
+                &no_env
+            ),
+            Err(ArgsError::UnknownOption(..))
+        ));
+        assert!(matches!(
+            parse_with(&["cancel", "--token", "t"], &no_env),
+            Err(ArgsError::MissingArgument(Subcommand::Cancel, "RUN_ID"))
+        ));
     }
 
     #[test]

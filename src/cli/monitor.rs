@@ -1,7 +1,7 @@
 //! Follows a run's event stream: prints `stdout`/`stderr` data exactly once to the given
 //! sinks, resumes after a dropped connection from the last event id with a growing backoff,
-//! and ends with the run's exit status taken from `done` (or from the run record when the
-//! server answers 204 because everything was already seen).
+//! and ends with the run's exit status and result taken from `done` (or from the run record
+//! when the server answers 204 because everything was already seen).
 
 use std::collections::HashSet;
 use std::fmt;
@@ -108,10 +108,19 @@ impl fmt::Display for MonitorError {
 
 impl std::error::Error for MonitorError {}
 
+/// A run followed to its end.
+#[derive(Debug)]
+pub struct Finished {
+    /// The exit status for this process (see [`exit_status_of`]).
+    pub code: u8,
+    /// The `done` event's result object, or the run record after a 204.
+    pub result: Value,
+}
+
 /// How one connection ended.
 enum Attempt {
-    /// The run is over: its exit status.
-    Finished(u8),
+    /// The run is over.
+    Finished(Finished),
     /// Worth another try. `progressed`: the connection was a successful one before it
     /// failed (see [`RetryPolicy::healthy_after`]).
     Failed { progressed: bool, reason: String },
@@ -130,13 +139,13 @@ fn is_retryable(status: u16) -> bool {
 }
 
 /// Follows the run until it ends and returns its exit status (`return_code & 255`, 1 for a
-/// negative code).
+/// negative code) with its result.
 pub fn monitor(
     server: &ServerArgs,
     run_id: &str,
     sinks: &mut Sinks<'_>,
     policy: &RetryPolicy,
-) -> Result<u8, MonitorError> {
+) -> Result<Finished, MonitorError> {
     let mut follower = Follower {
         server,
         run_id,
@@ -148,7 +157,7 @@ pub fn monitor(
     let mut outage_started = Instant::now();
     loop {
         let (progressed, reason) = match follower.attempt(sinks)? {
-            Attempt::Finished(code) => return Ok(code),
+            Attempt::Finished(finished) => return Ok(finished),
             Attempt::Failed { progressed, reason } => (progressed, reason),
         };
         if progressed {
@@ -259,8 +268,8 @@ impl Follower<'_> {
                 Ok(0) => "the stream ended before the run's end".to_owned(),
                 Ok(n) => {
                     for event in parser.feed(&buffer[..n]) {
-                        if let Some(code) = self.handle_event(&event, sinks)? {
-                            return Ok(Attempt::Finished(code));
+                        if let Some(finished) = self.handle_event(&event, sinks)? {
+                            return Ok(Attempt::Finished(finished));
                         }
                         self.resume_id = event.last_event_id;
                     }
@@ -277,21 +286,19 @@ impl Follower<'_> {
         }
     }
 
-    /// Acts on one event; `Some(exit status)` once the run is done.
+    /// Acts on one event; `Some` once the run is done.
     fn handle_event(
         &mut self,
         event: &SseEvent,
         sinks: &mut Sinks<'_>,
-    ) -> Result<Option<u8>, MonitorError> {
+    ) -> Result<Option<Finished>, MonitorError> {
         match event.event_type.as_str() {
             "stdout" => write_flushed(sinks.out, event.data.as_bytes())?,
             "stderr" => write_flushed(sinks.err, event.data.as_bytes())?,
             "truncated" => self.note_truncation(&event.data, sinks)?,
             "done" => {
-                let record: Value = serde_json::from_str(&event.data).unwrap_or(Value::Null);
-                return exit_status_of(&record)
-                    .map(Some)
-                    .ok_or(MonitorError::NoReturnCode);
+                let result: Value = serde_json::from_str(&event.data).unwrap_or(Value::Null);
+                return finished(result).map(Some);
             }
             _ => {}
         }
@@ -328,10 +335,13 @@ impl Follower<'_> {
             Ok(record) => record,
             Err(e) => return Ok(failed(e)),
         };
-        exit_status_of(&record)
-            .map(Attempt::Finished)
-            .ok_or(MonitorError::NoReturnCode)
+        finished(record).map(Attempt::Finished)
     }
+}
+
+fn finished(result: Value) -> Result<Finished, MonitorError> {
+    let code = exit_status_of(&result).ok_or(MonitorError::NoReturnCode)?;
+    Ok(Finished { code, result })
 }
 
 fn write_flushed(sink: &mut dyn Write, bytes: &[u8]) -> Result<(), MonitorError> {
@@ -390,7 +400,8 @@ mod tests {
                 err: &mut err,
             },
             policy,
-        );
+        )
+        .map(|finished| finished.code);
         (result, out, err)
     }
 

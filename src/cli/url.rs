@@ -126,6 +126,13 @@ impl BaseUrl {
     }
 }
 
+impl fmt::Display for BaseUrl {
+    /// The URL as it can be passed to `--url` again.
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "http://{}{}", self.host_header(), self.prefix)
+    }
+}
+
 /// Percent-encodes everything but RFC 3986 unreserved characters, so the text stays one path
 /// segment.
 pub fn encode_segment(text: &str) -> String {
@@ -154,6 +161,7 @@ mod tests {
         let url = BaseUrl::parse("HTTP://Example.org/proxy/runbookd/").unwrap();
         assert_eq!(url.socket_target(), ("Example.org", 80));
         assert_eq!(url.target("/api/runs"), "/proxy/runbookd/api/runs");
+        assert_eq!(url.to_string(), "http://Example.org:80/proxy/runbookd");
 
         let url = BaseUrl::parse("http://[::1]:9000/").unwrap();
         assert_eq!(url.socket_target(), ("::1", 9000));

@@ -129,7 +129,7 @@ pub fn handle(
         (Route::DevLogin, _) => dev_login(app, request),
         (Route::ListRunbooks, Some(_)) => list_runbooks(app),
         (Route::GetRunbook(file), Some(p)) => get_runbook(app, &file, p),
-        (Route::RequiredEnv(file), Some(_)) => required_env(app, &file),
+        (Route::RequiredEnv(file), Some(p)) => required_env(app, &file, p),
         (Route::Validate(file), Some(p)) => validate(app, &file, p, request),
         (Route::Execute(file), Some(p)) => execute(app, &file, p, incoming, request),
         (Route::Config, Some(p)) => config(app, p, incoming),
@@ -157,8 +157,24 @@ fn authenticate(app: &App, incoming: &Incoming, query_token: bool) -> Result<Pri
     )
     .map_err(|e| match e {
         AuthError::MissingToken => ApiError::Unauthorized("missing bearer token".into()),
-        other => ApiError::Unauthorized(other.to_string()),
+        // Dev login without JWT_SECRET signs with a secret generated at start.
+        other => ApiError::Unauthorized(
+            other.explained(app.config.enable_login && app.config.jwt_secret.is_none()),
+        ),
     })
+}
+
+/// A runbook asked for by name that cannot be read: the error names it and, for a user token
+/// (a run token may not list runbooks), the nearest runbook names.
+fn runbook_error(app: &App, file: &str, principal: &Principal, error: CatalogError) -> ApiError {
+    let suggest = principal.run_scope.is_none();
+    match error {
+        CatalogError::NotFound => ApiError::NotFound(app.catalog.explain(file, &error, suggest)),
+        CatalogError::InvalidName => {
+            ApiError::BadRequest(app.catalog.explain(file, &error, suggest))
+        }
+        other => other.into(),
+    }
 }
 
 /// A run token works only on the routes it is made for (`Route::allows_run_token`), on open
@@ -276,7 +292,10 @@ fn list_runbooks(app: &App) -> Result<Reply, ApiError> {
 /// reduced to their heading lines (time, exit code, run id), as run output is theirs to see only
 /// through the runs endpoints.
 fn get_runbook(app: &App, file: &str, principal: &Principal) -> Result<Reply, ApiError> {
-    let (_, content) = app.catalog.read(file)?;
+    let (_, content) = app
+        .catalog
+        .read(file)
+        .map_err(|e| runbook_error(app, file, principal, e))?;
     let book = runbook::parse(&content);
     let content = match execute::check_claims(&book, principal) {
         Ok(()) => content,
@@ -293,8 +312,11 @@ fn get_runbook(app: &App, file: &str, principal: &Principal) -> Result<Reply, Ap
     ))
 }
 
-fn required_env(app: &App, file: &str) -> Result<Reply, ApiError> {
-    let (_, content) = app.catalog.read(file)?;
+fn required_env(app: &App, file: &str, principal: &Principal) -> Result<Reply, ApiError> {
+    let (_, content) = app
+        .catalog
+        .read(file)
+        .map_err(|e| runbook_error(app, file, principal, e))?;
     let book = runbook::parse(&content);
     let item = |r: &runbook::EnvRequirement| json!({"name": r.name, "description": r.description});
     let (available, missing): (Vec<_>, Vec<_>) = book
@@ -326,7 +348,10 @@ fn validate(
     request: &mut tiny_http::Request,
 ) -> Result<Reply, ApiError> {
     let vars = env_vars_body(request)?;
-    let (_, content) = app.catalog.read(file)?;
+    let (_, content) = app
+        .catalog
+        .read(file)
+        .map_err(|e| runbook_error(app, file, principal, e))?;
     let book = runbook::parse(&content);
     execute::check_claims(&book, principal)?;
     let vars = params::keep_declared(&vars, &book);
@@ -386,7 +411,11 @@ fn execute(
             correlation_id,
             recursion_stack,
         },
-    )?;
+    )
+    .map_err(|e| match e {
+        ExecError::Catalog(c) => runbook_error(app, file, principal, c),
+        other => other.into(),
+    })?;
     let log = run.log()?;
     let wants_async = incoming.query_flag("async")
         || incoming

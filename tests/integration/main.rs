@@ -3,6 +3,7 @@
 mod util;
 
 mod auth;
+mod cli_client;
 mod config;
 mod deploy;
 mod execute_sse;

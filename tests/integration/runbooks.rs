@@ -73,12 +73,10 @@ fn missing_runbook_is_404_not_found() {
         assert_eq!(resp.status, 404, "{path}: {}", resp.text());
         let body = resp.json();
         assert_eq!(body["success"], json!(false));
-        assert!(
-            body["error"]
-                .as_str()
-                .unwrap()
-                .to_lowercase()
-                .contains("not found"),
+        // Names what was asked for (no runbook is near it: no suggestion).
+        assert_eq!(
+            body["error"],
+            json!("runbook Nope.md not found"),
             "{path}: {body}"
         );
     }

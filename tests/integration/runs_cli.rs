@@ -16,8 +16,8 @@ use crate::runs_support::*;
 use crate::util::*;
 
 /// A CLI process whose stdout and stderr are collected as they come.
-struct Cli {
-    child: Child,
+pub struct Cli {
+    pub child: Child,
     stdout: Arc<Mutex<Vec<u8>>>,
     stderr: Arc<Mutex<Vec<u8>>>,
 }
@@ -39,7 +39,7 @@ fn collect(mut from: impl Read + Send + 'static) -> Arc<Mutex<Vec<u8>>> {
 
 impl Cli {
     /// `runbookd ARGS...` with a clean environment plus `env`.
-    fn start(args: &[&str], env: &[(&str, &str)]) -> Cli {
+    pub fn start(args: &[&str], env: &[(&str, &str)]) -> Cli {
         let mut cmd = base_command();
         cmd.args(args)
             .stdin(Stdio::null())
@@ -59,7 +59,7 @@ impl Cli {
     }
 
     /// `runbookd ARGS... --url http://127.0.0.1:PORT --token TOKEN`.
-    fn against(port: u16, token: &str, args: &[&str]) -> Cli {
+    pub fn against(port: u16, token: &str, args: &[&str]) -> Cli {
         let url = url(port);
         let mut all = args.to_vec();
         all.extend(["--url", &url, "--token", token]);
@@ -67,20 +67,20 @@ impl Cli {
     }
 
     /// Whether the process has ended (a failing CLI ends the waits early).
-    fn exited(&mut self) -> bool {
+    pub fn exited(&mut self) -> bool {
         self.child.try_wait().unwrap().is_some()
     }
 
-    fn stdout(&self) -> String {
+    pub fn stdout(&self) -> String {
         String::from_utf8_lossy(&self.stdout.lock().unwrap()).into_owned()
     }
 
-    fn stderr(&self) -> String {
+    pub fn stderr(&self) -> String {
         String::from_utf8_lossy(&self.stderr.lock().unwrap()).into_owned()
     }
 
     /// Waits for the exit code (panics after `timeout`, killing the process).
-    fn exit_code(&mut self, timeout: Duration) -> i32 {
+    pub fn exit_code(&mut self, timeout: Duration) -> i32 {
         let deadline = Instant::now() + timeout;
         loop {
             if let Some(status) = self.child.try_wait().unwrap() {
@@ -111,7 +111,7 @@ impl Drop for Cli {
     }
 }
 
-fn url(port: u16) -> String {
+pub fn url(port: u16) -> String {
     format!("http://127.0.0.1:{port}")
 }
 
