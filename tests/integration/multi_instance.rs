@@ -487,3 +487,56 @@ fn events_resume_through_nginx_on_the_owner_without_gap_or_duplicate() {
         assert_eq!(at_done.status, 204, "{id}: {:?}", at_done.headers);
     }
 }
+
+/// Not behind nginx: the mistake a second instance's unit copied without changing STATE_DIR
+/// would make.
+#[test]
+fn a_second_instance_on_the_same_state_dir_is_refused_and_leaves_the_runs_alone() {
+    let gated = Runbook::new("Gated", &format!("{}echo through\n", wait_for_gate("GATE")))
+        .env("GATE", "gate");
+    let first = Daemon::start(&[("Gated.md", gated.render())], &[]);
+    let token = dev_token();
+    let gate = Gate::new(&first.root, "gated");
+    let id = first.start_run("Gated.md", &token, json!({"GATE": gate.path()}));
+
+    let mut cmd = base_command();
+    let root = &first.root;
+    cmd.current_dir(root)
+        .env("API_PORT", "0")
+        .env("BIND_ADDRESS", "127.0.0.1")
+        .env("INSTANCE_ID", "r2")
+        .env("STATE_DIR", root.join("state"))
+        .env("EXECUTION_DIR", root.join("exec"))
+        .env("RUNBOOKS_DIR", root.join("runbooks"))
+        .env("JWT_SECRET", TEST_SECRET)
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(fs::File::create(root.join("second.stderr")).unwrap());
+    let mut second = cmd.spawn().unwrap();
+    let mut status = None;
+    let exited = wait_until(Duration::from_secs(20), || {
+        status = second.try_wait().unwrap();
+        status.is_some()
+    });
+    if !exited {
+        let _ = second.kill();
+        let _ = second.wait();
+    }
+    let stderr = fs::read_to_string(root.join("second.stderr")).unwrap();
+    assert!(
+        exited,
+        "a second instance on the same STATE_DIR runs:\n{stderr}"
+    );
+    assert_eq!(status.unwrap().code(), Some(2), "{stderr}");
+    assert!(
+        stderr.contains("STATE_DIR: another runbookd is using this STATE_DIR"),
+        "{stderr}"
+    );
+
+    // The first instance's run went on untouched, and ends normally.
+    assert_eq!(first.run_record(&id, &token)["status"], json!("running"));
+    gate.open();
+    let record = first.wait_finished(&id, &token, RUN_TIMEOUT);
+    assert_eq!(record["status"], json!("succeeded"), "{record}");
+    assert_eq!(first.stored_output(&id, &token, "stdout"), "through\n");
+}
