@@ -128,7 +128,10 @@ impl Drop for Fleet {
             instances.push(&mut self.r2);
         }
         for daemon in &instances {
-            send_signal(daemon.pid(), "TERM");
+            // Not asserted: a drop during a failed test must not panic again.
+            let _ = std::process::Command::new("kill")
+                .args(["-TERM", &daemon.pid().to_string()])
+                .status();
         }
         for daemon in instances {
             let _ = daemon.wait_exit(Duration::from_secs(10));
