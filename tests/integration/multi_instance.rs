@@ -1,8 +1,9 @@
 //! Two runbookd instances (`r1`, `r2`: own STATE_DIR and EXECUTION_DIR, one shared
 //! RUNBOOKS_DIR) behind a real nginx running the shipped nginx/runbookd.conf with its
 //! several-instances lines enabled: concurrent History appends from both, an instance killed
-//! mid-run and started again, and resuming a run's events through nginx. They need nginx, so
-//! they are ignored by a plain `cargo test`; CI runs them (a missing nginx fails them).
+//! mid-run and started again, resuming a run's events through nginx, and sub-runbooks. Those
+//! need nginx, so they are ignored by a plain `cargo test`; CI runs them (a missing nginx fails
+//! them). Also: a second instance on a STATE_DIR in use is refused (no nginx needed).
 
 use std::collections::BTreeSet;
 use std::fs;
@@ -542,4 +543,72 @@ fn a_second_instance_on_the_same_state_dir_is_refused_and_leaves_the_runs_alone(
     let record = first.wait_finished(&id, &token, RUN_TIMEOUT);
     assert_eq!(record["status"], json!("succeeded"), "{record}");
     assert_eq!(first.stored_output(&id, &token, "stdout"), "through\n");
+}
+
+/// A parent's script: the child's result through RUNBOOK_URL (its own instance), then, on a
+/// line of its own, its own run record read through nginx (port `$FRONT`) with its run token.
+const PARENT: &str = r#"curl -s -X POST "$RUNBOOK_URL/Child.md/execute" -H "$RUNBOOK_H_AUTH" -H "$RUNBOOK_H_CORR" -H "$RUNBOOK_H_RECUR" -H "$RUNBOOK_H_CTYPE" -d '{}'
+echo
+curl -s "http://127.0.0.1:$FRONT/api/runs/$RUNBOOK_RUN_ID" -H "$RUNBOOK_H_AUTH"
+echo
+"#;
+
+#[test]
+#[ignore = "needs nginx and curl; CI runs it"]
+fn sub_runbooks_run_on_their_parents_instance() {
+    assert!(
+        find_program("curl").is_some(),
+        "curl is not installed; this test needs it"
+    );
+    let fleet = Fleet::start(
+        &[
+            ("Child.md", Runbook::new("Child", "echo child\n").render()),
+            (
+                "Parent.md",
+                Runbook::new("Parent", PARENT)
+                    .env("FRONT", "nginx port")
+                    .render(),
+            ),
+        ],
+        &[],
+    );
+    let token = dev_token();
+    let front = &fleet.front;
+    let env = json!({"FRONT": front.port.to_string()});
+    let mut children = BTreeSet::new();
+    let mut parents = BTreeSet::new();
+    for _ in 0..2 {
+        let resp = front.execute_raw("Parent.md", "", &token, env.clone(), &[]);
+        assert_eq!(resp.status, 200, "{}", resp.text());
+        let parent = resp.json();
+        assert_eq!(parent["return_code"], json!(0), "{parent}");
+        let parent_id = parent["run_id"].as_str().unwrap().to_string();
+        let stdout = parent["stdout"].as_str().unwrap();
+        let lines: Vec<&str> = stdout.lines().collect();
+        assert_eq!(lines.len(), 2, "{stdout}");
+        let child: Value = serde_json::from_str(lines[0]).unwrap();
+        let own: Value = serde_json::from_str(lines[1]).unwrap();
+        // The child ran on the parent's instance.
+        assert_eq!(child["return_code"], json!(0), "{child}");
+        assert_eq!(child["stdout"], json!("child\n"), "{child}");
+        let child_id = child["run_id"].as_str().unwrap().to_string();
+        assert_eq!(
+            owner(&child_id),
+            owner(&parent_id),
+            "{child_id} of {parent_id}"
+        );
+        // The run token reads its own run through nginx: routed to the owner.
+        assert_eq!(own["run_id"], json!(parent_id), "{own}");
+        assert_eq!(own["status"], json!("running"), "{own}");
+        parents.insert(owner(&parent_id).to_string());
+        children.insert(child_id);
+    }
+    assert_eq!(parents, BTreeSet::from(["r1".into(), "r2".into()]));
+    // Both children's entries are in the one shared Child.md.
+    let entries = history_entries(&fleet.runbook_text("Child.md"));
+    let recorded: BTreeSet<String> = entries
+        .iter()
+        .map(|e| entry_header(e).2.expect("a run id"))
+        .collect();
+    assert_eq!(recorded, children);
 }
