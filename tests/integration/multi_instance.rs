@@ -393,7 +393,10 @@ fn killed_instance_answers_502_for_its_runs_and_recovers_them_when_started_again
     for id in &on_r1 {
         let resp = front.cancel(id, &token);
         assert_eq!(resp.status, 202, "cancel {id}: {}", resp.text());
-        let record = front.wait_finished(id, &token, RUN_TIMEOUT);
+        // `done` comes once the record and the History entry are written.
+        let events = front.attach(id, &token, "", None).until_end(RUN_TIMEOUT);
+        assert_eq!(done_json(&events)["status"], json!("cancelled"));
+        let record = front.run_record(id, &token);
         assert_eq!(record["status"], json!("cancelled"), "{record}");
     }
     let entries = history_entries(&fleet.runbook_text("Slow.md"));
