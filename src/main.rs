@@ -32,6 +32,7 @@ mod runenv;
 mod runlog;
 mod samples;
 mod sse;
+mod state_lock;
 mod supervisor;
 mod sys;
 #[cfg(test)]
@@ -60,6 +61,7 @@ enum StartError {
     Catalog(catalog::CatalogError),
     Listen(String),
     Cgroup(cgroup::CgroupError),
+    StateDir(state_lock::StateLockError),
 }
 
 impl fmt::Display for StartError {
@@ -69,6 +71,7 @@ impl fmt::Display for StartError {
             StartError::Catalog(e) => write!(f, "runbooks directory: {e}"),
             StartError::Listen(e) => write!(f, "cannot listen: {e}"),
             StartError::Cgroup(e) => write!(f, "RUN_CGROUP: {e}"),
+            StartError::StateDir(e) => write!(f, "STATE_DIR: {e}"),
         }
     }
 }
@@ -130,7 +133,11 @@ fn main() -> ExitCode {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("runbookd: {e}");
-            ExitCode::FAILURE
+            // A STATE_DIR another instance uses is a configuration error, like a bad setting.
+            match e {
+                StartError::StateDir(state_lock::StateLockError::InUse) => ExitCode::from(2),
+                _ => ExitCode::FAILURE,
+            }
         }
     }
 }
@@ -168,6 +175,8 @@ fn start(config: Config, run_as: Option<privsep::RunAs>) -> Result<(), StartErro
     };
     let runs_dir = config.state_dir.join("runs");
     std::fs::create_dir_all(&runs_dir).map_err(|e| StartError::Io("cannot create STATE_DIR", e))?;
+    // Held until the server has stopped: nothing below may touch another instance's runs.
+    let _state_lock = state_lock::acquire(&config.state_dir).map_err(StartError::StateDir)?;
     if let Err(e) = privsep::lock_state_dir(&config.state_dir, run_as) {
         if run_as.is_some() {
             return Err(StartError::Io("STATE_DIR", e));

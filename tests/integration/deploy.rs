@@ -81,6 +81,19 @@ fn is_multi_instance_line(line: &str) -> bool {
     line.contains("runbookd_r") || line.contains("127.0.0.1:8084")
 }
 
+/// The shipped config with its several-instances lines enabled: instance `r1` on `r1_port`,
+/// `r2` on `r2_port`, nginx listening on `listen_port`.
+pub(crate) fn several_instances_conf(r1_port: u16, r2_port: u16, listen_port: u16) -> String {
+    let conf = enable_optional(&shipped_nginx_conf(), is_multi_instance_line)
+        .replace("127.0.0.1:8083", &format!("127.0.0.1:{r1_port}"))
+        .replace("127.0.0.1:8084", &format!("127.0.0.1:{r2_port}"));
+    replace_once(
+        &conf,
+        "listen 8080;",
+        &format!("listen 127.0.0.1:{listen_port};"),
+    )
+}
+
 // ---------------------------------------------------------------------------------------------
 // A small nginx config parser (for checks of the shipped text)
 // ---------------------------------------------------------------------------------------------
@@ -462,7 +475,7 @@ impl Drop for Nginx {
 // Requests through nginx
 // ---------------------------------------------------------------------------------------------
 
-fn get(port: u16, path: &str, token: Option<&str>) -> Response {
+pub(crate) fn get(port: u16, path: &str, token: Option<&str>) -> Response {
     let auth = token.map(|t| format!("Bearer {t}"));
     let headers: Vec<(&str, &str)> = auth
         .as_deref()
@@ -471,7 +484,7 @@ fn get(port: u16, path: &str, token: Option<&str>) -> Response {
     request(port, "GET", path, &headers, None)
 }
 
-fn sync_execute(port: u16, file: &str, token: &str) -> Response {
+pub(crate) fn sync_execute(port: u16, file: &str, token: &str) -> Response {
     let auth = format!("Bearer {token}");
     request(
         port,
@@ -1148,12 +1161,8 @@ fn several_instances_example_routes_runs_to_their_owner() {
             .runbook("Hello.md", runbook),
     ));
     let r2_port = r2.as_ref().unwrap().port;
-    let conf = enable_optional(&shipped_nginx_conf(), is_multi_instance_line)
-        .replace("127.0.0.1:8083", &format!("127.0.0.1:{}", r1.port))
-        .replace("127.0.0.1:8084", &format!("127.0.0.1:{r2_port}"));
     let port = free_port();
-    let conf = replace_once(&conf, "listen 8080;", &format!("listen 127.0.0.1:{port};"));
-    let nginx = Nginx::start(&bin, &conf, port);
+    let nginx = Nginx::start(&bin, &several_instances_conf(r1.port, r2_port, port), port);
     let token = dev_token();
 
     // New executes are balanced over both instances.

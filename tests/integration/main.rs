@@ -16,6 +16,7 @@ mod faults_settings;
 mod fd_exhaustion;
 mod fixtures;
 mod history;
+mod multi_instance;
 mod observability;
 mod process;
 mod recursion;
