@@ -724,17 +724,26 @@ impl Drop for RunDirs {
 }
 
 impl RunDirs {
-    fn create(execution_dir: &Path, run_id: &str, run_as: Option<RunAs>) -> io::Result<RunDirs> {
+    /// The directories of run `run_id`, not created.
+    fn at(execution_dir: &Path, run_id: &str, run_as: Option<RunAs>) -> RunDirs {
         let root = execution_dir.join(format!("runbookd-{run_id}"));
-        let cwd = root.join("work");
-        fs::create_dir_all(&cwd)?;
-        Ok(RunDirs {
+        RunDirs {
             script: root.join("script"),
+            cwd: root.join("work"),
             root,
-            cwd,
             run_as,
             removed: Cell::new(false),
-        })
+        }
+    }
+
+    fn create(execution_dir: &Path, run_id: &str, run_as: Option<RunAs>) -> io::Result<RunDirs> {
+        let dirs = RunDirs::at(execution_dir, run_id, run_as);
+        if let Err(e) = fs::create_dir_all(&dirs.cwd) {
+            // Nothing of ours to remove, or only what `remove_dir_all` may not touch.
+            dirs.removed.set(true);
+            return Err(e);
+        }
+        Ok(dirs)
     }
 
     /// Once prepared: gives the script file and `work/` to the script user, if there is one.
@@ -760,6 +769,15 @@ impl RunDirs {
             log::warn!("cannot remove {}: {e}", self.root.display());
         }
     }
+}
+
+/// Removes the directories a run left behind when the server died under it (after a restart).
+pub fn remove_leftover_dirs(app: &App, run_id: &str) {
+    let dirs = RunDirs::at(&app.config.execution_dir, run_id, app.run_as);
+    if fs::symlink_metadata(&dirs.root).is_err() {
+        dirs.removed.set(true);
+    }
+    // Dropping `dirs` removes them.
 }
 
 /// Copies the inputs into the working directory and writes the script file.

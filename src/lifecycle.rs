@@ -100,6 +100,7 @@ fn settle_interrupted(app: &App, rec: &mut record::RunRecord, log_path: &Path) {
         Some(left_alone) => format!("{INTERRUPTED_REASON}; {left_alone}"),
         None => INTERRUPTED_REASON.to_string(),
     };
+    crate::execute::remove_leftover_dirs(app, &rec.run_id);
     let finished = chrono::Utc::now();
     let outcome = crate::runlog::Outcome {
         return_code: -1,

@@ -318,6 +318,13 @@ fn kill_9_during_20_live_runs_then_a_start_interrupts_them_all_and_nothing_else(
         process_alive(unrelated.pid()),
         "an unrelated process was signalled"
     );
+    // Their working directories are gone too.
+    let left: Vec<_> = fs::read_dir(daemon.root.join("exec"))
+        .unwrap()
+        .flatten()
+        .map(|e| e.file_name())
+        .collect();
+    assert!(left.is_empty(), "run directories left behind: {left:?}");
 }
 
 #[test]
