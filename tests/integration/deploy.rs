@@ -1,8 +1,8 @@
 //! The shipped deployment files under test: nginx/runbookd.conf in front of a real runbookd
 //! (streaming, long silences, client disconnects, 500 concurrent streams, forwarded headers,
 //! several instances) and systemd/runbookd.service checked by systemd-analyze. Tests that need
-//! nginx, openssl or systemd-analyze run when RUNBOOKD_FULL_TESTS=1 and then fail if the tool is
-//! missing; the checks of the files' text always run.
+//! nginx, openssl or systemd-analyze are ignored by a plain `cargo test` and fail if the tool is
+//! missing; CI runs them. The checks of the files' text always run.
 
 use std::fs;
 use std::io::{Read, Write};
@@ -249,29 +249,6 @@ pub(crate) fn nginx_seconds(value: &str) -> u64 {
 // ---------------------------------------------------------------------------------------------
 // Tools
 // ---------------------------------------------------------------------------------------------
-
-pub(crate) fn find_program(name: &str) -> Option<PathBuf> {
-    let mut dirs: Vec<PathBuf> = std::env::var_os("PATH")
-        .map(|p| std::env::split_paths(&p).collect())
-        .unwrap_or_default();
-    dirs.extend(["/usr/sbin", "/sbin", "/usr/bin", "/bin"].map(PathBuf::from));
-    dirs.into_iter().map(|d| d.join(name)).find(|p| p.is_file())
-}
-
-/// The program's path when the full tests run; None (skip) otherwise. With
-/// RUNBOOKD_FULL_TESTS=1 a missing program fails the test.
-fn tool(test: &str, program: &str) -> Option<PathBuf> {
-    if !full_tests() {
-        eprintln!("{test}: skipped (set RUNBOOKD_FULL_TESTS=1 to run tests that need {program})");
-        return None;
-    }
-    let found = find_program(program);
-    assert!(
-        found.is_some(),
-        "RUNBOOKD_FULL_TESTS=1 but {program} is not installed"
-    );
-    found
-}
 
 fn output_text(out: &Output) -> String {
     format!(
@@ -648,10 +625,9 @@ fn optional_lines_are_enabled_by_removing_the_hash() {
 // ---------------------------------------------------------------------------------------------
 
 #[test]
+#[ignore = "needs nginx and openssl; CI runs it"]
 fn nginx_accepts_the_shipped_config_and_its_optional_parts() {
-    let Some(bin) = tool("nginx_accepts_the_shipped_config", "nginx") else {
-        return;
-    };
+    let bin = need_program("nginx");
     let check = |site: &Path, what: &str| {
         let out = nginx_check(&bin, site);
         let text = output_text(&out);
@@ -667,9 +643,7 @@ fn nginx_accepts_the_shipped_config_and_its_optional_parts() {
     check(&repo_path("nginx/runbookd.conf"), "the shipped file");
 
     // Every optional line enabled: TLS with HTTP/2, the redirect, several instances.
-    let Some(openssl) = tool("nginx_accepts_the_shipped_config", "openssl") else {
-        return;
-    };
+    let openssl = need_program("openssl");
     let dir = unique_root();
     let (cert, key) = (dir.join("cert.pem"), dir.join("key.pem"));
     let out = Command::new(openssl)
@@ -743,10 +717,9 @@ fn head_header<'a>(head: &'a str, name: &str) -> Option<&'a str> {
 }
 
 #[test]
+#[ignore = "needs nginx; CI runs it"]
 fn nginx_forwards_the_client_address_and_closes_upstream_connections() {
-    let Some(bin) = tool("nginx_forwards_the_client_address", "nginx") else {
-        return;
-    };
+    let bin = need_program("nginx");
     let listener = TcpListener::bind("127.0.0.1:0").unwrap();
     let upstream_port = listener.local_addr().unwrap().port();
     let (tx, heads) = mpsc::channel();
@@ -816,10 +789,9 @@ fn nginx_forwards_the_client_address_and_closes_upstream_connections() {
 // ---------------------------------------------------------------------------------------------
 
 #[test]
+#[ignore = "needs nginx; CI runs it"]
 fn runbookd_routes_work_through_nginx() {
-    let Some(bin) = tool("runbookd_routes_work_through_nginx", "nginx") else {
-        return;
-    };
+    let bin = need_program("nginx");
     let server = Server::start(server_opts().env("ENABLE_LOGIN", "true").runbook(
         "Hello.md",
         Runbook::new("Hello", "echo hello from behind nginx\n"),
@@ -881,10 +853,9 @@ fn runbookd_routes_work_through_nginx() {
 }
 
 #[test]
+#[ignore = "needs nginx; CI runs it"]
 fn sse_execute_through_nginx_delivers_output_live() {
-    let Some(bin) = tool("sse_execute_through_nginx_delivers_output_live", "nginx") else {
-        return;
-    };
+    let bin = need_program("nginx");
     let server = Server::start(server_opts().runbook(
         "Live.md",
         Runbook::new("Live", "echo first\nsleep 2\necho second\n"),
@@ -916,10 +887,9 @@ fn sse_execute_through_nginx_delivers_output_live() {
 }
 
 #[test]
+#[ignore = "needs nginx; CI runs it"]
 fn stream_through_nginx_survives_silence_longer_than_the_read_timeout() {
-    let Some(bin) = tool("stream_survives_silence", "nginx") else {
-        return;
-    };
+    let bin = need_program("nginx");
     // Only proxy_read_timeout changed, to 3 s.
     let shipped = shipped_nginx_conf();
     let short: String = shipped
@@ -987,10 +957,9 @@ fn stream_through_nginx_survives_silence_longer_than_the_read_timeout() {
 }
 
 #[test]
+#[ignore = "needs nginx; CI runs it"]
 fn client_disconnect_through_nginx_leaves_the_run_finishing() {
-    let Some(bin) = tool("client_disconnect_through_nginx", "nginx") else {
-        return;
-    };
+    let bin = need_program("nginx");
     let server = Server::start(server_opts().runbook(
         "Leave.md",
         Runbook::new("Leave", "echo first\nsleep 2\necho last\n"),
@@ -1069,11 +1038,10 @@ fn percentile(sorted: &[Duration], p: usize) -> Duration {
 /// Also the benchmark of the README (nginx/bench.sh runs it in release mode): asserts only the
 /// loose bound and prints the measured figures.
 #[test]
+#[ignore = "needs nginx; CI runs it"]
 fn five_hundred_concurrent_streams_through_nginx() {
     const STREAMS: usize = 500;
-    let Some(bin) = tool("five_hundred_concurrent_streams_through_nginx", "nginx") else {
-        return;
-    };
+    let bin = need_program("nginx");
     let nofile = raise_own_nofile_limit();
     assert!(
         nofile >= 2048,
@@ -1145,10 +1113,9 @@ fn five_hundred_concurrent_streams_through_nginx() {
 }
 
 #[test]
+#[ignore = "needs nginx; CI runs it"]
 fn several_instances_example_routes_runs_to_their_owner() {
-    let Some(bin) = tool("several_instances_example", "nginx") else {
-        return;
-    };
+    let bin = need_program("nginx");
     let runbook = Runbook::new("Hello", "echo hello\n");
     let r1 = Server::start(
         server_opts()
@@ -1391,10 +1358,9 @@ fn unit_for_this_build(dir: &Path) -> PathBuf {
 }
 
 #[test]
+#[ignore = "needs systemd-analyze; CI runs it"]
 fn systemd_analyze_verifies_the_unit_silently() {
-    let Some(analyze) = tool("systemd_analyze_verifies_the_unit", "systemd-analyze") else {
-        return;
-    };
+    let analyze = need_program("systemd-analyze");
     let dir = unique_root();
     let unit = unit_for_this_build(&dir);
     let out = Command::new(analyze)
@@ -1412,10 +1378,9 @@ fn systemd_analyze_verifies_the_unit_silently() {
 }
 
 #[test]
+#[ignore = "needs systemd-analyze; CI runs it"]
 fn systemd_analyze_security_rates_the_unit() {
-    let Some(analyze) = tool("systemd_analyze_security_rates_the_unit", "systemd-analyze") else {
-        return;
-    };
+    let analyze = need_program("systemd-analyze");
     let dir = unique_root();
     let unit = unit_for_this_build(&dir);
     let out = Command::new(&analyze)

@@ -441,10 +441,7 @@ fn a_run_stopped_by_shutdown_is_interrupted_in_done_and_record() {
 
 #[test]
 fn a_file_size_limit_is_an_error_not_a_death() {
-    assert!(
-        have_program("prlimit"),
-        "prlimit (util-linux) is needed for this test"
-    );
+    need_program("prlimit");
     let root = unique_root();
     for d in ["runbooks", "state", "exec"] {
         std::fs::create_dir_all(root.join(d)).unwrap();

@@ -14,15 +14,9 @@ use std::time::Duration;
 
 use serde_json::{json, Value};
 
-use crate::deploy::{find_program, free_port, several_instances_conf, sync_execute, Nginx};
+use crate::deploy::{free_port, several_instances_conf, sync_execute, Nginx};
 use crate::runs_support::*;
 use crate::util::*;
-
-/// nginx, which these tests cannot do without.
-fn nginx_bin() -> PathBuf {
-    find_program("nginx")
-        .unwrap_or_else(|| panic!("nginx is not installed; the several-instances tests need it"))
-}
 
 /// nginx in front of both instances: every `RunsApi` call goes through it.
 struct Front {
@@ -91,7 +85,7 @@ impl Fleet {
         ] {
             assert!(conf.contains(enabled), "{enabled:?} not enabled:\n{conf}");
         }
-        let nginx = Nginx::start(&nginx_bin(), &conf, port);
+        let nginx = Nginx::start(&need_program("nginx"), &conf, port);
         Fleet {
             front: Front { port: nginx.port },
             _nginx: nginx,
@@ -559,10 +553,7 @@ echo
 #[test]
 #[ignore = "needs nginx and curl; CI runs it"]
 fn sub_runbooks_run_on_their_parents_instance() {
-    assert!(
-        find_program("curl").is_some(),
-        "curl is not installed; this test needs it"
-    );
+    need_program("curl");
     let fleet = Fleet::start(
         &[
             ("Child.md", Runbook::new("Child", "echo child\n").render()),

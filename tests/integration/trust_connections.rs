@@ -7,7 +7,6 @@
 use std::fs;
 use std::io::{self, Read, Write};
 use std::net::TcpStream;
-use std::path::PathBuf;
 use std::process::Command;
 use std::thread;
 use std::time::{Duration, Instant};
@@ -15,8 +14,8 @@ use std::time::{Duration, Instant};
 use serde_json::json;
 
 use crate::deploy::{
-    children, find_program, free_port, parse_nginx, raise_own_nofile_limit, shipped,
-    shipped_nginx_conf, unit_service_settings, value_of, Nginx,
+    children, free_port, parse_nginx, raise_own_nofile_limit, shipped, shipped_nginx_conf,
+    unit_service_settings, value_of, Nginx,
 };
 use crate::runs_support::{wait_for_gate, RunsApi, RUN_TIMEOUT};
 use crate::util::*;
@@ -565,10 +564,6 @@ fn shipped_files_bound_heads_bodies_connections_and_threads() {
 // Through nginx (CI)
 // ---------------------------------------------------------------------------------------------
 
-fn program(name: &str) -> PathBuf {
-    find_program(name).unwrap_or_else(|| panic!("{name} is needed for this test (CI installs it)"))
-}
-
 /// A server for the nginx tests, dev login on.
 fn proxied_server() -> Server {
     Server::start(
@@ -607,7 +602,7 @@ fn stage0_template(upstream: u16, listen: u16) -> String {
 #[test]
 #[ignore = "needs nginx; CI runs it"]
 fn stage0_template_proxy_logs_in_executes_and_lists_runs() {
-    let bin = program("nginx");
+    let bin = need_program("nginx");
     let server = proxied_server();
     let port = free_port();
     let _nginx = Nginx::start(&bin, &stage0_template(server.port, port), port);
@@ -681,7 +676,7 @@ fn stage0_template_proxy_logs_in_executes_and_lists_runs() {
 #[test]
 #[ignore = "needs nginx; CI runs it"]
 fn shipped_nginx_refuses_huge_request_heads_before_runbookd() {
-    let bin = program("nginx");
+    let bin = need_program("nginx");
     let server = proxied_server();
     let nginx = Nginx::shipped_in_front_of(&bin, &server);
     assert_eq!(get_via(nginx.port, "/healthz").status, 200);
@@ -748,8 +743,8 @@ fn get_via(port: u16, path: &str) -> Response {
 #[ignore = "needs nginx and curl; CI runs it"]
 fn shipped_nginx_limits_requests_per_client_address() {
     const CONNECTIONS: usize = 2000;
-    let bin = program("nginx");
-    let curl = program("curl");
+    let bin = need_program("nginx");
+    let curl = need_program("curl");
     let nofile = raise_own_nofile_limit();
     assert!(
         nofile >= CONNECTIONS as u64 + 200,

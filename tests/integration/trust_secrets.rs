@@ -18,31 +18,10 @@ use crate::util::*;
 const NOBODY: u32 = 65534;
 const SCRIPT_USER: &str = "runbookd-script";
 
-/// A program these tests cannot do without (they are ignored unless run as root with tools).
-fn need(program: &str) {
-    assert!(
-        have_program(program),
-        "{program} is needed by this test (install it; CI does)"
-    );
-}
-
-fn uid_field(status: &str, field: &str) -> u32 {
-    status
-        .lines()
-        .find_map(|l| l.strip_prefix(field))
-        .and_then(|v| v.split_whitespace().next())
-        .and_then(|v| v.parse().ok())
-        .unwrap_or_else(|| panic!("no {field} in {status}"))
-}
-
-fn need_root() {
-    let status = fs::read_to_string("/proc/self/status").unwrap();
-    assert_eq!(
-        uid_field(&status, "Uid:"),
-        0,
-        "this test starts runbookd as another user: run it as root"
-    );
-    need("setpriv");
+/// Root, and setpriv to start runbookd as another user.
+fn need_root_and_setpriv() {
+    need_root("starts runbookd as another user");
+    need_program("setpriv");
 }
 
 /// A secret nobody could guess or find by accident.
@@ -69,7 +48,7 @@ struct Staged {
 
 impl Staged {
     fn start(runbooks: &[(&str, String)], env: &[(&str, &str)], caps: Option<&str>) -> Staged {
-        need_root();
+        need_root_and_setpriv();
         let root = unique_root();
         fs::set_permissions(&root, fs::Permissions::from_mode(0o755)).unwrap();
         let bin_dir = root.join("bin");
@@ -363,7 +342,7 @@ fn assert_secret_unreachable(server: &Staged, text: &str) {
 #[test]
 #[ignore = "needs root, setpriv and strace; CI runs it"]
 fn a_same_user_script_cannot_reach_the_secret() {
-    need("strace");
+    need_program("strace");
     let server = Staged::start(
         &[("First.md", first_runbook()), ("Probe.md", probe_runbook())],
         &[],
@@ -407,7 +386,7 @@ fn the_server_is_not_dumpable() {
 
 /// Creates the script user if it does not exist yet.
 fn ensure_script_user() -> (u32, u32) {
-    need("useradd");
+    need_program("useradd");
     let id = |flag: &str| {
         Command::new("id")
             .args([flag, SCRIPT_USER])
@@ -449,7 +428,7 @@ const CAPS: &str = "+setuid,+setgid,+kill,+chown";
 #[test]
 #[ignore = "needs root, setpriv, strace and a second user; CI runs it"]
 fn a_script_of_run_as_user_cannot_touch_the_server() {
-    need("strace");
+    need_program("strace");
     let (uid, gid) = ensure_script_user();
     let server = Staged::start(
         &[
@@ -526,7 +505,7 @@ fn a_script_of_run_as_user_cannot_touch_the_server() {
 /// Runs the staged-less binary as nobody through setpriv (no capabilities) and returns
 /// (exit code, stderr).
 fn start_as_nobody(env: &[(&str, &str)]) -> (Option<i32>, String) {
-    need_root();
+    need_root_and_setpriv();
     let root = unique_root();
     fs::set_permissions(&root, fs::Permissions::from_mode(0o755)).unwrap();
     let bin = root.join("runbookd");
@@ -664,7 +643,7 @@ fn a_withheld_variable_is_not_available() {
 #[test]
 #[ignore = "needs systemd-analyze; CI runs it"]
 fn the_unit_with_run_as_user_enabled_verifies_and_is_rated() {
-    need("systemd-analyze");
+    need_program("systemd-analyze");
     let shipped =
         fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("systemd/runbookd.service"))
             .unwrap();
