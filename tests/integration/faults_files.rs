@@ -307,8 +307,16 @@ fn a_reader_waits_for_a_history_write_in_progress() {
     let finished = format!("{whole}\n### 2026-01-01T00:00:00.000Z | Exit Code: 0\n\n**Stdout:**\n```\nhalf and whole\n```\n");
     std::thread::scope(|scope| {
         let reader = scope.spawn(|| prompt_get(&server, "/api/runbooks/Held.md", 200));
-        // Time for a reader that ignored the lock to read the half entry.
-        std::thread::sleep(Duration::from_millis(300));
+        // The server opens the sidecar to lock it: once it holds it open, the reader has got
+        // as far as the lock (one that ignored the lock would have read the half entry).
+        let sidecar_path = server.runbooks_dir().join(".Held.md.lock");
+        assert!(
+            wait_until(Duration::from_secs(30), || holds_open(
+                server.pid(),
+                &sidecar_path
+            )),
+            "the reader never opened the sidecar lock"
+        );
         fs::write(&path, &finished).unwrap();
         sidecar.unlock().unwrap();
         let body = reader.join().unwrap();

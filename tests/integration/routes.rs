@@ -3,6 +3,7 @@
 
 use serde_json::json;
 
+use crate::runs_support::RunsApi;
 use crate::util::*;
 
 fn assert_error_json(resp: &Response, status: u16) {
@@ -107,7 +108,12 @@ fn body_over_one_mib_is_413_and_runs_nothing() {
         Some(&body),
     );
     assert_error_json(&resp, 413);
-    std::thread::sleep(std::time::Duration::from_millis(300));
+    // A sync execute answers after its run has ended, and every run is registered before its
+    // script starts: with the answer in, no run on record means none was started.
+    assert!(
+        server.list_runs("", &dev_token()).is_empty(),
+        "an over-size request must not start a run"
+    );
     assert!(
         !marker.exists(),
         "an over-size request must not run the script"

@@ -75,9 +75,11 @@ fn cancel_ends_a_term_ignoring_group_within_the_grace() {
         left.is_empty(),
         "processes of group {pgid} left when the run was cancelled: {left:?}"
     );
+    // Loose: the point is that KILL follows the 2 s grace (the script would run 100 s), not
+    // how promptly on a loaded machine.
     assert!(
-        took <= Duration::from_secs(3),
-        "cancelled after {took:?}, more than CANCEL_GRACE_SECONDS + 1 s"
+        took <= Duration::from_secs(10),
+        "cancelled after {took:?}, far more than CANCEL_GRACE_SECONDS (2 s)"
     );
     assert!(
         took >= Duration::from_millis(1500),
@@ -110,8 +112,8 @@ fn cancel_of_a_cooperative_script_ends_without_waiting_for_the_grace() {
     assert_eq!(resp.status, 202, "{}", resp.text());
     let record = server.wait_finished(&id, &token, Duration::from_secs(30));
     assert!(
-        t.elapsed() < Duration::from_secs(8),
-        "a group that obeys TERM was still waited for: {:?}",
+        t.elapsed() < Duration::from_secs(12),
+        "a group that obeys TERM was still waited for (grace 20 s): {:?}",
         t.elapsed()
     );
     // It exited by itself during the grace: still `cancelled`.
@@ -417,11 +419,21 @@ fn the_concurrency_block_limits_runs_of_one_runbook() {
 
 #[test]
 fn kill_9_mid_run_then_restart_marks_it_interrupted() {
-    let crashing =
-        "echo \"pgid=$$\"\necho 'before the crash'\necho 'on stderr' >&2\nsleep 100 &\nsleep 100\n";
+    // The background job beats (rewrites a file) until it is killed: a beat after the server's
+    // death proves the group outlived it.
+    let crashing = "echo \"pgid=$$\"\necho 'before the crash'\necho 'on stderr' >&2\n\
+                    (n=0; while :; do n=$((n + 1)); echo $n > \"$BEAT\"; sleep 0.05; done) &\n\
+                    sleep 100\n";
+    let beat_dir = unique_root();
+    let beat = beat_dir.join("beat");
     let mut daemon = Daemon::start(
         &[
-            ("Crash.md", Runbook::new("Crash", crashing).render()),
+            (
+                "Crash.md",
+                Runbook::new("Crash", crashing)
+                    .env("BEAT", "heartbeat file")
+                    .render(),
+            ),
             ("Quick.md", Runbook::new("Quick", "echo quick\n").render()),
         ],
         &[],
@@ -430,7 +442,11 @@ fn kill_9_mid_run_then_restart_marks_it_interrupted() {
     let quick = daemon.execute_raw("Quick.md", "", &token, json!({}), &[]);
     assert_eq!(quick.status, 200);
     let quick_id = quick.json()["run_id"].as_str().unwrap().to_string();
-    let id = daemon.start_run("Crash.md", &token, json!({}));
+    let id = daemon.start_run(
+        "Crash.md",
+        &token,
+        json!({ "BEAT": beat.display().to_string() }),
+    );
     daemon.wait_output(&id, &token, "stderr", "its line", &|t| t == "on stderr\n");
     let stdout = daemon.wait_output(&id, &token, "stdout", "two lines", &|t| {
         t.ends_with("before the crash\n")
@@ -449,7 +465,12 @@ fn kill_9_mid_run_then_restart_marks_it_interrupted() {
             .unwrap();
     assert_eq!(on_disk["status"], json!("running"), "{on_disk}");
     assert!(daemon.runs_dir().join(format!("{id}.log")).is_file());
-    thread::sleep(Duration::from_millis(300));
+    let at_death = fs::read_to_string(&beat).unwrap_or_default();
+    assert!(
+        wait_until(Duration::from_secs(10), || fs::read_to_string(&beat)
+            .is_ok_and(|now| !now.is_empty() && now != at_death)),
+        "the script's group should outlive a killed server (no beat after its death)"
+    );
     assert!(
         !group_members(pgid).is_empty(),
         "the script's group should outlive a killed server"
@@ -534,6 +555,7 @@ fn kill_9_mid_run_then_restart_marks_it_interrupted() {
     let again = daemon.execute_raw("Quick.md", "", &token, json!({}), &[]);
     assert_eq!(again.status, 200, "{}", again.text());
     assert_eq!(daemon.cancel(&id, &token).status, 409);
+    let _ = fs::remove_dir_all(&beat_dir);
 }
 
 fn run_files(daemon: &Daemon, id: &str) -> [bool; 2] {
@@ -657,8 +679,9 @@ fn sigterm_stops_running_runs_and_exits_zero_within_the_grace() {
     let took = t.elapsed();
     let status = status.expect("the server did not exit within 15 s of SIGTERM");
     assert_eq!(status.code(), Some(0), "exit status {status:?}");
+    // Loose: the point is that the 3 s grace bounds the shutdown (the script would run 100 s).
     assert!(
-        took <= Duration::from_secs(5),
+        took <= Duration::from_secs(11),
         "exited {took:?} after SIGTERM, SHUTDOWN_GRACE_SECONDS is 3"
     );
     assert!(
@@ -718,8 +741,8 @@ fn sigterm_with_a_cooperative_run_exits_quickly() {
         .expect("no exit after SIGTERM");
     assert_eq!(status.code(), Some(0), "{status:?}");
     assert!(
-        t.elapsed() < Duration::from_secs(10),
-        "a run that obeys TERM held the shutdown for {:?}",
+        t.elapsed() < Duration::from_secs(14),
+        "a run that obeys TERM held the shutdown (grace 20 s) for {:?}",
         t.elapsed()
     );
     assert!(group_members(pgid).is_empty());

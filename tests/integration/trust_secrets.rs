@@ -725,7 +725,13 @@ fn processes_being_started_never_show_the_secret() {
     // spawn and the helper's exec must not show the server's environment either.
     let (watch, others) = thread::scope(|scope| {
         let watcher = scope.spawn(|| server.execute("Watch.md", json!({})));
-        thread::sleep(Duration::from_millis(500));
+        assert!(
+            wait_until(Duration::from_secs(30), || !pids_with_cmdline(
+                "RUNBOOK_RUN_ID=[^"
+            )
+            .is_empty()),
+            "the watcher never started sweeping /proc"
+        );
         let mut others = Vec::new();
         for _ in 0..15 {
             let result = server.execute("Short.md", json!({}));

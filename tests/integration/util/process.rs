@@ -1,6 +1,7 @@
 //! Process checks and waiting: whether a pid is alive, and polling a condition until it holds.
 
 use std::fs;
+use std::path::Path;
 use std::thread;
 use std::time::{Duration, Instant};
 
@@ -50,4 +51,32 @@ pub fn process_alive(pid: u32) -> bool {
         }
         Err(_) => false,
     }
+}
+
+/// Whether process `pid` has `path` open (one of its descriptors links to it).
+pub fn holds_open(pid: u32, path: &Path) -> bool {
+    let Ok(entries) = fs::read_dir(format!("/proc/{pid}/fd")) else {
+        return false;
+    };
+    entries
+        .flatten()
+        .any(|entry| fs::read_link(entry.path()).is_ok_and(|target| target == path))
+}
+
+/// Live processes whose command line (arguments joined by spaces) contains `needle`.
+pub fn pids_with_cmdline(needle: &str) -> Vec<u32> {
+    let Ok(entries) = fs::read_dir("/proc") else {
+        return Vec::new();
+    };
+    entries
+        .flatten()
+        .filter_map(|entry| entry.file_name().to_str()?.parse::<u32>().ok())
+        .filter(|pid| {
+            fs::read(format!("/proc/{pid}/cmdline")).is_ok_and(|raw| {
+                let line: Vec<u8> = raw.iter().map(|&b| if b == 0 { b' ' } else { b }).collect();
+                String::from_utf8_lossy(&line).contains(needle)
+            })
+        })
+        .filter(|&pid| process_alive(pid))
+        .collect()
 }
