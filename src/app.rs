@@ -1,5 +1,6 @@
 //! The shared state every request handler sees: configuration, signing secret, the runbook
 //! catalog, running runs, metrics, and what was captured from the process at startup.
+#![forbid(unsafe_code)]
 
 use std::collections::HashMap;
 use std::path::PathBuf;

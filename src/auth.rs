@@ -1,6 +1,7 @@
 //! Who is calling and what they may do: turns the Authorization header into a Principal,
 //! checks a runbook's required claims against it (RBAC), and mints tokens for dev-login and for
 //! runs. A token with a `run_id` claim is a run token: its Principal carries a [`RunScope`].
+#![forbid(unsafe_code)]
 
 use std::fmt;
 

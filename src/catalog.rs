@@ -2,6 +2,7 @@
 //! so that nothing outside the directory is ever read. A runbook is read as a file a script may
 //! have replaced: never through a symbolic link, never blocking, at most `RUNBOOK_MAX_BYTES`,
 //! under the shared sidecar lock so that a History write is never seen half done.
+#![forbid(unsafe_code)]
 
 use std::fmt;
 use std::fs;

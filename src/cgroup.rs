@@ -7,6 +7,7 @@
 //! cgroup v2 allows no processes in a cgroup whose `cgroup.subtree_control` enables
 //! controllers; runbookd's own cgroup holds runbookd, so run cgroups under it are used for
 //! membership and `cgroup.kill` only, never with controllers.
+#![forbid(unsafe_code)]
 
 use std::fmt;
 use std::fs;

@@ -10,6 +10,7 @@
 //! - a tail that matches only the secret's first segment (a JWT's constant header, before the
 //!   first '.') may be released by the timer, and the rest of the secret is still masked if it
 //!   follows; a tail that reaches past that segment waits, and at the end is masked.
+#![forbid(unsafe_code)]
 
 use std::time::Duration;
 

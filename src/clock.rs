@@ -1,5 +1,6 @@
 //! Deadlines that never overflow: a time derived from a setting or a request is added with
 //! checked arithmetic, and a sum past what `Instant` can hold becomes "in a century".
+#![forbid(unsafe_code)]
 
 use std::time::{Duration, Instant};
 

@@ -1,6 +1,7 @@
 //! Server configuration: every setting is an environment variable, read once at startup into
 //! one validated `Config`. `SETTINGS` is the single table of names, defaults and help text, used
 //! for parsing, for `--help` and for `GET /api/config`.
+#![forbid(unsafe_code)]
 
 use std::collections::BTreeMap;
 use std::fmt;

@@ -2,6 +2,7 @@
 //! Resolves and parses the runbook, applies RBAC, validates, prepares a working directory with
 //! the inputs and the script, builds the environment, spawns, and hands the child to a run
 //! thread that finishes the log, writes history and the audit line, and cleans up.
+#![forbid(unsafe_code)]
 
 use std::cell::Cell;
 use std::fmt;

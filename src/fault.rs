@@ -2,6 +2,7 @@
 //! concluded after a panic carries, and, in debug builds only, a test hook that panics at a
 //! chosen point (`RUNBOOKD_TEST_PANIC=<point>`, read once at start; it fires the first time
 //! that point is reached).
+#![forbid(unsafe_code)]
 
 use std::any::Any;
 

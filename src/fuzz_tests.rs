@@ -1,6 +1,7 @@
 //! Unit tests only: a deterministic property test feeding the runbook parser and the JWT decoder
 //! random and mutated input (random bytes, deep nesting, truncations of valid documents and
 //! tokens); neither may panic or overflow the stack.
+#![forbid(unsafe_code)]
 
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use base64::Engine;

@@ -3,6 +3,7 @@
 //! first), and reduces the entries to their heading lines for readers who may not see output.
 //! runbook file under the exclusive sidecar lock, dropping the oldest entries beyond a maximum
 //! count and size. The runbook is handled as a file a script may have replaced.
+#![forbid(unsafe_code)]
 
 use std::fmt::{self, Write as _};
 use std::fs::{self, OpenOptions};

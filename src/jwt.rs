@@ -1,5 +1,6 @@
 //! HS256 JSON Web Tokens (RFC 7519): encodes claims into a signed compact token and decodes a
 //! token back after checking its algorithm, HMAC-SHA256 signature, lifetime, issuer and audience.
+#![forbid(unsafe_code)]
 
 use std::fmt;
 

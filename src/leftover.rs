@@ -3,6 +3,7 @@
 //! leader's pid names a process with exactly the recorded start time, or no process has that
 //! pid and the group's remaining members all started after the leader (a group id is not
 //! reused while a member lives). Anything else is someone else's and is left alone.
+#![forbid(unsafe_code)]
 
 use std::fs;
 use std::io;

@@ -2,6 +2,7 @@
 //! become `interrupted`; their leftover cgroups are killed and removed, and their process groups
 //! killed only when `leftover::judge` proves them theirs), pruning old runs hourly (runs are
 //! also pruned as they end, see `retention.rs`), and stopping running runs on shutdown.
+#![forbid(unsafe_code)]
 
 use std::path::Path;
 use std::sync::Arc;

@@ -2,6 +2,7 @@
 //! numbered from 1 in the order lines complete, each with the time its first byte arrived, its
 //! stream and a level guessed from its words. Read from the log file in two passes (count, then
 //! emit the wanted tail one line at a time), so memory stays bounded whatever the log's size.
+#![forbid(unsafe_code)]
 
 use std::io;
 

@@ -1,5 +1,8 @@
 //! runbookd's entry point: reads the configuration, prepares the state directory and the
 //! runbooks, binds the socket and serves. Exit status 2 for a bad configuration.
+// Every module but `sys` says `#![forbid(unsafe_code)]`; the root can only deny it, as a
+// forbid here would reach `sys`, which owns the system calls and allows it.
+#![deny(unsafe_code)]
 
 mod app;
 mod auth;

@@ -1,4 +1,5 @@
 //! Counters for `GET /metrics`, rendered in the Prometheus text format.
+#![forbid(unsafe_code)]
 
 use std::collections::BTreeMap;
 use std::fmt::Write;

@@ -2,6 +2,7 @@
 //! `# Environment Requirements` (others are dropped with a warning), and never a name that
 //! changes how an interpreter or the dynamic loader starts (a runbook declaring one fails
 //! validation).
+#![forbid(unsafe_code)]
 
 use crate::runbook::Runbook;
 use crate::runenv::RequestVars;

@@ -1,6 +1,7 @@
 //! Privilege separation between runbookd and its scripts (`RUN_AS_USER`): resolving the
 //! script user, checking at start that runbookd may switch to it, keeping the state directory
 //! private, handing a run's working directory to the script user and emptying it as that user.
+#![forbid(unsafe_code)]
 
 use std::fmt;
 use std::fs;

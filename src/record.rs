@@ -1,5 +1,6 @@
 //! A run's record: the JSON file beside its log in `STATE_DIR/runs/`, written when the run
 //! starts and when it ends (atomically, by rename), and what `GET /api/runs` lists.
+#![forbid(unsafe_code)]
 
 use std::fmt;
 use std::fs;

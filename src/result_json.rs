@@ -1,6 +1,7 @@
 //! Writes a run's result object (the sync JSON answer and the `done` event's data) straight
 //! from the log file into a writer: the capped `stdout`/`stderr` strings are escaped on the
 //! way and never held whole in memory.
+#![forbid(unsafe_code)]
 
 use std::io::{self, Write};
 

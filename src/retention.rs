@@ -2,6 +2,7 @@
 //! applied as each run ends and hourly. An in-memory index of the finished runs (end time and
 //! stored bytes) is built once at start; a run that ends is added with two `stat`s of its own
 //! files, so the state directory is never scanned per run.
+#![forbid(unsafe_code)]
 
 use std::collections::{BTreeSet, HashMap};
 use std::path::Path;

@@ -2,6 +2,7 @@
 //! `Registry` of every known run, which also admits new runs against the concurrency limits
 //! (the check and the reservation happen under one lock) and knows which run started which
 //! through a run token (the tree of sub-runs under each root run).
+#![forbid(unsafe_code)]
 
 use std::collections::HashMap;
 use std::fmt;

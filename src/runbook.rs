@@ -2,6 +2,7 @@
 //!
 //! Pure text processing, no I/O. Parsing never fails: anything malformed is skipped and described
 //! in [`Runbook::problems`], so the caller can report it as a validation error.
+#![forbid(unsafe_code)]
 
 use yaml_rust2::parser::{Event, Parser};
 use yaml_rust2::{Yaml, YamlLoader};

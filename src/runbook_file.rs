@@ -1,6 +1,7 @@
 //! Opening a runbook file that a script may have replaced: never through a symbolic link, never
 //! blocking (FIFO, device), only a regular file of bounded size; and the sidecar lock
 //! `.<file>.lock` that orders History writers and the readers of a runbook.
+#![forbid(unsafe_code)]
 
 use std::fmt;
 use std::fs::{self, File, FileType, OpenOptions};

@@ -1,6 +1,7 @@
 //! The environment a script runs with: the server's own variables minus its secrets, the
 //! request's `env_vars` (checked here), and the system variables that tell a script who and
 //! where it is and how to call the API back. A request can never set a system variable.
+#![forbid(unsafe_code)]
 
 use serde_json::Value;
 

@@ -6,6 +6,7 @@
 //!
 //! File format, repeated per chunk (little endian): seq u64, time_ms i64, stream u8,
 //! stream_offset u64, len u32, then `len` bytes.
+#![forbid(unsafe_code)]
 
 use std::collections::VecDeque;
 use std::fmt;

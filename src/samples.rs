@@ -1,5 +1,6 @@
 //! The sample runbooks shipped inside the binary, and their one-time installation into a
 //! directory (used when `RUNBOOKS_DIR` is not set).
+#![forbid(unsafe_code)]
 
 use std::fs;
 use std::io;

@@ -1,6 +1,7 @@
 //! Server-Sent Events framing: turns log chunks and run events into `event:`/`id:`/`data:`
 //! lines. A chunk's text is split at line breaks, one `data: ` line each, so a spec parser
 //! joins them back into exactly the normalized text.
+#![forbid(unsafe_code)]
 
 use crate::runlog::Chunk;
 use crate::text::normalize;

@@ -4,6 +4,7 @@
 //! records; the second is refused at start instead. The kernel drops the lock when the process ends, `kill -9`
 //! included, and scripts never hold it (the descriptor is close-on-exec). The directory is
 //! opened read-only: no file is added, and a read-only remount is not blocked.
+#![forbid(unsafe_code)]
 
 use std::fmt;
 use std::fs::{File, TryLockError};

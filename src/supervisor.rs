@@ -6,6 +6,7 @@
 //! killed and the pipes abandoned. With a run cgroup, the script enters it before it execs, and
 //! the run's end kills and removes it, so descendants that left the group die too. A run whose log cannot be written any more (a full disk) is
 //! stopped as a timed-out one is: its output would be lost.
+#![forbid(unsafe_code)]
 
 use std::ffi::OsString;
 use std::fmt;

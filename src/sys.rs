@@ -2,6 +2,7 @@
 //! (process-group signals, waiting without reaping, descriptor limits, socket options, poll,
 //! dumpability, user lookup and the switch to the script user).
 //! Every function returns `io::Result` built from `errno`; callers never see raw return codes.
+#![allow(unsafe_code)]
 
 use std::io;
 use std::os::fd::{AsRawFd, RawFd};

@@ -1,4 +1,5 @@
 //! Unit-test helper: fresh, uniquely named directories under the system temp dir.
+#![forbid(unsafe_code)]
 
 use std::fs;
 use std::path::{Path, PathBuf};

@@ -1,5 +1,6 @@
 //! How output bytes become text for clients: lossy UTF-8 decoding (U+FFFD for invalid bytes),
 //! CR and CRLF turned into LF, and JSON string escaping that can be applied piece by piece.
+#![forbid(unsafe_code)]
 
 use std::borrow::Cow;
 use std::io::{self, Write};

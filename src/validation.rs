@@ -1,6 +1,7 @@
 //! The checks a runbook must pass before it runs (and what `PATCH .../validate` reports):
 //! required sections, required environment variables (none that changes how an interpreter
 //! starts), input files, a script block.
+#![forbid(unsafe_code)]
 
 use crate::catalog::Catalog;
 use crate::params;

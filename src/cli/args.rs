@@ -1,6 +1,7 @@
 //! Command-line arguments of the terminal subcommands (`monitor`, `exec`, `cancel`, `runs`)
 //! and `--version`: options, the server URL and token with their environment fallbacks, and
 //! the usage texts.
+#![forbid(unsafe_code)]
 
 use std::fmt;
 

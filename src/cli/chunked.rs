@@ -1,6 +1,7 @@
 //! Decodes an HTTP/1.1 `Transfer-Encoding: chunked` body as a plain byte reader. The end of
 //! the connection before the final zero-size chunk is an `UnexpectedEof` error, so a dropped
 //! stream is never mistaken for a complete one.
+#![forbid(unsafe_code)]
 
 use std::io::{self, BufRead, Read};
 

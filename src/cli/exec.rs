@@ -1,5 +1,6 @@
 //! Starts a run without waiting for it: `POST /api/runbooks/{file}/execute?async=true` with
 //! `Prefer: respond-async`, expecting 202 and the new run's id.
+#![forbid(unsafe_code)]
 
 use std::fmt;
 

@@ -1,6 +1,7 @@
 //! A small blocking HTTP/1.1 client over `std::net::TcpStream`: writes one request with
 //! `Connection: close`, reads the status line and headers, and gives the body as a reader
 //! that handles chunked, length-delimited and close-delimited framing.
+#![forbid(unsafe_code)]
 
 use std::fmt;
 use std::io::{self, BufRead, BufReader, Read, Write};

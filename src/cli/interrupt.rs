@@ -3,6 +3,7 @@
 //! or cancel it, then ends this process with status 130. With `--cancel-on-interrupt` it asks
 //! the server to cancel the run instead and lets the follower print the run's end; a second
 //! Ctrl-C then stops waiting.
+#![forbid(unsafe_code)]
 
 use std::io::{self, Write};
 use std::sync::{Arc, Mutex, PoisonError};

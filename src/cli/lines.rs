@@ -1,5 +1,6 @@
 //! Reads one protocol line (ended by LF, an optional CR before it removed) with a length cap,
 //! as HTTP status lines, header lines and chunk-size lines need.
+#![forbid(unsafe_code)]
 
 use std::io::{self, BufRead};
 

@@ -2,6 +2,7 @@
 //! RUN_ID` follows a run's output live, both ending with the run's status line and exit code;
 //! `runbookd cancel RUN_ID`, `runbookd runs` and `runbookd --version`. Plain HTTP/1.1 over std
 //! sockets; for TLS, go through a local address.
+#![forbid(unsafe_code)]
 
 mod args;
 pub(crate) mod chunked;

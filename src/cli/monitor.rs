@@ -2,6 +2,7 @@
 //! sinks, resumes after a dropped connection from the last event id with a growing backoff,
 //! and ends with the run's exit status and result taken from `done` (or from the run record
 //! when the server answers 204 because everything was already seen).
+#![forbid(unsafe_code)]
 
 use std::collections::HashSet;
 use std::fmt;

@@ -1,5 +1,6 @@
 //! Reads the small JSON replies of the runbookd API and turns error replies into a message
 //! for the terminal.
+#![forbid(unsafe_code)]
 
 use std::io::{self, BufRead};
 

@@ -1,5 +1,6 @@
 //! The run calls besides following one: a run's record, cancelling it, and listing recent
 //! runs as a table (`runbookd runs`).
+#![forbid(unsafe_code)]
 
 use std::fmt;
 

@@ -2,6 +2,7 @@
 //! arrive in arbitrary pieces, lines end with CRLF, LF or CR, `event`/`data`/`id` fields
 //! build an event, a blank line dispatches it, `:` lines are comments, and an event still
 //! open when the stream ends is never dispatched.
+#![forbid(unsafe_code)]
 
 /// One dispatched event.
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -1,6 +1,7 @@
 //! The lines the terminal client writes about a run rather than from it: the start line, the
 //! final status line (status, exit code, duration, the server's reason) and what to do after
 //! Ctrl-C.
+#![forbid(unsafe_code)]
 
 use serde_json::Value;
 

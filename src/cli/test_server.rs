@@ -1,5 +1,6 @@
 //! Test helper: a scripted HTTP server on 127.0.0.1:0 that answers each accepted connection
 //! with the next reply function and records the requests it read.
+#![forbid(unsafe_code)]
 
 use std::io::{BufReader, Read, Write};
 use std::net::{TcpListener, TcpStream};

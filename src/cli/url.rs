@@ -1,5 +1,6 @@
 //! The server address the terminal client talks to: a plain `http://host[:port][/prefix]`
 //! base URL, and percent-encoding of path segments built on it.
+#![forbid(unsafe_code)]
 
 use std::fmt;
 

@@ -1,5 +1,6 @@
 //! The one place where failures become HTTP statuses: every handler returns `ApiError`, and
 //! `ApiError::status` / `ApiError::body` decide what the client sees.
+#![forbid(unsafe_code)]
 
 use std::fmt;
 

@@ -1,5 +1,6 @@
 //! One function per endpoint. Handlers decide what to answer and return a `Reply` or an
 //! `ApiError`; they never write to the socket (see `view` and `mod` for that).
+#![forbid(unsafe_code)]
 
 use std::sync::Arc;
 

@@ -1,6 +1,7 @@
 //! The HTTP front: binds the listening socket (with the viewer stall timeout set on it), hands
 //! it to tiny_http, and serves each request on its own thread: route, handle, answer, and one
 //! access line. Errors are turned into responses only here, from `ApiError`.
+#![forbid(unsafe_code)]
 
 pub mod error;
 pub mod handlers;

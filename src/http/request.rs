@@ -1,5 +1,6 @@
 //! What a handler needs to know about a request, read once from tiny_http: method, decoded path
 //! parts, query pairs, headers, client address, and the body (read with the 1 MiB limit).
+#![forbid(unsafe_code)]
 
 use std::io::Read;
 use std::net::SocketAddr;

@@ -1,5 +1,6 @@
 //! Maps a method and path to a route: 404 for an unknown path, 405 (with `Allow`) for a known
 //! path with another method. The `{file}` segment is percent-decoded here.
+#![forbid(unsafe_code)]
 
 use super::error::ApiError;
 use super::request::percent_decode;

@@ -3,6 +3,7 @@
 //! runbook's Required Claims; a run id alone is not a key. A run token sees only its own run
 //! and the runs started under it. Cancelling is for the user who started it and for
 //! administrators (`ADMIN_ROLES`) who meet the claims.
+#![forbid(unsafe_code)]
 
 use std::collections::HashMap;
 use std::sync::Arc;

@@ -1,6 +1,7 @@
 //! Viewers of a run: the SSE stream (execute responses and `/events`), the synchronous JSON
 //! result, and the raw download. Each reads the run's log through its own cursor at its own
 //! pace; a write error or a stalled socket ends the viewer, never the run.
+#![forbid(unsafe_code)]
 
 use std::io::Write;
 use std::sync::Arc;

@@ -2,6 +2,7 @@
 //! headers, then one HTTP chunk per batch (or, for HTTP/1.0 clients, raw bytes and a closed
 //! connection), each batch one write + flush so it leaves at once. The answer to a `HEAD`
 //! request is the head alone: its body (and chunk framing) is dropped.
+#![forbid(unsafe_code)]
 
 use std::io::{self, Write};
 

@@ -1,6 +1,7 @@
 //! The runbookd calls the figures make (SSE execute, async execute, attach to
 //! `/api/runs/{id}/events`) and the reading of a run's event stream up to its `done` event,
 //! checking that output ids only grow.
+#![forbid(unsafe_code)]
 
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};

@@ -2,6 +2,7 @@
 //! `Connection: close`, reads the head, and decodes the body (chunked, `Content-Length`, or up
 //! to the close). It notes the time of every socket read, so a caller can tell when bytes
 //! arrived on the wire rather than when it got round to parsing them.
+#![forbid(unsafe_code)]
 
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream};

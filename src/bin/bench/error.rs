@@ -1,5 +1,6 @@
 //! The benchmark's one error type: why a figure could not be measured, or why what it measured
 //! was wrong (bytes missing, a bad status). Timing goals that are missed are not errors.
+#![forbid(unsafe_code)]
 
 use std::fmt;
 use std::io;

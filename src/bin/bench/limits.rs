@@ -2,6 +2,7 @@
 //! usual soft `RLIMIT_NOFILE` of 1024. Without `unsafe` (which lives only in the server's
 //! `sys.rs`), it raises the soft limit to the hard one by re-executing itself through
 //! `/bin/sh -c 'ulimit -n …; exec …'` once, marked by an environment variable.
+#![forbid(unsafe_code)]
 
 use std::os::unix::process::CommandExt;
 use std::process::Command;

@@ -5,6 +5,7 @@
 //!
 //! Usage: `cargo run --release --bin runbookd-bench -- [NAME...]` (no NAME: all). Exit status
 //! 0 when every figure ran and met its goal, 1 otherwise, 2 for a bad argument.
+#![forbid(unsafe_code)]
 
 mod api;
 mod client;

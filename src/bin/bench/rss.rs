@@ -1,6 +1,7 @@
 //! Memory of the server process from `/proc/PID/status`: current `VmRSS`, peak `VmHWM`
 //! (resettable through `clear_refs`), and a sampler thread that records the largest `VmRSS`
 //! seen every 20 ms.
+#![forbid(unsafe_code)]
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;

@@ -1,5 +1,6 @@
 //! The runbooks the benchmark executes, written into its own temporary `RUNBOOKS_DIR`, and
 //! the exact output each is expected to produce.
+#![forbid(unsafe_code)]
 
 use std::path::Path;
 

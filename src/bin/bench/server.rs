@@ -2,6 +2,7 @@
 //! state, execution dirs), the environment it needs, the port read from its
 //! `listening on http://…` line, its stderr kept for diagnosis, and a stop (TERM, then KILL)
 //! that also runs when a figure panics.
+#![forbid(unsafe_code)]
 
 use std::collections::VecDeque;
 use std::io::{BufRead, BufReader};

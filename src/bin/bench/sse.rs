@@ -2,6 +2,7 @@
 //! CR; `field: value` with one optional space removed; `data` lines joined with LF; comments
 //! ignored; an event is dispatched at a blank line. Each event carries the time of the socket
 //! read that completed it.
+#![forbid(unsafe_code)]
 
 use std::time::{Instant, SystemTime};
 

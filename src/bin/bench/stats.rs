@@ -1,4 +1,5 @@
 //! Small statistics and formatting helpers: median, nearest-rank percentiles, MiB and seconds.
+#![forbid(unsafe_code)]
 
 use std::time::Duration;
 

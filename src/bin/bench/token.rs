@@ -1,5 +1,6 @@
 //! Mints the HS256 bearer token the benchmark sends: the claims runbookd checks (`iss`, `aud`,
 //! `sub`, `iat`, `exp`, `roles`), signed with the secret the benchmark gave the server.
+#![forbid(unsafe_code)]
 
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use base64::Engine;

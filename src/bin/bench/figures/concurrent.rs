@@ -3,6 +3,7 @@
 //! output was exact and whose `done` arrived within 2.5 s of their own start; the ladder stops
 //! when fewer than 95 % make it. Each rung first runs the same N scripts directly under `sh`,
 //! without the server, to show what the machine itself manages.
+#![forbid(unsafe_code)]
 
 use std::collections::BTreeMap;
 use std::process::{Command, Stdio};

@@ -1,5 +1,6 @@
 //! `gap`: an SSE execute of `printf 'a'; sleep 1; printf 'b\n'`; the time between the wire
 //! arrival of `a` and of `b` shows that a partial line is forwarded at once (goal ≥ 0.8 s).
+#![forbid(unsafe_code)]
 
 use std::time::{Duration, Instant};
 

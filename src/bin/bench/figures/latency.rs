@@ -2,6 +2,7 @@
 //! time in microseconds every 20 ms for 4 s; viewers attached to `/api/runs/{id}/events`
 //! subtract each line's stamp from the wall-clock time of the socket read that delivered it.
 //! Measured with 1 viewer, then with 100 (the first viewer's figures and all pooled).
+#![forbid(unsafe_code)]
 
 use std::sync::{Arc, Barrier};
 use std::time::{Duration, Instant, UNIX_EPOCH};

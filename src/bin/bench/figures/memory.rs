@@ -3,6 +3,7 @@
 //! read through `/api/runs/{id}/events`, all of it stored; goal: growth ≤ 10 MiB). The
 //! baseline is taken after a warm-up run; the peak is the larger of `VmRSS` sampled every
 //! 20 ms and `VmHWM` reset just before the run.
+#![forbid(unsafe_code)]
 
 use std::path::Path;
 use std::time::{Duration, Instant};

@@ -1,5 +1,6 @@
 //! The figures the benchmark measures, by name, and what they share: starting a fresh server
 //! with a token for it, and the outcome each reports for the final summary.
+#![forbid(unsafe_code)]
 
 mod concurrent;
 mod gap;

@@ -1,6 +1,7 @@
 //! `seq`: an SSE execute of `seq 1 1000000` timed to its `done` event, its stdout compared
 //! byte for byte, against the shell pipeline `sh -c 'seq 1 1000000' | cat > /dev/null` timed
 //! from spawn to exit in the same process, alternating (goal: ratio of medians ≤ 5).
+#![forbid(unsafe_code)]
 
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};

@@ -2,6 +2,7 @@
 //! watched by 1000 SSE viewers on `/api/runs/{id}/events` (each its own thread and
 //! connection, `Connection: close`). Every viewer must receive exactly the script's bytes, in
 //! id order, and `done`; reported: how many did, and when the last `done` arrived.
+#![forbid(unsafe_code)]
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
