@@ -167,18 +167,7 @@ impl Staged {
 
 impl Drop for Staged {
     fn drop(&mut self) {
-        let _ = Command::new("kill")
-            .args(["-TERM", &self.child.id().to_string()])
-            .status();
-        let deadline = Instant::now() + Duration::from_secs(5);
-        while Instant::now() < deadline {
-            match self.child.try_wait() {
-                Ok(Some(_)) | Err(_) => break,
-                Ok(None) => thread::sleep(Duration::from_millis(20)),
-            }
-        }
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+        stop_server(&mut self.child);
         if thread::panicking() {
             eprintln!("--- runbookd stderr ---\n{}\n--- end ---", self.stderr());
         }

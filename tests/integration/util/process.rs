@@ -2,6 +2,7 @@
 
 use std::fs;
 use std::path::Path;
+use std::process::{Child, Command};
 use std::thread;
 use std::time::{Duration, Instant};
 
@@ -79,4 +80,22 @@ pub fn pids_with_cmdline(needle: &str) -> Vec<u32> {
         })
         .filter(|&pid| process_alive(pid))
         .collect()
+}
+
+/// Stops a test's runbookd: SIGTERM first (the server stops its runs' process groups itself, so
+/// no script outlives the test), SIGKILL if it takes longer than 5 s; reaps it either way.
+pub fn stop_server(child: &mut Child) {
+    let terminated = Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status()
+        .is_ok_and(|s| s.success());
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while terminated && Instant::now() < deadline {
+        match child.try_wait() {
+            Ok(Some(_)) | Err(_) => break,
+            Ok(None) => thread::sleep(Duration::from_millis(20)),
+        }
+    }
+    let _ = child.kill();
+    let _ = child.wait();
 }

@@ -12,7 +12,10 @@ use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
 
-use super::{execute_sse_at, history_entries, request, Response, Runbook, SseStream, TEST_SECRET};
+use super::{
+    execute_sse_at, history_entries, request, stop_server, Response, Runbook, SseStream,
+    TEST_SECRET,
+};
 
 static COUNTER: AtomicUsize = AtomicUsize::new(0);
 
@@ -294,21 +297,7 @@ impl Server {
 
 impl Drop for Server {
     fn drop(&mut self) {
-        // SIGTERM first: the server stops its runs' process groups itself, so no script
-        // outlives the test; SIGKILL if it takes longer than its shutdown grace.
-        let terminated = Command::new("kill")
-            .args(["-TERM", &self.child.id().to_string()])
-            .status()
-            .is_ok_and(|s| s.success());
-        let deadline = Instant::now() + Duration::from_secs(5);
-        while terminated && Instant::now() < deadline {
-            match self.child.try_wait() {
-                Ok(Some(_)) | Err(_) => break,
-                Ok(None) => thread::sleep(Duration::from_millis(20)),
-            }
-        }
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+        stop_server(&mut self.child);
         if thread::panicking() {
             let stderr = self.stderr();
             let tail: String = {
