@@ -1,14 +1,24 @@
-//! The only home of `unsafe`: thin, checked wrappers over the Linux calls std does not offer
-//! (process-group signals, waiting without reaping, descriptor limits, socket options, poll,
-//! dumpability, user lookup and the switch to the script user).
-//! Every function returns `io::Result` built from `errno`; callers never see raw return codes.
+//! The system calls std does not offer (process-group signals, waiting without reaping,
+//! descriptor limits, socket options, poll, dumpability, signal masks, user lookup and the
+//! switch to the script user), as thin, checked wrappers. Most go through `nix` and `socket2`;
+//! the few they do not cover (resetting a signal disposition, `poll` on raw descriptors, the
+//! ambient capability set, `capset`) are the only `unsafe` in runbookd, each with its SAFETY
+//! comment. Every function returns `io::Result` built from `errno`; callers never see raw
+//! return codes.
 #![allow(unsafe_code)]
 
 use std::io;
-use std::os::fd::{AsRawFd, RawFd};
+use std::os::fd::{AsFd, RawFd};
 use std::os::unix::process::CommandExt;
 use std::process::Command;
 use std::time::Duration;
+
+use nix::errno::Errno;
+use nix::sys::resource::{getrlimit, setrlimit, Resource};
+use nix::sys::signal::{SigSet, Signal};
+use nix::sys::wait::{waitid, Id, WaitPidFlag, WaitStatus};
+use nix::unistd::{Gid, Pid, Uid, User};
+use socket2::SockRef;
 
 /// How a process ended, as read by `waitid`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -39,14 +49,14 @@ fn check(ret: libc::c_int) -> io::Result<libc::c_int> {
 pub fn signal_group(pgid: u32, signal: libc::c_int) -> io::Result<()> {
     let pgid =
         libc::pid_t::try_from(pgid).map_err(|_| io::Error::from(io::ErrorKind::InvalidInput))?;
+    // pgid > 1, so it never targets init or every process.
     if pgid <= 1 {
         return Err(io::Error::from(io::ErrorKind::InvalidInput));
     }
-    // SAFETY: killpg has no memory-safety preconditions; pgid > 1 so it never targets init or us.
-    match check(unsafe { libc::killpg(pgid, signal) }) {
-        Ok(_) => Ok(()),
-        Err(e) if e.raw_os_error() == Some(libc::ESRCH) => Ok(()),
-        Err(e) => Err(e),
+    let signal = Signal::try_from(signal)?;
+    match nix::sys::signal::killpg(Pid::from_raw(pgid), signal) {
+        Ok(()) | Err(Errno::ESRCH) => Ok(()),
+        Err(e) => Err(e.into()),
     }
 }
 
@@ -54,15 +64,13 @@ pub fn signal_group(pgid: u32, signal: libc::c_int) -> io::Result<()> {
 pub fn kill_process(pid: u32) -> io::Result<()> {
     let pid =
         libc::pid_t::try_from(pid).map_err(|_| io::Error::from(io::ErrorKind::InvalidInput))?;
+    // pid > 1, so it never targets a group, every process or init.
     if pid <= 1 {
         return Err(io::Error::from(io::ErrorKind::InvalidInput));
     }
-    // SAFETY: kill has no memory-safety preconditions; pid > 1 so it never targets a group,
-    // every process or init.
-    match check(unsafe { libc::kill(pid, libc::SIGKILL) }) {
-        Ok(_) => Ok(()),
-        Err(e) if e.raw_os_error() == Some(libc::ESRCH) => Ok(()),
-        Err(e) => Err(e),
+    match nix::sys::signal::kill(Pid::from_raw(pid), Signal::SIGKILL) {
+        Ok(()) | Err(Errno::ESRCH) => Ok(()),
+        Err(e) => Err(e.into()),
     }
 }
 
@@ -80,50 +88,40 @@ pub fn kill_group(pgid: u32) -> io::Result<()> {
 /// Blocks until process `pid` has exited, WITHOUT reaping it (`WNOWAIT`): the pid, and so the
 /// process-group id, stays reserved until the caller reaps it with `Child::wait`.
 pub fn wait_exit_keep_zombie(pid: u32) -> io::Result<ExitStatus> {
-    let pid = libc::id_t::from(pid);
+    let pid =
+        libc::pid_t::try_from(pid).map_err(|_| io::Error::from(io::ErrorKind::InvalidInput))?;
     loop {
-        // SAFETY: siginfo_t is plain data; zeroed is a valid value and waitid fills it.
-        let mut info: libc::siginfo_t = unsafe { std::mem::zeroed() };
-        // SAFETY: `info` is a valid, writable siginfo_t for the duration of the call.
-        let ret =
-            unsafe { libc::waitid(libc::P_PID, pid, &mut info, libc::WEXITED | libc::WNOWAIT) };
-        match check(ret) {
-            Ok(_) => {
-                // SAFETY: after a successful waitid with WEXITED the child fields are set.
-                let (code, status) = unsafe { (info.si_code, info.si_status()) };
-                return Ok(if code == libc::CLD_EXITED {
-                    ExitStatus::Exited(status)
-                } else {
-                    ExitStatus::Signaled(status)
-                });
+        match waitid(
+            Id::Pid(Pid::from_raw(pid)),
+            WaitPidFlag::WEXITED | WaitPidFlag::WNOWAIT,
+        ) {
+            Ok(WaitStatus::Exited(_, code)) => return Ok(ExitStatus::Exited(code)),
+            Ok(WaitStatus::Signaled(_, signal, _)) => {
+                return Ok(ExitStatus::Signaled(signal as i32))
             }
-            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-            Err(e) => return Err(e),
+            Err(Errno::EINTR) => continue,
+            // Only exits are waited for (WEXITED), so nothing else is reported.
+            Ok(other) => {
+                return Err(io::Error::new(
+                    io::ErrorKind::InvalidData,
+                    format!("unexpected wait status {other:?}"),
+                ))
+            }
+            Err(e) => return Err(e.into()),
         }
     }
 }
 
 /// Current soft and hard `RLIMIT_NOFILE`.
 pub fn nofile_limits() -> io::Result<(u64, u64)> {
-    let mut lim = libc::rlimit {
-        rlim_cur: 0,
-        rlim_max: 0,
-    };
-    // SAFETY: `lim` is a valid, writable rlimit.
-    check(unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) })?;
-    Ok((lim.rlim_cur, lim.rlim_max))
+    Ok(getrlimit(Resource::RLIMIT_NOFILE)?)
 }
 
 /// Raises the soft `RLIMIT_NOFILE` to the hard limit; returns the original soft limit.
 pub fn raise_nofile_limit() -> io::Result<u64> {
     let (soft, hard) = nofile_limits()?;
     if soft < hard {
-        let lim = libc::rlimit {
-            rlim_cur: hard,
-            rlim_max: hard,
-        };
-        // SAFETY: `lim` is a valid rlimit.
-        check(unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &lim) })?;
+        setrlimit(Resource::RLIMIT_NOFILE, hard, hard)?;
     }
     Ok(soft)
 }
@@ -142,14 +140,8 @@ pub fn exec_script_interpreter(
     args: &[std::ffi::OsString],
 ) -> io::Error {
     // The server blocks SIGTERM/SIGINT for its signal thread; the script must not inherit that.
-    // SAFETY: sigset_t is plain data; sigemptyset initialises it before pthread_sigmask reads it.
-    let ret = unsafe {
-        let mut empty: libc::sigset_t = std::mem::zeroed();
-        libc::sigemptyset(&mut empty);
-        libc::pthread_sigmask(libc::SIG_SETMASK, &empty, std::ptr::null_mut())
-    };
-    if ret != 0 {
-        return io::Error::from_raw_os_error(ret);
+    if let Err(e) = SigSet::empty().thread_set_mask() {
+        return e.into();
     }
     // SIGXFSZ is ignored by the server (see `ignore_file_size_signal`); scripts get the default.
     for signal in [
@@ -166,13 +158,8 @@ pub fn exec_script_interpreter(
     }
     if let Some(soft) = nofile_soft {
         if let Ok((_, hard)) = nofile_limits() {
-            let lim = libc::rlimit {
-                rlim_cur: soft.min(hard),
-                rlim_max: hard,
-            };
-            // SAFETY: `lim` is a valid rlimit.
-            if let Err(e) = check(unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &lim) }) {
-                return e;
+            if let Err(e) = setrlimit(Resource::RLIMIT_NOFILE, soft.min(hard), hard) {
+                return e.into();
             }
         }
     }
@@ -188,49 +175,20 @@ pub fn exec_script_interpreter(
 /// ptrace it nor read its `/proc/<pid>/environ`, `mem` or `fd` (the kernel then treats it like a
 /// process of another user). Children get the flag back at `execve`, so this covers only us.
 pub fn make_non_dumpable() -> io::Result<()> {
-    // SAFETY: PR_SET_DUMPABLE takes a plain integer and touches no memory of ours.
-    check(unsafe { libc::prctl(libc::PR_SET_DUMPABLE, 0, 0, 0, 0) }).map(|_| ())
+    Ok(nix::sys::prctl::set_dumpable(false)?)
 }
 
 /// The effective user id.
 pub fn effective_uid() -> u32 {
-    // SAFETY: geteuid cannot fail and has no preconditions.
-    unsafe { libc::geteuid() }
+    Uid::effective().as_raw()
 }
 
 /// A user's id and primary group id from the user database (`getpwnam_r`); None: no such user.
 pub fn lookup_user(name: &str) -> io::Result<Option<(u32, u32)>> {
-    let c_name =
-        std::ffi::CString::new(name).map_err(|_| io::Error::from(io::ErrorKind::InvalidInput))?;
-    let mut buf_len = 1024usize;
-    loop {
-        let mut buf = vec![0 as libc::c_char; buf_len];
-        // SAFETY: passwd is plain data; zeroed is a valid value that getpwnam_r overwrites.
-        let mut pwd: libc::passwd = unsafe { std::mem::zeroed() };
-        let mut result: *mut libc::passwd = std::ptr::null_mut();
-        // SAFETY: every pointer is valid for the call: `c_name` is NUL-terminated, `pwd` and
-        // `result` are writable, and `buf` has `buf.len()` writable bytes.
-        let ret = unsafe {
-            libc::getpwnam_r(
-                c_name.as_ptr(),
-                &mut pwd,
-                buf.as_mut_ptr(),
-                buf.len(),
-                &mut result,
-            )
-        };
-        if ret == libc::ERANGE && buf_len < 1 << 20 {
-            buf_len *= 4;
-            continue;
-        }
-        if ret != 0 {
-            return Err(io::Error::from_raw_os_error(ret));
-        }
-        if result.is_null() {
-            return Ok(None);
-        }
-        return Ok(Some((pwd.pw_uid, pwd.pw_gid)));
+    if name.contains('\0') {
+        return Err(io::Error::from(io::ErrorKind::InvalidInput));
     }
+    Ok(User::from_name(name)?.map(|user| (user.uid.as_raw(), user.gid.as_raw())))
 }
 
 /// Turns this (single-threaded, about to exec) process into `uid`:`gid` for good: no
@@ -238,12 +196,11 @@ pub fn lookup_user(name: &str) -> io::Result<Option<(u32, u32)>> {
 /// (ambient, inheritable, permitted, effective), so that nothing the program it execs runs can
 /// get back to the server's user.
 pub fn become_user(uid: u32, gid: u32) -> io::Result<()> {
-    // SAFETY: setgroups with a count of 0 reads no memory.
-    check(unsafe { libc::setgroups(0, std::ptr::null()) })?;
-    // SAFETY: plain id arguments.
-    check(unsafe { libc::setresgid(gid, gid, gid) })?;
-    // SAFETY: plain id arguments.
-    check(unsafe { libc::setresuid(uid, uid, uid) })?;
+    let (user, group) = (Uid::from_raw(uid), Gid::from_raw(gid));
+    nix::unistd::setgroups(&[])?;
+    nix::unistd::setresgid(group, group, group)?;
+    nix::unistd::setresuid(user, user, user)?;
+    // nix has no call for the ambient capability set.
     // SAFETY: PR_CAP_AMBIENT_CLEAR_ALL takes plain integers.
     let cleared = check(unsafe {
         libc::prctl(
@@ -260,6 +217,7 @@ pub fn become_user(uid: u32, gid: u32) -> io::Result<()> {
             return Err(e);
         }
     }
+    // Nor for capset(2).
     #[repr(C)]
     struct CapHeader {
         version: u32,
@@ -288,16 +246,13 @@ pub fn become_user(uid: u32, gid: u32) -> io::Result<()> {
     if ret == -1 {
         return Err(io::Error::last_os_error());
     }
-    // SAFETY: the id getters cannot fail and have no preconditions.
-    let (now_uid, now_euid, now_gid, now_egid) = unsafe {
-        (
-            libc::getuid(),
-            libc::geteuid(),
-            libc::getgid(),
-            libc::getegid(),
-        )
-    };
-    if (now_uid, now_euid, now_gid, now_egid) != (uid, uid, gid, gid) {
+    let now = (
+        Uid::current(),
+        Uid::effective(),
+        Gid::current(),
+        Gid::effective(),
+    );
+    if now != (user, user, group, group) {
         return Err(io::Error::new(
             io::ErrorKind::PermissionDenied,
             "the user change did not take effect",
@@ -308,50 +263,22 @@ pub fn become_user(uid: u32, gid: u32) -> io::Result<()> {
 
 /// Re-issues `listen` with a longer accept queue than std's default, so a burst of clients is
 /// queued instead of dropped and retried seconds later.
-pub fn set_listen_backlog(socket: &impl AsRawFd, backlog: i32) -> io::Result<()> {
-    // SAFETY: listen on a bound socket we own has no memory-safety preconditions.
-    check(unsafe { libc::listen(socket.as_raw_fd(), backlog) }).map(|_| ())
-}
-
-fn set_socket_option<T>(
-    fd: RawFd,
-    level: libc::c_int,
-    name: libc::c_int,
-    value: &T,
-) -> io::Result<()> {
-    let len = libc::socklen_t::try_from(std::mem::size_of::<T>())
-        .map_err(|_| io::Error::from(io::ErrorKind::InvalidInput))?;
-    // SAFETY: `value` points to a live T of `len` bytes for the duration of the call.
-    check(unsafe { libc::setsockopt(fd, level, name, (value as *const T).cast(), len) })?;
-    Ok(())
+pub fn set_listen_backlog(socket: &impl AsFd, backlog: i32) -> io::Result<()> {
+    SockRef::from(socket).listen(backlog)
 }
 
 /// Sets `SO_SNDTIMEO` and `TCP_USER_TIMEOUT` on a socket. Set on a listening socket, Linux
 /// copies both to every accepted connection, so a write blocked that long fails.
-pub fn set_send_stall_timeout(socket: &impl AsRawFd, stall: Duration) -> io::Result<()> {
-    let fd = socket.as_raw_fd();
-    let tv = libc::timeval {
-        tv_sec: libc::time_t::try_from(stall.as_secs()).unwrap_or(libc::time_t::MAX),
-        tv_usec: libc::suseconds_t::from(stall.subsec_micros()),
-    };
-    set_socket_option(fd, libc::SOL_SOCKET, libc::SO_SNDTIMEO, &tv)?;
-    let user_timeout_ms = libc::c_uint::try_from(stall.as_millis()).unwrap_or(libc::c_uint::MAX);
-    set_socket_option(
-        fd,
-        libc::IPPROTO_TCP,
-        libc::TCP_USER_TIMEOUT,
-        &user_timeout_ms,
-    )
+pub fn set_send_stall_timeout(socket: &impl AsFd, stall: Duration) -> io::Result<()> {
+    let socket = SockRef::from(socket);
+    socket.set_write_timeout(Some(stall))?;
+    socket.set_tcp_user_timeout(Some(stall))
 }
 
 /// Sets `SO_RCVTIMEO` on a socket. Set on a listening socket, Linux copies it to every accepted
 /// connection, so a read that waits that long for a byte fails (`WouldBlock`).
-pub fn set_receive_timeout(socket: &impl AsRawFd, timeout: Duration) -> io::Result<()> {
-    let tv = libc::timeval {
-        tv_sec: libc::time_t::try_from(timeout.as_secs()).unwrap_or(libc::time_t::MAX),
-        tv_usec: libc::suseconds_t::from(timeout.subsec_micros()),
-    };
-    set_socket_option(socket.as_raw_fd(), libc::SOL_SOCKET, libc::SO_RCVTIMEO, &tv)
+pub fn set_receive_timeout(socket: &impl AsFd, timeout: Duration) -> io::Result<()> {
+    SockRef::from(socket).set_read_timeout(Some(timeout))
 }
 
 /// What `poll_readable` saw.
@@ -411,16 +338,11 @@ pub fn process_start_ticks(pid: u32) -> io::Result<u64> {
         .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidData, "unreadable /proc stat"))
 }
 
-fn termination_set() -> io::Result<libc::sigset_t> {
-    // SAFETY: sigset_t is plain data; sigemptyset initialises it before use.
-    let mut set: libc::sigset_t = unsafe { std::mem::zeroed() };
-    // SAFETY: `set` is a valid sigset_t.
-    unsafe {
-        check(libc::sigemptyset(&mut set))?;
-        check(libc::sigaddset(&mut set, libc::SIGTERM))?;
-        check(libc::sigaddset(&mut set, libc::SIGINT))?;
-    }
-    Ok(set)
+fn termination_set() -> SigSet {
+    let mut set = SigSet::empty();
+    set.add(Signal::SIGTERM);
+    set.add(Signal::SIGINT);
+    set
 }
 
 /// Ignores SIGXFSZ for the whole process, so a write past `RLIMIT_FSIZE` fails with EFBIG
@@ -437,58 +359,28 @@ pub fn ignore_file_size_signal() -> io::Result<()> {
 /// Blocks SIGTERM and SIGINT in the calling thread and every thread it starts afterwards, so
 /// that `wait_termination_signal` receives them. (Children get an empty mask from std.)
 pub fn block_termination_signals() -> io::Result<()> {
-    let set = termination_set()?;
-    // SAFETY: `set` is a valid, initialised sigset_t.
-    let ret = unsafe { libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut()) };
-    if ret != 0 {
-        return Err(io::Error::from_raw_os_error(ret));
-    }
-    Ok(())
+    Ok(termination_set().thread_block()?)
 }
 
 /// Waits for SIGTERM or SIGINT (blocked beforehand) and returns its number.
 pub fn wait_termination_signal() -> io::Result<i32> {
-    let set = termination_set()?;
-    let mut signal: libc::c_int = 0;
-    // SAFETY: `set` and `signal` are valid for the call.
-    let ret = unsafe { libc::sigwait(&set, &mut signal) };
-    if ret != 0 {
-        return Err(io::Error::from_raw_os_error(ret));
-    }
-    Ok(signal)
+    Ok(termination_set().wait()? as i32)
 }
 
-fn interrupt_set() -> io::Result<libc::sigset_t> {
-    // SAFETY: sigset_t is plain data; sigemptyset initialises it before use.
-    let mut set: libc::sigset_t = unsafe { std::mem::zeroed() };
-    // SAFETY: `set` is a valid sigset_t.
-    unsafe {
-        check(libc::sigemptyset(&mut set))?;
-        check(libc::sigaddset(&mut set, libc::SIGINT))?;
-    }
-    Ok(set)
+fn interrupt_set() -> SigSet {
+    let mut set = SigSet::empty();
+    set.add(Signal::SIGINT);
+    set
 }
 
 /// Blocks SIGINT in the calling thread and every thread it starts afterwards, so that the
 /// terminal client's Ctrl-C watcher receives it through `wait_interrupt_signal`.
 pub fn block_interrupt_signal() -> io::Result<()> {
-    let set = interrupt_set()?;
-    // SAFETY: `set` is a valid, initialised sigset_t.
-    let ret = unsafe { libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut()) };
-    if ret != 0 {
-        return Err(io::Error::from_raw_os_error(ret));
-    }
-    Ok(())
+    Ok(interrupt_set().thread_block()?)
 }
 
 /// Waits for SIGINT (blocked beforehand with `block_interrupt_signal`).
 pub fn wait_interrupt_signal() -> io::Result<()> {
-    let set = interrupt_set()?;
-    let mut signal: libc::c_int = 0;
-    // SAFETY: `set` and `signal` are valid for the call.
-    let ret = unsafe { libc::sigwait(&set, &mut signal) };
-    if ret != 0 {
-        return Err(io::Error::from_raw_os_error(ret));
-    }
+    interrupt_set().wait()?;
     Ok(())
 }
