@@ -124,10 +124,13 @@ pub fn start(app: &Arc<App>, req: ExecuteRequest) -> Result<Arc<Run>, ExecError>
     if app.is_shutting_down() {
         return Err(ExecError::Unavailable("the server is shutting down".into()));
     }
+    let entered = Instant::now();
     let (path, content) = app.catalog.read(&req.file)?;
     let book = runbook::parse(&content);
     authorize(app, &path, &book, &req.principal)?;
     let run_id = format!("{}-{}", app.config.instance_id, uuid::Uuid::new_v4());
+    crate::stages::begin(&run_id, entered);
+    crate::stages::mark(&run_id, "runbook");
     // A sub-runbook call made with a running run's token does not count against
     // MAX_CONCURRENT_RUNS (so chains cannot starve) up to MAX_SUBRUNS_PER_RUN per tree.
     let parent = req.principal.run_scope.as_ref().map(|s| s.run_id.as_str());
@@ -143,6 +146,7 @@ pub fn start(app: &Arc<App>, req: ExecuteRequest) -> Result<Arc<Run>, ExecError>
             },
         )
         .map_err(ExecError::Admission)?;
+    crate::stages::mark(&run_id, "admission");
     // Set once the run thread owns the run: from then on it concludes the run, whatever
     // happens to this request.
     let handed_over = Cell::new(false);
@@ -210,6 +214,7 @@ fn launch(
         app.config.run_log_max_bytes,
     )
     .map_err(|e| ExecError::Unavailable(format!("{NO_ROOM}: cannot create its log: {e}")))?;
+    crate::stages::mark(run_id, "log file");
     // Only what the runbook declares reaches the script; the rest is named in a warning.
     let vars = params::keep_declared(&req.vars, book);
     let findings = validation::validate(
@@ -234,6 +239,7 @@ fn launch(
             app.config.max_recursion_depth
         ));
     }
+    crate::stages::mark(run_id, "validation");
     let record = RunRecord {
         run_id: run_id.to_string(),
         runbook: req.file.clone(),
@@ -263,6 +269,7 @@ fn launch(
             "{NO_ROOM}: cannot write its record: {e}"
         )));
     }
+    crate::stages::mark(run_id, "record");
     let log = Arc::new(log);
     let run = Arc::new(Run::new(record, log_path, Some(log.clone())));
     app.runs.insert(run.clone());
@@ -295,6 +302,7 @@ fn launch(
         return Ok(run);
     }
 
+    crate::stages::mark(run_id, "work dir");
     let now = chrono::Utc::now().timestamp();
     // The token outlives the longest the script may run (timeout, grace, a minute to spare).
     let lifetime = app
@@ -340,6 +348,7 @@ fn launch(
             run_id,
         },
     );
+    crate::stages::mark(run_id, "token and env");
     let interpreter = runbook::interpreter_of(&script);
     let mut args = Vec::new();
     if let Some(arg) = &interpreter.arg {
@@ -371,6 +380,7 @@ fn launch(
             return Ok(run);
         }
     };
+    crate::stages::mark(run_id, "spawn");
     let pgid = child.pid();
     let record = run.update(|r| {
         r.pgid = Some(pgid);
@@ -381,6 +391,7 @@ fn launch(
             .map(|p| p.to_string_lossy().into_owned());
     });
     save_record(app, &record);
+    crate::stages::mark(run_id, "record with pgid");
     fault::test_point("launch");
     let (cancel_tx, cancel_rx) = crossbeam_channel::unbounded();
     run.set_cancel(cancel_tx);
@@ -399,7 +410,9 @@ fn launch(
             let mut progress = Progress::default();
             let ran = catch_unwind(AssertUnwindSafe(|| {
                 let (outcome, cancelled) = child.supervise(limits, cancel_rx);
+                crate::stages::mark(&thread_run.id, "script and readers");
                 work.remove();
+                crate::stages::mark(&thread_run.id, "work dir removed");
                 conclude_tracked(
                     &thread_app,
                     &thread_run,
@@ -432,6 +445,7 @@ fn launch(
         return Err(ExecError::Unavailable(format!("cannot start the run: {e}")));
     }
     handed_over.set(true);
+    crate::stages::mark(run_id, "run thread");
     Ok(run)
 }
 
@@ -565,8 +579,10 @@ fn conclude_tracked(
         r.cgroup = None;
     });
     save_record(app, &record);
+    crate::stages::mark(&run.id, "final record");
     fault::test_point("conclude-before-history");
     write_history(app, path, &run.id, log, &outcome, None);
+    crate::stages::mark(&run.id, "history");
     progress.history_written = true;
     app.metrics
         .run_finished(status.as_str(), totals.stdout_bytes + totals.stderr_bytes);
@@ -584,9 +600,11 @@ fn conclude_tracked(
     });
     log::info!(target: "runbookd::audit", "{audit}");
     app.runs.release(&run.id);
+    crate::stages::mark(&run.id, "metrics audit release");
     log.finish(outcome);
     run.release_live_log();
     app.retention.run_ended(app, run);
+    crate::stages::mark(&run.id, "retention");
 }
 
 /// Concludes a run after a panic in one of its threads or in the request starting it: status

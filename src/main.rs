@@ -29,6 +29,7 @@ mod runenv;
 mod runlog;
 mod samples;
 mod sse;
+mod stages;
 mod supervisor;
 mod sys;
 #[cfg(test)]
@@ -107,6 +108,7 @@ fn main() -> ExitCode {
         return ExitCode::FAILURE;
     }
     env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info")).init();
+    stages::init();
     fault::install_panic_hook();
     let config = match Config::from_lookup(&|name| std::env::var(name).ok()) {
         Ok(c) => c,
