@@ -460,8 +460,9 @@ impl Outcome {
     }
 }
 
+/// Writes a newer version of a run's record (its first one was written by `record::save`).
 fn save_record(app: &App, record: &RunRecord) {
-    if let Err(e) = record::save(&app.runs_dir, record) {
+    if let Err(e) = record::update(&app.runs_dir, record) {
         log::error!("run {}: cannot write its record: {e}", record.run_id);
     }
 }

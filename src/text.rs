@@ -6,8 +6,12 @@ use std::io::{self, Write};
 
 /// Lossy-decodes `bytes` and turns CRLF and lone CR into LF.
 pub fn normalize(bytes: &[u8]) -> Cow<'_, str> {
-    let text = String::from_utf8_lossy(bytes);
-    if !text.contains('\r') {
+    // Valid UTF-8 without CR (nearly all output) is checked by the fast validator alone.
+    let text = match std::str::from_utf8(bytes) {
+        Ok(text) => Cow::Borrowed(text),
+        Err(_) => String::from_utf8_lossy(bytes),
+    };
+    if !text.as_bytes().contains(&b'\r') {
         return text;
     }
     Cow::Owned(text.replace("\r\n", "\n").replace('\r', "\n"))
