@@ -153,21 +153,24 @@ pub fn update(runs_dir: &Path, record: &RunRecord) -> io::Result<()> {
     use std::io::Write;
     let path = record_path(runs_dir, &record.run_id);
     let mut text = serde_json::to_vec_pretty(record).map_err(io::Error::other)?;
-    let in_place = fs::File::options().write(true).open(&path).and_then(|mut file| {
-        let old_len = usize::try_from(file.metadata()?.len()).unwrap_or(usize::MAX);
-        if text.len().max(old_len) > IN_PLACE_MAX {
-            return Err(io::Error::other("too long to rewrite in place"));
-        }
-        if text.len() < old_len {
-            text.resize(old_len, b' ');
-        }
-        let written = file.write(&text)?;
-        if written == text.len() {
-            Ok(())
-        } else {
-            Err(io::Error::other("short write"))
-        }
-    });
+    let in_place = fs::File::options()
+        .write(true)
+        .open(&path)
+        .and_then(|mut file| {
+            let old_len = usize::try_from(file.metadata()?.len()).unwrap_or(usize::MAX);
+            if text.len().max(old_len) > IN_PLACE_MAX {
+                return Err(io::Error::other("too long to rewrite in place"));
+            }
+            if text.len() < old_len {
+                text.resize(old_len, b' ');
+            }
+            let written = file.write(&text)?;
+            if written == text.len() {
+                Ok(())
+            } else {
+                Err(io::Error::other("short write"))
+            }
+        });
     match in_place {
         Ok(()) => Ok(()),
         Err(_) => save(runs_dir, record),

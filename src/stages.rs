@@ -16,8 +16,11 @@ pub const TARGET: &str = "runbookd::stages";
 /// Runs whose marks are kept at most (runs nobody waits for are dropped past this).
 const MAX_TRACKED: usize = 10_000;
 
+/// A run's marks: each stage's name and when it ended.
+type Marks = Vec<(&'static str, Instant)>;
+
 static ENABLED: AtomicBool = AtomicBool::new(false);
-static MARKS: Mutex<Option<HashMap<String, Vec<(&'static str, Instant)>>>> = Mutex::new(None);
+static MARKS: Mutex<Option<HashMap<String, Marks>>> = Mutex::new(None);
 
 thread_local! {
     static REQUEST_AT: Cell<Option<Instant>> = const { Cell::new(None) };

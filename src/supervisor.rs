@@ -399,38 +399,6 @@ fn exit_code_of(status: std::process::ExitStatus) -> i32 {
         .unwrap_or(-1)
 }
 
-/// Whether the script must start through the helper: only it can enter the run's cgroup,
-/// become the script user or give back the soft descriptor limit (the server raised its own)
-/// before the interpreter runs. Otherwise the interpreter is spawned directly, a whole
-/// `execve` of this binary cheaper.
-fn helper_needed(launch: &Launch, cgroup: Option<&RunCgroup>) -> bool {
-    cgroup.is_some()
-        || launch.run_as.is_some()
-        || launch.nofile_soft.is_some_and(|soft| !sys::nofile_soft_is(soft))
-}
-
-/// The helper's command line (see `child_helper_main`): this binary again, which resets the
-/// signal dispositions and the descriptor limit, enters the cgroup, becomes the script user,
-/// then execs the interpreter (see `sys::exec_script_interpreter`).
-fn through_helper(launch: &Launch, cgroup: Option<&RunCgroup>) -> Command {
-    let soft = launch
-        .nofile_soft
-        .map_or_else(|| "-".to_string(), |s| s.to_string());
-    let mut command = Command::new(SELF_EXE);
-    command
-        .arg(CHILD_HELPER_ARG)
-        .arg(soft)
-        .arg(cgroup.map_or_else(|| OsString::from(NO_CGROUP), |c| c.path().into()))
-        .arg(
-            launch
-                .run_as
-                .map_or_else(|| "-".to_string(), |(u, g)| format!("{u}:{g}")),
-        )
-        .arg(&launch.program)
-        .args(&launch.args);
-    command
-}
-
 /// Starts the child in its own process group with its output flowing into `log`. `mask`: bytes
 /// replaced by `***` in everything stored.
 pub fn spawn(
@@ -439,22 +407,31 @@ pub fn spawn(
     mask: Option<&str>,
 ) -> Result<Supervised, SpawnError> {
     let (stop_read, stop_write) = io::pipe()?;
+    // The script starts through a helper (this binary again) that resets signal dispositions
+    // and the descriptor limit, then execs the interpreter: see `sys::exec_script_interpreter`.
+    let soft = launch
+        .nofile_soft
+        .map_or_else(|| "-".to_string(), |s| s.to_string());
     let cgroup = match &launch.cgroup {
         Some(path) => Some(RunCgroup::create(path).map_err(SpawnError::Cgroup)?),
         None => None,
     };
-    let mut command = match helper_needed(launch, cgroup.as_ref()) {
-        true => through_helper(launch, cgroup.as_ref()),
-        false => {
-            // std's posix_spawn gives the child an empty signal mask and SIGPIPE's default;
-            // every other signal the server handles or ignores has a handler, which `execve`
-            // resets (see `sys::ignore_file_size_signal`). Nothing else needs resetting.
-            let mut command = Command::new(&launch.program);
-            command.args(&launch.args);
-            command
-        }
-    };
+    let mut command = Command::new(SELF_EXE);
     command
+        .arg(CHILD_HELPER_ARG)
+        .arg(soft)
+        .arg(
+            cgroup
+                .as_ref()
+                .map_or_else(|| OsString::from(NO_CGROUP), |c| c.path().into()),
+        )
+        .arg(
+            launch
+                .run_as
+                .map_or_else(|| "-".to_string(), |(u, g)| format!("{u}:{g}")),
+        )
+        .arg(&launch.program)
+        .args(&launch.args)
         .current_dir(&launch.cwd)
         .env_clear()
         .envs(launch.env.iter().map(|(k, v)| (k, v)))

@@ -422,56 +422,20 @@ fn termination_set() -> io::Result<libc::sigset_t> {
     Ok(set)
 }
 
-/// Does nothing: the handler that stands for "ignored" in the server (see
-/// `ignore_file_size_signal`). Async-signal-safe: it touches nothing.
-extern "C" fn ignore_signal(_: libc::c_int) {}
-
-/// Gives `signal` the do-nothing handler (with `SA_RESTART`, so no call fails with EINTR).
-fn set_noop_handler(signal: libc::c_int) -> io::Result<()> {
-    // SAFETY: sigaction is plain data, zeroed then filled; sigemptyset initialises its mask;
-    // the handler is an `extern "C"` function that does nothing (async-signal-safe).
-    let ret = unsafe {
-        let mut action: libc::sigaction = std::mem::zeroed();
-        action.sa_sigaction = ignore_signal as *const () as libc::sighandler_t;
-        action.sa_flags = libc::SA_RESTART;
-        libc::sigemptyset(&mut action.sa_mask);
-        libc::sigaction(signal, &action, std::ptr::null_mut())
-    };
-    check(ret).map(|_| ())
-}
-
-/// Makes SIGXFSZ harmless to the whole process, so a write past `RLIMIT_FSIZE` fails with
-/// EFBIG (an error the run log reports) instead of killing the server. It gets a handler that
-/// does nothing rather than `SIG_IGN`: an `execve` resets a handled signal to its default but
-/// keeps an ignored one ignored, so scripts get the default SIGXFSZ without a helper resetting
-/// it. Likewise SIGINT, SIGQUIT, SIGTERM and SIGHUP, when they were inherited ignored (a server
-/// started from a non-interactive shell or under `nohup`), get the do-nothing handler: the
-/// server goes on ignoring them (SIGTERM and SIGINT are blocked for the signal thread anyway)
-/// and scripts start with their defaults.
+/// Ignores SIGXFSZ for the whole process, so a write past `RLIMIT_FSIZE` fails with EFBIG
+/// (an error the run log reports) instead of killing the server. The script helper restores
+/// the default for scripts.
 pub fn ignore_file_size_signal() -> io::Result<()> {
-    set_noop_handler(libc::SIGXFSZ)?;
-    for signal in [libc::SIGINT, libc::SIGQUIT, libc::SIGTERM, libc::SIGHUP] {
-        // SAFETY: sigaction with a null new action only reads the current disposition into
-        // `current`, zeroed plain data.
-        let ignored = unsafe {
-            let mut current: libc::sigaction = std::mem::zeroed();
-            check(libc::sigaction(signal, std::ptr::null(), &mut current))?;
-            current.sa_sigaction == libc::SIG_IGN
-        };
-        if ignored {
-            set_noop_handler(signal)?;
-        }
+    // SAFETY: setting a disposition to SIG_IGN has no memory-safety preconditions.
+    if unsafe { libc::signal(libc::SIGXFSZ, libc::SIG_IGN) } == libc::SIG_ERR {
+        return Err(io::Error::last_os_error());
     }
     Ok(())
 }
 
-/// Whether this process's soft `RLIMIT_NOFILE` is `soft` (a child then needs no reset).
-pub fn nofile_soft_is(soft: u64) -> bool {
-    nofile_limits().is_ok_and(|(current, _)| current == soft)
-}
-
 /// Blocks SIGTERM and SIGINT in the calling thread and every thread it starts afterwards, so
-/// that `wait_termination_signal` receives them. (Children get an empty mask from std.)
+/// that `wait_termination_signal` receives them. (Children inherit the mask: std's spawn does
+/// not empty it, the script helper does, see `exec_script_interpreter`.)
 pub fn block_termination_signals() -> io::Result<()> {
     let set = termination_set()?;
     // SAFETY: `set` is a valid, initialised sigset_t.

@@ -69,7 +69,9 @@ fn timed_quiet(mut command: Command, what: &str) -> Result<f64, BenchError> {
         .map_err(BenchError::io(format!("run {what}")))?;
     let secs = started.elapsed().as_secs_f64();
     if !status.success() {
-        return Err(BenchError::Protocol(format!("{what}: exit status {status}")));
+        return Err(BenchError::Protocol(format!(
+            "{what}: exit status {status}"
+        )));
     }
     Ok(secs)
 }
@@ -131,7 +133,9 @@ fn run_all(make: impl Fn() -> Command, n: usize) -> Result<(f64, Vec<Vec<u8>>), 
     }
     let wall = started.elapsed().as_secs_f64();
     if failures > 0 {
-        return Err(BenchError::Protocol(format!("{failures} of {n} exited with an error")));
+        return Err(BenchError::Protocol(format!(
+            "{failures} of {n} exited with an error"
+        )));
     }
     Ok((wall, outputs))
 }
@@ -226,8 +230,9 @@ pub fn seq(bench: &Bench) -> Result<Outcome, BenchError> {
     let scratch = TempDir::new("runbookd-bench-curl")?;
     let client = Curl::new(&api, scratch.path())?;
     let expected = seq_output();
-    let (s, d, server_times, direct_times) =
-        paired(&client, &SEQ, SEQ_ROUNDS, |bytes| check_stream(bytes, &expected))?;
+    let (s, d, server_times, direct_times) = paired(&client, &SEQ, SEQ_ROUNDS, |bytes| {
+        check_stream(bytes, &expected)
+    })?;
     let ratio = s / d.max(1e-9);
     let met = ratio <= SEQ_GOAL;
     println!(
@@ -259,29 +264,28 @@ pub fn bulk(bench: &Bench) -> Result<Outcome, BenchError> {
     reset_peak(server.pid)?;
     let sampler = Sampler::start(server.pid);
     let line = crate::runbooks::BULK_LINE;
-    let (s, d, server_times, direct_times) =
-        paired(&client, &OUT_100M, BULK_ROUNDS, |bytes| {
-            let mut check = crate::runbooks::RepeatedLine::new(line, 100_000_000);
-            let mut done = false;
-            sse::parse_all(bytes, |event| {
-                match event.name {
-                    "stdout" => check.feed(event.data),
-                    "done" => {
-                        done = true;
-                        return Ok(Flow::Stop);
-                    }
-                    _ => {}
+    let (s, d, server_times, direct_times) = paired(&client, &OUT_100M, BULK_ROUNDS, |bytes| {
+        let mut check = crate::runbooks::RepeatedLine::new(line, 100_000_000);
+        let mut done = false;
+        sse::parse_all(bytes, |event| {
+            match event.name {
+                "stdout" => check.feed(event.data),
+                "done" => {
+                    done = true;
+                    return Ok(Flow::Stop);
                 }
-                Ok(Flow::Continue)
-            })?;
-            if !done || !check.is_exact() {
-                return Err(BenchError::Mismatch(format!(
-                    "100 MB stream (done: {done}): {}",
-                    check.describe()
-                )));
+                _ => {}
             }
-            Ok(())
+            Ok(Flow::Continue)
         })?;
+        if !done || !check.is_exact() {
+            return Err(BenchError::Mismatch(format!(
+                "100 MB stream (done: {done}): {}",
+                check.describe()
+            )));
+        }
+        Ok(())
+    })?;
     let (sampled_kib, _) = sampler.finish();
     let peak_kib = sampled_kib.max(status_kib(server.pid, "VmHWM")?);
     let (server_rate, direct_rate) = (BULK_BYTES / s / 1e6, BULK_BYTES / d / 1e6);

@@ -24,9 +24,11 @@ pub fn run(bench: &Bench) -> Result<Outcome, BenchError> {
         let started = Instant::now();
         let mut connection = api.execute_sse(EXIT_STAMP.file, &[])?;
         let mut output = Vec::new();
-        let end = read_run(&mut connection, started + Duration::from_secs(30), |event| {
-            output.extend_from_slice(event.data)
-        })?;
+        let end = read_run(
+            &mut connection,
+            started + Duration::from_secs(30),
+            |event| output.extend_from_slice(event.data),
+        )?;
         expect_success(&end, "stamp run")?;
         let text = String::from_utf8_lossy(&output);
         let stamp_ns: u128 = text

@@ -2,7 +2,9 @@
 //! interleaved round by round: `GET /healthz` (the baseline: curl, connect, one request),
 //! a synchronous execute of `echo hi`, and, when Debian's `webhook` (adnanh/webhook) is on the
 //! PATH, the same script behind it. The figure is the median over rounds of (execute −
-//! healthz); goal ≤ 1.5 ms and no more than webhook's. A second server with
+//! healthz); goal ≤ 1.5 ms and no more than webhook's. The same execute against a second
+//! server with `RUN_CGROUP=off` is measured in the same rounds (moving a script into its run's
+//! cgroup is most of a run's cost where cgroups are used). A third server with
 //! `RUST_LOG=runbookd::stages=debug` then gives the median time of each stage of a run.
 
 use std::collections::BTreeMap;
@@ -71,11 +73,8 @@ fn start_webhook(program: &Path) -> Result<Webhook, BenchError> {
     let script = dir.path().join("echo.sh");
     std::fs::write(&script, format!("#!/bin/sh\n{}\n", ECHO.script))
         .map_err(BenchError::io("write the webhook script"))?;
-    std::fs::set_permissions(
-        &script,
-        std::os::unix::fs::PermissionsExt::from_mode(0o755),
-    )
-    .map_err(BenchError::io("make the webhook script executable"))?;
+    std::fs::set_permissions(&script, std::os::unix::fs::PermissionsExt::from_mode(0o755))
+        .map_err(BenchError::io("make the webhook script executable"))?;
     let hooks = dir.path().join("hooks.json");
     let config = json!([{
         "id": "echo",
@@ -134,7 +133,8 @@ fn parse_stage_line(line: &str) -> Option<Vec<(String, f64)>> {
 
 /// Median µs of each stage over the stage lines, in the order of the first line.
 fn stage_medians(lines: &[String]) -> Vec<(String, f64)> {
-    let parsed: Vec<Vec<(String, f64)>> = lines.iter().filter_map(|l| parse_stage_line(l)).collect();
+    let parsed: Vec<Vec<(String, f64)>> =
+        lines.iter().filter_map(|l| parse_stage_line(l)).collect();
     let mut order: Vec<String> = Vec::new();
     let mut values: BTreeMap<String, Vec<f64>> = BTreeMap::new();
     for run in &parsed {
@@ -158,11 +158,16 @@ pub fn run(bench: &Bench) -> Result<Outcome, BenchError> {
     let (server, api) = bench.start(&[])?;
     let scratch = TempDir::new("runbookd-bench-curl")?;
     let client = Curl::new(&api, scratch.path())?;
+    let (plain_server, plain_api) = bench.start(&[("RUN_CGROUP", "off")])?;
+    let plain_scratch = TempDir::new("runbookd-bench-curl")?;
+    let plain_client = Curl::new(&plain_api, plain_scratch.path())?;
     let webhook_program: Option<PathBuf> = curl::find("webhook");
     let webhook = match &webhook_program {
         Some(p) => Some(start_webhook(p)?),
         None => {
-            println!("  webhook not installed (apt-get install webhook): compared with the goal only");
+            println!(
+                "  webhook not installed (apt-get install webhook): compared with the goal only"
+            );
             None
         }
     };
@@ -185,14 +190,16 @@ pub fn run(bench: &Bench) -> Result<Outcome, BenchError> {
     let mut health = Vec::new();
     let mut exec = Vec::new();
     let mut hook_times = Vec::new();
+    let mut plain = Vec::new();
     for round in 0..WARM_UP_ROUNDS + ROUNDS {
         // Rotate the order so that none is always first after the others.
-        let mut times = [None, None, None];
-        for k in 0..3 {
-            let which = (round + k) % 3;
+        let mut times = [None, None, None, None];
+        for k in 0..4 {
+            let which = (round + k) % 4;
             times[which] = match which {
                 0 => Some(timed(client.healthz(), "healthz")?.0),
                 1 => Some(timed(client.execute(ECHO.file), "execute echo")?.0),
+                2 => Some(timed(plain_client.execute(ECHO.file), "execute echo")?.0),
                 _ => match &webhook {
                     Some(hook) => Some(timed(webhook_call(&hook.url), "webhook")?.0),
                     None => None,
@@ -202,9 +209,10 @@ pub fn run(bench: &Bench) -> Result<Outcome, BenchError> {
         if round < WARM_UP_ROUNDS {
             continue;
         }
-        if let [Some(h), Some(e), w] = times {
+        if let [Some(h), Some(e), Some(p), w] = times {
             health.push(h);
             exec.push(e);
+            plain.push(p);
             if let Some(w) = w {
                 hook_times.push(w);
             }
@@ -215,6 +223,8 @@ pub fn run(bench: &Bench) -> Result<Outcome, BenchError> {
         median(&diffs)
     };
     let overhead = paired(&exec);
+    let plain_overhead = paired(&plain);
+    let plain_met = plain_overhead <= GOAL_MS;
     let webhook_overhead = (!hook_times.is_empty()).then(|| paired(&hook_times));
     let met = overhead <= GOAL_MS && webhook_overhead.is_none_or(|w| overhead <= w);
     println!(
@@ -229,15 +239,25 @@ pub fn run(bench: &Bench) -> Result<Outcome, BenchError> {
         webhook_overhead.map_or_else(String::new, |w| format!(" and <= webhook's {w:.3} ms")),
         verdict(met)
     );
+    println!(
+        "  the same with RUN_CGROUP=off: {plain_overhead:.3} ms above /healthz (median {:.3} ms); goal <= {GOAL_MS} ms: {}",
+        median(&plain),
+        verdict(plain_met)
+    );
     note_server_stderr(&server);
+    note_server_stderr(&plain_server);
     drop(server);
+    drop(plain_server);
     drop(webhook);
 
     // The stage breakdown, on a server that logs it (which costs a little itself).
     let (timed_server, timed_api) = bench.start(&[("RUST_LOG", "warn,runbookd::stages=debug")])?;
     let timed_client = Curl::new(&timed_api, scratch.path())?;
     for _ in 0..STAGE_RUNS {
-        timed(timed_client.execute(ECHO.file), "execute echo (stage timing)")?;
+        timed(
+            timed_client.execute(ECHO.file),
+            "execute echo (stage timing)",
+        )?;
     }
     let deadline = Instant::now() + Duration::from_secs(5);
     while timed_server.stage_lines().len() < STAGE_RUNS && Instant::now() < deadline {
@@ -276,6 +296,19 @@ pub fn run(bench: &Bench) -> Result<Outcome, BenchError> {
             "stages_median_us": stage_detail,
         }),
     }];
+    rows.push(Row {
+        name: "sync_echo_overhead_no_cgroup".into(),
+        value: plain_overhead,
+        baseline: Some(median(&health)),
+        unit: "ms",
+        ratio: None,
+        goal: match webhook_overhead {
+            Some(w) => format!("<= {GOAL_MS} ms and <= webhook ({w:.3} ms)"),
+            None => format!("<= {GOAL_MS} ms"),
+        },
+        met: Some(plain_met && webhook_overhead.is_none_or(|w| plain_overhead <= w)),
+        detail: json!({"execute_median_ms": median(&plain)}),
+    });
     if let Some(w) = webhook_overhead {
         rows.push(Row {
             name: "webhook_echo_overhead".into(),
