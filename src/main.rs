@@ -28,6 +28,7 @@ mod runbook;
 mod runenv;
 mod runlog;
 mod samples;
+mod spawn;
 mod sse;
 mod stages;
 mod supervisor;

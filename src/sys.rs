@@ -457,3 +457,192 @@ pub fn wait_termination_signal() -> io::Result<i32> {
     }
     Ok(signal)
 }
+
+/// What [`spawn_in_cgroup`] starts, all of it prepared before the fork: the child between
+/// fork and exec only makes system calls (no allocation, no lock).
+pub struct CgroupSpawn<'a> {
+    /// Path of the program (with a '/': no PATH search).
+    pub program: &'a std::ffi::CStr,
+    /// Arguments, argv[0] first, ending with a null pointer.
+    pub argv: &'a [*const libc::c_char],
+    /// `NAME=value` entries, ending with a null pointer.
+    pub envp: &'a [*const libc::c_char],
+    pub cwd: &'a std::ffi::CStr,
+    pub stdin: RawFd,
+    pub stdout: RawFd,
+    pub stderr: RawFd,
+    /// An open descriptor of the cgroup v2 directory the child starts in.
+    pub cgroup: RawFd,
+    /// Soft `RLIMIT_NOFILE` the child gets back, if the server raised its own.
+    pub nofile_soft: Option<u64>,
+}
+
+/// The kernel's `struct clone_args` (version 2, with `cgroup`).
+#[repr(C)]
+#[derive(Default)]
+struct CloneArgs {
+    flags: u64,
+    pidfd: u64,
+    child_tid: u64,
+    parent_tid: u64,
+    exit_signal: u64,
+    stack: u64,
+    stack_size: u64,
+    tls: u64,
+    set_tid: u64,
+    set_tid_size: u64,
+    cgroup: u64,
+}
+
+/// `CLONE_INTO_CGROUP` (Linux 5.7).
+const CLONE_INTO_CGROUP: u64 = 0x2_0000_0000;
+
+/// Starts a program in its own process group directly inside a cgroup v2 (`clone3` with
+/// `CLONE_INTO_CGROUP`): the child never runs outside the run's cgroup and is never moved, so
+/// nothing takes the kernel's cgroup-migration lock (writing a pid to `cgroup.procs` waits for
+/// an RCU grace period, milliseconds per run, serialised across the machine). In the child:
+/// SIGINT, SIGQUIT, SIGTERM, SIGHUP, SIGXFSZ and SIGPIPE to their defaults, its own process
+/// group, the soft descriptor limit given back, the working directory, stdin/stdout/stderr,
+/// an empty signal mask, then `execve`. Returns the child's pid once it has exec'd; an error
+/// of any step (the child then exits and is reaped here). Unsupported kernels answer
+/// ENOSYS, EINVAL or EOPNOTSUPP, so the caller can fall back to the helper.
+pub fn spawn_in_cgroup(spec: &CgroupSpawn<'_>) -> io::Result<u32> {
+    let hard = nofile_limits()?.1;
+    let mut report: [libc::c_int; 2] = [-1, -1];
+    // SAFETY: `report` has room for the two descriptors pipe2 writes.
+    check(unsafe { libc::pipe2(report.as_mut_ptr(), libc::O_CLOEXEC) })?;
+    let (report_read, report_write) = (report[0], report[1]);
+    // SAFETY: sigset_t is plain data; sigemptyset initialises it.
+    let empty = unsafe {
+        let mut set: libc::sigset_t = std::mem::zeroed();
+        libc::sigemptyset(&mut set);
+        set
+    };
+    let mut args = CloneArgs {
+        flags: CLONE_INTO_CGROUP,
+        exit_signal: libc::SIGCHLD as u64,
+        cgroup: spec.cgroup as u64,
+        ..CloneArgs::default()
+    };
+    // SAFETY: clone3 without CLONE_VM is a fork: the child gets a copy of this address space
+    // and returns 0 on the same (copied) stack. `args` is valid for the call and its size is
+    // passed. In the child only `exec_child` runs, which makes system calls on data prepared
+    // here and never returns.
+    let ret = unsafe {
+        libc::syscall(
+            libc::SYS_clone3,
+            &mut args as *mut CloneArgs,
+            std::mem::size_of::<CloneArgs>(),
+        )
+    };
+    if ret == 0 {
+        // SAFETY: this is the child of the fork above (see `exec_child`).
+        unsafe { exec_child(spec, hard, &empty, report_write) }
+    }
+    let spawn_error = (ret < 0).then(io::Error::last_os_error);
+    // SAFETY: closing our copy of the write end, a descriptor this function opened.
+    unsafe { libc::close(report_write) };
+    if let Some(e) = spawn_error {
+        // SAFETY: closing the read end this function opened.
+        unsafe { libc::close(report_read) };
+        return Err(e);
+    }
+    let pid = ret as libc::pid_t;
+    let mut code = [0u8; 4];
+    let read = loop {
+        // SAFETY: `code` is a writable buffer of 4 bytes.
+        let n = unsafe { libc::read(report_read, code.as_mut_ptr().cast(), code.len()) };
+        if n < 0 && io::Error::last_os_error().kind() == io::ErrorKind::Interrupted {
+            continue;
+        }
+        break n;
+    };
+    // SAFETY: closing the read end this function opened.
+    unsafe { libc::close(report_read) };
+    if read == 4 {
+        // The child failed before its exec and exited: reap it, report why.
+        let mut status = 0;
+        // SAFETY: `status` is writable; `pid` is our child.
+        while unsafe { libc::waitpid(pid, &mut status, 0) } < 0
+            && io::Error::last_os_error().kind() == io::ErrorKind::Interrupted
+        {}
+        return Err(io::Error::from_raw_os_error(i32::from_ne_bytes(code)));
+    }
+    Ok(pid as u32)
+}
+
+/// The child of [`spawn_in_cgroup`]: sets itself up and execs, or writes the errno of the
+/// failed step to `report` and exits with 127.
+///
+/// # Safety
+/// Only in the child of the fork in `spawn_in_cgroup`, before anything else runs there: it
+/// allocates nothing and takes no lock (other threads of the parent do not exist here).
+unsafe fn exec_child(
+    spec: &CgroupSpawn<'_>,
+    hard: u64,
+    empty: &libc::sigset_t,
+    report: RawFd,
+) -> ! {
+    let fail = || -> ! {
+        let code = io::Error::last_os_error()
+            .raw_os_error()
+            .unwrap_or(libc::EINVAL);
+        let bytes = code.to_ne_bytes();
+        libc::write(report, bytes.as_ptr().cast(), bytes.len());
+        libc::_exit(127)
+    };
+    for signal in [
+        libc::SIGINT,
+        libc::SIGQUIT,
+        libc::SIGTERM,
+        libc::SIGHUP,
+        libc::SIGXFSZ,
+        libc::SIGPIPE,
+    ] {
+        libc::signal(signal, libc::SIG_DFL);
+    }
+    if libc::setpgid(0, 0) != 0 {
+        fail();
+    }
+    if let Some(soft) = spec.nofile_soft {
+        let lim = libc::rlimit {
+            rlim_cur: soft.min(hard),
+            rlim_max: hard,
+        };
+        if libc::setrlimit(libc::RLIMIT_NOFILE, &lim) != 0 {
+            fail();
+        }
+    }
+    if libc::chdir(spec.cwd.as_ptr()) != 0 {
+        fail();
+    }
+    for (from, to) in [(spec.stdin, 0), (spec.stdout, 1), (spec.stderr, 2)] {
+        if libc::dup2(from, to) < 0 {
+            fail();
+        }
+    }
+    if libc::sigprocmask(libc::SIG_SETMASK, empty, std::ptr::null_mut()) != 0 {
+        fail();
+    }
+    libc::execve(
+        spec.program.as_ptr(),
+        spec.argv.as_ptr(),
+        spec.envp.as_ptr(),
+    );
+    fail()
+}
+
+/// Waits for the child `pid` to end and reaps it; its raw wait status.
+pub fn reap(pid: u32) -> io::Result<libc::c_int> {
+    let pid =
+        libc::pid_t::try_from(pid).map_err(|_| io::Error::from(io::ErrorKind::InvalidInput))?;
+    let mut status: libc::c_int = 0;
+    loop {
+        // SAFETY: `status` is writable for the call.
+        match check(unsafe { libc::waitpid(pid, &mut status, 0) }) {
+            Ok(_) => return Ok(status),
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            Err(e) => return Err(e),
+        }
+    }
+}
