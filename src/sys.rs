@@ -500,95 +500,164 @@ const CLONE_INTO_CGROUP: u64 = 0x2_0000_0000;
 /// Starts a program in its own process group directly inside a cgroup v2 (`clone3` with
 /// `CLONE_INTO_CGROUP`): the child never runs outside the run's cgroup and is never moved, so
 /// nothing takes the kernel's cgroup-migration lock (writing a pid to `cgroup.procs` waits for
-/// an RCU grace period, milliseconds per run, serialised across the machine). In the child:
-/// SIGINT, SIGQUIT, SIGTERM, SIGHUP, SIGXFSZ and SIGPIPE to their defaults, its own process
-/// group, the soft descriptor limit given back, the working directory, stdin/stdout/stderr,
-/// an empty signal mask, then `execve`. Returns the child's pid once it has exec'd; an error
-/// of any step (the child then exits and is reaped here). Unsupported kernels answer
-/// ENOSYS, EINVAL or EOPNOTSUPP, so the caller can fall back to the helper.
+/// an RCU grace period, milliseconds per run, serialised across the machine). Like
+/// `posix_spawn` it is a vfork (`CLONE_VM | CLONE_VFORK`, the child on a stack of its own), so
+/// its cost does not grow with the server's threads and memory. In the child: SIGINT,
+/// SIGQUIT, SIGTERM, SIGHUP, SIGXFSZ and SIGPIPE to their defaults, its own process group, the
+/// soft descriptor limit given back, the working directory, stdin/stdout/stderr, an empty
+/// signal mask, then `execve`. Returns the child's pid once it has exec'd, or the error of the
+/// step that failed (that child has exited and is reaped here). ENOSYS, EINVAL, EOPNOTSUPP or
+/// E2BIG: this kernel or architecture cannot, the caller falls back to the helper.
 pub fn spawn_in_cgroup(spec: &CgroupSpawn<'_>) -> io::Result<u32> {
     let hard = nofile_limits()?.1;
-    let mut report: [libc::c_int; 2] = [-1, -1];
-    // SAFETY: `report` has room for the two descriptors pipe2 writes.
-    check(unsafe { libc::pipe2(report.as_mut_ptr(), libc::O_CLOEXEC) })?;
-    let (report_read, report_write) = (report[0], report[1]);
-    // SAFETY: sigset_t is plain data; sigemptyset initialises it.
-    let empty = unsafe {
-        let mut set: libc::sigset_t = std::mem::zeroed();
-        libc::sigemptyset(&mut set);
-        set
+    // SAFETY: sigset_t is plain data; sigemptyset/sigfillset initialise it.
+    let (empty, full) = unsafe {
+        let mut empty: libc::sigset_t = std::mem::zeroed();
+        let mut full: libc::sigset_t = std::mem::zeroed();
+        libc::sigemptyset(&mut empty);
+        libc::sigfillset(&mut full);
+        (empty, full)
     };
+    let failure = std::sync::atomic::AtomicI32::new(0);
+    let context = ChildContext {
+        spec,
+        hard,
+        empty,
+        failure: &failure,
+    };
+    let stack = ChildStack::new()?;
     let mut args = CloneArgs {
-        flags: CLONE_INTO_CGROUP,
+        flags: libc::CLONE_VM as u64 | libc::CLONE_VFORK as u64 | CLONE_INTO_CGROUP,
         exit_signal: libc::SIGCHLD as u64,
+        stack: stack.base as u64,
+        stack_size: CHILD_STACK_BYTES as u64,
         cgroup: spec.cgroup as u64,
         ..CloneArgs::default()
     };
-    // SAFETY: clone3 without CLONE_VM is a fork: the child gets a copy of this address space
-    // and returns 0 on the same (copied) stack. `args` is valid for the call and its size is
-    // passed. In the child only `exec_child` runs, which makes system calls on data prepared
-    // here and never returns.
-    let ret = unsafe {
-        libc::syscall(
-            libc::SYS_clone3,
-            &mut args as *mut CloneArgs,
-            std::mem::size_of::<CloneArgs>(),
-        )
-    };
-    if ret == 0 {
-        // SAFETY: this is the child of the fork above (see `exec_child`).
-        unsafe { exec_child(spec, hard, &empty, report_write) }
+    // No handler may run in the child before its exec: every signal is blocked around the
+    // clone (the child inherits that mask and empties it just before `execve`).
+    let mut old: libc::sigset_t = empty;
+    // SAFETY: `full` and `old` are valid sigsets.
+    let masked = unsafe { libc::pthread_sigmask(libc::SIG_SETMASK, &full, &mut old) };
+    if masked != 0 {
+        return Err(io::Error::from_raw_os_error(masked));
     }
-    let spawn_error = (ret < 0).then(io::Error::last_os_error);
-    // SAFETY: closing our copy of the write end, a descriptor this function opened.
-    unsafe { libc::close(report_write) };
-    if let Some(e) = spawn_error {
-        // SAFETY: closing the read end this function opened.
-        unsafe { libc::close(report_read) };
-        return Err(e);
+    // SAFETY: see `clone3_vfork`; `args` describes a stack that lives until after the child
+    // exec'd or exited (this thread is suspended until then), and `context` lives on this
+    // thread's stack, which the suspended thread does not touch meanwhile.
+    let ret = unsafe { clone3_vfork(&mut args, &context) };
+    // SAFETY: `old` is the mask read above.
+    unsafe { libc::pthread_sigmask(libc::SIG_SETMASK, &old, std::ptr::null_mut()) };
+    drop(stack);
+    if ret < 0 {
+        return Err(io::Error::from_raw_os_error(-ret as i32));
     }
     let pid = ret as libc::pid_t;
-    let mut code = [0u8; 4];
-    let read = loop {
-        // SAFETY: `code` is a writable buffer of 4 bytes.
-        let n = unsafe { libc::read(report_read, code.as_mut_ptr().cast(), code.len()) };
-        if n < 0 && io::Error::last_os_error().kind() == io::ErrorKind::Interrupted {
-            continue;
-        }
-        break n;
-    };
-    // SAFETY: closing the read end this function opened.
-    unsafe { libc::close(report_read) };
-    if read == 4 {
+    let code = failure.load(std::sync::atomic::Ordering::SeqCst);
+    if code != 0 {
         // The child failed before its exec and exited: reap it, report why.
-        let mut status = 0;
-        // SAFETY: `status` is writable; `pid` is our child.
-        while unsafe { libc::waitpid(pid, &mut status, 0) } < 0
-            && io::Error::last_os_error().kind() == io::ErrorKind::Interrupted
-        {}
-        return Err(io::Error::from_raw_os_error(i32::from_ne_bytes(code)));
+        let _ = reap(pid as u32);
+        return Err(io::Error::from_raw_os_error(code));
     }
     Ok(pid as u32)
 }
 
-/// The child of [`spawn_in_cgroup`]: sets itself up and execs, or writes the errno of the
-/// failed step to `report` and exits with 127.
+/// What the child of [`spawn_in_cgroup`] reads (in the parent's memory, shared until exec).
+struct ChildContext<'a, 'b> {
+    spec: &'a CgroupSpawn<'b>,
+    hard: u64,
+    empty: libc::sigset_t,
+    /// The errno of the step that failed, written by the child before it exits.
+    failure: &'a std::sync::atomic::AtomicI32,
+}
+
+/// Stack size of the child between clone and exec (it runs a few system-call wrappers).
+const CHILD_STACK_BYTES: usize = 64 * 1024;
+
+/// The child's stack, unmapped when dropped.
+struct ChildStack {
+    base: *mut libc::c_void,
+}
+
+impl ChildStack {
+    fn new() -> io::Result<ChildStack> {
+        // SAFETY: an anonymous private mapping; no memory of ours is touched.
+        let base = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                CHILD_STACK_BYTES,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_STACK,
+                -1,
+                0,
+            )
+        };
+        if base == libc::MAP_FAILED {
+            return Err(io::Error::last_os_error());
+        }
+        Ok(ChildStack { base })
+    }
+}
+
+impl Drop for ChildStack {
+    fn drop(&mut self) {
+        // SAFETY: `base` is the mapping made in `new`, of that size, no longer used.
+        unsafe { libc::munmap(self.base, CHILD_STACK_BYTES) };
+    }
+}
+
+/// `clone3(args)` whose child calls `child_main(context)` on the stack in `args` and never
+/// returns; the parent gets the child's pid or -errno.
 ///
 /// # Safety
-/// Only in the child of the fork in `spawn_in_cgroup`, before anything else runs there: it
-/// allocates nothing and takes no lock (other threads of the parent do not exist here).
-unsafe fn exec_child(
-    spec: &CgroupSpawn<'_>,
-    hard: u64,
-    empty: &libc::sigset_t,
-    report: RawFd,
-) -> ! {
+/// `args` must have `CLONE_VM | CLONE_VFORK` and a valid stack, and `context` must stay valid
+/// until the call returns (the calling thread is suspended until the child execs or exits).
+#[cfg(target_arch = "x86_64")]
+unsafe fn clone3_vfork(args: &mut CloneArgs, context: &ChildContext<'_, '_>) -> i64 {
+    let ret: i64;
+    // The child starts after `syscall` with rax = 0 and rsp at the top of its own stack
+    // (16-byte aligned), so it calls `child_main` right there and never comes back; the
+    // parent jumps over that. r12 and r13 survive the system call in both.
+    std::arch::asm!(
+        "syscall",
+        "test rax, rax",
+        "jnz 2f",
+        "mov rdi, r13",
+        "call r12",
+        "ud2",
+        "2:",
+        inlateout("rax") libc::SYS_clone3 => ret,
+        in("rdi") args as *mut CloneArgs,
+        in("rsi") std::mem::size_of::<CloneArgs>(),
+        in("r12") child_main as *const () as usize,
+        in("r13") context as *const ChildContext<'_, '_>,
+        lateout("rcx") _,
+        lateout("r11") _,
+    );
+    ret
+}
+
+/// Elsewhere the helper is used.
+#[cfg(not(target_arch = "x86_64"))]
+unsafe fn clone3_vfork(_: &mut CloneArgs, _: &ChildContext<'_, '_>) -> i64 {
+    -i64::from(libc::ENOSYS)
+}
+
+/// The child of [`spawn_in_cgroup`]: sets itself up and execs, or records the errno of the
+/// failed step and exits with 127.
+///
+/// # Safety
+/// Only as the child of `clone3_vfork`: it shares the parent's memory (which it only reads,
+/// but for the failure slot) while the parent waits; it allocates nothing and takes no lock.
+unsafe extern "C" fn child_main(context: *const ChildContext<'_, '_>) -> ! {
+    let context = &*context;
+    let spec = context.spec;
     let fail = || -> ! {
-        let code = io::Error::last_os_error()
-            .raw_os_error()
-            .unwrap_or(libc::EINVAL);
-        let bytes = code.to_ne_bytes();
-        libc::write(report, bytes.as_ptr().cast(), bytes.len());
+        let code = *libc::__errno_location();
+        context.failure.store(
+            if code == 0 { libc::EINVAL } else { code },
+            std::sync::atomic::Ordering::SeqCst,
+        );
         libc::_exit(127)
     };
     for signal in [
@@ -606,8 +675,8 @@ unsafe fn exec_child(
     }
     if let Some(soft) = spec.nofile_soft {
         let lim = libc::rlimit {
-            rlim_cur: soft.min(hard),
-            rlim_max: hard,
+            rlim_cur: soft.min(context.hard),
+            rlim_max: context.hard,
         };
         if libc::setrlimit(libc::RLIMIT_NOFILE, &lim) != 0 {
             fail();
@@ -621,7 +690,7 @@ unsafe fn exec_child(
             fail();
         }
     }
-    if libc::sigprocmask(libc::SIG_SETMASK, empty, std::ptr::null_mut()) != 0 {
+    if libc::sigprocmask(libc::SIG_SETMASK, &context.empty, std::ptr::null_mut()) != 0 {
         fail();
     }
     libc::execve(
