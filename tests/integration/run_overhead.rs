@@ -13,12 +13,14 @@ use crate::util::{
     dev_token, request, spawn_listening, unique_root, Runbook, Server, ServerOpts, TEST_SECRET,
 };
 
-/// Prints the script's soft descriptor limit, then its blocked and ignored signal masks (read
-/// by `exec grep`: the masks the shell was started with, not the ones it sets while waiting).
-const PROBE: &str = "ulimit -S -n\nexec grep -E '^(SigBlk|SigIgn):' /proc/self/status\n";
+/// Prints the script's cgroup and soft descriptor limit, then its blocked and ignored signal
+/// masks (read by `exec grep`: the masks the shell was started with, not the ones it sets
+/// while waiting for a child).
+const PROBE: &str =
+    "cat /proc/self/cgroup\nulimit -S -n\nexec grep -E '^(SigBlk|SigIgn):' /proc/self/status\n";
 
-/// Starts runbookd under `sh -c "<prelude>; exec runbookd"` without run cgroups.
-fn start_wrapped(root: &Path, prelude: &str) -> (std::process::Child, u16) {
+/// Starts runbookd under `sh -c "<prelude>; exec runbookd"` with `RUN_CGROUP` as given.
+fn start_wrapped(root: &Path, prelude: &str, run_cgroup: &str) -> (std::process::Child, u16) {
     std::fs::create_dir_all(root.join("runbooks")).unwrap();
     std::fs::write(
         root.join("runbooks").join("Probe.md"),
@@ -43,7 +45,7 @@ fn start_wrapped(root: &Path, prelude: &str) -> (std::process::Child, u16) {
         ("RUNBOOKS_DIR", root.join("runbooks").display().to_string()),
         ("STATE_DIR", root.join("state").display().to_string()),
         ("EXECUTION_DIR", root.join("exec").display().to_string()),
-        ("RUN_CGROUP", "off".to_string()),
+        ("RUN_CGROUP", run_cgroup.to_string()),
         ("RUST_LOG", "warn".to_string()),
     ] {
         cmd.env(k, v);
@@ -78,7 +80,7 @@ fn probe_values(stdout: &str) -> (u64, u64, u64) {
     };
     let soft = stdout
         .lines()
-        .next()
+        .find(|l| !l.contains("::") && !l.contains(':'))
         .and_then(|l| l.trim().parse().ok())
         .unwrap_or_else(|| panic!("no limit in {stdout:?}"));
     (field("SigBlk:"), field("SigIgn:"), soft)
@@ -89,22 +91,28 @@ fn bit(signal: i32) -> u64 {
     1 << (signal - 1)
 }
 
-#[test]
-fn scripts_start_with_default_signals_and_the_original_descriptor_limit() {
-    let hard: u64 = std::fs::read_to_string("/proc/self/limits")
+/// The hard descriptor limit of this process.
+fn hard_limit() -> u64 {
+    std::fs::read_to_string("/proc/self/limits")
         .unwrap()
         .lines()
         .find(|l| l.starts_with("Max open files"))
         .and_then(|l| l.split_whitespace().nth(4).map(str::to_string))
         .and_then(|h| h.parse().ok())
-        .unwrap_or(4096);
-    let low = 256.min(hard);
-    // Soft limit at the hard one (nothing to give back), and a lower one (the server raises its
-    // own, the script gets it back).
-    for (label, soft) in [("soft at hard", hard), ("soft below hard", low)] {
+        .unwrap_or(4096)
+}
+
+/// Runs the probe on servers started with a soft limit at the hard one (nothing to give
+/// back) and below it (the server raises its own, the script gets it back), with INT, QUIT
+/// and HUP inherited ignored; checks what the script got, and that the server survives a
+/// SIGHUP. Returns each probe's output.
+fn probe_both_limits(run_cgroup: &str) -> Vec<String> {
+    let hard = hard_limit();
+    let mut outputs = Vec::new();
+    for (label, soft) in [("soft at hard", hard), ("soft below hard", 256.min(hard))] {
         let root = unique_root();
         let prelude = format!("trap '' INT QUIT HUP; ulimit -S -n {soft}");
-        let (mut child, port) = start_wrapped(&root, &prelude);
+        let (mut child, port) = start_wrapped(&root, &prelude, run_cgroup);
         let body = execute_probe(port);
         // The server goes on ignoring what it inherited ignored.
         let hup = Command::new("kill")
@@ -138,6 +146,32 @@ fn scripts_start_with_default_signals_and_the_original_descriptor_limit() {
             );
         }
         assert_eq!(script_soft, soft, "{label}: descriptor limit of the script");
+        outputs.push(format!(
+            "{}\n{stdout}",
+            body["run_id"].as_str().unwrap_or_default()
+        ));
+    }
+    outputs
+}
+
+#[test]
+fn scripts_start_with_default_signals_and_the_original_descriptor_limit() {
+    let outputs = probe_both_limits("off");
+    assert!(
+        outputs.iter().all(|o| !o.contains("runbookd-")),
+        "{outputs:?}"
+    );
+}
+
+#[test]
+#[ignore = "needs root and cgroup v2; CI runs it"]
+fn scripts_forked_into_their_run_cgroup_start_the_same_and_inside_it() {
+    for output in probe_both_limits("") {
+        let run_id = output.lines().next().unwrap_or_default();
+        assert!(
+            output.contains(&format!("runbookd-{run_id}")),
+            "the script is not in its run's cgroup: {output}"
+        );
     }
 }
 
