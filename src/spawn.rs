@@ -1,8 +1,10 @@
-//! How a run's script process starts when it has a cgroup: forked straight into that cgroup
-//! (`sys::spawn_in_cgroup`, `clone3` with `CLONE_INTO_CGROUP`), instead of the re-executed
-//! helper moving itself in through `cgroup.procs`, which takes the kernel's cgroup-migration
-//! lock and waits for an RCU grace period (the largest part of a short run's cost). The
-//! started process is either kind: [`Proc`].
+//! How a run's script process starts without the re-executed helper: a vfork-style `clone3`
+//! whose child does the helper's resets itself and execs the interpreter
+//! (`sys::spawn_in_cgroup`), straight into the run's cgroup when it has one (`CLONE_INTO_CGROUP`)
+//! instead of the helper moving itself in through `cgroup.procs`, which takes the kernel's
+//! cgroup-migration lock and waits for an RCU grace period (the largest part of a short run's
+//! cost). The helper stays for `RUN_AS_USER` and where the kernel cannot. The started process
+//! is either kind: [`Proc`].
 
 use std::ffi::{CString, OsStr};
 use std::fs::File;
@@ -64,12 +66,12 @@ fn c_string(bytes: &[u8]) -> io::Result<CString> {
     CString::new(bytes).map_err(|_| io::Error::from(io::ErrorKind::InvalidInput))
 }
 
-/// Starts the script of `launch` forked into the cgroup at `cgroup`, with stdout and stderr
-/// on pipes. `Ok(None)`: this kernel cannot (or the program needs a PATH search), use the
-/// helper.
-pub fn start_in_cgroup(
+/// Starts the script of `launch` (in the cgroup at `cgroup`, if given), with stdout and
+/// stderr on pipes. `Ok(None)`: this kernel cannot (or the program needs a PATH search), use
+/// the helper.
+pub fn start_direct(
     launch: &Launch,
-    cgroup: &Path,
+    cgroup: Option<&Path>,
 ) -> io::Result<Option<(Proc, PipeReader, PipeReader)>> {
     let program = launch.program.as_os_str();
     if !program.as_bytes().contains(&b'/') {
@@ -99,7 +101,7 @@ pub fn start_in_cgroup(
     let (stdout_read, stdout_write) = io::pipe()?;
     let (stderr_read, stderr_write) = io::pipe()?;
     let stdin = File::open("/dev/null")?;
-    let dir = File::open(cgroup)?;
+    let dir = cgroup.map(File::open).transpose()?;
     let started = sys::spawn_in_cgroup(&sys::CgroupSpawn {
         program: &program_c,
         argv: &argv,
@@ -108,7 +110,7 @@ pub fn start_in_cgroup(
         stdin: stdin.as_raw_fd(),
         stdout: stdout_write.as_raw_fd(),
         stderr: stderr_write.as_raw_fd(),
-        cgroup: dir.as_raw_fd(),
+        cgroup: dir.as_ref().map(File::as_raw_fd),
         nofile_soft: launch.nofile_soft,
     });
     // The child has its own copies of the write ends: ours go, so the readers see EOF.
@@ -120,7 +122,7 @@ pub fn start_in_cgroup(
             stderr_read,
         ))),
         Err(e) if unsupported(&e) => {
-            log::debug!("cannot fork into the run's cgroup ({e}); starting through the helper");
+            log::debug!("cannot start the script directly ({e}); starting it through the helper");
             Ok(None)
         }
         Err(e) => Err(e),

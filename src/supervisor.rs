@@ -38,7 +38,8 @@ pub const CHILD_HELPER_ARG: &str = "--runbookd-internal-exec";
 const NO_CGROUP: &str = "-";
 
 /// The helper's main: `--runbookd-internal-exec SOFT|- CGROUP|- UID:GID|- PROGRAM ARGS...`.
-/// Moves itself into the run's cgroup, becomes UID:GID when given, then execs the interpreter;
+/// Used for `RUN_AS_USER` and where the kernel cannot start the script directly (see
+/// `spawn.rs`). Moves itself into the run's cgroup, becomes UID:GID when given, then execs the interpreter;
 /// on failure prints why on stderr and exits as a shell would (127 not found, 126 not
 /// executable).
 pub fn child_helper_main(args: &[OsString]) -> i32 {
@@ -417,11 +418,11 @@ pub fn spawn(
         Some(path) => Some(RunCgroup::create(path).map_err(SpawnError::Cgroup)?),
         None => None,
     };
-    // Where the kernel can, a script with a cgroup is forked straight into it (no helper, no
-    // migration): see `spawn::start_in_cgroup`. The helper stays for RUN_AS_USER.
-    let forked = match (&cgroup, launch.run_as) {
-        (Some(run_cgroup), None) => crate::spawn::start_in_cgroup(launch, run_cgroup.path())?,
-        _ => None,
+    // Where the kernel can, the script starts without the helper, straight inside its cgroup
+    // (no migration): see `spawn::start_direct`. The helper stays for RUN_AS_USER.
+    let forked = match launch.run_as {
+        None => crate::spawn::start_direct(launch, cgroup.as_ref().map(RunCgroup::path))?,
+        Some(_) => None,
     };
     let (mut child, stdout, stderr) = match forked {
         Some((proc, stdout, stderr)) => (

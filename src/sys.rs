@@ -471,8 +471,8 @@ pub struct CgroupSpawn<'a> {
     pub stdin: RawFd,
     pub stdout: RawFd,
     pub stderr: RawFd,
-    /// An open descriptor of the cgroup v2 directory the child starts in.
-    pub cgroup: RawFd,
+    /// An open descriptor of the cgroup v2 directory the child starts in (None: runbookd's).
+    pub cgroup: Option<RawFd>,
     /// Soft `RLIMIT_NOFILE` the child gets back, if the server raised its own.
     pub nofile_soft: Option<u64>,
 }
@@ -497,8 +497,9 @@ struct CloneArgs {
 /// `CLONE_INTO_CGROUP` (Linux 5.7).
 const CLONE_INTO_CGROUP: u64 = 0x2_0000_0000;
 
-/// Starts a program in its own process group directly inside a cgroup v2 (`clone3` with
-/// `CLONE_INTO_CGROUP`): the child never runs outside the run's cgroup and is never moved, so
+/// Starts a program in its own process group, directly inside a cgroup v2 when one is given
+/// (`clone3` with `CLONE_INTO_CGROUP`): the child never runs outside the run's cgroup and is
+/// never moved, so
 /// nothing takes the kernel's cgroup-migration lock (writing a pid to `cgroup.procs` waits for
 /// an RCU grace period, milliseconds per run, serialised across the machine). Like
 /// `posix_spawn` it is a vfork (`CLONE_VM | CLONE_VFORK`, the child on a stack of its own), so
@@ -526,12 +527,17 @@ pub fn spawn_in_cgroup(spec: &CgroupSpawn<'_>) -> io::Result<u32> {
         failure: &failure,
     };
     let stack = ChildStack::new()?;
+    let into_cgroup = if spec.cgroup.is_some() {
+        CLONE_INTO_CGROUP
+    } else {
+        0
+    };
     let mut args = CloneArgs {
-        flags: libc::CLONE_VM as u64 | libc::CLONE_VFORK as u64 | CLONE_INTO_CGROUP,
+        flags: libc::CLONE_VM as u64 | libc::CLONE_VFORK as u64 | into_cgroup,
         exit_signal: libc::SIGCHLD as u64,
         stack: stack.base as u64,
         stack_size: CHILD_STACK_BYTES as u64,
-        cgroup: spec.cgroup as u64,
+        cgroup: spec.cgroup.map_or(0, |fd| fd as u64),
         ..CloneArgs::default()
     };
     // No handler may run in the child before its exec: every signal is blocked around the
