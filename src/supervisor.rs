@@ -409,8 +409,8 @@ pub fn spawn(
     mask: Option<&str>,
 ) -> Result<Supervised, SpawnError> {
     let (stop_read, stop_write) = io::pipe()?;
-    // The script starts through a helper (this binary again) that resets signal dispositions
-    // and the descriptor limit, then execs the interpreter: see `sys::exec_script_interpreter`.
+    // The helper (this binary again), when used, resets signal dispositions and the
+    // descriptor limit, then execs the interpreter: see `sys::exec_script_interpreter`.
     let soft = launch
         .nofile_soft
         .map_or_else(|| "-".to_string(), |s| s.to_string());
