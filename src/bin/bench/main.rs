@@ -1,7 +1,9 @@
 //! `runbookd-bench`: measures the figures the runbookd issues ask for (partial-line gap, `seq`
 //! throughput against a shell baseline, memory under 100 MB and 1 GB of output, 1000 attached
-//! viewers, write-to-read latency, concurrent streaming runs) against the release binary next
-//! to it, each on a fresh server in a private temporary directory, over loopback only.
+//! viewers, write-to-read latency, concurrent streaming runs, and issue 11's per-run overhead
+//! against `/healthz` and `webhook`, 200 curl streams, `seq` and 100 MB read by curl, `done`
+//! latency) against the release binary next to it, each on a fresh server in a private
+//! temporary directory, over loopback only.
 //!
 //! Usage: `cargo run --release --bin runbookd-bench -- [--json PATH] [NAME...]` (no NAME:
 //! all). Prints a table of figure, baseline, ratio and goal at the end, and writes it as JSON
