@@ -159,6 +159,9 @@ impl Chunker {
             .unwrap_or(0)
     }
 
+    /// `buf` with every occurrence of the secret (leftmost first, not overlapping) replaced by
+    /// `MASK`. Only positions holding the secret's first byte are compared, and `buf` is
+    /// returned as it is when nothing matched.
     fn mask(&self, buf: Vec<u8>) -> Vec<u8> {
         let Some(secret) = &self.secret else {
             return buf;
@@ -166,18 +169,29 @@ impl Chunker {
         if buf.len() < secret.len() {
             return buf;
         }
-        let mut out = Vec::with_capacity(buf.len());
+        let first = secret[0];
+        let mut out: Option<Vec<u8>> = None;
+        let mut copied = 0;
         let mut i = 0;
-        while i < buf.len() {
-            if buf[i..].starts_with(secret) {
+        while let Some(at) = buf[i..].iter().position(|&b| b == first) {
+            let start = i + at;
+            if buf[start..].starts_with(secret) {
+                let out = out.get_or_insert_with(|| Vec::with_capacity(buf.len()));
+                out.extend_from_slice(&buf[copied..start]);
                 out.extend_from_slice(MASK);
-                i += secret.len();
+                i = start + secret.len();
+                copied = i;
             } else {
-                out.push(buf[i]);
-                i += 1;
+                i = start + 1;
             }
         }
-        out
+        match out {
+            None => buf,
+            Some(mut out) => {
+                out.extend_from_slice(&buf[copied..]);
+                out
+            }
+        }
     }
 
     /// Length of the longest prefix of `buf` that may end a chunk.
@@ -326,6 +340,16 @@ mod tests {
         assert_eq!(c.push(b"\xe0\x80"), b"\xe0\x80");
         assert_eq!(c.push(b"\xe2"), b"");
         assert_eq!(c.push(b"A"), b"\xe2A");
+    }
+
+    #[test]
+    fn mask_finds_every_occurrence_among_near_misses() {
+        let chunker = Chunker::new(Some(b"ab.cd"));
+        assert_eq!(
+            chunker.mask(b"xaab.cdab.cab.cdzab.cd".to_vec()),
+            b"xa***ab.c***z***".to_vec()
+        );
+        assert_eq!(chunker.mask(b"aaaaaaaa".to_vec()), b"aaaaaaaa".to_vec());
     }
 
     #[test]

@@ -130,10 +130,13 @@ pub fn start(app: &Arc<App>, req: ExecuteRequest) -> Result<Arc<Run>, ExecError>
     if app.is_shutting_down() {
         return Err(ExecError::Unavailable("the server is shutting down".into()));
     }
+    let entered = Instant::now();
     let (path, content) = app.catalog.read(&req.file)?;
     let book = runbook::parse(&content);
     authorize(app, &path, &book, &req.principal)?;
     let run_id = format!("{}-{}", app.config.instance_id, uuid::Uuid::new_v4());
+    crate::stages::begin(&run_id, entered);
+    crate::stages::mark(&run_id, "runbook");
     // A sub-runbook call made with a running run's token does not count against
     // MAX_CONCURRENT_RUNS (so chains cannot starve) up to MAX_SUBRUNS_PER_RUN per tree.
     let parent = req.principal.run_scope.as_ref().map(|s| s.run_id.as_str());
@@ -149,6 +152,7 @@ pub fn start(app: &Arc<App>, req: ExecuteRequest) -> Result<Arc<Run>, ExecError>
             },
         )
         .map_err(ExecError::Admission)?;
+    crate::stages::mark(&run_id, "admission");
     // Set once the run thread owns the run: from then on it concludes the run, whatever
     // happens to this request.
     let handed_over = Cell::new(false);
@@ -216,6 +220,7 @@ fn launch(
         app.config.run_log_max_bytes,
     )
     .map_err(|e| ExecError::Unavailable(format!("{NO_ROOM}: cannot create its log: {e}")))?;
+    crate::stages::mark(run_id, "log file");
     // Only what the runbook declares reaches the script; the rest is named in a warning.
     let vars = params::keep_declared(&req.vars, book);
     let findings = validation::validate(
@@ -240,6 +245,7 @@ fn launch(
             app.config.max_recursion_depth
         ));
     }
+    crate::stages::mark(run_id, "validation");
     let record = RunRecord {
         run_id: run_id.to_string(),
         runbook: req.file.clone(),
@@ -270,6 +276,7 @@ fn launch(
             "{NO_ROOM}: cannot write its record: {e}"
         )));
     }
+    crate::stages::mark(run_id, "record");
     let log = Arc::new(log);
     let run = Arc::new(Run::new(record, log_path, Some(log.clone())));
     app.runs.insert(run.clone());
@@ -302,6 +309,7 @@ fn launch(
         return Ok(run);
     }
 
+    crate::stages::mark(run_id, "work dir");
     let now = chrono::Utc::now().timestamp();
     // The token outlives the longest the script may run (timeout, grace, a minute to spare).
     let lifetime = app
@@ -347,6 +355,7 @@ fn launch(
             run_id,
         },
     );
+    crate::stages::mark(run_id, "token and env");
     let interpreter = runbook::interpreter_of(&script);
     let mut args = Vec::new();
     if let Some(arg) = &interpreter.arg {
@@ -378,6 +387,7 @@ fn launch(
             return Ok(run);
         }
     };
+    crate::stages::mark(run_id, "spawn");
     let pgid = child.pid();
     let record = run.update(|r| {
         r.pgid = Some(pgid);
@@ -388,6 +398,7 @@ fn launch(
             .map(|p| p.to_string_lossy().into_owned());
     });
     save_record(app, &record);
+    crate::stages::mark(run_id, "record with pgid");
     fault::test_point("launch");
     let (cancel_tx, cancel_rx) = crossbeam_channel::unbounded();
     run.set_cancel(cancel_tx);
@@ -406,7 +417,9 @@ fn launch(
             let mut progress = Progress::default();
             let ran = catch_unwind(AssertUnwindSafe(|| {
                 let (outcome, cancelled) = child.supervise(limits, cancel_rx);
+                crate::stages::mark(&thread_run.id, "script and readers");
                 work.remove();
+                crate::stages::mark(&thread_run.id, "work dir removed");
                 conclude_tracked(
                     &thread_app,
                     &thread_run,
@@ -439,6 +452,7 @@ fn launch(
         return Err(ExecError::Unavailable(format!("cannot start the run: {e}")));
     }
     handed_over.set(true);
+    crate::stages::mark(run_id, "run thread");
     Ok(run)
 }
 
@@ -453,8 +467,9 @@ impl Outcome {
     }
 }
 
+/// Writes a newer version of a run's record (its first one was written by `record::save`).
 fn save_record(app: &App, record: &RunRecord) {
-    if let Err(e) = record::save(&app.runs_dir, record) {
+    if let Err(e) = record::update(&app.runs_dir, record) {
         log::error!("run {}: cannot write its record: {e}", record.run_id);
     }
 }
@@ -561,6 +576,7 @@ fn conclude_tracked(
         .err()
         .map(|e| e.to_string());
     progress.history_written = true;
+    crate::stages::mark(&run.id, "history");
     let record = run.update(|r| {
         r.status = status;
         r.finished_at = Some(outcome.finished_at);
@@ -578,6 +594,7 @@ fn conclude_tracked(
         r.history_error = history_error;
     });
     save_record(app, &record);
+    crate::stages::mark(&run.id, "final record");
     app.metrics
         .run_finished(status.as_str(), totals.stdout_bytes + totals.stderr_bytes);
     progress.metrics_counted = true;
@@ -594,9 +611,11 @@ fn conclude_tracked(
     });
     log::info!(target: "runbookd::audit", "{audit}");
     app.runs.release(&run.id);
+    crate::stages::mark(&run.id, "metrics audit release");
     log.finish(outcome);
     run.release_live_log();
     app.retention.run_ended(app, run);
+    crate::stages::mark(&run.id, "retention");
 }
 
 /// Concludes a run after a panic in one of its threads or in the request starting it: status

@@ -34,7 +34,9 @@ mod runbook_file;
 mod runenv;
 mod runlog;
 mod samples;
+mod spawn;
 mod sse;
+mod stages;
 mod state_lock;
 mod supervisor;
 mod sys;
@@ -116,6 +118,7 @@ fn main() -> ExitCode {
         return ExitCode::FAILURE;
     }
     env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info")).init();
+    stages::init();
     fault::install_panic_hook();
     let config = match Config::from_lookup(&|name| std::env::var(name).ok()) {
         Ok(c) => c,

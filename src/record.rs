@@ -146,6 +146,44 @@ pub fn save(runs_dir: &Path, record: &RunRecord) -> io::Result<()> {
     Err(e)
 }
 
+/// The largest record [`update`] rewrites in place: one page, which a single `write` to a
+/// file changes whole or not at all even when the process is killed during the call.
+const IN_PLACE_MAX: usize = 4096;
+
+/// Writes a newer version of a record that [`save`] wrote before, in place: one write at
+/// offset 0 of the existing file, padded with spaces to at least its current length (JSON
+/// allows trailing whitespace), so the file holds the old or the new record whole at any
+/// moment, and no file is created (creating and deleting inodes is the costliest part of a
+/// run's bookkeeping on some file systems). Records longer than a page, or files that are
+/// missing, go through `save`.
+pub fn update(runs_dir: &Path, record: &RunRecord) -> io::Result<()> {
+    use std::io::Write;
+    let path = record_path(runs_dir, &record.run_id);
+    let mut text = serde_json::to_vec_pretty(record).map_err(io::Error::other)?;
+    let in_place = fs::File::options()
+        .write(true)
+        .open(&path)
+        .and_then(|mut file| {
+            let old_len = usize::try_from(file.metadata()?.len()).unwrap_or(usize::MAX);
+            if text.len().max(old_len) > IN_PLACE_MAX {
+                return Err(io::Error::other("too long to rewrite in place"));
+            }
+            if text.len() < old_len {
+                text.resize(old_len, b' ');
+            }
+            let written = file.write(&text)?;
+            if written == text.len() {
+                Ok(())
+            } else {
+                Err(io::Error::other("short write"))
+            }
+        });
+    match in_place {
+        Ok(()) => Ok(()),
+        Err(_) => save(runs_dir, record),
+    }
+}
+
 /// Writes `text` over the file at `path` without allocating a new file.
 fn overwrite(path: &Path, text: &[u8]) -> io::Result<()> {
     use std::io::Write;
@@ -199,6 +237,62 @@ pub fn is_valid_run_id(id: &str) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn sample(run_id: &str) -> RunRecord {
+        RunRecord {
+            run_id: run_id.into(),
+            runbook: "A.md".into(),
+            status: RunStatus::Running,
+            user: "u".into(),
+            started_at: chrono::Utc::now(),
+            finished_at: None,
+            duration_ms: None,
+            return_code: None,
+            stdout_bytes: 0,
+            stderr_bytes: 0,
+            truncated: false,
+            log_capped: false,
+            pgid: Some(42),
+            pgid_start_ticks: Some(7),
+            boot_id: Some("a-boot-id-that-makes-the-first-version-long".into()),
+            cgroup: None,
+            error: None,
+            history_error: None,
+            errors: Vec::new(),
+            warnings: Vec::new(),
+        }
+    }
+
+    #[test]
+    fn update_rewrites_in_place_and_reads_back_whatever_the_length() {
+        let tmp = crate::test_dirs::TempDir::new("record-update");
+        let dir = tmp.path().to_path_buf();
+        let id = "r1-6748da90-c3f7-497f-b29a-eabb74191959";
+        let mut record = sample(id);
+        save(&dir, &record).unwrap();
+        let inode = |p: &Path| std::os::unix::fs::MetadataExt::ino(&fs::metadata(p).unwrap());
+        let before = inode(&record_path(&dir, id));
+        // Shorter than the first version: padded, still one readable record.
+        record.boot_id = None;
+        record.pgid = None;
+        update(&dir, &record).unwrap();
+        assert_eq!(inode(&record_path(&dir, id)), before, "a new file was made");
+        let loaded = load_all(&dir).unwrap();
+        assert_eq!(loaded.len(), 1);
+        assert_eq!(loaded[0].pgid, None);
+        assert_eq!(loaded[0].boot_id, None);
+        // Longer than a page: through a new file, still readable.
+        record.warnings = vec!["w".repeat(5000)];
+        record.status = RunStatus::Succeeded;
+        update(&dir, &record).unwrap();
+        let loaded = load_all(&dir).unwrap();
+        assert_eq!(loaded[0].status, RunStatus::Succeeded);
+        assert_eq!(loaded[0].warnings[0].len(), 5000);
+        // A missing file is written anew.
+        fs::remove_file(record_path(&dir, id)).unwrap();
+        update(&dir, &record).unwrap();
+        assert_eq!(load_all(&dir).unwrap().len(), 1);
+    }
 
     #[test]
     fn run_id_shape() {

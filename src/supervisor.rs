@@ -15,7 +15,7 @@ use std::os::fd::AsRawFd;
 use std::os::unix::process::CommandExt;
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::path::PathBuf;
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
@@ -26,6 +26,7 @@ use crate::cgroup::{self, RunCgroup};
 use crate::chunker::{Chunker, HOLD_BACK_RELEASE};
 use crate::fault;
 use crate::runlog::{Outcome, RunLog, Stream};
+use crate::spawn::Proc;
 use crate::sys::{self, ExitStatus, Readiness};
 
 const READ_BUFFER: usize = 64 * 1024;
@@ -38,7 +39,8 @@ pub const CHILD_HELPER_ARG: &str = "--runbookd-internal-exec";
 const NO_CGROUP: &str = "-";
 
 /// The helper's main: `--runbookd-internal-exec SOFT|- CGROUP|- UID:GID|- PROGRAM ARGS...`.
-/// Moves itself into the run's cgroup, becomes UID:GID when given, then execs the interpreter;
+/// Used for `RUN_AS_USER` and where the kernel cannot start the script directly (see
+/// `spawn.rs`). Moves itself into the run's cgroup, becomes UID:GID when given, then execs the interpreter;
 /// on failure prints why on stderr and exits as a shell would (127 not found, 126 not
 /// executable).
 pub fn child_helper_main(args: &[OsString]) -> i32 {
@@ -168,7 +170,7 @@ impl SpawnError {
 /// A started child whose output is flowing into the log. Dropped before `supervise` reaped the
 /// main process (a panic on the way), it kills the group, stops the readers and reaps.
 pub struct Supervised {
-    child: Child,
+    child: Proc,
     pid: u32,
     readers: Vec<JoinHandle<()>>,
     reader_done: Receiver<()>,
@@ -408,8 +410,8 @@ pub fn spawn(
     mask: Option<&str>,
 ) -> Result<Supervised, SpawnError> {
     let (stop_read, stop_write) = io::pipe()?;
-    // The script starts through a helper (this binary again) that resets signal dispositions
-    // and the descriptor limit, then execs the interpreter: see `sys::exec_script_interpreter`.
+    // The helper (this binary again), when used, resets signal dispositions and the
+    // descriptor limit, then execs the interpreter: see `sys::exec_script_interpreter`.
     let soft = launch
         .nofile_soft
         .map_or_else(|| "-".to_string(), |s| s.to_string());
@@ -417,46 +419,33 @@ pub fn spawn(
         Some(path) => Some(RunCgroup::create(path).map_err(SpawnError::Cgroup)?),
         None => None,
     };
-    let mut command = Command::new(SELF_EXE);
-    command
-        .arg(CHILD_HELPER_ARG)
-        .arg(soft)
-        .arg(
-            cgroup
-                .as_ref()
-                .map_or_else(|| OsString::from(NO_CGROUP), |c| c.path().into()),
-        )
-        .arg(
-            launch
-                .run_as
-                .map_or_else(|| "-".to_string(), |(u, g)| format!("{u}:{g}")),
-        )
-        .arg(&launch.program)
-        .args(&launch.args)
-        .current_dir(&launch.cwd)
-        .env_clear()
-        .envs(launch.env.iter().map(|(k, v)| (k, v)))
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .process_group(0);
-    let mut child = command.spawn()?;
+    // Where the kernel can, the script starts without the helper, straight inside its cgroup
+    // (no migration): see `spawn::start_direct`. The helper stays for RUN_AS_USER.
+    let forked = match launch.run_as {
+        None => crate::spawn::start_direct(launch, cgroup.as_ref().map(RunCgroup::path))?,
+        Some(_) => None,
+    };
+    let (mut child, stdout, stderr) = match forked {
+        Some((proc, stdout, stderr)) => (
+            proc,
+            Some(Box::new(stdout) as Box<dyn ReadFd>),
+            Some(Box::new(stderr) as Box<dyn ReadFd>),
+        ),
+        None => {
+            let mut child = helper_command(launch, soft, cgroup.as_ref()).spawn()?;
+            let stdout = child.stdout.take().map(|p| Box::new(p) as Box<dyn ReadFd>);
+            let stderr = child.stderr.take().map(|p| Box::new(p) as Box<dyn ReadFd>);
+            (Proc::Helper(child), stdout, stderr)
+        }
+    };
     let pid = child.id();
     let stop_read = Arc::new(stop_read);
     let (done_tx, done_rx) = crossbeam_channel::bounded::<()>(2);
     let (failed_tx, failed_rx) = crossbeam_channel::bounded::<()>(1);
     let panicked = Arc::new(Mutex::new(None));
     let mut readers = Vec::with_capacity(2);
-    let pipes: [(Option<Box<dyn ReadFd>>, Stream); 2] = [
-        (
-            child.stdout.take().map(|p| Box::new(p) as Box<dyn ReadFd>),
-            Stream::Stdout,
-        ),
-        (
-            child.stderr.take().map(|p| Box::new(p) as Box<dyn ReadFd>),
-            Stream::Stderr,
-        ),
-    ];
+    let pipes: [(Option<Box<dyn ReadFd>>, Stream); 2] =
+        [(stdout, Stream::Stdout), (stderr, Stream::Stderr)];
     for (pipe, stream) in pipes {
         let Some(pipe) = pipe else { continue };
         let log = log.clone();
@@ -502,8 +491,37 @@ pub fn spawn(
     })
 }
 
+/// The helper's command (see `child_helper_main`): resets the signal dispositions and the
+/// descriptor limit, enters the cgroup, becomes the script user, then execs the interpreter.
+fn helper_command(launch: &Launch, soft: String, cgroup: Option<&RunCgroup>) -> Command {
+    let mut command = Command::new(SELF_EXE);
+    command
+        .arg(CHILD_HELPER_ARG)
+        .arg(soft)
+        .arg(
+            cgroup
+                .as_ref()
+                .map_or_else(|| OsString::from(NO_CGROUP), |c| c.path().into()),
+        )
+        .arg(
+            launch
+                .run_as
+                .map_or_else(|| "-".to_string(), |(u, g)| format!("{u}:{g}")),
+        )
+        .arg(&launch.program)
+        .args(&launch.args)
+        .current_dir(&launch.cwd)
+        .env_clear()
+        .envs(launch.env.iter().map(|(k, v)| (k, v)))
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .process_group(0);
+    command
+}
+
 /// A pipe end we can both read and poll.
-trait ReadFd: Read + AsRawFd + Send {}
+pub trait ReadFd: Read + AsRawFd + Send {}
 impl<T: Read + AsRawFd + Send> ReadFd for T {}
 
 /// Copies one pipe into the log until EOF, or until `stop` becomes readable (its writer was

@@ -357,7 +357,8 @@ pub fn ignore_file_size_signal() -> io::Result<()> {
 }
 
 /// Blocks SIGTERM and SIGINT in the calling thread and every thread it starts afterwards, so
-/// that `wait_termination_signal` receives them. (Children get an empty mask from std.)
+/// that `wait_termination_signal` receives them. (Children inherit the mask: std's spawn does
+/// not empty it, the script helper does, see `exec_script_interpreter`.)
 pub fn block_termination_signals() -> io::Result<()> {
     Ok(termination_set().thread_block()?)
 }
@@ -383,4 +384,268 @@ pub fn block_interrupt_signal() -> io::Result<()> {
 pub fn wait_interrupt_signal() -> io::Result<()> {
     interrupt_set().wait()?;
     Ok(())
+}
+
+/// What [`spawn_in_cgroup`] starts, all of it prepared before the fork: the child between
+/// fork and exec only makes system calls (no allocation, no lock).
+pub struct CgroupSpawn<'a> {
+    /// Path of the program (with a '/': no PATH search).
+    pub program: &'a std::ffi::CStr,
+    /// Arguments, argv[0] first, ending with a null pointer.
+    pub argv: &'a [*const libc::c_char],
+    /// `NAME=value` entries, ending with a null pointer.
+    pub envp: &'a [*const libc::c_char],
+    pub cwd: &'a std::ffi::CStr,
+    pub stdin: RawFd,
+    pub stdout: RawFd,
+    pub stderr: RawFd,
+    /// An open descriptor of the cgroup v2 directory the child starts in (None: runbookd's).
+    pub cgroup: Option<RawFd>,
+    /// Soft `RLIMIT_NOFILE` the child gets back, if the server raised its own.
+    pub nofile_soft: Option<u64>,
+}
+
+/// The kernel's `struct clone_args` (version 2, with `cgroup`).
+#[repr(C)]
+#[derive(Default)]
+struct CloneArgs {
+    flags: u64,
+    pidfd: u64,
+    child_tid: u64,
+    parent_tid: u64,
+    exit_signal: u64,
+    stack: u64,
+    stack_size: u64,
+    tls: u64,
+    set_tid: u64,
+    set_tid_size: u64,
+    cgroup: u64,
+}
+
+/// `CLONE_INTO_CGROUP` (Linux 5.7).
+const CLONE_INTO_CGROUP: u64 = 0x2_0000_0000;
+
+/// Starts a program in its own process group, directly inside a cgroup v2 when one is given
+/// (`clone3` with `CLONE_INTO_CGROUP`): the child never runs outside the run's cgroup and is
+/// never moved, so
+/// nothing takes the kernel's cgroup-migration lock (writing a pid to `cgroup.procs` waits for
+/// an RCU grace period, milliseconds per run, serialised across the machine). Like
+/// `posix_spawn` it is a vfork (`CLONE_VM | CLONE_VFORK`, the child on a stack of its own), so
+/// its cost does not grow with the server's threads and memory. In the child: SIGINT,
+/// SIGQUIT, SIGTERM, SIGHUP, SIGXFSZ and SIGPIPE to their defaults, its own process group, the
+/// soft descriptor limit given back, the working directory, stdin/stdout/stderr, an empty
+/// signal mask, then `execve`. Returns the child's pid once it has exec'd, or the error of the
+/// step that failed (that child has exited and is reaped here). ENOSYS, EINVAL, EOPNOTSUPP or
+/// E2BIG: this kernel or architecture cannot, the caller falls back to the helper.
+pub fn spawn_in_cgroup(spec: &CgroupSpawn<'_>) -> io::Result<u32> {
+    let hard = nofile_limits()?.1;
+    // SAFETY: sigset_t is plain data; sigemptyset/sigfillset initialise it.
+    let (empty, full) = unsafe {
+        let mut empty: libc::sigset_t = std::mem::zeroed();
+        let mut full: libc::sigset_t = std::mem::zeroed();
+        libc::sigemptyset(&mut empty);
+        libc::sigfillset(&mut full);
+        (empty, full)
+    };
+    let failure = std::sync::atomic::AtomicI32::new(0);
+    let context = ChildContext {
+        spec,
+        hard,
+        empty,
+        failure: &failure,
+    };
+    let stack = ChildStack::new()?;
+    let into_cgroup = if spec.cgroup.is_some() {
+        CLONE_INTO_CGROUP
+    } else {
+        0
+    };
+    let mut args = CloneArgs {
+        flags: libc::CLONE_VM as u64 | libc::CLONE_VFORK as u64 | into_cgroup,
+        exit_signal: libc::SIGCHLD as u64,
+        stack: stack.base as u64,
+        stack_size: CHILD_STACK_BYTES as u64,
+        cgroup: spec.cgroup.map_or(0, |fd| fd as u64),
+        ..CloneArgs::default()
+    };
+    // No handler may run in the child before its exec: every signal is blocked around the
+    // clone (the child inherits that mask and empties it just before `execve`).
+    let mut old: libc::sigset_t = empty;
+    // SAFETY: `full` and `old` are valid sigsets.
+    let masked = unsafe { libc::pthread_sigmask(libc::SIG_SETMASK, &full, &mut old) };
+    if masked != 0 {
+        return Err(io::Error::from_raw_os_error(masked));
+    }
+    // SAFETY: see `clone3_vfork`; `args` describes a stack that lives until after the child
+    // exec'd or exited (this thread is suspended until then), and `context` lives on this
+    // thread's stack, which the suspended thread does not touch meanwhile.
+    let ret = unsafe { clone3_vfork(&mut args, &context) };
+    // SAFETY: `old` is the mask read above.
+    unsafe { libc::pthread_sigmask(libc::SIG_SETMASK, &old, std::ptr::null_mut()) };
+    drop(stack);
+    if ret < 0 {
+        return Err(io::Error::from_raw_os_error(-ret as i32));
+    }
+    let pid = ret as libc::pid_t;
+    let code = failure.load(std::sync::atomic::Ordering::SeqCst);
+    if code != 0 {
+        // The child failed before its exec and exited: reap it, report why.
+        let _ = reap(pid as u32);
+        return Err(io::Error::from_raw_os_error(code));
+    }
+    Ok(pid as u32)
+}
+
+/// What the child of [`spawn_in_cgroup`] reads (in the parent's memory, shared until exec).
+struct ChildContext<'a, 'b> {
+    spec: &'a CgroupSpawn<'b>,
+    hard: u64,
+    empty: libc::sigset_t,
+    /// The errno of the step that failed, written by the child before it exits.
+    failure: &'a std::sync::atomic::AtomicI32,
+}
+
+/// Stack size of the child between clone and exec (it runs a few system-call wrappers).
+const CHILD_STACK_BYTES: usize = 64 * 1024;
+
+/// The child's stack, unmapped when dropped.
+struct ChildStack {
+    base: *mut libc::c_void,
+}
+
+impl ChildStack {
+    fn new() -> io::Result<ChildStack> {
+        // SAFETY: an anonymous private mapping; no memory of ours is touched.
+        let base = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                CHILD_STACK_BYTES,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_STACK,
+                -1,
+                0,
+            )
+        };
+        if base == libc::MAP_FAILED {
+            return Err(io::Error::last_os_error());
+        }
+        Ok(ChildStack { base })
+    }
+}
+
+impl Drop for ChildStack {
+    fn drop(&mut self) {
+        // SAFETY: `base` is the mapping made in `new`, of that size, no longer used.
+        unsafe { libc::munmap(self.base, CHILD_STACK_BYTES) };
+    }
+}
+
+/// `clone3(args)` whose child calls `child_main(context)` on the stack in `args` and never
+/// returns; the parent gets the child's pid or -errno.
+///
+/// # Safety
+/// `args` must have `CLONE_VM | CLONE_VFORK` and a valid stack, and `context` must stay valid
+/// until the call returns (the calling thread is suspended until the child execs or exits).
+#[cfg(target_arch = "x86_64")]
+unsafe fn clone3_vfork(args: &mut CloneArgs, context: &ChildContext<'_, '_>) -> i64 {
+    let ret: i64;
+    // The child starts after `syscall` with rax = 0 and rsp at the top of its own stack
+    // (16-byte aligned), so it calls `child_main` right there and never comes back; the
+    // parent jumps over that. r12 and r13 survive the system call in both.
+    std::arch::asm!(
+        "syscall",
+        "test rax, rax",
+        "jnz 2f",
+        "mov rdi, r13",
+        "call r12",
+        "ud2",
+        "2:",
+        inlateout("rax") libc::SYS_clone3 => ret,
+        in("rdi") args as *mut CloneArgs,
+        in("rsi") std::mem::size_of::<CloneArgs>(),
+        in("r12") child_main as *const () as usize,
+        in("r13") context as *const ChildContext<'_, '_>,
+        lateout("rcx") _,
+        lateout("r11") _,
+    );
+    ret
+}
+
+/// Elsewhere the helper is used.
+#[cfg(not(target_arch = "x86_64"))]
+unsafe fn clone3_vfork(_: &mut CloneArgs, _: &ChildContext<'_, '_>) -> i64 {
+    -i64::from(libc::ENOSYS)
+}
+
+/// The child of [`spawn_in_cgroup`]: sets itself up and execs, or records the errno of the
+/// failed step and exits with 127.
+///
+/// # Safety
+/// Only as the child of `clone3_vfork`: it shares the parent's memory (which it only reads,
+/// but for the failure slot) while the parent waits; it allocates nothing and takes no lock.
+unsafe extern "C" fn child_main(context: *const ChildContext<'_, '_>) -> ! {
+    let context = &*context;
+    let spec = context.spec;
+    let fail = || -> ! {
+        let code = *libc::__errno_location();
+        context.failure.store(
+            if code == 0 { libc::EINVAL } else { code },
+            std::sync::atomic::Ordering::SeqCst,
+        );
+        libc::_exit(127)
+    };
+    for signal in [
+        libc::SIGINT,
+        libc::SIGQUIT,
+        libc::SIGTERM,
+        libc::SIGHUP,
+        libc::SIGXFSZ,
+        libc::SIGPIPE,
+    ] {
+        libc::signal(signal, libc::SIG_DFL);
+    }
+    if libc::setpgid(0, 0) != 0 {
+        fail();
+    }
+    if let Some(soft) = spec.nofile_soft {
+        let lim = libc::rlimit {
+            rlim_cur: soft.min(context.hard),
+            rlim_max: context.hard,
+        };
+        if libc::setrlimit(libc::RLIMIT_NOFILE, &lim) != 0 {
+            fail();
+        }
+    }
+    if libc::chdir(spec.cwd.as_ptr()) != 0 {
+        fail();
+    }
+    for (from, to) in [(spec.stdin, 0), (spec.stdout, 1), (spec.stderr, 2)] {
+        if libc::dup2(from, to) < 0 {
+            fail();
+        }
+    }
+    if libc::sigprocmask(libc::SIG_SETMASK, &context.empty, std::ptr::null_mut()) != 0 {
+        fail();
+    }
+    libc::execve(
+        spec.program.as_ptr(),
+        spec.argv.as_ptr(),
+        spec.envp.as_ptr(),
+    );
+    fail()
+}
+
+/// Waits for the child `pid` to end and reaps it; its raw wait status.
+pub fn reap(pid: u32) -> io::Result<libc::c_int> {
+    let pid =
+        libc::pid_t::try_from(pid).map_err(|_| io::Error::from(io::ErrorKind::InvalidInput))?;
+    let mut status: libc::c_int = 0;
+    loop {
+        // SAFETY: `status` is writable for the call.
+        match check(unsafe { libc::waitpid(pid, &mut status, 0) }) {
+            Ok(_) => return Ok(status),
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            Err(e) => return Err(e),
+        }
+    }
 }

@@ -92,6 +92,7 @@ pub fn serve(app: &Arc<App>, server: &tiny_http::Server, local: SocketAddr) -> i
 
 fn handle(app: &Arc<App>, mut request: tiny_http::Request) {
     let started = Instant::now();
+    crate::stages::request_received();
     let incoming = Incoming::from_request(&request);
     let (label, result) = match router::route(&incoming.method, &incoming.path) {
         Ok(route) => {

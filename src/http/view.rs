@@ -114,7 +114,10 @@ fn follow(
             body.write_all(&sse::done_prefix(cursor.next_seq()))?;
             write_result(&mut body, run, log, &outcome, limit)?;
             body.write_all(b"\n\n")?;
-            return body.flush();
+            let flushed = body.flush();
+            crate::stages::mark(&run.id, "done sent");
+            crate::stages::finish(&run.id);
+            return flushed;
         }
     }
 }
@@ -122,6 +125,7 @@ fn follow(
 /// Waits for the run's end and sends its result object: 200 when it succeeded, else 500.
 pub fn send_result(app: &App, request: tiny_http::Request, run: &Arc<Run>, log: &RunLog) -> u16 {
     let outcome = log.wait_end();
+    crate::stages::mark(&run.id, "done to the request");
     let status = if outcome.return_code == 0 && outcome.error.is_none() {
         200
     } else {
@@ -140,6 +144,8 @@ pub fn send_result(app: &App, request: tiny_http::Request, run: &Arc<Run>, log: 
     if let Err(e) = sent {
         log::debug!("result of {} not delivered: {e}", run.id);
     }
+    crate::stages::mark(&run.id, "response");
+    crate::stages::finish(&run.id);
     status
 }
 

@@ -21,6 +21,7 @@ mod observability;
 mod process;
 mod recursion;
 mod routes;
+mod run_overhead;
 mod runbooks;
 mod runs;
 mod runs_cli;

@@ -32,6 +32,8 @@ pub struct RunEnd {
     pub return_code: i64,
     /// When the `done` event arrived.
     pub done_at: Instant,
+    /// The same moment on the wall clock.
+    pub done_wall: std::time::SystemTime,
     pub stderr_bytes: u64,
     /// The start of stderr, for error messages.
     pub stderr_head: String,
@@ -189,6 +191,7 @@ pub fn read_run(
                 end = Some(RunEnd {
                     return_code,
                     done_at: event.at,
+                    done_wall: event.wall,
                     stderr_bytes,
                     stderr_head: std::mem::take(&mut stderr_head),
                 });

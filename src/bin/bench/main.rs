@@ -1,17 +1,23 @@
 //! `runbookd-bench`: measures the figures the runbookd issues ask for (partial-line gap, `seq`
 //! throughput against a shell baseline, memory under 100 MB and 1 GB of output, 1000 attached
-//! viewers, write-to-read latency, concurrent streaming runs) against the release binary next
-//! to it, each on a fresh server in a private temporary directory, over loopback only.
+//! viewers, write-to-read latency, concurrent streaming runs, and issue 11's per-run overhead
+//! against `/healthz` and `webhook`, 200 curl streams, `seq` and 100 MB read by curl, `done`
+//! latency) against the release binary next to it, each on a fresh server in a private
+//! temporary directory, over loopback only.
 //!
-//! Usage: `cargo run --release --bin runbookd-bench -- [NAME...]` (no NAME: all). Exit status
-//! 0 when every figure ran and met its goal, 1 otherwise, 2 for a bad argument.
+//! Usage: `cargo run --release --bin runbookd-bench -- [--json PATH] [NAME...]` (no NAME:
+//! all). Prints a table of figure, baseline, ratio and goal at the end, and writes it as JSON
+//! with `--json`. Exit status 0 when every figure ran and met its goal, 1 otherwise, 2 for a
+//! bad argument.
 #![forbid(unsafe_code)]
 
 mod api;
 mod client;
+mod curl;
 mod error;
 mod figures;
 mod limits;
+mod report;
 mod rss;
 mod runbooks;
 mod server;
@@ -28,8 +34,9 @@ use figures::{Bench, Outcome, NAMES};
 
 fn usage() -> String {
     format!(
-        "usage: runbookd-bench [NAME...]\n\
-         Runs the named figures (default: all) against the runbookd binary next to this one.\n\
+        "usage: runbookd-bench [--json PATH] [NAME...]\n\
+         Runs the named figures (default: all) against the runbookd binary next to this one,\n\
+         prints a table of the results and, with --json, writes it to PATH.\n\
          Names: {}\n\
          Exit status: 0 all figures ran and met their goals, 1 otherwise, 2 bad arguments.\n",
         NAMES.join(", ")
@@ -101,11 +108,23 @@ fn machine_context(nofile: &str) -> String {
 }
 
 fn main() -> ExitCode {
-    let args: Vec<String> = std::env::args().skip(1).collect();
+    let mut args: Vec<String> = std::env::args().skip(1).collect();
     if args.iter().any(|a| a == "--help" || a == "-h") {
         print!("{}", usage());
         return ExitCode::SUCCESS;
     }
+    let json_path = match args.iter().position(|a| a == "--json") {
+        Some(at) if at + 1 < args.len() => {
+            let path = PathBuf::from(args.remove(at + 1));
+            args.remove(at);
+            Some(path)
+        }
+        Some(_) => {
+            eprintln!("runbookd-bench: --json needs a path\n{}", usage());
+            return ExitCode::from(2);
+        }
+        None => None,
+    };
     let names = match selected(&args) {
         Ok(n) => n,
         Err(e) => {
@@ -114,7 +133,7 @@ fn main() -> ExitCode {
         }
     };
     limits::raise_nofile_by_reexec();
-    match run(&names) {
+    match run(&names, json_path.as_deref()) {
         Ok(true) => ExitCode::SUCCESS,
         Ok(false) => ExitCode::FAILURE,
         Err(e) => {
@@ -125,7 +144,7 @@ fn main() -> ExitCode {
 }
 
 /// Runs the figures; true when all ran and met their goals.
-fn run(names: &[&str]) -> Result<bool, BenchError> {
+fn run(names: &[&str], json_path: Option<&std::path::Path>) -> Result<bool, BenchError> {
     let nofile = match limits::nofile() {
         Some((soft, hard)) => format!("{soft} (hard {hard})"),
         None => "unknown".into(),
@@ -141,7 +160,8 @@ fn run(names: &[&str]) -> Result<bool, BenchError> {
             binary.display()
         )));
     }
-    println!("{}", machine_context(&nofile));
+    let machine = machine_context(&nofile);
+    println!("{machine}");
     println!("server binary: {}", binary.display());
     let runbooks = server::TempDir::new("runbookd-bench-runbooks")?;
     runbooks::write_all(runbooks.path())?;
@@ -185,6 +205,19 @@ fn run(names: &[&str]) -> Result<bool, BenchError> {
             }
         })
         .collect();
+    let rows: Vec<report::Row> = results
+        .iter()
+        .filter_map(|(_, outcome)| outcome.as_ref().ok())
+        .flat_map(|o| o.rows.iter().cloned())
+        .collect();
+    if !rows.is_empty() {
+        print!("{}", report::table(&rows));
+    }
+    if let Some(path) = json_path {
+        let machine = format!("{machine}; load average at the end {}", load_average());
+        report::write_json(path, &machine, &rows)?;
+        println!("wrote {}", path.display());
+    }
     println!(
         "summary: {} | total {}, load average now {}",
         parts.join("; "),

@@ -83,8 +83,39 @@ pub const TICKS: Book = Book {
     script: "i=0; while [ $i -lt 20 ]; do echo tick $i; sleep 0.1; i=$((i+1)); done",
 };
 
-const ALL: [&Book; 8] = [
-    &WARM_UP, &GAP, &SEQ, &OUT_100M, &OUT_1G, &LINES_10K, &STAMPS, &TICKS,
+/// The smallest useful run: the fixed cost of a run.
+pub const ECHO: Book = Book {
+    file: "Echo.md",
+    env: &[],
+    script: "echo hi",
+};
+
+/// The 2-second streaming script of issue 11: 20 lines, 0.1 s apart.
+pub const LINES20: Book = Book {
+    file: "Lines20.md",
+    env: &[],
+    script: "for i in $(seq 1 20); do echo line $i; sleep 0.1; done",
+};
+
+/// One line, then the wall-clock time in nanoseconds as the script's last act.
+pub const EXIT_STAMP: Book = Book {
+    file: "ExitStamp.md",
+    env: &[],
+    script: "echo start\ndate +%s%N",
+};
+
+const ALL: [&Book; 11] = [
+    &WARM_UP,
+    &GAP,
+    &SEQ,
+    &OUT_100M,
+    &OUT_1G,
+    &LINES_10K,
+    &STAMPS,
+    &TICKS,
+    &ECHO,
+    &LINES20,
+    &EXIT_STAMP,
 ];
 
 /// The runbook text of `book`.
@@ -134,6 +165,13 @@ pub fn lines_10k_output() -> Vec<u8> {
 pub fn ticks_output() -> Vec<u8> {
     (0..20u32)
         .flat_map(|i| format!("tick {i}\n").into_bytes())
+        .collect()
+}
+
+/// What `LINES20` prints.
+pub fn lines20_output() -> Vec<u8> {
+    (1..=20u32)
+        .flat_map(|i| format!("line {i}\n").into_bytes())
         .collect()
 }
 

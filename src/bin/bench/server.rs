@@ -20,6 +20,8 @@ const START_TIMEOUT: Duration = Duration::from_secs(20);
 const STOP_GRACE: Duration = Duration::from_secs(15);
 /// Stderr lines kept for an error message.
 const KEPT_STDERR_LINES: usize = 20;
+/// Stage timing lines kept.
+const MAX_STAGE_LINES: usize = 10_000;
 
 /// A directory removed, with everything in it, when dropped.
 pub struct TempDir {
@@ -66,6 +68,8 @@ pub struct Server {
     pub pid: u32,
     stderr_tail: Arc<Mutex<VecDeque<String>>>,
     stderr_lines: Arc<Mutex<u64>>,
+    /// Its `runbookd::stages` log lines (when started with that target at debug level).
+    stage_lines: Arc<Mutex<Vec<String>>>,
     /// Its state and execution directories, removed after it stops.
     work: Option<TempDir>,
 }
@@ -100,12 +104,21 @@ impl Server {
         let pid = child.id();
         let stderr_tail = Arc::new(Mutex::new(VecDeque::new()));
         let stderr_lines = Arc::new(Mutex::new(0u64));
+        let stage_lines = Arc::new(Mutex::new(Vec::new()));
         if let Some(stderr) = child.stderr.take() {
             let tail = stderr_tail.clone();
             let count = stderr_lines.clone();
+            let stages = stage_lines.clone();
             std::thread::spawn(move || {
                 for line in BufReader::new(stderr).lines() {
                     let Ok(line) = line else { break };
+                    if line.contains(" runbookd::stages]") {
+                        let mut stages = stages.lock().unwrap_or_else(|e| e.into_inner());
+                        if stages.len() < MAX_STAGE_LINES {
+                            stages.push(line);
+                        }
+                        continue;
+                    }
                     let mut tail = tail.lock().unwrap_or_else(|e| e.into_inner());
                     if tail.len() == KEPT_STDERR_LINES {
                         tail.pop_front();
@@ -131,6 +144,7 @@ impl Server {
             pid,
             stderr_tail,
             stderr_lines,
+            stage_lines,
             work: Some(work),
         };
         let deadline = Instant::now() + START_TIMEOUT;
@@ -168,6 +182,14 @@ impl Server {
     /// How many lines the server wrote to stderr (warnings and errors at RUST_LOG=warn).
     pub fn stderr_line_count(&self) -> u64 {
         *self.stderr_lines.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// The stage timing lines logged so far.
+    pub fn stage_lines(&self) -> Vec<String> {
+        self.stage_lines
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
     }
 
     /// The server's `STATE_DIR` (until it is stopped).

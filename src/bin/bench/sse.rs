@@ -188,6 +188,20 @@ pub fn follow(
     }
 }
 
+/// Parses a whole captured event stream (a client's output written to memory), handing each
+/// event to `on_event`; events carry the time of this call.
+pub fn parse_all(
+    bytes: &[u8],
+    mut on_event: impl FnMut(&Event<'_>) -> Result<Flow, BenchError>,
+) -> Result<(), BenchError> {
+    let mut parser = Parser {
+        pending: bytes.to_vec(),
+        ..Parser::default()
+    };
+    parser.process(Instant::now(), SystemTime::now(), &mut on_event)?;
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

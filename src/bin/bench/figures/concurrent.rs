@@ -211,5 +211,6 @@ pub fn run(bench: &Bench) -> Result<Outcome, BenchError> {
     Ok(Outcome {
         summary,
         goal_met: None,
+        rows: Vec::new(),
     })
 }

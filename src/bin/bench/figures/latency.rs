@@ -133,5 +133,6 @@ pub fn run(bench: &Bench) -> Result<Outcome, BenchError> {
             ms_from_us(pooled_p99)
         ),
         goal_met: None,
+        rows: Vec::new(),
     })
 }

@@ -181,5 +181,6 @@ fn measure(bench: &Bench, case: &Case<'_>) -> Result<Outcome, BenchError> {
             mib_from_kib(growth)
         ),
         goal_met: Some(met),
+        rows: Vec::new(),
     })
 }

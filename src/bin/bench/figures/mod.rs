@@ -3,9 +3,12 @@
 #![forbid(unsafe_code)]
 
 mod concurrent;
+mod curlstreams;
+mod done;
 mod gap;
 mod latency;
 mod memory;
+mod overhead;
 mod seq;
 mod viewers;
 
@@ -13,11 +16,12 @@ use std::path::PathBuf;
 
 use crate::api::Api;
 use crate::error::BenchError;
+use crate::report::Row;
 use crate::server::{Server, ServerSpec};
 use crate::token;
 
 /// Every figure, in the order they run.
-pub const NAMES: [&str; 7] = [
+pub const NAMES: [&str; 12] = [
     "gap",
     "seq",
     "rss100m",
@@ -25,6 +29,11 @@ pub const NAMES: [&str; 7] = [
     "viewers1000",
     "latency",
     "concurrent",
+    "overhead",
+    "streams200",
+    "seq_curl",
+    "sse100m",
+    "done_latency",
 ];
 
 /// What the figures need to start servers.
@@ -39,6 +48,8 @@ pub struct Outcome {
     pub summary: String,
     /// Whether the stated goal was met; `None` when the figure has no goal.
     pub goal_met: Option<bool>,
+    /// Rows for the results table (figure, baseline, ratio, goal).
+    pub rows: Vec<Row>,
 }
 
 impl Bench {
@@ -86,6 +97,11 @@ pub fn run(name: &str, bench: &Bench) -> Result<Outcome, BenchError> {
         "viewers1000" => viewers::run(bench),
         "latency" => latency::run(bench),
         "concurrent" => concurrent::run(bench),
+        "overhead" => overhead::run(bench),
+        "streams200" => curlstreams::streams(bench),
+        "seq_curl" => curlstreams::seq(bench),
+        "sse100m" => curlstreams::bulk(bench),
+        "done_latency" => done::run(bench),
         other => Err(BenchError::Server(format!("no figure called {other:?}"))),
     }
 }

@@ -133,5 +133,6 @@ pub fn run(bench: &Bench) -> Result<Outcome, BenchError> {
     Ok(Outcome {
         summary: format!("seq {server_median:.3} s ({ratio:.1}x)"),
         goal_met: Some(met),
+        rows: Vec::new(),
     })
 }

@@ -1,0 +1,337 @@
+//! The streaming figures of issue 11, with `curl` as the client:
+//! - `streams200`: 200 SSE executes of a 2-second, 20-line script, one `curl -N` process each,
+//!   all started at once; wall until the last curl exits, against the same 200 scripts started
+//!   directly in parallel, each piped through `cat` (goal ≤ 1.3×, every output exact);
+//! - `seq_curl`: `seq 1 1000000` over SSE read by `curl -N` against
+//!   `sh -c 'seq 1 1000000' | cat` (goal ≤ 4×, medians of paired runs);
+//! - `sse100m`: 100 MB over SSE read by curl, as a rate against the same command piped through
+//!   `cat` (goal ≥ 50 %), and the server's peak RSS meanwhile (goal < 40 MiB).
+//!
+//! Timed curls write to /dev/null (the client is curl alone); the output of one more run of
+//! each is parsed and compared byte for byte.
+#![forbid(unsafe_code)]
+
+use std::io::Read;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use serde_json::json;
+
+use super::{note_server_stderr, Bench, Outcome};
+use crate::curl::Curl;
+use crate::error::BenchError;
+use crate::report::Row;
+use crate::rss::{reset_peak, status_kib, Sampler};
+use crate::runbooks::{lines20_output, seq_output, Book, ExpectedBytes, LINES20, OUT_100M, SEQ};
+use crate::server::TempDir;
+use crate::sse::{self, Flow};
+use crate::stats::{median, mib_from_kib, verdict};
+
+const STREAMS: usize = 200;
+const STREAM_ROUNDS: usize = 3;
+const STREAM_GOAL: f64 = 1.3;
+const SEQ_ROUNDS: usize = 7;
+const SEQ_GOAL: f64 = 4.0;
+const BULK_ROUNDS: usize = 3;
+const BULK_BYTES: f64 = 100_000_000.0;
+const RATE_GOAL: f64 = 0.5;
+const RSS_GOAL_KIB: u64 = 40 * 1024;
+
+/// Starts `command` with stdout piped to a thread that keeps it all.
+fn spawn_collecting(
+    mut command: Command,
+    what: &str,
+) -> Result<(Child, std::thread::JoinHandle<Vec<u8>>), BenchError> {
+    let mut child = command
+        .stdout(Stdio::piped())
+        .spawn()
+        .map_err(BenchError::io(format!("start {what}")))?;
+    let mut out = child
+        .stdout
+        .take()
+        .ok_or_else(|| BenchError::Server("no stdout pipe".into()))?;
+    let reader = std::thread::Builder::new()
+        .stack_size(64 * 1024)
+        .spawn(move || {
+            let mut bytes = Vec::new();
+            let _ = out.read_to_end(&mut bytes);
+            bytes
+        })
+        .map_err(BenchError::io("start a reader thread"))?;
+    Ok((child, reader))
+}
+
+/// Runs `command` to its end with stdout to /dev/null; its wall time in seconds.
+fn timed_quiet(mut command: Command, what: &str) -> Result<f64, BenchError> {
+    let started = Instant::now();
+    let status = command
+        .stdout(Stdio::null())
+        .status()
+        .map_err(BenchError::io(format!("run {what}")))?;
+    let secs = started.elapsed().as_secs_f64();
+    if !status.success() {
+        return Err(BenchError::Protocol(format!(
+            "{what}: exit status {status}"
+        )));
+    }
+    Ok(secs)
+}
+
+/// `sh -c 'SCRIPT' | cat` with `cat`'s output to `stdout`.
+fn direct(script: &str, piped: bool) -> Command {
+    let mut c = Command::new("sh");
+    c.arg("-c")
+        .arg(format!("( {script}\n) | cat"))
+        .stdin(Stdio::null())
+        .stderr(Stdio::null());
+    if !piped {
+        c.stdout(Stdio::null());
+    }
+    c
+}
+
+/// Checks a captured event stream: stdout exactly `expected`, and `done` with return code 0.
+fn check_stream(bytes: &[u8], expected: &[u8]) -> Result<(), BenchError> {
+    let mut check = ExpectedBytes::new(expected);
+    let mut return_code = None;
+    sse::parse_all(bytes, |event| {
+        match event.name {
+            "stdout" => check.feed(event.data),
+            "done" => {
+                let v: serde_json::Value = serde_json::from_slice(event.data)
+                    .map_err(|e| BenchError::Protocol(format!("done data: {e}")))?;
+                return_code = v.get("return_code").and_then(|c| c.as_i64());
+                return Ok(Flow::Stop);
+            }
+            _ => {}
+        }
+        Ok(Flow::Continue)
+    })?;
+    if return_code != Some(0) {
+        return Err(BenchError::Mismatch(format!(
+            "done with return code {return_code:?}"
+        )));
+    }
+    if !check.is_exact() {
+        return Err(BenchError::Mismatch(check.describe()));
+    }
+    Ok(())
+}
+
+/// Starts `n` commands at once, collects their outputs; (wall until the last exits, outputs).
+fn run_all(make: impl Fn() -> Command, n: usize) -> Result<(f64, Vec<Vec<u8>>), BenchError> {
+    let started = Instant::now();
+    let mut running = Vec::with_capacity(n);
+    for _ in 0..n {
+        running.push(spawn_collecting(make(), "a client")?);
+    }
+    let mut outputs = Vec::with_capacity(n);
+    let mut failures = 0;
+    for (mut child, reader) in running {
+        let ok = child.wait().is_ok_and(|s| s.success());
+        failures += usize::from(!ok);
+        outputs.push(reader.join().unwrap_or_default());
+    }
+    let wall = started.elapsed().as_secs_f64();
+    if failures > 0 {
+        return Err(BenchError::Protocol(format!(
+            "{failures} of {n} exited with an error"
+        )));
+    }
+    Ok((wall, outputs))
+}
+
+pub fn streams(bench: &Bench) -> Result<Outcome, BenchError> {
+    let (server, api) = bench.start(&[("MAX_CONCURRENT_RUNS", "1000")])?;
+    let scratch = TempDir::new("runbookd-bench-curl")?;
+    let client = Curl::new(&api, scratch.path())?;
+    let expected = lines20_output();
+    let mut server_walls = Vec::new();
+    let mut direct_walls = Vec::new();
+    for _ in 0..STREAM_ROUNDS {
+        let (wall, outputs) = run_all(|| direct(LINES20.script, true), STREAMS)?;
+        let exact = outputs.iter().filter(|o| **o == expected).count();
+        if exact != STREAMS {
+            return Err(BenchError::Mismatch(format!(
+                "direct runs exact: {exact}/{STREAMS}"
+            )));
+        }
+        direct_walls.push(wall);
+        std::thread::sleep(Duration::from_millis(300));
+        let (wall, outputs) = run_all(|| client.execute_sse(LINES20.file), STREAMS)?;
+        let mut bad = 0;
+        for output in &outputs {
+            if let Err(e) = check_stream(output, &expected) {
+                if bad == 0 {
+                    println!("  a stream was not exact: {e}");
+                }
+                bad += 1;
+            }
+        }
+        if bad > 0 {
+            return Err(BenchError::Mismatch(format!(
+                "{bad} of {STREAMS} streams not exact"
+            )));
+        }
+        server_walls.push(wall);
+        std::thread::sleep(Duration::from_millis(300));
+    }
+    let (s, d) = (median(&server_walls), median(&direct_walls));
+    let ratio = s / d.max(1e-9);
+    let met = ratio <= STREAM_GOAL;
+    println!(
+        "streams200: {STREAMS} SSE executes (curl -N each) {s:.2} s, the same scripts piped through cat {d:.2} s: {ratio:.2}x (medians of {STREAM_ROUNDS}, all outputs exact); goal <= {STREAM_GOAL}x: {}",
+        verdict(met)
+    );
+    note_server_stderr(&server);
+    Ok(Outcome {
+        summary: format!("streams200 {ratio:.2}x"),
+        goal_met: Some(met),
+        rows: vec![Row {
+            name: "streams200_wall".into(),
+            value: s,
+            baseline: Some(d),
+            unit: "s",
+            ratio: Some(ratio),
+            goal: format!("<= {STREAM_GOAL}x"),
+            met: Some(met),
+            detail: json!({"server_walls": server_walls, "direct_walls": direct_walls}),
+        }],
+    })
+}
+
+/// Paired timing of an SSE execute read by curl against the script piped through cat; then
+/// one more run parsed and compared. (server median, direct median) in seconds.
+fn paired(
+    client: &Curl,
+    book: &Book,
+    rounds: usize,
+    check: impl Fn(&[u8]) -> Result<(), BenchError>,
+) -> Result<(f64, f64, Vec<f64>, Vec<f64>), BenchError> {
+    let mut server_times = Vec::new();
+    let mut direct_times = Vec::new();
+    for _ in 0..rounds {
+        direct_times.push(timed_quiet(direct(book.script, false), "the direct run")?);
+        server_times.push(timed_quiet(client.execute_sse(book.file), "curl")?);
+    }
+    let (child, reader) = spawn_collecting(client.execute_sse(book.file), "curl")?;
+    let mut child = child;
+    let _ = child.wait();
+    check(&reader.join().unwrap_or_default())?;
+    Ok((
+        median(&server_times),
+        median(&direct_times),
+        server_times,
+        direct_times,
+    ))
+}
+
+pub fn seq(bench: &Bench) -> Result<Outcome, BenchError> {
+    let (server, api) = bench.start(&[])?;
+    let scratch = TempDir::new("runbookd-bench-curl")?;
+    let client = Curl::new(&api, scratch.path())?;
+    let expected = seq_output();
+    let (s, d, server_times, direct_times) = paired(&client, &SEQ, SEQ_ROUNDS, |bytes| {
+        check_stream(bytes, &expected)
+    })?;
+    let ratio = s / d.max(1e-9);
+    let met = ratio <= SEQ_GOAL;
+    println!(
+        "seq_curl: `seq 1 1000000` over SSE read by curl {s:.3} s, `sh -c 'seq 1 1000000' | cat` {d:.3} s: {ratio:.2}x (medians of {SEQ_ROUNDS} paired runs; output exact); goal <= {SEQ_GOAL}x: {}",
+        verdict(met)
+    );
+    note_server_stderr(&server);
+    Ok(Outcome {
+        summary: format!("seq_curl {ratio:.2}x"),
+        goal_met: Some(met),
+        rows: vec![Row {
+            name: "seq_1e6_sse_curl".into(),
+            value: s,
+            baseline: Some(d),
+            unit: "s",
+            ratio: Some(ratio),
+            goal: format!("<= {SEQ_GOAL}x"),
+            met: Some(met),
+            detail: json!({"server_times": server_times, "direct_times": direct_times}),
+        }],
+    })
+}
+
+pub fn bulk(bench: &Bench) -> Result<Outcome, BenchError> {
+    let (server, api) = bench.start(&[])?;
+    let scratch = TempDir::new("runbookd-bench-curl")?;
+    let client = Curl::new(&api, scratch.path())?;
+    let baseline_kib = status_kib(server.pid, "VmRSS")?;
+    reset_peak(server.pid)?;
+    let sampler = Sampler::start(server.pid);
+    let line = crate::runbooks::BULK_LINE;
+    let (s, d, server_times, direct_times) = paired(&client, &OUT_100M, BULK_ROUNDS, |bytes| {
+        let mut check = crate::runbooks::RepeatedLine::new(line, 100_000_000);
+        let mut done = false;
+        sse::parse_all(bytes, |event| {
+            match event.name {
+                "stdout" => check.feed(event.data),
+                "done" => {
+                    done = true;
+                    return Ok(Flow::Stop);
+                }
+                _ => {}
+            }
+            Ok(Flow::Continue)
+        })?;
+        if !done || !check.is_exact() {
+            return Err(BenchError::Mismatch(format!(
+                "100 MB stream (done: {done}): {}",
+                check.describe()
+            )));
+        }
+        Ok(())
+    })?;
+    let (sampled_kib, _) = sampler.finish();
+    let peak_kib = sampled_kib.max(status_kib(server.pid, "VmHWM")?);
+    let (server_rate, direct_rate) = (BULK_BYTES / s / 1e6, BULK_BYTES / d / 1e6);
+    let share = server_rate / direct_rate.max(1e-9);
+    let rate_met = share >= RATE_GOAL;
+    let rss_met = peak_kib < RSS_GOAL_KIB;
+    println!(
+        "sse100m: 100 MB over SSE read by curl {server_rate:.0} MB/s ({s:.3} s), the command piped through cat {direct_rate:.0} MB/s ({d:.3} s): {:.0} % (medians of {BULK_ROUNDS}; goal >= {:.0} %: {}); server peak RSS {} (at start {}; goal < {}: {})",
+        share * 100.0,
+        RATE_GOAL * 100.0,
+        verdict(rate_met),
+        mib_from_kib(peak_kib),
+        mib_from_kib(baseline_kib),
+        mib_from_kib(RSS_GOAL_KIB),
+        verdict(rss_met)
+    );
+    note_server_stderr(&server);
+    Ok(Outcome {
+        summary: format!(
+            "sse100m {:.0} % of direct, peak {}",
+            share * 100.0,
+            mib_from_kib(peak_kib)
+        ),
+        goal_met: Some(rate_met && rss_met),
+        rows: vec![
+            Row {
+                name: "sse100m_rate".into(),
+                value: server_rate,
+                baseline: Some(direct_rate),
+                unit: "MB/s",
+                ratio: Some(share),
+                goal: format!(">= {RATE_GOAL}x"),
+                met: Some(rate_met),
+                detail: json!({"server_times": server_times, "direct_times": direct_times}),
+            },
+            Row {
+                name: "sse100m_peak_rss".into(),
+                value: peak_kib as f64 / 1024.0,
+                baseline: Some(baseline_kib as f64 / 1024.0),
+                unit: "MiB",
+                ratio: None,
+                goal: "< 40 MiB".into(),
+                met: Some(rss_met),
+                detail: json!({}),
+            },
+        ],
+    })
+}
