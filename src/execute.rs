@@ -254,6 +254,7 @@ fn launch(
         error: None,
         errors: errors.clone(),
         warnings,
+        script_started: Some(false),
     };
     // Nothing starts that could not be recorded (a full or read-only state directory).
     if let Err(e) = record::save(&app.runs_dir, &record) {
@@ -373,6 +374,7 @@ fn launch(
     };
     let pgid = child.pid();
     let record = run.update(|r| {
+        r.script_started = Some(true);
         r.pgid = Some(pgid);
         r.pgid_start_ticks = sys::process_start_ticks(pgid).ok();
         r.boot_id = crate::leftover::boot_id().ok();

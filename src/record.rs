@@ -87,6 +87,10 @@ pub struct RunRecord {
     pub errors: Vec<String>,
     #[serde(default)]
     pub warnings: Vec<String>,
+    /// Whether the script was started (false: the run failed before, e.g. validation); None
+    /// in records written before this was kept.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub script_started: Option<bool>,
 }
 
 impl RunRecord {
@@ -109,6 +113,10 @@ impl RunRecord {
         if let Some(error) = &self.error {
             api["error"] = serde_json::json!(error);
         }
+        api["errors"] = serde_json::json!(self.errors);
+        api["warnings"] = serde_json::json!(self.warnings);
+        api["script_started"] =
+            serde_json::json!(self.script_started.unwrap_or(self.errors.is_empty()));
         api
     }
 }

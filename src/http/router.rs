@@ -23,6 +23,11 @@ pub enum Route {
     RunEvents(String),
     RunLogs(String),
     RunDownload(String),
+    /// The web page's script and style sheet.
+    WebScript,
+    WebStyle,
+    /// `POST /api/runs/{id}/download-link`: a signed, short-lived download URL.
+    RunDownloadLink(String),
 }
 
 impl Route {
@@ -46,6 +51,9 @@ impl Route {
             Route::RunEvents(_) => "/api/runs/{id}/events",
             Route::RunLogs(_) => "/api/runs/{id}/logs",
             Route::RunDownload(_) => "/api/runs/{id}/logs/download",
+            Route::WebScript => "/app.js",
+            Route::WebStyle => "/app.css",
+            Route::RunDownloadLink(_) => "/api/runs/{id}/download-link",
         }
     }
 
@@ -65,6 +73,7 @@ impl Route {
                 | Route::RunEvents(_)
                 | Route::RunLogs(_)
                 | Route::RunDownload(_)
+                | Route::RunDownloadLink(_)
         )
     }
 
@@ -72,7 +81,13 @@ impl Route {
     pub fn needs_token(&self) -> bool {
         !matches!(
             self,
-            Route::WebPage | Route::Health | Route::DevLogin | Route::Metrics | Route::OpenApi
+            Route::WebPage
+                | Route::WebScript
+                | Route::WebStyle
+                | Route::Health
+                | Route::DevLogin
+                | Route::Metrics
+                | Route::OpenApi
         )
     }
 }
@@ -83,6 +98,8 @@ pub fn route(method: &str, path: &str) -> Result<Route, ApiError> {
     let file = |raw: &str| percent_decode(raw).unwrap_or_else(|| raw.to_string());
     let (allowed, route): (&'static [&'static str], Route) = match segments.as_slice() {
         [""] => (&["GET"], Route::WebPage),
+        ["app.js"] => (&["GET"], Route::WebScript),
+        ["app.css"] => (&["GET"], Route::WebStyle),
         ["healthz"] => (&["GET"], Route::Health),
         ["dev-login"] => (&["POST"], Route::DevLogin),
         ["metrics"] => (&["GET"], Route::Metrics),
@@ -104,6 +121,7 @@ pub fn route(method: &str, path: &str) -> Result<Route, ApiError> {
         ["api", "runs", id, "events"] => (&["GET"], Route::RunEvents(file(id))),
         ["api", "runs", id, "logs"] => (&["GET"], Route::RunLogs(file(id))),
         ["api", "runs", id, "logs", "download"] => (&["GET"], Route::RunDownload(file(id))),
+        ["api", "runs", id, "download-link"] => (&["POST"], Route::RunDownloadLink(file(id))),
         _ => return Err(ApiError::NotFound("not found: no such route".into())),
     };
     let method_ok = allowed.contains(&method) || (method == "HEAD" && allowed.contains(&"GET"));
