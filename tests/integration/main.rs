@@ -29,3 +29,4 @@ mod trust_connections;
 mod trust_params;
 mod trust_secrets;
 mod trust_tokens;
+mod web_page;
