@@ -3,6 +3,7 @@
 mod util;
 
 mod auth;
+mod browser;
 mod config;
 mod deploy;
 mod execute_sse;
