@@ -64,17 +64,30 @@ mod tests {
         );
         assert_eq!(description("# Deploy\n# Script\nx\n"), "");
         let long = format!("# A\n{}\n", "x".repeat(400));
-        assert_eq!(description(&long).chars().count(), DESCRIPTION_MAX_CHARS + 1);
+        assert_eq!(
+            description(&long).chars().count(),
+            DESCRIPTION_MAX_CHARS + 1
+        );
     }
 
     #[test]
     fn missing_variables_are_not_format_problems() {
         let good = "# A\n# Environment Requirements\n```yaml\nTARGET: where\n```\n# File System Requirements\n```yaml\nInput:\n- ./missing\n```\n# Script\n```sh\necho\n```\n# History\n";
         assert!(format_problems(&runbook::parse(good)).is_empty());
-        let bad = "# A\n# Environment Requirements\n```yaml\nBASH_ENV: x\n```\n# Script\n```sh\n```\n";
+        let bad =
+            "# A\n# Environment Requirements\n```yaml\nBASH_ENV: x\n```\n# Script\n```sh\n```\n";
         let problems = format_problems(&runbook::parse(bad));
-        assert!(problems.iter().any(|p| p.contains("# History")), "{problems:?}");
-        assert!(problems.iter().any(|p| p.contains("BASH_ENV")), "{problems:?}");
-        assert!(problems.iter().any(|p| p.contains("no script")), "{problems:?}");
+        assert!(
+            problems.iter().any(|p| p.contains("# History")),
+            "{problems:?}"
+        );
+        assert!(
+            problems.iter().any(|p| p.contains("BASH_ENV")),
+            "{problems:?}"
+        );
+        assert!(
+            problems.iter().any(|p| p.contains("no script")),
+            "{problems:?}"
+        );
     }
 }

@@ -37,7 +37,10 @@ pub fn style() -> Reply {
 /// Headers sent with every page file.
 pub fn headers() -> Vec<(&'static str, String)> {
     vec![
-        ("Content-Security-Policy", CONTENT_SECURITY_POLICY.to_string()),
+        (
+            "Content-Security-Policy",
+            CONTENT_SECURITY_POLICY.to_string(),
+        ),
         ("X-Content-Type-Options", "nosniff".to_string()),
         ("Referrer-Policy", "no-referrer".to_string()),
         ("Cache-Control", "no-cache".to_string()),

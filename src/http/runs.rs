@@ -50,7 +50,11 @@ fn may_see(app: &App, principal: &Principal, run: &Run, cache: &mut HashMap<Stri
 }
 
 /// The run, if it exists and the caller may see it.
-pub(super) fn visible_run(app: &App, principal: &Principal, id: &str) -> Result<Arc<Run>, ApiError> {
+pub(super) fn visible_run(
+    app: &App,
+    principal: &Principal,
+    id: &str,
+) -> Result<Arc<Run>, ApiError> {
     let not_found = || ApiError::NotFound("run not found".into());
     if !record::is_valid_run_id(id) {
         return Err(not_found());

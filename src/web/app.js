@@ -934,7 +934,7 @@
         : (running ? fmtDuration(Math.max(0, Date.now() - started)) + ' so far' : '—');
       const exit = !r.script_started ? 'none (did not start)'
         : r.return_code === null || r.return_code === undefined ? (running ? '—' : 'none') : String(r.return_code);
-      const out = fmtBytes(r.stdout_bytes || 0) + ' stdout, ' + fmtBytes(r.stderr_bytes || 0) + ' stderr' +
+      const out = (running ? 'streaming (sizes are counted at the end)' : fmtBytes(r.stdout_bytes || 0) + ' stdout, ' + fmtBytes(r.stderr_bytes || 0) + ' stderr') +
         (r.truncated || truncated ? ' — truncated (limits reached; the log holds what was kept)' : '');
       facts.replaceChildren(
         el('dt', { text: 'Status' }), el('dd', { id: 'run-status' }, statusBadge(r.status)),

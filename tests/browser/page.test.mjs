@@ -88,7 +88,8 @@ async function waitFor(page, fn, arg, opts = {}) {
   const every = typeof opts.polling === 'number' ? opts.polling : 10;
   const deadline = Date.now() + timeout;
   for (;;) {
-    const value = await page.evaluate(fn, arg);
+    // A navigation may replace the page's context under an evaluation: poll again.
+    const value = await page.evaluate(fn, arg).catch(() => false);
     if (value) return value;
     if (Date.now() > deadline) throw new Error(`timed out after ${timeout} ms waiting for ${fn}`);
     await new Promise((ok) => setTimeout(ok, every));
@@ -117,8 +118,10 @@ async function executeFromPage(page, file) {
 }
 
 const outputLines = (page) => page.$$eval('#output .line', (ls) => ls.map((l) => ({ stream: l.dataset.stream, text: l.querySelector('.text').textContent })));
+// A final status counts once the page has also read the whole output (`finished`).
 const waitStatus = (page, status, timeout = 60_000) =>
-  waitFor(page, (s) => document.querySelector('#run-status')?.textContent === s, status, { timeout });
+  waitFor(page, (s) => document.querySelector('#run-status')?.textContent === s &&
+    (s === 'running' || document.getElementById('conn')?.textContent === 'finished'), status, { timeout });
 
 try {
   const page = await newPage();
@@ -197,6 +200,7 @@ try {
   assert.deepEqual(green, ['bold green', '700']);
   const errMark = await page.$eval('#output .line.err', (l) => [l.querySelector('.tag')?.textContent, getComputedStyle(l).borderLeftStyle]);
   assert.deepEqual(errMark, ['stderr', 'solid'], 'stderr marked by a label and a bar, not colour alone');
+  await page.screenshot({ path: path.join(outDir, 'terminal.png'), fullPage: true });
 
   check('download a log through a signed link (no token in the URL)');
   const [download] = await Promise.all([page.waitForEvent('download', { timeout: T }), page.click('#download')]);
@@ -279,6 +283,7 @@ try {
   await page.click('#history > summary');
   await page.click('.history details summary');
   await page.waitForTimeout(300);
+  await page.screenshot({ path: path.join(outDir, 'runbook.png'), fullPage: true });
   assert.equal(await page.evaluate(() => window.pwned), undefined, 'no runbook script ran');
   assert.equal(await page.$$eval('main img, main script, main iframe', (n) => n.length), 0);
   assert.equal(await page.$$eval('script', (s) => s.map((x) => x.getAttribute('src')).join(',')), '/app.js');
@@ -309,6 +314,7 @@ try {
   process.exit(0);
 } catch (e) {
   console.error(`[browser] FAILED at "${step}": ${e && e.stack || e}`);
+  console.error(`[browser] events requests: ${JSON.stringify(eventsRequests)}; cut: ${JSON.stringify(cutDone)}`);
   try {
     let n = 0;
     for (const p of browser.pages()) {

@@ -49,7 +49,10 @@ fn the_web_page_in_a_real_browser() {
                 ),
             )
             .runbook("Term.md", Runbook::new("Term", term))
-            .runbook("Forever.md", Runbook::new("Forever", "echo started\nsleep 120\n"))
+            .runbook(
+                "Forever.md",
+                Runbook::new("Forever", "echo started\nsleep 120\n"),
+            )
             .runbook("Big.md", Runbook::new("Big", "seq 1 200000\n")),
     );
     let out = repo.join("target/browser-screenshots");

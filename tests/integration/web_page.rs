@@ -73,7 +73,8 @@ fn page_files_are_served_with_a_strict_content_security_policy() {
         assert_eq!(resp.status, 200, "{path}");
         assert_eq!(resp.header("Content-Security-Policy"), Some(csp), "{path}");
         assert!(
-            resp.header("Content-Type").is_some_and(|t| t.starts_with(kind)),
+            resp.header("Content-Type")
+                .is_some_and(|t| t.starts_with(kind)),
             "{path}: {:?}",
             resp.header("Content-Type")
         );
@@ -123,7 +124,10 @@ fn hmac_sig(parts: &[&str]) -> String {
 fn a_signed_link_downloads_one_run_log_for_sixty_seconds() {
     let server = Server::start(
         ServerOpts::new()
-            .runbook("Hello.md", Runbook::new("Hello", "echo hello\necho oops >&2\n"))
+            .runbook(
+                "Hello.md",
+                Runbook::new("Hello", "echo hello\necho oops >&2\n"),
+            )
             .runbook("Other.md", Runbook::new("Other", "echo other\n")),
     );
     let token = dev_token();
@@ -133,7 +137,10 @@ fn a_signed_link_downloads_one_run_log_for_sixty_seconds() {
     let (status, link) = mint(&server, &run, &token, "");
     assert_eq!(status, 200, "{link}");
     let url = link["url"].as_str().unwrap().to_string();
-    assert!(url.starts_with(&format!("/api/runs/{run}/logs/download?")), "{url}");
+    assert!(
+        url.starts_with(&format!("/api/runs/{run}/logs/download?")),
+        "{url}"
+    );
     assert!(!url.contains(&token), "the link carries the token");
     let expires = chrono::DateTime::parse_from_rfc3339(link["expires_at"].as_str().unwrap())
         .unwrap()
@@ -265,7 +272,10 @@ fn the_json_format_keeps_carriage_returns_and_the_default_stream_is_unchanged() 
     let live = server.request(
         "POST",
         "/api/runbooks/Cr.md/execute?stream=true&format=json",
-        &[("Authorization", &auth), ("Content-Type", "application/json")],
+        &[
+            ("Authorization", &auth),
+            ("Content-Type", "application/json"),
+        ],
         Some(b"{}"),
     );
     let events = events_of(&live.body);
@@ -282,7 +292,10 @@ fn the_json_format_keeps_carriage_returns_and_the_default_stream_is_unchanged() 
 fn a_run_that_failed_validation_reads_as_not_started() {
     let server = Server::start(
         ServerOpts::new()
-            .runbook("Needs.md", Runbook::new("Needs", "echo $TARGET\n").env("TARGET", "where"))
+            .runbook(
+                "Needs.md",
+                Runbook::new("Needs", "echo $TARGET\n").env("TARGET", "where"),
+            )
             .runbook("Fine.md", Runbook::new("Fine", "exit 3\n")),
     );
     let token = dev_token();
