@@ -13,6 +13,8 @@
   const state = { token: sessionStorage.getItem(TOKEN_KEY), me: null, reason: '' };
   /** Things to stop when leaving the current view (streams, timers). */
   let cleanups = [];
+  /** Counts route changes: a view whose request returns after a newer route draws nothing. */
+  let viewGen = 0;
 
   // ---------------------------------------------------------------------------------------
   // DOM helpers
@@ -240,9 +242,11 @@
   // ---------------------------------------------------------------------------------------
 
   async function viewRunbooks() {
+    const gen = viewGen;
     show(el('h1', { text: 'Runbooks' }), el('p', { class: 'muted', text: 'Loading…' }));
     let data;
-    try { data = await api('GET', '/api/runbooks'); } catch (e) { show(el('h1', { text: 'Runbooks' }), errorBox(e, 'Listing runbooks')); return; }
+    try { data = await api('GET', '/api/runbooks'); } catch (e) { if (gen === viewGen) show(el('h1', { text: 'Runbooks' }), errorBox(e, 'Listing runbooks')); return; }
+    if (gen !== viewGen) return;
     const items = data.runbooks.map((r) => {
       const problems = r.problems || [];
       return el('li', {},
@@ -380,6 +384,7 @@
   }
 
   async function viewRunbook(file) {
+    const gen = viewGen;
     show(el('h1', { text: file }), el('p', { class: 'muted', text: 'Loading…' }));
     let book; let env;
     try {
@@ -388,9 +393,10 @@
         api('GET', '/api/runbooks/' + enc(file) + '/required-env'),
       ]);
     } catch (e) {
-      show(el('h1', { text: file }), errorBox(e, 'Loading the runbook'));
+      if (gen === viewGen) show(el('h1', { text: file }), errorBox(e, 'Loading the runbook'));
       return;
     }
+    if (gen !== viewGen) return;
     const parts = splitHistory(book.content);
     const provided = new Set((env.available || []).map((v) => v.name));
     const last = loadVars(file);
@@ -491,7 +497,9 @@
   async function viewRuns(params) {
     const runbook = params.get('runbook') || '';
     const status = params.get('status') || '';
-    const bookSelect = el('select', { id: 'filter-runbook', name: 'runbook' }, el('option', { value: '', text: 'All runbooks' }));
+    // The chosen runbook is an option at once, so the filter holds before the list arrives.
+    const bookSelect = el('select', { id: 'filter-runbook', name: 'runbook' }, el('option', { value: '', text: 'All runbooks' }),
+      runbook ? el('option', { value: runbook, text: runbook, selected: true }) : null);
     const statusSelect = el('select', { id: 'filter-status', name: 'status' }, el('option', { value: '', text: 'Any status' }),
       STATUSES.map((s) => el('option', { value: s, text: s.replace('_', ' '), selected: s === status })));
     const body = el('div', { class: 'panel' }, el('p', { class: 'muted', text: 'Loading…' }));
@@ -512,15 +520,17 @@
     statusSelect.addEventListener('change', apply);
     show(el('h1', { text: 'Runs' }), filters, body);
     api('GET', '/api/runbooks').then((d) => {
-      const names = new Set(d.runbooks.map((r) => r.filename));
-      if (runbook) names.add(runbook);
-      for (const n of [...names].sort()) bookSelect.append(el('option', { value: n, text: n, selected: n === runbook }));
-    }).catch(() => { if (runbook) bookSelect.append(el('option', { value: runbook, text: runbook, selected: true })); });
+      for (const n of d.runbooks.map((r) => r.filename).sort()) {
+        if (n !== runbook) bookSelect.append(el('option', { value: n, text: n }));
+      }
+    }).catch(() => { /* the filter still works by the chosen name */ });
     const q = new URLSearchParams({ limit: '100' });
     if (runbook) q.set('runbook', runbook);
     if (status) q.set('status', status);
     let data;
+    const gen = viewGen;
     try { data = await api('GET', '/api/runs?' + q); } catch (e) { body.replaceChildren(errorBox(e, 'Listing runs')); return; }
+    if (gen !== viewGen) return;
     if (!data.runs.length) { body.replaceChildren(el('p', { text: 'No runs match.' })); return; }
     const rows = data.runs.map((r) => el('tr', {},
       el('td', { 'data-label': 'Status' }, statusBadge(r.status)),
@@ -900,12 +910,14 @@
   }
 
   async function viewRun(runId) {
+    const gen = viewGen;
     show(el('h1', { text: 'Run' }), el('p', { class: 'muted', text: 'Loading…' }));
     let record;
     try { record = await api('GET', '/api/runs/' + enc(runId)); } catch (e) {
-      show(el('h1', { text: 'Run ' + runId }), errorBox(e, 'Loading the run'));
+      if (gen === viewGen) show(el('h1', { text: 'Run ' + runId }), errorBox(e, 'Loading the run'));
       return;
     }
+    if (gen !== viewGen) return;
     const controller = new AbortController();
     cleanups.push(() => controller.abort());
 
@@ -1018,12 +1030,15 @@
   // ---------------------------------------------------------------------------------------
 
   async function route() {
+    viewGen++;
     for (const stop of cleanups) { try { stop(); } catch (e) { /* ignore */ } }
     cleanups = [];
     renderHeader();
     if (!state.token) { viewSignIn(); return; }
     if (!state.me) {
-      try { await loadMe(); } catch (e) { if (!state.token) return; show(errorBox(e, 'Loading')); return; }
+      const gen = viewGen;
+      try { await loadMe(); } catch (e) { if (!state.token || gen !== viewGen) return; show(errorBox(e, 'Loading')); return; }
+      if (gen !== viewGen) return;
       renderHeader();
     }
     const hash = location.hash.replace(/^#/, '') || '/';

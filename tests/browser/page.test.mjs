@@ -141,6 +141,33 @@ try {
   assert.match(await broken.textContent(), /missing required section: # History/);
   assert.match(await page.locator('.books li', { hasText: 'Ticker.md' }).textContent(), /Prints a line every 300 ms/);
 
+  check('execute form: required fields blocked when empty, Validate, last values offered again');
+  await page.goto(base + '#/runbooks/Needs.md');
+  await page.waitForSelector('#execute-form', { timeout: T });
+  assert.match(await page.textContent('#execute-form'), /TARGET \(required\)/);
+  assert.match(await page.textContent('#execute-form'), /HOME \(provided by the server/);
+  assert.match(await page.textContent('#execute-form'), /Where the deployment goes/);
+  await page.click('#execute-form button[type=submit]');
+  await page.waitForSelector('#var-0-err:has-text("TARGET is required.")', { timeout: T });
+  assert.ok(page.url().includes('#/runbooks/Needs.md'), 'nothing was sent');
+  assert.equal(await page.evaluate(() => document.activeElement.id), 'var-0', 'focus on the empty field');
+  await page.fill('#var-0', 'staging');
+  await page.click('#execute-form button:has-text("Validate")');
+  await page.waitForSelector('.note.ok:has-text("Valid")', { timeout: T });
+  const needsRun = await executeFromPage(page, 'Needs.md');
+  await waitStatus(page, 'succeeded');
+  assert.deepEqual((await outputLines(page)).map((l) => l.text), ['to staging']);
+  await page.goto(base + '#/runbooks/Needs.md');
+  await page.waitForSelector('#var-0', { timeout: T });
+  assert.equal(await page.inputValue('#var-0'), 'staging');
+  assert.ok(needsRun);
+
+  check('a run that failed before its script started reads "Did not start: <reason>"');
+  await executeFromPage(page, 'Broken.md');
+  await waitStatus(page, 'failed');
+  assert.match(await page.textContent('#run-reason'), /^Did not start: .*missing required section: # History/);
+  assert.equal(await page.textContent('#run-exit'), 'none (did not start)');
+
   check('execute a ticker: first line visible at least 2 s before the end');
   const tickerRun = await executeFromPage(page, 'Ticker.md');
   await waitFor(page, () => [...document.querySelectorAll('#output .line .text')].some((l) => l.textContent === 'line 1'), null, { timeout: T });

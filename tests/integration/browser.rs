@@ -53,7 +53,13 @@ fn the_web_page_in_a_real_browser() {
                 "Forever.md",
                 Runbook::new("Forever", "echo started\nsleep 120\n"),
             )
-            .runbook("Big.md", Runbook::new("Big", "seq 1 200000\n")),
+            .runbook("Big.md", Runbook::new("Big", "seq 1 200000\n"))
+            .runbook(
+                "Needs.md",
+                Runbook::new("Needs", "echo \"to $TARGET\"\n")
+                    .env("TARGET", "Where the deployment goes")
+                    .env("HOME", "A home directory"),
+            ),
     );
     let out = repo.join("target/browser-screenshots");
     let started = Instant::now();
