@@ -815,10 +815,11 @@
     let id = null;
     return (text) => {
       buf += text;
+      let pos = 0;
       let nl;
-      while ((nl = buf.indexOf('\n')) >= 0) {
-        let line = buf.slice(0, nl);
-        buf = buf.slice(nl + 1);
+      while ((nl = buf.indexOf('\n', pos)) >= 0) {
+        let line = buf.slice(pos, nl);
+        pos = nl + 1;
         if (line.endsWith('\r')) line = line.slice(0, -1);
         if (line === '') {
           if (data.length) onEvent({ event: event || 'message', data: data.join('\n'), id });
@@ -834,6 +835,7 @@
         else if (field === 'data') data.push(value);
         else if (field === 'id') id = value;
       }
+      buf = buf.slice(pos);
     };
   }
 
@@ -866,7 +868,9 @@
         failures = 0;
         const reader = resp.body.getReader();
         const decoder = new TextDecoder();
-        const feed = sseParser((ev) => {
+        const pending = [];
+        const feed = sseParser((ev) => pending.push(ev));
+        const handle = (ev) => {
           if (ev.event === 'stdout' || ev.event === 'stderr') {
             const seq = Number(ev.id);
             if (last !== null && seq <= last) return;
@@ -883,11 +887,21 @@
             try { record = JSON.parse(ev.data); } catch (e) { record = null; }
             ui.onDone(record);
           }
-        });
+        };
+        let slice = performance.now();
         for (;;) {
           const { value, done } = await reader.read();
           if (done) break;
           feed(decoder.decode(value, { stream: true }));
+          // A long replay is handled in slices of ~10 ms so that clicks and drawing go on.
+          for (const ev of pending.splice(0)) {
+            handle(ev);
+            if (performance.now() - slice > 10) {
+              await sleep(0);
+              slice = performance.now();
+              if (signal.aborted) return;
+            }
+          }
           if (finished) { reader.cancel().catch(() => {}); break; }
         }
       } catch (e) {

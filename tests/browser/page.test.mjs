@@ -36,7 +36,7 @@ const proxy = http.createServer((req, res) => {
   const cutThis = isEvents && cutArmed && !req.headers['last-event-id'];
   if (cutThis) cutArmed = false;
   const headers = { ...req.headers, host: upstream.host, connection: 'close' };
-  const up = http.request({ host: upstream.hostname, port: upstream.port, method: req.method, path: req.url, headers }, (upRes) => {
+  const up = http.request({ host: upstream.hostname, port: upstream.port, method: req.method, path: req.url, headers, agent: false }, (upRes) => {
     res.writeHead(upRes.statusCode, upRes.headers);
     let seen = 0;
     upRes.on('data', (chunk) => {
@@ -56,6 +56,9 @@ const proxy = http.createServer((req, res) => {
   up.on('error', () => { res.destroy(); });
   req.pipe(up);
 });
+// Longer than the browser keeps an idle connection, so that no reused connection is closed
+// under a request.
+proxy.keepAliveTimeout = 120_000;
 await new Promise((resolve) => proxy.listen(0, '127.0.0.1', resolve));
 const base = `http://127.0.0.1:${proxy.address().port}/`;
 
