@@ -158,6 +158,8 @@
   async function loadMe() {
     const config = await api('GET', '/api/config');
     state.me = config.token;
+    const admin = (config.config_items || []).find((i) => i.name === 'ADMIN_ROLES');
+    state.adminRoles = String(admin ? admin.value : 'admin').split(',').map((r) => r.trim()).filter(Boolean);
   }
 
   function renderHeader() {
@@ -478,7 +480,7 @@
     const historyPanel = el('section', { class: 'panel', 'aria-labelledby': 'history-h' },
       el('h2', { id: 'history-h', text: 'History (' + parts.entries.length + ')' }),
       parts.intro.trim() ? markdown(parts.intro, 2) : null,
-      parts.entries.length ? el('details', { id: 'history' }, el('summary', { text: 'Show ' + parts.entries.length + ' entries, newest first' }), historyView(parts.entries))
+      parts.entries.length ? el('details', { id: 'history' }, el('summary', { text: 'Show ' + (parts.entries.length === 1 ? '1 entry' : parts.entries.length + ' entries') + ', newest first' }), historyView(parts.entries))
         : el('p', { class: 'muted', text: 'No executions recorded yet.' }));
     show(
       el('p', {}, el('a', { href: '#/', text: '← Runbooks' }), ' · ', el('a', { href: '#/runs?runbook=' + enc(file), text: 'Runs of this runbook' })),
@@ -977,7 +979,10 @@
         reason.append(el('div', { class: 'alert', role: 'alert', id: 'run-reason', text: r.error }));
       }
       if (r.warnings && r.warnings.length) reason.append(el('div', { class: 'note' }, el('ul', {}, r.warnings.map((w) => el('li', { text: 'Warning: ' + w })))));
-      cancelButton.hidden = r.status !== 'running';
+      // Cancel is for the user who started the run and for ADMIN_ROLES (the server decides).
+      const me = state.me || {};
+      const mayCancel = r.user === me.user_id || (me.roles || []).some((role) => (state.adminRoles || []).includes(role));
+      cancelButton.hidden = r.status !== 'running' || !mayCancel;
       if (running && !timer) {
         timer = setInterval(() => { if (record.status === 'running' || record.status === 'cancelling') renderFacts(record); }, 1000);
         cleanups.push(() => clearInterval(timer));
