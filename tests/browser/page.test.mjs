@@ -27,21 +27,22 @@ const upstream = new URL(target);
 // ---------------------------------------------------------------------------------------------
 
 const eventsRequests = []; // {path, lastEventId, at}
-let cutArmed = false;
+// While the window is open, new /events requests (not resumptions) are candidates; the first
+// candidate to carry 3 stdout events is cut. (A candidate the page itself aborts never is.)
+let cutWindowOpen = false;
 let cutDone = null; // {path, afterEvents}
 
 const proxy = http.createServer((req, res) => {
   const isEvents = /\/api\/runs\/[^/]+\/events/.test(req.url);
   if (isEvents) eventsRequests.push({ path: req.url, lastEventId: req.headers['last-event-id'] ?? null, at: Date.now() });
-  const cutThis = isEvents && cutArmed && !req.headers['last-event-id'];
-  if (cutThis) cutArmed = false;
+  const cutThis = isEvents && cutWindowOpen && !req.headers['last-event-id'];
   const headers = { ...req.headers, host: upstream.host, connection: 'close' };
   const up = http.request({ host: upstream.hostname, port: upstream.port, method: req.method, path: req.url, headers, agent: false }, (upRes) => {
     res.writeHead(upRes.statusCode, upRes.headers);
     let seen = 0;
     upRes.on('data', (chunk) => {
       res.write(chunk);
-      if (cutThis) {
+      if (cutThis && !cutDone) {
         seen += (chunk.toString('utf8').match(/event: stdout/g) || []).length;
         if (seen >= 3) {
           cutDone = { path: req.url, afterEvents: seen };
@@ -187,8 +188,11 @@ try {
 
   check('a second page on the run URL sees the same output live; a cut stream resumes with Last-Event-ID');
   const reconnectingShown = waitFor(page, () => document.getElementById('conn')?.textContent.includes('reconnecting'), null, { timeout: 60_000, polling: 20 });
-  cutArmed = true;
+  cutWindowOpen = true;
   const slowRun = await executeFromPage(page, 'Slow.md');
+  await waitFor(page, (id) => document.getElementById('run-id')?.textContent === id, slowRun, { timeout: T });
+  await new Promise((ok) => { const t = setInterval(() => { if (eventsRequests.some((r) => r.path.includes(slowRun))) { clearInterval(t); ok(); } }, 10); });
+  cutWindowOpen = false;
   const page2 = await newPage();
   await page2.goto(base + '#/runs/' + encodeURIComponent(slowRun));
   await signIn(page2, 'alice', 'developer');
