@@ -144,6 +144,7 @@ try {
   await broken.locator('summary').click();
   assert.match(await broken.textContent(), /missing required section: # History/);
   assert.match(await page.locator('.books li', { hasText: 'Ticker.md' }).textContent(), /Prints a line every 300 ms/);
+  await page.screenshot({ path: path.join(outDir, 'runbooks.png'), fullPage: true });
 
   check('execute form: required fields blocked when empty, Validate, last values offered again');
   await page.goto(base + '#/runbooks/Needs.md');
@@ -284,6 +285,7 @@ try {
   assert.ok(domLines <= 5000, `${domLines} lines in the DOM`);
   assert.equal(await page.$eval('#output .line:last-child .text', (l) => l.textContent), '200000');
   assert.match(await page.textContent('#term-notice'), /last 5,000 of 200,000 lines/);
+  await page.screenshot({ path: path.join(outDir, 'big-run.png') });
   const [full] = await Promise.all([page.waitForEvent('download', { timeout: T }), page.click('#full-log')]);
   const fullPath = path.join(outDir, 'full.log');
   await full.saveAs(fullPath);

@@ -62,6 +62,8 @@ fn the_web_page_in_a_real_browser() {
             ),
     );
     let out = repo.join("target/browser-screenshots");
+    // Only this run's screenshots (a failure of an earlier run leaves failure-*.png).
+    let _ = std::fs::remove_dir_all(&out);
     let started = Instant::now();
     let mut child = Command::new("node")
         .arg(&script)
