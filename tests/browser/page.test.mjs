@@ -346,6 +346,7 @@ try {
   assert.deepEqual(cspViolations, [], JSON.stringify(cspViolations));
   log('all checks passed');
   await browser.close();
+  fs.rmSync(userDataDir, { recursive: true, force: true });
   proxy.close();
   process.exit(0);
 } catch (e) {
@@ -360,6 +361,7 @@ try {
     }
   } catch (_) { /* best effort */ }
   await browser.close().catch(() => {});
+  fs.rmSync(userDataDir, { recursive: true, force: true });
   proxy.close();
   process.exit(1);
 }
