@@ -267,6 +267,7 @@ fn launch(
         errors: errors.clone(),
         warnings,
         history_error: None,
+        script_started: Some(false),
     };
     // Nothing starts that could not be recorded (a full or read-only state directory).
     if let Err(e) = record::save(&app.runs_dir, &record) {
@@ -390,6 +391,7 @@ fn launch(
     crate::stages::mark(run_id, "spawn");
     let pgid = child.pid();
     let record = run.update(|r| {
+        r.script_started = Some(true);
         r.pgid = Some(pgid);
         r.pgid_start_ticks = sys::process_start_ticks(pgid).ok();
         r.boot_id = crate::leftover::boot_id().ok();

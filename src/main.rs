@@ -12,6 +12,7 @@ mod chunker;
 mod cli;
 mod clock;
 mod config;
+mod download_link;
 mod execute;
 mod fault;
 #[cfg(test)]
@@ -31,6 +32,7 @@ mod retention;
 mod run;
 mod runbook;
 mod runbook_file;
+mod runbook_summary;
 mod runenv;
 mod runlog;
 mod samples;

@@ -91,6 +91,10 @@ pub struct RunRecord {
     /// Why the run's History entry could not be written (the run itself concluded normally).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub history_error: Option<String>,
+    /// Whether the script was started (false: the run failed before, e.g. validation); None
+    /// in records written before this was kept.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub script_started: Option<bool>,
 }
 
 impl RunRecord {
@@ -116,6 +120,10 @@ impl RunRecord {
         if let Some(error) = &self.history_error {
             api["history_error"] = serde_json::json!(error);
         }
+        api["errors"] = serde_json::json!(self.errors);
+        api["warnings"] = serde_json::json!(self.warnings);
+        api["script_started"] =
+            serde_json::json!(self.script_started.unwrap_or(self.errors.is_empty()));
         api
     }
 }
@@ -258,6 +266,7 @@ mod tests {
             cgroup: None,
             error: None,
             history_error: None,
+            script_started: Some(true),
             errors: Vec::new(),
             warnings: Vec::new(),
         }

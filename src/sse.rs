@@ -32,6 +32,17 @@ pub fn push_chunk(out: &mut Vec<u8>, chunk: &Chunk) {
     );
 }
 
+/// Appends a `stdout`/`stderr` event for a chunk in the opt-in JSON format (`?format=json`):
+/// data `{"seq": N, "text": "..."}`, the text lossy-decoded with its CRs kept (SSE data
+/// cannot carry a bare CR, JSON escapes it).
+pub fn push_chunk_json(out: &mut Vec<u8>, chunk: &Chunk) {
+    let data = serde_json::json!({
+        "seq": chunk.seq,
+        "text": String::from_utf8_lossy(&chunk.data),
+    });
+    push_event(out, chunk.stream.name(), Some(chunk.seq), &data.to_string());
+}
+
 /// Appends a keepalive comment.
 pub fn push_keepalive(out: &mut Vec<u8>) {
     out.extend_from_slice(b": keepalive\n\n");

@@ -23,7 +23,6 @@ use crate::runenv;
 use crate::runlog::{LogError, RunLog, Stream};
 use crate::validation;
 
-const WEB_PAGE: &str = include_str!("../web/index.html");
 const OPENAPI: &str = include_str!("../docs/openapi.yaml");
 
 /// What to send back.
@@ -39,7 +38,11 @@ pub enum Reply {
         log: Arc<RunLog>,
         from_seq: u64,
         announce: bool,
+        /// `?format=json`: chunk data as `{"seq","text"}` with CRs kept, `done` as the record.
+        json_chunks: bool,
     },
+    /// One of the web page's embedded files, sent with its Content-Security-Policy.
+    Page(&'static str, &'static str),
     /// Wait for the run and send its result object.
     RunResult {
         run: Arc<Run>,
@@ -107,6 +110,11 @@ pub fn handle(
     incoming: &Incoming,
     request: &mut tiny_http::Request,
 ) -> Result<Reply, ApiError> {
+    if let Route::RunDownload(id) = &route {
+        if incoming.query_value("sig").is_some() {
+            return super::page::signed_download(app, id, incoming);
+        }
+    }
     let principal = if route.needs_token() {
         Some(authenticate(app, incoming, route.accepts_query_token())?)
     } else {
@@ -115,11 +123,9 @@ pub fn handle(
     check_run_scope(app, &route, principal.as_ref(), incoming)?;
     let principal = principal.as_ref();
     match (route, principal) {
-        (Route::WebPage, _) => Ok(Reply::Text(
-            200,
-            "text/html; charset=utf-8",
-            WEB_PAGE.into(),
-        )),
+        (Route::WebPage, _) => Ok(super::page::index()),
+        (Route::WebScript, _) => Ok(super::page::script()),
+        (Route::WebStyle, _) => Ok(super::page::style()),
         (Route::Health, _) => Ok(Reply::Json(200, json!({"status": "ok"}))),
         (Route::Metrics, _) => Ok(Reply::Text(
             200,
@@ -140,6 +146,7 @@ pub fn handle(
         (Route::RunEvents(id), Some(p)) => runs::events(app, p, &id, incoming),
         (Route::RunLogs(id), Some(p)) => runs::logs(app, p, &id, incoming),
         (Route::RunDownload(id), Some(p)) => runs::download(app, p, &id, incoming),
+        (Route::RunDownloadLink(id), Some(p)) => super::page::mint_link(app, p, &id, incoming),
         (_, None) => Err(ApiError::Unauthorized("missing bearer token".into())),
     }
 }
@@ -281,7 +288,11 @@ fn list_runbooks(app: &App) -> Result<Reply, ApiError> {
     let entries = app.catalog.list()?;
     let runbooks: Vec<Value> = entries
         .iter()
-        .map(|e| json!({"filename": e.filename, "name": e.name, "path": e.path}))
+        .map(|e| {
+            let mut item = json!({"filename": e.filename, "name": e.name, "path": e.path});
+            super::page::add_summary(app, &e.filename, &mut item);
+            item
+        })
         .collect();
     Ok(Reply::Json(
         200,
@@ -446,6 +457,7 @@ fn execute(
             log,
             from_seq: crate::runlog::FIRST_SEQ,
             announce: true,
+            json_chunks: incoming.query_value("format") == Some("json"),
         }
     } else {
         Reply::RunResult { run, log }

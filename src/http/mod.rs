@@ -5,6 +5,7 @@
 
 pub mod error;
 pub mod handlers;
+pub mod page;
 pub mod request;
 pub mod router;
 pub mod runs;
@@ -124,7 +125,11 @@ fn handle(app: &Arc<App>, mut request: tiny_http::Request) {
             log,
             from_seq,
             announce,
-        }) => view::stream_events(app, request, &run, &log, from_seq, announce),
+            json_chunks,
+        }) => view::stream_events(app, request, &run, &log, from_seq, announce, json_chunks),
+        Ok(Reply::Page(content_type, body)) => {
+            respond(request, 200, content_type, body.into(), &page::headers())
+        }
         Ok(Reply::RunResult { run, log }) => view::send_result(app, request, &run, &log),
         Ok(Reply::RunLines {
             run,

@@ -24,6 +24,11 @@ pub enum Route {
     RunEvents(String),
     RunLogs(String),
     RunDownload(String),
+    /// The web page's script and style sheet.
+    WebScript,
+    WebStyle,
+    /// `POST /api/runs/{id}/download-link`: a signed, short-lived download URL.
+    RunDownloadLink(String),
 }
 
 impl Route {
@@ -47,6 +52,9 @@ impl Route {
             Route::RunEvents(_) => "/api/runs/{id}/events",
             Route::RunLogs(_) => "/api/runs/{id}/logs",
             Route::RunDownload(_) => "/api/runs/{id}/logs/download",
+            Route::WebScript => "/app.js",
+            Route::WebStyle => "/app.css",
+            Route::RunDownloadLink(_) => "/api/runs/{id}/download-link",
         }
     }
 
@@ -66,6 +74,7 @@ impl Route {
                 | Route::RunEvents(_)
                 | Route::RunLogs(_)
                 | Route::RunDownload(_)
+                | Route::RunDownloadLink(_)
         )
     }
 
@@ -73,7 +82,13 @@ impl Route {
     pub fn needs_token(&self) -> bool {
         !matches!(
             self,
-            Route::WebPage | Route::Health | Route::DevLogin | Route::Metrics | Route::OpenApi
+            Route::WebPage
+                | Route::WebScript
+                | Route::WebStyle
+                | Route::Health
+                | Route::DevLogin
+                | Route::Metrics
+                | Route::OpenApi
         )
     }
 }
@@ -84,6 +99,8 @@ pub fn route(method: &str, path: &str) -> Result<Route, ApiError> {
     let file = |raw: &str| percent_decode(raw).unwrap_or_else(|| raw.to_string());
     let (allowed, route): (&'static [&'static str], Route) = match segments.as_slice() {
         [""] => (&["GET"], Route::WebPage),
+        ["app.js"] => (&["GET"], Route::WebScript),
+        ["app.css"] => (&["GET"], Route::WebStyle),
         ["healthz"] => (&["GET"], Route::Health),
         ["dev-login"] => (&["POST"], Route::DevLogin),
         ["metrics"] => (&["GET"], Route::Metrics),
@@ -105,6 +122,7 @@ pub fn route(method: &str, path: &str) -> Result<Route, ApiError> {
         ["api", "runs", id, "events"] => (&["GET"], Route::RunEvents(file(id))),
         ["api", "runs", id, "logs"] => (&["GET"], Route::RunLogs(file(id))),
         ["api", "runs", id, "logs", "download"] => (&["GET"], Route::RunDownload(file(id))),
+        ["api", "runs", id, "download-link"] => (&["POST"], Route::RunDownloadLink(file(id))),
         _ => return Err(ApiError::NotFound("not found: no such route".into())),
     };
     let method_ok = allowed.contains(&method) || (method == "HEAD" && allowed.contains(&"GET"));

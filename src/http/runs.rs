@@ -51,7 +51,11 @@ fn may_see(app: &App, principal: &Principal, run: &Run, cache: &mut HashMap<Stri
 }
 
 /// The run, if it exists and the caller may see it.
-fn visible_run(app: &App, principal: &Principal, id: &str) -> Result<Arc<Run>, ApiError> {
+pub(super) fn visible_run(
+    app: &App,
+    principal: &Principal,
+    id: &str,
+) -> Result<Arc<Run>, ApiError> {
     let not_found = || ApiError::NotFound("run not found".into());
     if !record::is_valid_run_id(id) {
         return Err(not_found());
@@ -157,7 +161,7 @@ fn number(incoming: &Incoming, name: &str) -> Result<Option<u64>, ApiError> {
     }
 }
 
-fn stream_param(incoming: &Incoming) -> Result<Option<Stream>, ApiError> {
+pub(super) fn stream_param(incoming: &Incoming) -> Result<Option<Stream>, ApiError> {
     match incoming.query_value("stream") {
         None | Some("") => Ok(None),
         Some("stdout") => Ok(Some(Stream::Stdout)),
@@ -201,6 +205,7 @@ pub fn events(
         log,
         from_seq,
         announce: false,
+        json_chunks: incoming.query_value("format") == Some("json"),
     })
 }
 

@@ -27,6 +27,7 @@ pub fn stream_events(
     log: &RunLog,
     from_seq: u64,
     announce: bool,
+    json_chunks: bool,
 ) -> u16 {
     let headers = [
         (
@@ -47,7 +48,7 @@ pub fn stream_events(
     if out.head_only() {
         return 200;
     }
-    match follow(app, &mut out, run, log, from_seq, announce) {
+    match follow(app, &mut out, run, log, from_seq, announce, json_chunks) {
         Ok(()) => {
             let _ = out.finish();
         }
@@ -63,6 +64,7 @@ fn follow(
     log: &RunLog,
     from_seq: u64,
     announce: bool,
+    json_chunks: bool,
 ) -> std::io::Result<()> {
     let limit = app.config.max_output_bytes;
     let mut batch = Vec::with_capacity(BATCH_BYTES + 1024);
@@ -86,7 +88,11 @@ fn follow(
                         let note = json!({"stream": chunk.stream.name(), "limit": limit});
                         sse::push_event(&mut batch, "truncated", None, &note.to_string());
                     }
-                    sse::push_chunk(&mut batch, chunk);
+                    if json_chunks {
+                        sse::push_chunk_json(&mut batch, chunk);
+                    } else {
+                        sse::push_chunk(&mut batch, chunk);
+                    }
                 }
             }
             Next::Idle => sse::push_keepalive(&mut batch),
@@ -110,6 +116,15 @@ fn follow(
         out.send(&batch)?;
         crate::fault::test_point("stream");
         if let Next::End(outcome) = next {
+            if json_chunks {
+                // The record, not the output again: this client has every chunk already.
+                let mut done = run.current_record().to_api();
+                done["success"] = json!(outcome.return_code == 0 && outcome.error.is_none());
+                let mut end = sse::done_prefix(cursor.next_seq());
+                end.extend_from_slice(done.to_string().as_bytes());
+                end.extend_from_slice(b"\n\n");
+                return out.send(&end);
+            }
             let mut body = Batcher::new(out);
             body.write_all(&sse::done_prefix(cursor.next_seq()))?;
             write_result(&mut body, run, log, &outcome, limit)?;

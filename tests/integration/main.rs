@@ -3,6 +3,7 @@
 mod util;
 
 mod auth;
+mod browser;
 mod cli_client;
 mod config;
 mod deploy;
@@ -33,3 +34,4 @@ mod trust_connections;
 mod trust_params;
 mod trust_secrets;
 mod trust_tokens;
+mod web_page;

@@ -11,7 +11,7 @@ use crate::runs_support::*;
 use crate::util::*;
 
 /// The fields of a run record in the API.
-const RECORD_FIELDS: [&str; 11] = [
+const RECORD_FIELDS: [&str; 14] = [
     "run_id",
     "runbook",
     "status",
@@ -23,6 +23,9 @@ const RECORD_FIELDS: [&str; 11] = [
     "stdout_bytes",
     "stderr_bytes",
     "truncated",
+    "errors",
+    "warnings",
+    "script_started",
 ];
 
 fn keys(v: &Value) -> BTreeSet<String> {
