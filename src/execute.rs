@@ -18,6 +18,7 @@ use crate::auth::{self, Principal, RunScope, TokenRequest};
 use crate::catalog::CatalogError;
 use crate::fault;
 use crate::history::{self, HistoryEntry, StreamExcerpt};
+use crate::output_text::normalize;
 use crate::params;
 use crate::privsep::{self, RunAs};
 use crate::record::{self, RunRecord, RunStatus};
@@ -27,7 +28,6 @@ use crate::runenv::{self, RequestVars, SystemValues};
 use crate::runlog::{Outcome, RunLog, Stream};
 use crate::supervisor::{self, Launch, Limits, SpawnError};
 use crate::sys;
-use crate::text::normalize;
 use crate::validation;
 
 /// Why a run could not be started at all (no run exists afterwards).

@@ -24,6 +24,7 @@ mod leftover;
 mod lifecycle;
 mod loglines;
 mod metrics;
+mod output_text;
 mod params;
 mod privsep;
 mod record;
@@ -44,7 +45,6 @@ mod supervisor;
 mod sys;
 #[cfg(test)]
 mod test_dirs;
-mod text;
 mod validation;
 
 use std::collections::HashMap;
