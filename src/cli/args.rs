@@ -5,7 +5,7 @@
 
 use std::fmt;
 
-use super::url::{BaseUrl, UrlError, DEFAULT_URL};
+use crate::client::url::{BaseUrl, UrlError, DEFAULT_URL};
 
 pub const MONITOR_USAGE: &str = "\
 Usage: runbookd monitor RUN_ID [--url URL] [--token TOKEN]

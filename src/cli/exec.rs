@@ -7,9 +7,9 @@ use std::fmt;
 use serde_json::{Map, Value};
 
 use super::args::ServerArgs;
-use super::http_client::{self, HttpError, Request, Timeouts};
 use super::reply::{error_message, read_json};
-use super::url::encode_segment;
+use crate::client::http::{self, HttpError, Request, Timeouts};
+use crate::client::url::encode_segment;
 
 /// Why no run was started (or its id is unknown).
 #[derive(Debug)]
@@ -78,8 +78,7 @@ pub fn start_run(
         ],
         body: Some(&body),
     };
-    let mut response =
-        http_client::send(&server.base, &request, timeouts).map_err(ExecError::Http)?;
+    let mut response = http::send(&server.base, &request, timeouts).map_err(ExecError::Http)?;
     if response.status != 202 {
         return Err(ExecError::Rejected {
             status: response.status,

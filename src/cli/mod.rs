@@ -5,19 +5,14 @@
 #![forbid(unsafe_code)]
 
 mod args;
-pub(crate) mod chunked;
 mod exec;
-mod http_client;
 mod interrupt;
-mod lines;
 mod monitor;
 mod reply;
 mod runs;
-mod sse_parser;
 mod summary;
 #[cfg(test)]
 mod test_server;
-mod url;
 
 use std::io;
 use std::process::ExitCode;

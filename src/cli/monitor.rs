@@ -14,10 +14,10 @@ use std::time::{Duration, Instant};
 use serde_json::Value;
 
 use super::args::ServerArgs;
-use super::http_client::{self, Request, Timeouts};
 use super::reply::{error_message, exit_status_of, read_json};
-use super::sse_parser::{SseEvent, SseParser};
-use super::url::encode_segment;
+use crate::client::http::{self, Request, Timeouts};
+use crate::client::sse::{SseEvent, SseParser};
+use crate::client::url::encode_segment;
 
 /// Where the run's output goes.
 pub struct Sinks<'a> {
@@ -204,9 +204,8 @@ impl Follower<'_> {
         request: &Request,
         expected: &[u16],
         what: &str,
-    ) -> Result<Result<http_client::Response<BufReader<TcpStream>>, Attempt>, MonitorError> {
-        let mut response = match http_client::send(&self.server.base, request, self.policy.timeouts)
-        {
+    ) -> Result<Result<http::Response<BufReader<TcpStream>>, Attempt>, MonitorError> {
+        let mut response = match http::send(&self.server.base, request, self.policy.timeouts) {
             Ok(response) => response,
             Err(e) => return Ok(Err(failed(e))),
         };
@@ -377,8 +376,8 @@ mod tests {
     use super::super::test_server::{
         chunk, quick_policy, serve, write_json_reply, Reply, SSE_HEAD_CHUNKED,
     };
-    use super::super::url::BaseUrl;
     use super::*;
+    use crate::client::url::BaseUrl;
 
     fn server_args(url: &str) -> ServerArgs {
         ServerArgs {

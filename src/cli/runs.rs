@@ -7,10 +7,10 @@ use std::fmt;
 use serde_json::Value;
 
 use super::args::{RunsFilter, ServerArgs};
-use super::http_client::{self, HttpError, Request, Timeouts};
 use super::reply::{error_message, read_json};
 use super::summary::{duration_text, shown};
-use super::url::encode_segment;
+use crate::client::http::{self, HttpError, Request, Timeouts};
+use crate::client::url::encode_segment;
 
 /// Why a call got no usable answer.
 #[derive(Debug)]
@@ -63,8 +63,7 @@ fn call(
         ],
         body: None,
     };
-    let mut response =
-        http_client::send(&server.base, &request, timeouts).map_err(CallError::Http)?;
+    let mut response = http::send(&server.base, &request, timeouts).map_err(CallError::Http)?;
     if response.status != expected {
         return Err(CallError::Rejected {
             status: response.status,

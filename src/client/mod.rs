@@ -1,0 +1,12 @@
+//! The one HTTP/SSE client of runbookd, shared by the terminal client (`cli`) and the
+//! benchmark: HTTP/1.1 over `TcpStream` with chunked decoding (`http`, `chunked`, `lines`), the
+//! server's base URL (`url`), and a WHATWG Server-Sent Events parser (`sse`) whose ids make
+//! resuming with `Last-Event-ID` possible. The integration tests keep their own SSE parser and
+//! token signer as independent oracles of the framing and the tokens.
+#![forbid(unsafe_code)]
+
+pub mod chunked;
+pub mod http;
+pub mod lines;
+pub mod sse;
+pub mod url;
