@@ -24,6 +24,7 @@ mod jwt;
 mod leftover;
 mod lifecycle;
 mod loglines;
+mod markdown;
 mod metrics;
 mod params;
 mod privsep;
