@@ -4,7 +4,6 @@
 #![forbid(unsafe_code)]
 
 use std::collections::HashMap;
-use std::fmt;
 use std::io::Write;
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -21,29 +20,20 @@ use crate::{
 };
 
 /// Why the server could not start.
-#[derive(Debug)]
+#[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
 enum StartError {
-    Io(&'static str, std::io::Error),
-    Catalog(catalog::CatalogError),
+    #[error("{0}: {1}")]
+    Io(&'static str, #[source] std::io::Error),
+    #[error("runbooks directory: {0}")]
+    Catalog(#[source] catalog::CatalogError),
+    #[error("cannot listen: {0}")]
     Listen(String),
-    Cgroup(cgroup::CgroupError),
-    StateDir(state_lock::StateLockError),
+    #[error("RUN_CGROUP: {0}")]
+    Cgroup(#[source] cgroup::CgroupError),
+    #[error("STATE_DIR: {0}")]
+    StateDir(#[source] state_lock::StateLockError),
 }
-
-impl fmt::Display for StartError {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match self {
-            StartError::Io(what, e) => write!(f, "{what}: {e}"),
-            StartError::Catalog(e) => write!(f, "runbooks directory: {e}"),
-            StartError::Listen(e) => write!(f, "cannot listen: {e}"),
-            StartError::Cgroup(e) => write!(f, "RUN_CGROUP: {e}"),
-            StartError::StateDir(e) => write!(f, "STATE_DIR: {e}"),
-        }
-    }
-}
-
-impl std::error::Error for StartError {}
 
 /// The whole program: `args` are the process arguments after the program name.
 pub fn main(raw: Vec<std::ffi::OsString>) -> ExitCode {

@@ -5,7 +5,7 @@
 //! count and size. The runbook is handled as a file a script may have replaced.
 #![forbid(unsafe_code)]
 
-use std::fmt::{self, Write as _};
+use std::fmt::Write as _;
 use std::fs::{self, OpenOptions};
 use std::io::{self, Write};
 use std::os::unix::fs::{MetadataExt, OpenOptionsExt, PermissionsExt};
@@ -42,56 +42,24 @@ pub struct HistoryEntry<'a> {
     pub stderr: &'a StreamExcerpt,
 }
 
-#[derive(Debug)]
+#[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
 pub enum HistoryError {
-    Io(io::Error),
+    #[error("cannot update the runbook history: {0}")]
+    Io(#[from] io::Error),
     /// The runbook file cannot be used: gone, a symlink, a FIFO, too large, ...
-    File(FileError),
+    #[error("cannot update the runbook history: {0}")]
+    File(#[source] FileError),
     /// A code block opened on this line is never closed: an entry appended after it would
     /// become part of the block (maybe the script), so nothing is appended.
-    UnclosedBlock {
-        line: usize,
-    },
+    #[error("cannot update the runbook history: the code block opened on line {line} is never closed, and an entry after it would change the runbook's code")]
+    UnclosedBlock { line: usize },
     /// The runbook alone, without History entries, is larger than the limit.
-    TooLarge {
-        max: u64,
-    },
+    #[error("cannot update the runbook history: the runbook would be larger than RUNBOOK_MAX_BYTES ({max} bytes) even without History entries")]
+    TooLarge { max: u64 },
     /// The file was replaced while the entry was being written; the replacement is left alone.
+    #[error("cannot update the runbook history: the runbook file was replaced while the entry was being written")]
     Replaced,
-}
-
-impl fmt::Display for HistoryError {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str("cannot update the runbook history: ")?;
-        match self {
-            HistoryError::Io(error) => write!(f, "{error}"),
-            HistoryError::File(error) => write!(f, "{error}"),
-            HistoryError::UnclosedBlock { line } => write!(
-                f,
-                "the code block opened on line {line} is never closed, and an entry after it \
-                 would change the runbook's code"
-            ),
-            HistoryError::TooLarge { max } => write!(
-                f,
-                "the runbook would be larger than RUNBOOK_MAX_BYTES ({max} bytes) even without \
-                 History entries"
-            ),
-            HistoryError::Replaced => {
-                f.write_str("the runbook file was replaced while the entry was being written")
-            }
-        }
-    }
-}
-
-impl std::error::Error for HistoryError {
-    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
-        match self {
-            HistoryError::Io(error) => Some(error),
-            HistoryError::File(error) => Some(error),
-            _ => None,
-        }
-    }
 }
 
 impl From<FileError> for HistoryError {
@@ -100,12 +68,6 @@ impl From<FileError> for HistoryError {
             FileError::Io(error) => HistoryError::Io(error),
             other => HistoryError::File(other),
         }
-    }
-}
-
-impl From<io::Error> for HistoryError {
-    fn from(error: io::Error) -> HistoryError {
-        HistoryError::Io(error)
     }
 }
 
@@ -801,6 +763,23 @@ mod tests {
             )
         );
         assert!(!trim_entries(&mut content, 2));
+    }
+
+    #[test]
+    fn errors_keep_their_cause_and_text() {
+        use std::error::Error as _;
+        let error = HistoryError::from(FileError::Io(io::Error::other("disk full")));
+        assert_eq!(
+            error.to_string(),
+            "cannot update the runbook history: disk full"
+        );
+        assert_eq!(
+            error.source().map(|e| e.to_string()).as_deref(),
+            Some("disk full")
+        );
+        let error = HistoryError::from(FileError::Busy);
+        assert!(error.source().is_some());
+        assert!(HistoryError::Replaced.source().is_none());
     }
 
     #[test]

@@ -59,22 +59,27 @@ impl Default for RetryPolicy {
 }
 
 /// Why monitoring ended without the run's exit status.
-#[derive(Debug)]
+#[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
 pub enum MonitorError {
     /// The server refused the request (401, 403, 404, ...); retrying cannot help.
+    #[error("{0}")]
     Refused(String),
     /// No connection succeeded for the whole retry window.
+    #[error("giving up after {} s without a connection ({last_error}); the run may still be going: runbookd monitor {run_id}", .waited.as_secs())]
     GaveUp {
         run_id: String,
         waited: Duration,
         last_error: String,
     },
     /// A reply this client does not understand.
+    #[error("unexpected reply: {0}")]
     Unexpected(String),
     /// Writing the output to the terminal failed.
-    Output(io::Error),
+    #[error("cannot write the output: {0}")]
+    Output(#[source] io::Error),
     /// The run ended but no return code was found.
+    #[error("the run ended without a return code")]
     NoReturnCode,
 }
 
@@ -86,28 +91,6 @@ impl MonitorError {
         }
     }
 }
-
-impl fmt::Display for MonitorError {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match self {
-            MonitorError::Refused(message) => write!(f, "{message}"),
-            MonitorError::GaveUp {
-                run_id,
-                waited,
-                last_error,
-            } => write!(
-                f,
-                "giving up after {} s without a connection ({last_error}); the run may still be going: runbookd monitor {run_id}",
-                waited.as_secs()
-            ),
-            MonitorError::Unexpected(what) => write!(f, "unexpected reply: {what}"),
-            MonitorError::Output(e) => write!(f, "cannot write the output: {e}"),
-            MonitorError::NoReturnCode => write!(f, "the run ended without a return code"),
-        }
-    }
-}
-
-impl std::error::Error for MonitorError {}
 
 /// A run followed to its end.
 #[derive(Debug)]

@@ -2,8 +2,6 @@
 //! runs as a table (`runbookd runs`).
 #![forbid(unsafe_code)]
 
-use std::fmt;
-
 use serde_json::Value;
 
 use super::args::{RunsFilter, ServerArgs};
@@ -13,14 +11,17 @@ use crate::client::http::{self, HttpError, Request, Timeouts};
 use crate::client::url::encode_segment;
 
 /// Why a call got no usable answer.
-#[derive(Debug)]
+#[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
 pub enum CallError {
     /// No reply: connection, send or read failure.
-    Http(HttpError),
+    #[error("{0}")]
+    Http(#[source] HttpError),
     /// The server answered with another status than expected.
+    #[error("{message}")]
     Rejected { status: u16, message: String },
     /// The expected status with a body this client cannot use.
+    #[error("unexpected reply: {0}")]
     BadReply(String),
 }
 
@@ -33,18 +34,6 @@ impl CallError {
         }
     }
 }
-
-impl fmt::Display for CallError {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match self {
-            CallError::Http(e) => write!(f, "{e}"),
-            CallError::Rejected { message, .. } => write!(f, "{message}"),
-            CallError::BadReply(what) => write!(f, "unexpected reply: {what}"),
-        }
-    }
-}
-
-impl std::error::Error for CallError {}
 
 /// Sends a body-less request and returns the JSON answer when the status is `expected`.
 fn call(

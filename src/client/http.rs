@@ -3,7 +3,6 @@
 //! that handles chunked, length-delimited and close-delimited framing.
 #![forbid(unsafe_code)]
 
-use std::fmt;
 use std::io::{self, BufRead, BufReader, Read, Write};
 use std::net::{TcpStream, ToSocketAddrs};
 use std::time::Duration;
@@ -27,37 +26,28 @@ pub struct Timeouts {
 }
 
 /// Why a request got no response head.
-#[derive(Debug)]
+#[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
 pub enum HttpError {
     /// The host name did not resolve.
-    Resolve(String, io::Error),
+    #[error("cannot resolve {0}: {1}")]
+    Resolve(String, #[source] io::Error),
     /// No address of the host accepted the connection.
-    Connect(String, io::Error),
+    #[error("cannot connect to {0}: {1}")]
+    Connect(String, #[source] io::Error),
     /// Sending the request failed.
-    Write(io::Error),
+    #[error("cannot send the request: {0}")]
+    Write(#[source] io::Error),
     /// Reading the response head failed or timed out.
-    Read(io::Error),
+    #[error("cannot read the response: {0}")]
+    Read(#[source] io::Error),
     /// The server closed the connection without answering.
+    #[error("the server closed the connection without a reply")]
     NoResponse,
     /// The response head is not HTTP/1.x.
+    #[error("malformed response: {0}")]
     Malformed(&'static str),
 }
-
-impl fmt::Display for HttpError {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match self {
-            HttpError::Resolve(host, e) => write!(f, "cannot resolve {host}: {e}"),
-            HttpError::Connect(target, e) => write!(f, "cannot connect to {target}: {e}"),
-            HttpError::Write(e) => write!(f, "cannot send the request: {e}"),
-            HttpError::Read(e) => write!(f, "cannot read the response: {e}"),
-            HttpError::NoResponse => write!(f, "the server closed the connection without a reply"),
-            HttpError::Malformed(what) => write!(f, "malformed response: {what}"),
-        }
-    }
-}
-
-impl std::error::Error for HttpError {}
 
 /// One request to send.
 pub struct Request<'a> {
