@@ -20,8 +20,10 @@ use std::thread;
 use std::time::{Duration, Instant};
 
 use args::{Command, ServerArgs};
-use monitor::{RetryPolicy, Sinks};
+use monitor::Sinks;
 use serde_json::Value;
+
+use crate::client::resume::RetryPolicy;
 
 /// How long `runbookd cancel` waits for the cancelled run to end.
 const CANCEL_WAIT: Duration = Duration::from_secs(60);

@@ -8,5 +8,6 @@
 pub mod chunked;
 pub mod http;
 pub mod lines;
+pub mod resume;
 pub mod sse;
 pub mod url;
