@@ -6,9 +6,9 @@
 //! the framing and the tokens.
 #![forbid(unsafe_code)]
 
-pub mod chunked;
+pub(crate) mod chunked;
 pub mod http;
-pub mod lines;
-pub mod resume;
+pub(crate) mod lines;
+pub(crate) mod resume;
 pub mod sse;
 pub mod url;
