@@ -4,6 +4,8 @@
 //! open when the stream ends is never dispatched.
 #![forbid(unsafe_code)]
 
+use std::ops::ControlFlow;
+
 /// The index of the first LF or CR, eight bytes at a time (the client must not be the
 /// bottleneck of the benchmark's throughput figure).
 fn find_line_end(bytes: &[u8]) -> Option<usize> {
@@ -43,6 +45,28 @@ pub struct SseEvent {
     pub last_event_id: String,
 }
 
+/// A dispatched event as `SseParser::feed_each` hands it over, borrowed from the parser.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SseEventRef<'a> {
+    /// The `event:` field, `message` when absent.
+    pub event_type: &'a str,
+    /// The `data:` lines joined with "\n".
+    pub data: &'a str,
+    /// The last event id once this event is dispatched.
+    pub last_event_id: &'a str,
+}
+
+impl SseEventRef<'_> {
+    /// The event as an owned value.
+    pub fn to_owned(&self) -> SseEvent {
+        SseEvent {
+            event_type: self.event_type.to_owned(),
+            data: self.data.to_owned(),
+            last_event_id: self.last_event_id.to_owned(),
+        }
+    }
+}
+
 /// Parser state for one connection.
 #[derive(Debug)]
 pub struct SseParser {
@@ -73,8 +97,23 @@ impl SseParser {
     }
 
     /// Feeds the next bytes of the stream and returns the events they complete, in order.
-    pub fn feed(&mut self, mut bytes: &[u8]) -> Vec<SseEvent> {
+    pub fn feed(&mut self, bytes: &[u8]) -> Vec<SseEvent> {
         let mut events = Vec::new();
+        let _ = self.feed_each(bytes, |event| {
+            events.push(event.to_owned());
+            ControlFlow::Continue(())
+        });
+        events
+    }
+
+    /// Feeds the next bytes of the stream and hands each event they complete to `on_event`,
+    /// in order, without copying it. Once `on_event` breaks, the rest of `bytes` is dropped
+    /// and the parser is not to be fed again.
+    pub fn feed_each(
+        &mut self,
+        mut bytes: &[u8],
+        mut on_event: impl FnMut(&SseEventRef<'_>) -> ControlFlow<()>,
+    ) -> ControlFlow<()> {
         if self.skip_lf && !bytes.is_empty() {
             self.skip_lf = false;
             if bytes[0] == b'\n' {
@@ -82,7 +121,17 @@ impl SseParser {
             }
         }
         while let Some(end) = find_line_end(bytes) {
-            self.line.extend_from_slice(&bytes[..end]);
+            let mut pending = std::mem::take(&mut self.line);
+            let line = if pending.is_empty() {
+                &bytes[..end]
+            } else {
+                pending.extend_from_slice(&bytes[..end]);
+                &pending[..]
+            };
+            let flow = self.process_line(line, &mut on_event);
+            pending.clear();
+            self.line = pending;
+            flow?;
             let terminator = bytes[end];
             bytes = &bytes[end + 1..];
             if terminator == b'\r' {
@@ -92,16 +141,16 @@ impl SseParser {
                     None => self.skip_lf = true,
                 }
             }
-            let line = std::mem::take(&mut self.line);
-            if let Some(event) = self.process_line(&line) {
-                events.push(event);
-            }
         }
         self.line.extend_from_slice(bytes);
-        events
+        ControlFlow::Continue(())
     }
 
-    fn process_line(&mut self, raw: &[u8]) -> Option<SseEvent> {
+    fn process_line(
+        &mut self,
+        raw: &[u8],
+        on_event: &mut impl FnMut(&SseEventRef<'_>) -> ControlFlow<()>,
+    ) -> ControlFlow<()> {
         let decoded = String::from_utf8_lossy(raw);
         let mut line: &str = &decoded;
         if self.at_stream_start {
@@ -109,43 +158,54 @@ impl SseParser {
             line = line.strip_prefix('\u{FEFF}').unwrap_or(line);
         }
         if line.is_empty() {
-            return self.dispatch();
+            return self.dispatch(on_event);
         }
         if line.starts_with(':') {
-            return None;
+            return ControlFlow::Continue(());
         }
         let (field, value) = match line.split_once(':') {
             Some((field, value)) => (field, value.strip_prefix(' ').unwrap_or(value)),
             None => (line, ""),
         };
         match field {
-            "event" => self.event_type = value.to_owned(),
+            "event" => {
+                self.event_type.clear();
+                self.event_type.push_str(value);
+            }
             "data" => {
                 self.data.push_str(value);
                 self.data.push('\n');
             }
-            "id" if !value.contains('\0') => self.id_buffer = value.to_owned(),
+            "id" if !value.contains('\0') => {
+                self.id_buffer.clear();
+                self.id_buffer.push_str(value);
+            }
             _ => {}
         }
-        None
+        ControlFlow::Continue(())
     }
 
-    fn dispatch(&mut self) -> Option<SseEvent> {
-        let event_type = std::mem::take(&mut self.event_type);
+    fn dispatch(
+        &mut self,
+        on_event: &mut impl FnMut(&SseEventRef<'_>) -> ControlFlow<()>,
+    ) -> ControlFlow<()> {
         if self.data.is_empty() {
-            return None;
+            self.event_type.clear();
+            return ControlFlow::Continue(());
         }
-        let mut data = std::mem::take(&mut self.data);
-        data.pop();
-        Some(SseEvent {
-            event_type: if event_type.is_empty() {
-                "message".to_owned()
+        self.data.pop();
+        let flow = on_event(&SseEventRef {
+            event_type: if self.event_type.is_empty() {
+                "message"
             } else {
-                event_type
+                &self.event_type
             },
-            data,
-            last_event_id: self.id_buffer.clone(),
-        })
+            data: &self.data,
+            last_event_id: &self.id_buffer,
+        });
+        self.event_type.clear();
+        self.data.clear();
+        flow
     }
 
     /// The id to send as `Last-Event-ID` when no event was dispatched on this connection.
@@ -203,6 +263,28 @@ mod tests {
             bytes[at] = 0x8a;
             assert_eq!(find_line_end(&bytes), None);
         }
+    }
+
+    #[test]
+    fn feed_each_hands_borrowed_events_and_stops_on_break() {
+        let mut parser = SseParser::resuming("4".to_owned());
+        let mut seen = Vec::new();
+        let flow = parser.feed_each(
+            b"event: run\ndata: {}\n\nid: 5\ndata: a\n\ndata: b\n\n",
+            |e| {
+                seen.push(e.to_owned());
+                if e.data == "a" {
+                    ControlFlow::Break(())
+                } else {
+                    ControlFlow::Continue(())
+                }
+            },
+        );
+        assert_eq!(flow, ControlFlow::Break(()));
+        assert_eq!(
+            seen,
+            vec![event("run", "{}", "4"), event("message", "a", "5")]
+        );
     }
 
     #[test]

@@ -2,9 +2,10 @@
 //! each event to a handler together with the time of the socket read that completed it.
 #![forbid(unsafe_code)]
 
+use std::ops::ControlFlow;
 use std::time::{Instant, SystemTime};
 
-use runbookd::client::sse::{SseEvent, SseParser};
+use runbookd::client::sse::SseParser;
 
 use crate::client::Connection;
 use crate::error::BenchError;
@@ -37,27 +38,31 @@ pub enum Ending {
     BodyEnd,
 }
 
-/// Hands the events to the handler until it says stop.
+/// Feeds `bytes` to the parser, handing each event it completes to the handler until it says
+/// stop or fails.
 fn deliver(
-    events: Vec<SseEvent>,
+    parser: &mut SseParser,
+    bytes: &[u8],
     at: Instant,
     wall: SystemTime,
     on_event: &mut dyn FnMut(&Event<'_>) -> Result<Flow, BenchError>,
 ) -> Result<Flow, BenchError> {
-    for event in &events {
-        let id = event.last_event_id.as_str();
-        let flow = on_event(&Event {
-            name: &event.event_type,
+    let mut outcome = Ok(Flow::Continue);
+    let _ = parser.feed_each(bytes, |event| {
+        let id = event.last_event_id;
+        outcome = on_event(&Event {
+            name: event.event_type,
             id: (!id.is_empty()).then_some(id),
             data: event.data.as_bytes(),
             at,
             wall,
-        })?;
-        if flow == Flow::Stop {
-            return Ok(Flow::Stop);
+        });
+        match outcome {
+            Ok(Flow::Continue) => ControlFlow::Continue(()),
+            Ok(Flow::Stop) | Err(_) => ControlFlow::Break(()),
         }
-    }
-    Ok(Flow::Continue)
+    });
+    outcome
 }
 
 /// Reads events from a connection whose head has been read, until the handler stops or the
@@ -78,7 +83,7 @@ pub fn follow(
             return Ok(Ending::BodyEnd);
         }
         let (at, wall) = connection.last_read();
-        if deliver(parser.feed(&bytes), at, wall, &mut on_event)? == Flow::Stop {
+        if deliver(&mut parser, &bytes, at, wall, &mut on_event)? == Flow::Stop {
             return Ok(Ending::Stopped);
         }
     }
@@ -90,8 +95,14 @@ pub fn parse_all(
     bytes: &[u8],
     mut on_event: impl FnMut(&Event<'_>) -> Result<Flow, BenchError>,
 ) -> Result<(), BenchError> {
-    let events = SseParser::resuming(String::new()).feed(bytes);
-    deliver(events, Instant::now(), SystemTime::now(), &mut on_event)?;
+    let mut parser = SseParser::resuming(String::new());
+    deliver(
+        &mut parser,
+        bytes,
+        Instant::now(),
+        SystemTime::now(),
+        &mut on_event,
+    )?;
     Ok(())
 }
 
