@@ -45,6 +45,14 @@ pub struct SseEvent {
     pub last_event_id: String,
 }
 
+/// Appends `bytes` as text, invalid UTF-8 replaced by U+FFFD.
+fn push_lossy(text: &mut String, bytes: &[u8]) {
+    match std::str::from_utf8(bytes) {
+        Ok(valid) => text.push_str(valid),
+        Err(_) => text.push_str(&String::from_utf8_lossy(bytes)),
+    }
+}
+
 /// A dispatched event as `SseParser::feed_each` hands it over, borrowed from the parser.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct SseEventRef<'a> {
@@ -146,39 +154,42 @@ impl SseParser {
         ControlFlow::Continue(())
     }
 
+    /// One line, without its end. Read as bytes: a field name or the colon cannot hide in an
+    /// invalid UTF-8 sequence, so only the value needs decoding (lossily).
     fn process_line(
         &mut self,
-        raw: &[u8],
+        mut line: &[u8],
         on_event: &mut impl FnMut(&SseEventRef<'_>) -> ControlFlow<()>,
     ) -> ControlFlow<()> {
-        let decoded = String::from_utf8_lossy(raw);
-        let mut line: &str = &decoded;
         if self.at_stream_start {
             self.at_stream_start = false;
-            line = line.strip_prefix('\u{FEFF}').unwrap_or(line);
+            line = line.strip_prefix("\u{FEFF}".as_bytes()).unwrap_or(line);
         }
         if line.is_empty() {
             return self.dispatch(on_event);
         }
-        if line.starts_with(':') {
+        if line[0] == b':' {
             return ControlFlow::Continue(());
         }
-        let (field, value) = match line.split_once(':') {
-            Some((field, value)) => (field, value.strip_prefix(' ').unwrap_or(value)),
-            None => (line, ""),
+        let (field, value) = match line.iter().position(|&b| b == b':') {
+            Some(colon) => {
+                let value = &line[colon + 1..];
+                (&line[..colon], value.strip_prefix(b" ").unwrap_or(value))
+            }
+            None => (line, &b""[..]),
         };
         match field {
-            "event" => {
+            b"event" => {
                 self.event_type.clear();
-                self.event_type.push_str(value);
+                push_lossy(&mut self.event_type, value);
             }
-            "data" => {
-                self.data.push_str(value);
+            b"data" => {
+                push_lossy(&mut self.data, value);
                 self.data.push('\n');
             }
-            "id" if !value.contains('\0') => {
+            b"id" if !value.contains(&0) => {
                 self.id_buffer.clear();
-                self.id_buffer.push_str(value);
+                push_lossy(&mut self.id_buffer, value);
             }
             _ => {}
         }
@@ -363,6 +374,12 @@ mod tests {
     fn a_leading_byte_order_mark_is_removed_once() {
         let events = parse_all(&[b"\xEF\xBB", b"\xBFdata: a\n\n\xEF\xBB\xBFdata: b\n\n"]);
         assert_eq!(events, vec![event("message", "a", "")]);
+    }
+
+    #[test]
+    fn invalid_utf8_in_a_value_is_replaced() {
+        let events = SseParser::resuming(String::new()).feed(b"event: o\xffk\ndata: a\xffb\n\n");
+        assert_eq!(events, vec![event("o\u{FFFD}k", "a\u{FFFD}b", "")]);
     }
 
     #[test]
