@@ -1,5 +1,6 @@
 //! The run log through its API: order across window and file, waiting, resuming, reopening,
 //! the size cap and the history excerpts.
+#![forbid(unsafe_code)]
 
 use std::fs::File;
 use std::io::Write;
