@@ -184,20 +184,18 @@ fn a_run_token_reads_only_its_own_run_and_its_sub_runs() {
         assert_eq!(status, 403, "{method} {path}: {text}");
         assert!(text.contains("a run token may only"), "{text}");
     }
-    let validate = server.call(
+    let validate = server.json_request(
         "PATCH",
         "/api/runbooks/Holder.md/validate",
-        Some(&root_token),
-        &[("Content-Type", "application/json")],
-        Some(b"{}"),
+        &root_token,
+        &json!({}),
     );
     assert_eq!(validate.status, 403, "{}", validate.text());
-    let login = server.call(
+    let login = server.json_request(
         "POST",
         "/dev-login",
-        Some(&root_token),
-        &[("Content-Type", "application/json")],
-        Some(b"{\"roles\":[\"admin\"]}"),
+        &root_token,
+        &json!({"roles": ["admin"]}),
     );
     assert_eq!(login.status, 403, "{}", login.text());
     // Nothing was cancelled.
