@@ -339,7 +339,7 @@ fn first_line_title(path: &Path) -> Result<Option<String>, CatalogError> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::test_dirs::TempDir;
+    use crate::test_dirs::{mkfifo, TempDir};
     use std::os::unix::fs::symlink;
 
     fn not_found<T: std::fmt::Debug>(result: Result<T, CatalogError>) -> bool {
@@ -496,11 +496,7 @@ mod tests {
     #[test]
     fn fifo_is_not_a_runbook() {
         let dir = TempDir::new("fifo");
-        let status = std::process::Command::new("mkfifo")
-            .arg(dir.path().join("pipe.md"))
-            .status()
-            .unwrap();
-        assert!(status.success());
+        mkfifo(&dir.path().join("pipe.md"));
         let catalog = Catalog::open(dir.path()).unwrap();
         assert!(not_found(catalog.resolve("pipe.md")));
         assert!(catalog.list().unwrap().is_empty());

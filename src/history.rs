@@ -406,7 +406,7 @@ impl Layout {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::test_dirs::TempDir;
+    use crate::test_dirs::{mkfifo, TempDir};
     use chrono::TimeZone;
     use std::fs;
     use std::path::PathBuf;
@@ -577,11 +577,7 @@ mod tests {
     fn hostile_files_are_refused_without_blocking() {
         let dir = TempDir::new("history-hostile");
         let fifo = dir.path().join("fifo.md");
-        let status = std::process::Command::new("mkfifo")
-            .arg(&fifo)
-            .status()
-            .unwrap();
-        assert!(status.success());
+        mkfifo(&fifo);
         let error = append(&fifo, "\n### x\n", 5, MAX).unwrap_err();
         assert!(error.to_string().contains("FIFO"), "{error}");
         let link = dir.path().join("zero.md");

@@ -181,7 +181,7 @@ pub fn lock(path: &Path, exclusive: bool, wait: Duration) -> Result<Lock, FileEr
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::test_dirs::TempDir;
+    use crate::test_dirs::{mkfifo, TempDir};
     use std::os::unix::fs::symlink;
 
     #[test]
@@ -208,11 +208,7 @@ mod tests {
             Err(FileError::Symlink)
         ));
         let fifo = dir.path().join("fifo.md");
-        let status = std::process::Command::new("mkfifo")
-            .arg(&fifo)
-            .status()
-            .unwrap();
-        assert!(status.success());
+        mkfifo(&fifo);
         assert!(matches!(
             open(&fifo, true, 1 << 20),
             Err(FileError::NotRegular("FIFO"))
@@ -255,11 +251,7 @@ mod tests {
         drop((first, second));
         // A sidecar swapped for a FIFO is refused, not waited on.
         fs::remove_file(lock_path(&path)).unwrap();
-        let status = std::process::Command::new("mkfifo")
-            .arg(lock_path(&path))
-            .status()
-            .unwrap();
-        assert!(status.success());
+        mkfifo(&lock_path(&path));
         assert!(matches!(
             lock(&path, true, LOCK_WAIT),
             Err(FileError::NotRegular("FIFO"))

@@ -126,6 +126,16 @@ pub fn raise_nofile_limit() -> io::Result<u64> {
     Ok(soft)
 }
 
+/// Signals the server handles or ignores that a script gets back at their defaults (both in the
+/// helper, `exec_script_interpreter`, and in `child_main`, which resets SIGPIPE as well).
+const SCRIPT_DEFAULT_SIGNALS: [libc::c_int; 5] = [
+    libc::SIGINT,
+    libc::SIGQUIT,
+    libc::SIGTERM,
+    libc::SIGHUP,
+    libc::SIGXFSZ,
+];
+
 /// Runs in the short-lived helper process that stands between the server and a script (see
 /// `supervisor::CHILD_HELPER_ARG`): gives the termination signals their default disposition (a
 /// server started from a non-interactive shell inherits SIGINT/SIGQUIT ignored), restores the
@@ -144,13 +154,7 @@ pub fn exec_script_interpreter(
         return e.into();
     }
     // SIGXFSZ is ignored by the server (see `ignore_file_size_signal`); scripts get the default.
-    for signal in [
-        libc::SIGINT,
-        libc::SIGQUIT,
-        libc::SIGTERM,
-        libc::SIGHUP,
-        libc::SIGXFSZ,
-    ] {
+    for signal in SCRIPT_DEFAULT_SIGNALS {
         // SAFETY: resetting a disposition to SIG_DFL has no memory-safety preconditions.
         unsafe {
             libc::signal(signal, libc::SIG_DFL);
@@ -594,16 +598,10 @@ unsafe extern "C" fn child_main(context: *const ChildContext<'_, '_>) -> ! {
         );
         libc::_exit(127)
     };
-    for signal in [
-        libc::SIGINT,
-        libc::SIGQUIT,
-        libc::SIGTERM,
-        libc::SIGHUP,
-        libc::SIGXFSZ,
-        libc::SIGPIPE,
-    ] {
+    for signal in SCRIPT_DEFAULT_SIGNALS {
         libc::signal(signal, libc::SIG_DFL);
     }
+    libc::signal(libc::SIGPIPE, libc::SIG_DFL);
     if libc::setpgid(0, 0) != 0 {
         fail();
     }

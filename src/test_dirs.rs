@@ -19,6 +19,15 @@ pub fn fresh_dir(label: &str) -> PathBuf {
     dir
 }
 
+/// Makes a FIFO at `path` (with `mkfifo`, so that the tests need no unsafe code).
+pub fn mkfifo(path: &Path) {
+    let status = std::process::Command::new("mkfifo")
+        .arg(path)
+        .status()
+        .expect("cannot run mkfifo");
+    assert!(status.success(), "mkfifo {} failed", path.display());
+}
+
 /// A [`fresh_dir`] that is removed when dropped.
 pub struct TempDir(PathBuf);
 

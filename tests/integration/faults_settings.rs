@@ -458,24 +458,8 @@ fn a_file_size_limit_is_an_error_not_a_death() {
     cmd.arg("--fsize=1000000")
         .arg("--")
         .arg(env!("CARGO_BIN_EXE_runbookd"))
-        .env_clear()
         .current_dir(&root);
-    for keep in ["PATH", "HOME", "LANG"] {
-        if let Ok(v) = std::env::var(keep) {
-            cmd.env(keep, v);
-        }
-    }
-    for (k, v) in [
-        ("API_PORT", "0".to_string()),
-        ("BIND_ADDRESS", "127.0.0.1".to_string()),
-        ("JWT_SECRET", TEST_SECRET.to_string()),
-        ("RUNBOOKS_DIR", root.join("runbooks").display().to_string()),
-        ("STATE_DIR", root.join("state").display().to_string()),
-        ("EXECUTION_DIR", root.join("exec").display().to_string()),
-        ("RUST_LOG", "warn".to_string()),
-    ] {
-        cmd.env(k, v);
-    }
+    wrapped_server_env(&mut cmd, &root);
     let (mut child, port) =
         spawn_listening(cmd, &root.join("server.stderr")).unwrap_or_else(|why| panic!("{why}"));
     let auth = format!("Bearer {}", dev_token());

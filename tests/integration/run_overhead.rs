@@ -10,7 +10,8 @@ use std::time::{Duration, Instant};
 use serde_json::{json, Value};
 
 use crate::util::{
-    dev_token, request, spawn_listening, unique_root, Runbook, Server, ServerOpts, TEST_SECRET,
+    dev_token, request, spawn_listening, unique_root, wrapped_server_env, Runbook, Server,
+    ServerOpts,
 };
 
 /// Prints the script's cgroup and soft descriptor limit, then its blocked and ignored signal
@@ -31,25 +32,9 @@ fn start_wrapped(root: &Path, prelude: &str, run_cgroup: &str) -> (std::process:
     cmd.arg("-c")
         .arg(format!("{prelude}; exec \"$0\""))
         .arg(env!("CARGO_BIN_EXE_runbookd"))
-        .env_clear()
         .current_dir(root);
-    for keep in ["PATH", "HOME", "LANG"] {
-        if let Ok(v) = std::env::var(keep) {
-            cmd.env(keep, v);
-        }
-    }
-    for (k, v) in [
-        ("API_PORT", "0".to_string()),
-        ("BIND_ADDRESS", "127.0.0.1".to_string()),
-        ("JWT_SECRET", TEST_SECRET.to_string()),
-        ("RUNBOOKS_DIR", root.join("runbooks").display().to_string()),
-        ("STATE_DIR", root.join("state").display().to_string()),
-        ("EXECUTION_DIR", root.join("exec").display().to_string()),
-        ("RUN_CGROUP", run_cgroup.to_string()),
-        ("RUST_LOG", "warn".to_string()),
-    ] {
-        cmd.env(k, v);
-    }
+    wrapped_server_env(&mut cmd, root);
+    cmd.env("RUN_CGROUP", run_cgroup);
     spawn_listening(cmd, &root.join("server.stderr")).unwrap_or_else(|why| panic!("{why}"))
 }
 

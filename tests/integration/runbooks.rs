@@ -251,12 +251,7 @@ fn required_env_lists_available_and_missing() {
 }
 
 fn validate(server: &Server, file: &str, env_vars: Value) -> (u16, Value) {
-    let resp = server.json_request(
-        "PATCH",
-        &format!("/api/runbooks/{file}/validate"),
-        &dev_token(),
-        &json!({ "env_vars": env_vars }),
-    );
+    let resp = server.validate(file, &dev_token(), env_vars);
     let status = resp.status;
     (status, resp.json())
 }

@@ -423,20 +423,7 @@ fn log_lines_have_numbers_levels_and_filters() {
         wait_for_gate("GATE")
     );
     let (server, token, gate, id) = start_gated_run(ServerOpts::new(), "Lines", &script);
-    let logs = |query: &str| {
-        let resp = server.call(
-            "GET",
-            &format!("/api/runs/{id}/logs{query}"),
-            Some(&token),
-            &[],
-            None,
-        );
-        assert_eq!(resp.status, 200, "{query}: {}", resp.text());
-        let body = resp.json();
-        assert_eq!(body["success"], json!(true));
-        assert_eq!(body["run_id"], json!(id));
-        body
-    };
+    let logs = |query: &str| server.run_logs(&id, &token, query);
 
     let s = |t: &str| t.to_string();
     let all_lines = vec![

@@ -129,6 +129,22 @@ pub trait RunsApi {
         resp.json()
     }
 
+    /// `GET /api/runs/{id}/logs{query}`, which must answer 200 with `success` and the run id.
+    fn run_logs(&self, id: &str, token: &str, query: &str) -> Value {
+        let resp = self.call(
+            "GET",
+            &format!("/api/runs/{id}/logs{query}"),
+            Some(token),
+            &[],
+            None,
+        );
+        assert_eq!(resp.status, 200, "{query}: {}", resp.text());
+        let body = resp.json();
+        assert_eq!(body["success"], json!(true));
+        assert_eq!(body["run_id"], json!(id));
+        body
+    }
+
     /// Polls the record until `accept` holds; panics after `timeout`.
     fn wait_run(
         &self,

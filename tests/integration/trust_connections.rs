@@ -272,6 +272,30 @@ fn timed_request(
 /// read that waits for the connection to close.
 const PROMPT: Duration = Duration::from_secs(10);
 
+/// Executes Hello.md as an SSE stream with `headers` plus `Accept: text/event-stream`, checks
+/// the stream ended with `done` within PROMPT, and returns that event's JSON.
+fn sse_execute_promptly(port: u16, headers: &[(&str, &str)], body: &[u8]) -> serde_json::Value {
+    let mut sse_headers = headers.to_vec();
+    sse_headers.push(("Accept", "text/event-stream"));
+    let started = Instant::now();
+    let resp = open(
+        port,
+        "HTTP/1.1",
+        "POST",
+        "/api/runbooks/Hello.md/execute",
+        &sse_headers,
+        Some(body),
+    );
+    assert_eq!(resp.status, 200);
+    let events = SseStream::new(resp).until_done(RUN_TIMEOUT);
+    assert!(
+        started.elapsed() < PROMPT,
+        "SSE execute took {:?}",
+        started.elapsed()
+    );
+    done_json(&events)
+}
+
 #[test]
 fn upgrade_requests_with_a_body_are_answered_at_once() {
     let server = Server::start(
@@ -332,25 +356,8 @@ fn upgrade_requests_with_a_body_are_answered_at_once() {
     assert_eq!(resp.json()["stdout"], json!("hello upgrade\n"));
 
     // SSE execute with the same headers.
-    let mut sse_headers = headers.clone();
-    sse_headers.push(("Accept", "text/event-stream"));
-    let started = Instant::now();
-    let resp = open(
-        server.port,
-        "HTTP/1.1",
-        "POST",
-        "/api/runbooks/Hello.md/execute",
-        &sse_headers,
-        Some(body),
-    );
-    assert_eq!(resp.status, 200);
-    let events = SseStream::new(resp).until_done(RUN_TIMEOUT);
-    assert!(
-        started.elapsed() < PROMPT,
-        "SSE execute took {:?}",
-        started.elapsed()
-    );
-    assert_eq!(done_json(&events)["stdout"], json!("hello upgrade\n"));
+    let done = sse_execute_promptly(server.port, &headers, body);
+    assert_eq!(done["stdout"], json!("hello upgrade\n"));
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -383,17 +390,7 @@ fn logs_tail_is_capped_by_logs_max_lines() {
     );
 
     for query in ["?tail=100", ""] {
-        let resp = server.call(
-            "GET",
-            &format!("/api/runs/{id}/logs{query}"),
-            Some(&token),
-            &[],
-            None,
-        );
-        assert_eq!(resp.status, 200, "{query}: {}", resp.text());
-        let body = resp.json();
-        assert_eq!(body["success"], json!(true));
-        assert_eq!(body["run_id"], json!(id));
+        let body = server.run_logs(&id, &token, query);
         assert_eq!(body["truncated"], json!(true), "{query}");
         let logs = body["logs"].as_array().unwrap();
         assert_eq!(logs.len(), 100, "{query}");
@@ -639,25 +636,7 @@ fn stage0_template_proxy_logs_in_executes_and_lists_runs() {
     assert_eq!(resp.json()["stdout"], json!("hello proxy\n"));
     let sync_id = resp.json()["run_id"].as_str().unwrap().to_string();
 
-    let started = Instant::now();
-    let mut sse_headers = json_headers.to_vec();
-    sse_headers.push(("Accept", "text/event-stream"));
-    let resp = open(
-        port,
-        "HTTP/1.1",
-        "POST",
-        "/api/runbooks/Hello.md/execute",
-        &sse_headers,
-        Some(body),
-    );
-    assert_eq!(resp.status, 200);
-    let events = SseStream::new(resp).until_done(RUN_TIMEOUT);
-    assert!(
-        started.elapsed() < PROMPT,
-        "SSE execute took {:?}",
-        started.elapsed()
-    );
-    let done = done_json(&events);
+    let done = sse_execute_promptly(port, &json_headers, body);
     assert_eq!(done["stdout"], json!("hello proxy\n"));
     let sse_id = done["run_id"].as_str().unwrap().to_string();
 

@@ -185,12 +185,7 @@ fn undeclared_request_variables_never_reach_the_script() {
     assert_warnings(&done_json(&events)["warnings"], "done event");
 
     // Validate names them too, and it is still a pass.
-    let resp = server.json_request(
-        "PATCH",
-        "/api/runbooks/Probe.md/validate",
-        &token,
-        &json!({ "env_vars": vars }),
-    );
+    let resp = server.validate("Probe.md", &token, vars);
     assert_eq!(resp.status, 200, "{}", resp.text());
     assert_warnings(&resp.json()["warnings"], "validate");
 
@@ -235,12 +230,7 @@ fn a_runbook_declaring_a_startup_variable_fails_validation_naming_it() {
         } else {
             json!({ name: "x" })
         };
-        let resp = server.json_request(
-            "PATCH",
-            &format!("/api/runbooks/{file}/validate"),
-            &token,
-            &json!({ "env_vars": vars }),
-        );
+        let resp = server.validate(&file, &token, vars.clone());
         assert_eq!(resp.status, 400, "{name}: {}", resp.text());
         let body = resp.json();
         let errors = body["errors"].to_string();
@@ -306,12 +296,7 @@ fn oversized_values_are_400_before_any_run_exists() {
     // The SSE form and validate refuse the same way.
     let resp = server.execute_raw("Big.md", "?stream=true", &token, all.clone(), &[]);
     assert_eq!(resp.status, 400, "{}", resp.text());
-    let resp = server.json_request(
-        "PATCH",
-        "/api/runbooks/Big.md/validate",
-        &token,
-        &json!({ "env_vars": all }),
-    );
+    let resp = server.validate("Big.md", &token, all);
     assert_eq!(resp.status, 400, "{}", resp.text());
 
     assert_eq!(

@@ -184,20 +184,18 @@ fn a_run_token_reads_only_its_own_run_and_its_sub_runs() {
         assert_eq!(status, 403, "{method} {path}: {text}");
         assert!(text.contains("a run token may only"), "{text}");
     }
-    let validate = server.call(
+    let validate = server.json_request(
         "PATCH",
         "/api/runbooks/Holder.md/validate",
-        Some(&root_token),
-        &[("Content-Type", "application/json")],
-        Some(b"{}"),
+        &root_token,
+        &json!({}),
     );
     assert_eq!(validate.status, 403, "{}", validate.text());
-    let login = server.call(
+    let login = server.json_request(
         "POST",
         "/dev-login",
-        Some(&root_token),
-        &[("Content-Type", "application/json")],
-        Some(b"{\"roles\":[\"admin\"]}"),
+        &root_token,
+        &json!({"roles": ["admin"]}),
     );
     assert_eq!(login.status, 403, "{}", login.text());
     // Nothing was cancelled.
@@ -255,15 +253,18 @@ fn a_run_tokens_stack_cannot_be_shortened_by_a_header() {
     let user = dev_token();
     let root = server.start_run("Holder.md", &user, dir_env(&dir));
     let root_token = token_of(&dir, &root);
+    let execute_with_stack = |file: &str, token: &str, stack: &str| {
+        server.execute_raw(
+            file,
+            "",
+            token,
+            dir_env(&dir),
+            &[("X-Recursion-Stack", stack)],
+        )
+    };
 
     // A cycle, with a forged empty stack: refused as a failed run.
-    let resp = server.execute_raw(
-        "Holder.md",
-        "",
-        &root_token,
-        dir_env(&dir),
-        &[("X-Recursion-Stack", "[]")],
-    );
+    let resp = execute_with_stack("Holder.md", &root_token, "[]");
     assert_eq!(resp.status, 500, "{}", resp.text());
     let body = resp.json();
     assert!(
@@ -281,25 +282,13 @@ fn a_run_tokens_stack_cannot_be_shortened_by_a_header() {
 
     // Depth: the sub-run's stack is already MAX_RECURSION_DEPTH long, whatever the header says.
     for header in ["[]", "not json", "[\"Other.md\"]"] {
-        let resp = server.execute_raw(
-            "Third.md",
-            "",
-            &sub_token,
-            dir_env(&dir),
-            &[("X-Recursion-Stack", header)],
-        );
+        let resp = execute_with_stack("Third.md", &sub_token, header);
         assert_eq!(resp.status, 500, "{header}: {}", resp.text());
         let stderr = resp.json()["stderr"].as_str().unwrap().to_string();
         assert!(stderr.contains("MAX_RECURSION_DEPTH"), "{header}: {stderr}");
     }
     // A user token's header is still believed (and earns no exemption).
-    let resp = server.execute_raw(
-        "Holder.md",
-        "",
-        &user,
-        dir_env(&dir),
-        &[("X-Recursion-Stack", "[\"Holder.md\"]")],
-    );
+    let resp = execute_with_stack("Holder.md", &user, "[\"Holder.md\"]");
     assert_eq!(resp.status, 500, "{}", resp.text());
 
     release(&dir, &sub);

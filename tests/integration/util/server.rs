@@ -3,7 +3,7 @@
 
 use std::fs;
 use std::io::{BufRead, BufReader};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::mpsc;
@@ -101,6 +101,29 @@ pub fn base_command() -> Command {
         }
     }
     cmd
+}
+
+/// Clears `cmd`'s environment and gives it what a server rooted at `root` needs (PATH, HOME and
+/// LANG kept; a free port on loopback, the test secret, warn logging, and `runbooks`, `state`
+/// and `exec` below `root`), for tests that start the binary through a wrapper command.
+pub fn wrapped_server_env(cmd: &mut Command, root: &Path) {
+    cmd.env_clear();
+    for keep in ["PATH", "HOME", "LANG"] {
+        if let Ok(v) = std::env::var(keep) {
+            cmd.env(keep, v);
+        }
+    }
+    for (k, v) in [
+        ("API_PORT", "0".to_string()),
+        ("BIND_ADDRESS", "127.0.0.1".to_string()),
+        ("JWT_SECRET", TEST_SECRET.to_string()),
+        ("RUNBOOKS_DIR", root.join("runbooks").display().to_string()),
+        ("STATE_DIR", root.join("state").display().to_string()),
+        ("EXECUTION_DIR", root.join("exec").display().to_string()),
+        ("RUST_LOG", "warn".to_string()),
+    ] {
+        cmd.env(k, v);
+    }
 }
 
 /// A running runbookd, killed and cleaned up on drop.
@@ -224,6 +247,16 @@ impl Server {
                 ("Content-Type", "application/json"),
             ],
             Some(&body),
+        )
+    }
+
+    /// `PATCH /api/runbooks/{file}/validate` with `{"env_vars": env_vars}`.
+    pub fn validate(&self, file: &str, token: &str, env_vars: Value) -> Response {
+        self.json_request(
+            "PATCH",
+            &format!("/api/runbooks/{file}/validate"),
+            token,
+            &json!({ "env_vars": env_vars }),
         )
     }
 
