@@ -13,7 +13,7 @@ use crate::fault;
 use crate::history::{self, HistoryEntry, StreamExcerpt};
 use crate::record::{self, RunRecord, RunStatus};
 use crate::run::Run;
-use crate::runlog::{Outcome, RunLog, Stream};
+use crate::runlog::{Outcome, RunLog, Stream, Totals};
 use crate::text::normalize;
 
 impl Outcome {
@@ -55,6 +55,7 @@ impl RunBeforeScript<'_> {
             outcome,
             false,
             self.started,
+            &mut Progress::default(),
         );
     }
 
@@ -65,29 +66,6 @@ impl RunBeforeScript<'_> {
     }
 }
 
-/// Ends a run: finishes its log (viewers then send `done`), writes its record, history entry,
-/// metrics and audit line, and frees its running slot.
-fn conclude(
-    app: &App,
-    run: &Run,
-    log: &RunLog,
-    path: &Path,
-    outcome: Outcome,
-    cancelled: bool,
-    started: Instant,
-) {
-    conclude_tracked(
-        app,
-        run,
-        log,
-        path,
-        outcome,
-        cancelled,
-        started,
-        &mut Progress::default(),
-    );
-}
-
 /// How far concluding a run got, so that concluding it again after a panic repeats nothing.
 #[derive(Debug, Default)]
 pub(super) struct Progress {
@@ -95,8 +73,10 @@ pub(super) struct Progress {
     metrics_counted: bool,
 }
 
+/// Ends a run: finishes its log (viewers then send `done`), writes its record, history entry,
+/// metrics and audit line, and frees its running slot. `progress` says how far it got.
 #[allow(clippy::too_many_arguments)]
-pub(super) fn conclude_tracked(
+pub(super) fn conclude(
     app: &App,
     run: &Run,
     log: &RunLog,
@@ -138,19 +118,8 @@ pub(super) fn conclude_tracked(
     progress.history_written = true;
     crate::stages::mark(&run.id, "history");
     let record = run.update(|r| {
-        r.status = status;
-        r.finished_at = Some(outcome.finished_at);
-        r.duration_ms = Some(u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX));
-        r.return_code = Some(outcome.return_code);
-        r.stdout_bytes = totals.stdout_bytes;
-        r.stderr_bytes = totals.stderr_bytes;
-        r.log_capped = log.capped_at().is_some();
+        set_finished(r, status, &outcome, started, &totals, log);
         r.truncated = totals.stdout_bytes > limit || totals.stderr_bytes > limit || r.log_capped;
-        r.error = outcome.error.clone();
-        r.pgid = None;
-        r.pgid_start_ticks = None;
-        r.boot_id = None;
-        r.cgroup = None;
         r.history_error = history_error;
     });
     save_record(app, &record);
@@ -178,6 +147,30 @@ pub(super) fn conclude_tracked(
     crate::stages::mark(&run.id, "retention");
 }
 
+/// Sets what every finished run's record says: status, end, duration, return code, output
+/// sizes, error; its process group and cgroup are forgotten.
+fn set_finished(
+    r: &mut RunRecord,
+    status: RunStatus,
+    outcome: &Outcome,
+    started: Instant,
+    totals: &Totals,
+    log: &RunLog,
+) {
+    r.status = status;
+    r.finished_at = Some(outcome.finished_at);
+    r.duration_ms = Some(u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX));
+    r.return_code = Some(outcome.return_code);
+    r.stdout_bytes = totals.stdout_bytes;
+    r.stderr_bytes = totals.stderr_bytes;
+    r.log_capped = log.capped_at().is_some();
+    r.error = outcome.error.clone();
+    r.pgid = None;
+    r.pgid_start_ticks = None;
+    r.boot_id = None;
+    r.cgroup = None;
+}
+
 /// Concludes a run after a panic in one of its threads or in the request starting it: status
 /// `failed` with the panic as its error, record, history entry (unless already written), `done`
 /// to viewers and its slot freed. Each step goes on even if an earlier one panics again.
@@ -199,18 +192,7 @@ pub(super) fn conclude_after_panic(
     let recorded = catch_unwind(AssertUnwindSafe(|| {
         let totals = log.totals();
         let record = run.update(|r| {
-            r.status = RunStatus::Failed;
-            r.finished_at = Some(outcome.finished_at);
-            r.duration_ms = Some(u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX));
-            r.return_code = Some(outcome.return_code);
-            r.stdout_bytes = totals.stdout_bytes;
-            r.stderr_bytes = totals.stderr_bytes;
-            r.log_capped = log.capped_at().is_some();
-            r.error = Some(error.clone());
-            r.pgid = None;
-            r.pgid_start_ticks = None;
-            r.boot_id = None;
-            r.cgroup = None;
+            set_finished(r, RunStatus::Failed, &outcome, started, &totals, log);
         });
         save_record(app, &record);
         if !progress.history_written {

@@ -24,9 +24,7 @@ use crate::supervisor::{self, Launch, Limits, SpawnError, Supervised};
 use crate::sys;
 use crate::validation;
 
-use super::conclude::{
-    conclude_after_panic, conclude_tracked, save_record, Progress, RunBeforeScript,
-};
+use super::conclude::{conclude, conclude_after_panic, save_record, Progress, RunBeforeScript};
 use super::workdir::{prepare, RunDirs};
 use super::{ExecError, ExecuteRequest};
 
@@ -370,7 +368,7 @@ fn spawn_supervised(
                 crate::stages::mark(&thread_run.id, "script and readers");
                 work.remove();
                 crate::stages::mark(&thread_run.id, "work dir removed");
-                conclude_tracked(
+                conclude(
                     &thread_app,
                     &thread_run,
                     &thread_log,
