@@ -17,6 +17,7 @@ use crate::runlog::{Outcome, RunLog, Stream, Totals};
 use crate::text::normalize;
 
 impl Outcome {
+    /// A run failing now with `return_code` and `error` (not a timeout).
     pub(super) fn failed(return_code: i32, error: Option<String>) -> Outcome {
         Outcome {
             return_code,
