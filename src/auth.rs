@@ -3,8 +3,6 @@
 //! runs. A token with a `run_id` claim is a run token: its Principal carries a [`RunScope`].
 #![forbid(unsafe_code)]
 
-use std::fmt;
-
 use serde_json::{json, Map, Value};
 
 use crate::jwt::{self, JwtError, Validation};
@@ -38,33 +36,22 @@ pub struct Principal {
 }
 
 /// Why a request could not be authenticated. The Display text is safe to return to clients.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, thiserror::Error, Clone, PartialEq, Eq)]
 #[non_exhaustive]
 pub enum AuthError {
     /// No Authorization header, another scheme than Bearer, or an empty token.
+    #[error("missing bearer token")]
     MissingToken,
     /// A bearer token was given but refused.
-    InvalidToken(JwtError),
+    #[error("invalid token: {0}")]
+    InvalidToken(#[source] JwtError),
     /// A signed token with a `run_id` claim that is not a string, or without a recursion stack
     /// (`rbk_stack`, a list of strings).
+    #[error("invalid token: a run token needs a string run_id and a rbk_stack list of strings")]
     BadRunScope,
     /// A valid token whose `sub` is absent, empty or not a string: it names nobody.
+    #[error("invalid token: the sub claim must be a non-empty string")]
     NoSubject,
-}
-
-impl fmt::Display for AuthError {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match self {
-            AuthError::MissingToken => f.write_str("missing bearer token"),
-            AuthError::InvalidToken(reason) => write!(f, "invalid token: {reason}"),
-            AuthError::BadRunScope => f.write_str(
-                "invalid token: a run token needs a string run_id and a rbk_stack list of strings",
-            ),
-            AuthError::NoSubject => {
-                f.write_str("invalid token: the sub claim must be a non-empty string")
-            }
-        }
-    }
 }
 
 impl AuthError {
@@ -76,15 +63,6 @@ impl AuthError {
                 "{self} (dev-login tokens are only valid until the server restarts; sign in again)"
             ),
             _ => self.to_string(),
-        }
-    }
-}
-
-impl std::error::Error for AuthError {
-    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
-        match self {
-            AuthError::MissingToken | AuthError::BadRunScope | AuthError::NoSubject => None,
-            AuthError::InvalidToken(reason) => Some(reason),
         }
     }
 }

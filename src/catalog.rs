@@ -4,7 +4,6 @@
 //! under the shared sidecar lock so that a History write is never seen half done.
 #![forbid(unsafe_code)]
 
-use std::fmt;
 use std::fs;
 use std::io::{self, BufRead, BufReader, Read};
 use std::path::{Path, PathBuf};
@@ -34,44 +33,21 @@ pub struct CatalogEntry {
     pub path: String,
 }
 
-#[derive(Debug)]
+#[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
 pub enum CatalogError {
     /// The name cannot be a runbook file name (separator, `..`, control character, not `.md`).
+    #[error("invalid runbook file name")]
     InvalidName,
     /// No such runbook: missing, not a regular file (a FIFO, a device), or a symbolic link
     /// (links are never followed, so where one leads is never revealed).
+    #[error("runbook not found")]
     NotFound,
     /// Larger than `RUNBOOK_MAX_BYTES`.
-    TooLarge {
-        max: u64,
-    },
-    Io(io::Error),
-}
-
-impl fmt::Display for CatalogError {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match self {
-            CatalogError::InvalidName => f.write_str("invalid runbook file name"),
-            CatalogError::NotFound => f.write_str("runbook not found"),
-            CatalogError::TooLarge { max } => write!(
-                f,
-                "the runbook is larger than RUNBOOK_MAX_BYTES ({max} bytes)"
-            ),
-            CatalogError::Io(error) => write!(f, "cannot read the runbooks directory: {error}"),
-        }
-    }
-}
-
-impl std::error::Error for CatalogError {
-    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
-        match self {
-            CatalogError::Io(error) => Some(error),
-            CatalogError::InvalidName | CatalogError::NotFound | CatalogError::TooLarge { .. } => {
-                None
-            }
-        }
-    }
+    #[error("the runbook is larger than RUNBOOK_MAX_BYTES ({max} bytes)")]
+    TooLarge { max: u64 },
+    #[error("cannot read the runbooks directory: {0}")]
+    Io(#[source] io::Error),
 }
 
 /// How much of a file is read to find its first line when listing.
@@ -366,11 +342,11 @@ mod tests {
     use crate::test_dirs::TempDir;
     use std::os::unix::fs::symlink;
 
-    fn not_found<T: fmt::Debug>(result: Result<T, CatalogError>) -> bool {
+    fn not_found<T: std::fmt::Debug>(result: Result<T, CatalogError>) -> bool {
         matches!(result, Err(CatalogError::NotFound))
     }
 
-    fn invalid<T: fmt::Debug>(result: Result<T, CatalogError>) -> bool {
+    fn invalid<T: std::fmt::Debug>(result: Result<T, CatalogError>) -> bool {
         matches!(result, Err(CatalogError::InvalidName))
     }
 

@@ -9,7 +9,6 @@
 //! membership and `cgroup.kill` only, never with controllers.
 #![forbid(unsafe_code)]
 
-use std::fmt;
 use std::fs;
 use std::io::{self, Write};
 use std::path::{Component, Path, PathBuf};
@@ -26,41 +25,24 @@ const KILL_TIMEOUT: Duration = Duration::from_secs(5);
 const RETRY_PAUSE: Duration = Duration::from_millis(10);
 
 /// Why no cgroup can be used.
-#[derive(Debug)]
+#[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
 pub enum CgroupError {
     /// No cgroup2 file system is mounted (cgroup v1 only, or none).
+    #[error("no cgroup v2 file system is mounted")]
     NoV2Mount,
     /// `/proc/self/cgroup` has no `0::` line, or its path is outside every cgroup2 mount.
+    #[error("runbookd's own cgroup v2 directory cannot be found")]
     OwnCgroupUnknown,
-    Unreadable(&'static str, io::Error),
+    #[error("cannot read {0}: {1}")]
+    Unreadable(&'static str, #[source] io::Error),
     /// The directory is not a cgroup of a cgroup2 mount.
+    #[error("{} is not a cgroup v2 directory", .0.display())]
     NotACgroup(PathBuf),
     /// runbookd may not create cgroups there or move processes into them.
-    NotWritable(PathBuf, io::Error),
+    #[error("runbookd may not create cgroups in {dir} or move processes into them: {1}", dir = .0.display())]
+    NotWritable(PathBuf, #[source] io::Error),
 }
-
-impl fmt::Display for CgroupError {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match self {
-            CgroupError::NoV2Mount => write!(f, "no cgroup v2 file system is mounted"),
-            CgroupError::OwnCgroupUnknown => {
-                write!(f, "runbookd's own cgroup v2 directory cannot be found")
-            }
-            CgroupError::Unreadable(what, e) => write!(f, "cannot read {what}: {e}"),
-            CgroupError::NotACgroup(p) => {
-                write!(f, "{} is not a cgroup v2 directory", p.display())
-            }
-            CgroupError::NotWritable(p, e) => write!(
-                f,
-                "runbookd may not create cgroups in {} or move processes into them: {e}",
-                p.display()
-            ),
-        }
-    }
-}
-
-impl std::error::Error for CgroupError {}
 
 /// What `RUN_CGROUP` resolved to.
 #[derive(Debug)]

@@ -4,7 +4,6 @@
 #![forbid(unsafe_code)]
 
 use std::collections::BTreeMap;
-use std::fmt;
 use std::net::IpAddr;
 use std::path::PathBuf;
 use std::time::Duration;
@@ -274,25 +273,14 @@ pub const SETTINGS: &[Setting] = &[
 const RUNBOOK_MAX_BYTES_LIMIT: u64 = 1 << 30;
 
 /// Why the configuration was refused.
-#[derive(Debug)]
+#[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
 pub enum ConfigError {
+    #[error("invalid {name}: {reason}")]
     Invalid { name: &'static str, reason: String },
+    #[error("JWT_SECRET is required unless ENABLE_LOGIN=true")]
     MissingSecret,
 }
-
-impl fmt::Display for ConfigError {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match self {
-            ConfigError::Invalid { name, reason } => write!(f, "invalid {name}: {reason}"),
-            ConfigError::MissingSecret => {
-                write!(f, "JWT_SECRET is required unless ENABLE_LOGIN=true")
-            }
-        }
-    }
-}
-
-impl std::error::Error for ConfigError {}
 
 /// Where a setting's value came from, for `GET /api/config`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

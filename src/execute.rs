@@ -11,7 +11,6 @@ mod launch;
 mod workdir;
 
 use std::cell::Cell;
-use std::fmt;
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::path::Path;
 use std::sync::Arc;
@@ -33,35 +32,20 @@ use conclude::{conclude_after_panic, Progress};
 use launch::launch;
 
 /// Why a run could not be started at all (no run exists afterwards).
-#[derive(Debug)]
+#[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
 pub enum ExecError {
-    Catalog(CatalogError),
+    #[error("{0}")]
+    Catalog(#[from] CatalogError),
+    #[error("{0}")]
     Forbidden(String),
+    #[error("{0}")]
     Unavailable(String),
-    Admission(AdmitError),
+    #[error("{0}")]
+    Admission(#[source] AdmitError),
     /// The request panicked before its run existed (the panic's message).
+    #[error("while starting the run: {0}")]
     Internal(String),
-}
-
-impl fmt::Display for ExecError {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match self {
-            ExecError::Catalog(e) => write!(f, "{e}"),
-            ExecError::Forbidden(why) => write!(f, "{why}"),
-            ExecError::Unavailable(why) => write!(f, "{why}"),
-            ExecError::Admission(e) => write!(f, "{e}"),
-            ExecError::Internal(why) => write!(f, "while starting the run: {why}"),
-        }
-    }
-}
-
-impl std::error::Error for ExecError {}
-
-impl From<CatalogError> for ExecError {
-    fn from(e: CatalogError) -> Self {
-        ExecError::Catalog(e)
-    }
 }
 
 /// An accepted execute request.

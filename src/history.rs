@@ -5,7 +5,7 @@
 //! count and size. The runbook is handled as a file a script may have replaced.
 #![forbid(unsafe_code)]
 
-use std::fmt::{self, Write as _};
+use std::fmt::Write as _;
 use std::fs::{self, OpenOptions};
 use std::io::{self, Write};
 use std::os::unix::fs::{MetadataExt, OpenOptionsExt, PermissionsExt};
@@ -13,6 +13,7 @@ use std::path::Path;
 
 use chrono::{DateTime, SecondsFormat, Utc};
 
+use crate::markdown;
 use crate::runbook_file::{self, FileError};
 
 /// What a history entry keeps of one output stream: the start, and the end when the stream was
@@ -41,56 +42,24 @@ pub struct HistoryEntry<'a> {
     pub stderr: &'a StreamExcerpt,
 }
 
-#[derive(Debug)]
+#[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
 pub enum HistoryError {
-    Io(io::Error),
+    #[error("cannot update the runbook history: {0}")]
+    Io(#[from] io::Error),
     /// The runbook file cannot be used: gone, a symlink, a FIFO, too large, ...
-    File(FileError),
+    #[error("cannot update the runbook history: {0}")]
+    File(#[source] FileError),
     /// A code block opened on this line is never closed: an entry appended after it would
     /// become part of the block (maybe the script), so nothing is appended.
-    UnclosedBlock {
-        line: usize,
-    },
+    #[error("cannot update the runbook history: the code block opened on line {line} is never closed, and an entry after it would change the runbook's code")]
+    UnclosedBlock { line: usize },
     /// The runbook alone, without History entries, is larger than the limit.
-    TooLarge {
-        max: u64,
-    },
+    #[error("cannot update the runbook history: the runbook would be larger than RUNBOOK_MAX_BYTES ({max} bytes) even without History entries")]
+    TooLarge { max: u64 },
     /// The file was replaced while the entry was being written; the replacement is left alone.
+    #[error("cannot update the runbook history: the runbook file was replaced while the entry was being written")]
     Replaced,
-}
-
-impl fmt::Display for HistoryError {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str("cannot update the runbook history: ")?;
-        match self {
-            HistoryError::Io(error) => write!(f, "{error}"),
-            HistoryError::File(error) => write!(f, "{error}"),
-            HistoryError::UnclosedBlock { line } => write!(
-                f,
-                "the code block opened on line {line} is never closed, and an entry after it \
-                 would change the runbook's code"
-            ),
-            HistoryError::TooLarge { max } => write!(
-                f,
-                "the runbook would be larger than RUNBOOK_MAX_BYTES ({max} bytes) even without \
-                 History entries"
-            ),
-            HistoryError::Replaced => {
-                f.write_str("the runbook file was replaced while the entry was being written")
-            }
-        }
-    }
-}
-
-impl std::error::Error for HistoryError {
-    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
-        match self {
-            HistoryError::Io(error) => Some(error),
-            HistoryError::File(error) => Some(error),
-            _ => None,
-        }
-    }
 }
 
 impl From<FileError> for HistoryError {
@@ -99,12 +68,6 @@ impl From<FileError> for HistoryError {
             FileError::Io(error) => HistoryError::Io(error),
             other => HistoryError::File(other),
         }
-    }
-}
-
-impl From<io::Error> for HistoryError {
-    fn from(error: io::Error) -> HistoryError {
-        HistoryError::Io(error)
     }
 }
 
@@ -402,53 +365,6 @@ fn replace(path: &Path, original: &fs::File, content: &[u8]) -> Result<(), Histo
     Ok(())
 }
 
-/// A code fence: the fence character and how many of them opened the block.
-#[derive(Debug, Clone, Copy)]
-struct Fence {
-    marker: u8,
-    width: usize,
-}
-
-/// Up to three spaces of indentation, as markdown allows before a fence.
-fn fence_indent(line: &[u8]) -> Option<usize> {
-    let indent = line.iter().take_while(|&&b| b == b' ').count();
-    (indent <= 3).then_some(indent)
-}
-
-/// An opening fence: three or more backticks or tildes (no backtick in a backtick info string).
-fn opening_fence(line: &[u8]) -> Option<Fence> {
-    let rest = &line[fence_indent(line)?..];
-    let marker = *rest.first()?;
-    if marker != b'`' && marker != b'~' {
-        return None;
-    }
-    let width = rest.iter().take_while(|&&b| b == marker).count();
-    if width < 3 || (marker == b'`' && rest[width..].contains(&b'`')) {
-        return None;
-    }
-    Some(Fence { marker, width })
-}
-
-/// Whether `line` closes a block opened by `fence`.
-fn closes(fence: Fence, line: &[u8]) -> bool {
-    let Some(indent) = fence_indent(line) else {
-        return false;
-    };
-    let rest = &line[indent..];
-    let width = rest.iter().take_while(|&&b| b == fence.marker).count();
-    width >= fence.width && rest[width..].iter().all(|&b| b == b' ' || b == b'\t')
-}
-
-/// The title of an H1 line (`#` followed by a space, a tab or nothing), trimmed.
-fn h1_title(line: &[u8]) -> Option<&[u8]> {
-    let rest = line.strip_prefix(b"#")?;
-    if rest.is_empty() || rest[0] == b' ' || rest[0] == b'\t' {
-        Some(rest.trim_ascii())
-    } else {
-        None
-    }
-}
-
 /// Where the History section and its entries are in a runbook file.
 struct HistorySection {
     /// Byte offset where the section ends: the start of the next H1 line, or the end of the file.
@@ -466,53 +382,23 @@ struct Layout {
 
 impl Layout {
     fn of(content: &[u8]) -> Layout {
-        let mut history: Option<HistorySection> = None;
-        let mut in_history = false;
-        let mut open_fence: Option<Fence> = None;
-        let mut open_fence_line = None;
-        let mut line_start = 0;
-        for (index, raw_line) in content.split_inclusive(|&b| b == b'\n').enumerate() {
-            let start = line_start;
-            line_start += raw_line.len();
-            let line = raw_line.strip_suffix(b"\n").unwrap_or(raw_line);
-            let line = line.strip_suffix(b"\r").unwrap_or(line);
-            if let Some(fence) = open_fence {
-                if closes(fence, line) {
-                    open_fence = None;
-                }
-                continue;
-            }
-            if let Some(fence) = opening_fence(line) {
-                open_fence = Some(fence);
-                open_fence_line = Some(index + 1);
-                continue;
-            }
-            if index > 0 {
-                if let Some(title) = h1_title(line) {
-                    if in_history {
-                        if let Some(section) = history.as_mut() {
-                            section.end = start;
-                        }
-                        in_history = false;
-                    } else if history.is_none() && title.eq_ignore_ascii_case(b"history") {
-                        history = Some(HistorySection {
-                            end: content.len(),
-                            entry_starts: Vec::new(),
-                        });
-                        in_history = true;
-                    }
-                    continue;
-                }
-            }
-            if in_history && line.starts_with(ENTRY_PREFIX) {
-                if let Some(section) = history.as_mut() {
-                    section.entry_starts.push(start);
-                }
-            }
-        }
+        let outline = markdown::Outline::of(content);
+        let history = outline
+            .sections
+            .iter()
+            .find(|section| section.title.trim_ascii().eq_ignore_ascii_case(b"history"))
+            .map(|section| HistorySection {
+                end: section.end,
+                entry_starts: section
+                    .prose
+                    .iter()
+                    .filter(|line| line.text.starts_with(ENTRY_PREFIX))
+                    .map(|line| line.start)
+                    .collect(),
+            });
         Layout {
             history,
-            open_fence_line: open_fence.and(open_fence_line),
+            open_fence_line: outline.unclosed_fence_line,
         }
     }
 }
@@ -877,6 +763,23 @@ mod tests {
             )
         );
         assert!(!trim_entries(&mut content, 2));
+    }
+
+    #[test]
+    fn errors_keep_their_cause_and_text() {
+        use std::error::Error as _;
+        let error = HistoryError::from(FileError::Io(io::Error::other("disk full")));
+        assert_eq!(
+            error.to_string(),
+            "cannot update the runbook history: disk full"
+        );
+        assert_eq!(
+            error.source().map(|e| e.to_string()).as_deref(),
+            Some("disk full")
+        );
+        let error = HistoryError::from(FileError::Busy);
+        assert!(error.source().is_some());
+        assert!(HistoryError::Replaced.source().is_none());
     }
 
     #[test]

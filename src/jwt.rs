@@ -2,8 +2,6 @@
 //! token back after checking its algorithm, HMAC-SHA256 signature, lifetime, issuer and audience.
 #![forbid(unsafe_code)]
 
-use std::fmt;
-
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use base64::Engine;
 use hmac::digest::{Key, KeyInit};
@@ -21,45 +19,34 @@ type HmacSha256 = Hmac<Sha256>;
 
 /// Why a token was refused. The Display text is short and never contains the token, so it can
 /// be returned to the client.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, thiserror::Error, Clone, PartialEq, Eq)]
 #[non_exhaustive]
 pub enum JwtError {
     /// Not three base64url parts, or a header or payload that is not a JSON object.
+    #[error("malformed token")]
     Malformed,
     /// The header's `alg` is anything but exactly `HS256`.
+    #[error("unsupported token algorithm (only HS256 is accepted)")]
     UnsupportedAlgorithm,
     /// The signature does not match the header and payload under the secret.
+    #[error("invalid token signature")]
     BadSignature,
     /// `exp` (plus leeway) is in the past.
+    #[error("token has expired")]
     Expired,
     /// `nbf` (minus leeway) is in the future.
+    #[error("token is not valid yet")]
     NotYetValid,
     /// `iss` is not the expected issuer.
+    #[error("token issuer is not accepted")]
     WrongIssuer,
     /// `aud` is neither the expected audience nor an array containing it.
+    #[error("token audience is not accepted")]
     WrongAudience,
     /// A required claim is absent.
+    #[error("token is missing the {0} claim")]
     MissingClaim(&'static str),
 }
-
-impl fmt::Display for JwtError {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match self {
-            JwtError::Malformed => f.write_str("malformed token"),
-            JwtError::UnsupportedAlgorithm => {
-                f.write_str("unsupported token algorithm (only HS256 is accepted)")
-            }
-            JwtError::BadSignature => f.write_str("invalid token signature"),
-            JwtError::Expired => f.write_str("token has expired"),
-            JwtError::NotYetValid => f.write_str("token is not valid yet"),
-            JwtError::WrongIssuer => f.write_str("token issuer is not accepted"),
-            JwtError::WrongAudience => f.write_str("token audience is not accepted"),
-            JwtError::MissingClaim(name) => write!(f, "token is missing the {name} claim"),
-        }
-    }
-}
-
-impl std::error::Error for JwtError {}
 
 /// What a decoded token is checked against.
 #[derive(Debug, Clone, Copy)]

@@ -1,13 +1,14 @@
-//! The run's output as lines for `GET /api/runs/{id}/logs`: one entry per line per stream,
+//! The run's output as lines: for `GET /api/runs/{id}/logs` one entry per line per stream,
 //! numbered from 1 in the order lines complete, each with the time its first byte arrived, its
 //! stream and a level guessed from its words. Read from the log file in two passes (count, then
-//! emit the wanted tail one line at a time), so memory stays bounded whatever the log's size.
+//! emit the wanted tail one line at a time), so memory stays bounded whatever the log's size;
+//! and for `/events?tail=N`, the chunk where the N-th last line starts (`tail_start`).
 #![forbid(unsafe_code)]
 
 use std::io;
 
-use crate::runlog::{LogError, RunLog, Stream};
-use crate::text::normalize;
+use crate::output_text::normalize;
+use crate::runlog::{LogError, RunLog, Stream, FIRST_SEQ};
 
 /// Longest line text kept; longer lines are cut (the rest is still in the download).
 const MAX_LINE_CHARS: usize = 16 * 1024;
@@ -82,6 +83,62 @@ pub fn for_each_line(
         Ok(())
     })?;
     Ok(())
+}
+
+/// Sequence number of the chunk holding the start of the `lines`-th line from the end
+/// (counting an unterminated last line), read from the log file in two passes.
+pub fn tail_start(log: &RunLog, lines: u64) -> Result<u64, LogError> {
+    // Pass 1: how many lines are there?
+    let mut newlines = 0u64;
+    let mut last_byte = b'\n';
+    let mut last_seq = 0u64;
+    log.for_each_stored(None, |chunk| {
+        newlines += count_line_breaks(&chunk.data);
+        if let Some(b) = chunk.data.last() {
+            last_byte = *b;
+        }
+        last_seq = chunk.seq;
+        Ok(true)
+    })?;
+    let total = newlines + u64::from(!matches!(last_byte, b'\n' | b'\r'));
+    if lines >= total {
+        return Ok(FIRST_SEQ);
+    }
+    // The wanted line starts after this many line breaks; pass 2 reads the same chunks.
+    let skip = total - lines;
+    let mut seen = 0u64;
+    let mut found = FIRST_SEQ;
+    log.for_each_stored(None, |chunk| {
+        if chunk.seq > last_seq {
+            return Ok(false);
+        }
+        let here = count_line_breaks(&chunk.data);
+        if seen + here >= skip {
+            // The skip-th break is in this chunk; the line starts after it, which is in this
+            // chunk unless the break is the chunk's last byte.
+            let ends_with_break = matches!(chunk.data.last(), Some(b'\n' | b'\r'));
+            found = if seen + here == skip && ends_with_break {
+                chunk.seq + 1
+            } else {
+                chunk.seq
+            };
+            return Ok(false);
+        }
+        seen += here;
+        Ok(true)
+    })?;
+    Ok(found)
+}
+
+/// Line breaks in a chunk as text shows them: LF, and CR not followed by LF.
+pub fn count_line_breaks(data: &[u8]) -> u64 {
+    let mut n = 0;
+    for (i, &b) in data.iter().enumerate() {
+        if b == b'\n' || (b == b'\r' && data.get(i + 1) != Some(&b'\n')) {
+            n += 1;
+        }
+    }
+    n
 }
 
 /// Returns the matching lines (at most `tail`, the last ones) and whether some were left out.
@@ -302,5 +359,18 @@ mod tests {
         assert_eq!(level_of("[debug] x", Stream::Stderr), "DEBUG");
         assert_eq!(level_of("plain", Stream::Stderr), "WARNING");
         assert_eq!(level_of("info on stderr", Stream::Stderr), "INFO");
+    }
+
+    #[test]
+    fn tail_finds_the_chunk_of_the_nth_last_line() {
+        let log = log_with(&[]);
+        log.append(Stream::Stdout, b"l1\nl2\n"); // seq 1
+        log.append(Stream::Stdout, b"l3\n"); // seq 2
+        log.append(Stream::Stderr, b"l4\nl5"); // seq 3, l5 unterminated
+        assert_eq!(tail_start(&log, 1).unwrap(), 3);
+        assert_eq!(tail_start(&log, 2).unwrap(), 3);
+        assert_eq!(tail_start(&log, 3).unwrap(), 2);
+        assert_eq!(tail_start(&log, 4).unwrap(), 1);
+        assert_eq!(tail_start(&log, 100).unwrap(), 1);
     }
 }

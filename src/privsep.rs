@@ -3,7 +3,6 @@
 //! private, handing a run's working directory to the script user and emptying it as that user.
 #![forbid(unsafe_code)]
 
-use std::fmt;
 use std::fs;
 use std::io;
 use std::os::unix::fs::PermissionsExt;
@@ -25,43 +24,20 @@ pub struct RunAs {
 }
 
 /// Why `RUN_AS_USER` cannot be honoured (runbookd then refuses to start, exit status 2).
-#[derive(Debug)]
+#[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
 pub enum RunAsError {
+    #[error("invalid RUN_AS_USER: no user {0:?} (give a user name or UID:GID)")]
     UnknownUser(String),
-    Lookup(io::Error),
+    #[error("invalid RUN_AS_USER: cannot look the user up: {0}")]
+    Lookup(#[source] io::Error),
+    #[error("invalid RUN_AS_USER: scripts must not run as root (uid or gid 0)")]
     Root,
+    #[error("RUN_AS_USER is set but runbookd lacks {} (run it as root or grant them, see systemd/runbookd.service)", .0.join(", "))]
     MissingCapabilities(Vec<&'static str>),
-    Status(io::Error),
+    #[error("RUN_AS_USER is set but runbookd cannot read its capabilities: {0}")]
+    Status(#[source] io::Error),
 }
-
-impl fmt::Display for RunAsError {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match self {
-            RunAsError::UnknownUser(spec) => write!(
-                f,
-                "invalid RUN_AS_USER: no user {spec:?} (give a user name or UID:GID)"
-            ),
-            RunAsError::Lookup(e) => write!(f, "invalid RUN_AS_USER: cannot look the user up: {e}"),
-            RunAsError::Root => write!(
-                f,
-                "invalid RUN_AS_USER: scripts must not run as root (uid or gid 0)"
-            ),
-            RunAsError::MissingCapabilities(missing) => write!(
-                f,
-                "RUN_AS_USER is set but runbookd lacks {} (run it as root or grant them, see \
-                 systemd/runbookd.service)",
-                missing.join(", ")
-            ),
-            RunAsError::Status(e) => write!(
-                f,
-                "RUN_AS_USER is set but runbookd cannot read its capabilities: {e}"
-            ),
-        }
-    }
-}
-
-impl std::error::Error for RunAsError {}
 
 /// Resolves `RUN_AS_USER` (a user name, or `UID:GID`) and checks that runbookd holds what it
 /// needs to start scripts as that user and stop them.

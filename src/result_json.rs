@@ -8,9 +8,9 @@ use std::io::{self, Write};
 use serde_json::json;
 
 use crate::chunker::utf8_floor;
+use crate::output_text::{normalize, write_json_escaped};
 use crate::run::Run;
 use crate::runlog::{LogError, Outcome, RunLog, Stream};
-use crate::text::{normalize, write_json_escaped};
 
 /// Writes `{success, runbook, run_id, status, return_code, stdout, stderr, errors, warnings,
 /// truncated, error?}` for a finished run, each stream capped at `limit` bytes.

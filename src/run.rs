@@ -5,7 +5,6 @@
 #![forbid(unsafe_code)]
 
 use std::collections::HashMap;
-use std::fmt;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -130,38 +129,17 @@ impl Run {
 }
 
 /// Why a run was not admitted.
-#[derive(Debug)]
+#[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
 pub enum AdmitError {
-    TooManyRuns {
-        limit: usize,
-    },
-    RunbookBusy {
-        max: u32,
-        running: Vec<String>,
-    },
+    #[error("too many runs: {limit} are running (MAX_CONCURRENT_RUNS); try again later")]
+    TooManyRuns { limit: usize },
+    #[error("this runbook allows {max} concurrent run(s); running: {}", .running.join(", "))]
+    RunbookBusy { max: u32, running: Vec<String> },
     /// The run whose token asks for a sub-run is over.
+    #[error("the run this token belongs to has ended")]
     ParentEnded,
 }
-
-impl fmt::Display for AdmitError {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match self {
-            AdmitError::TooManyRuns { limit } => write!(
-                f,
-                "too many runs: {limit} are running (MAX_CONCURRENT_RUNS); try again later"
-            ),
-            AdmitError::RunbookBusy { max, running } => write!(
-                f,
-                "this runbook allows {max} concurrent run(s); running: {}",
-                running.join(", ")
-            ),
-            AdmitError::ParentEnded => f.write_str("the run this token belongs to has ended"),
-        }
-    }
-}
-
-impl std::error::Error for AdmitError {}
 
 /// The limits a new run is admitted against.
 #[derive(Debug, Clone, Copy)]

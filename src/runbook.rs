@@ -4,6 +4,8 @@
 //! in [`Runbook::problems`], so the caller can report it as a validation error.
 #![forbid(unsafe_code)]
 
+use crate::markdown;
+
 use yaml_rust2::parser::{Event, Parser};
 use yaml_rust2::{Yaml, YamlLoader};
 
@@ -105,8 +107,7 @@ pub fn interpreter_of(script: &str) -> Interpreter {
 
 /// Parses a runbook document. Never fails; see [`Runbook::problems`].
 pub fn parse(markdown: &str) -> Runbook {
-    let lines = split_lines(markdown);
-    let outline = Outline::of(&lines);
+    let outline = Outline::of(markdown);
     let mut problems = Vec::new();
     if let Some(line) = outline.unclosed_fence_line {
         problems.push(format!(
@@ -147,19 +148,6 @@ pub fn parse(markdown: &str) -> Runbook {
     }
 }
 
-/// Lines without their LF or CRLF ending; a leading byte order mark is ignored.
-fn split_lines(markdown: &str) -> Vec<&str> {
-    let text = markdown.strip_prefix('\u{feff}').unwrap_or(markdown);
-    let mut lines: Vec<&str> = text
-        .split('\n')
-        .map(|line| line.strip_suffix('\r').unwrap_or(line))
-        .collect();
-    if lines.last().is_some_and(|line| line.is_empty()) {
-        lines.pop();
-    }
-    lines
-}
-
 /// Section titles compare case-insensitively, with runs of whitespace counting as one space.
 fn same_title(a: &str, b: &str) -> bool {
     let a = a.split_whitespace().map(str::to_lowercase);
@@ -169,66 +157,25 @@ fn same_title(a: &str, b: &str) -> bool {
 
 /// The title of an H1 line (`#` followed by a space, a tab or nothing), trimmed.
 pub fn h1_title(line: &str) -> Option<&str> {
-    let rest = line.strip_prefix('#')?;
-    if rest.is_empty() || rest.starts_with([' ', '\t']) {
-        Some(rest.trim())
-    } else {
-        None
-    }
+    markdown::h1_rest(line.as_bytes()).map(|_| line[1..].trim())
 }
 
-/// A code fence: the fence character and how many of them opened the block.
-#[derive(Debug, Clone, Copy)]
-struct Fence {
-    marker: u8,
-    width: usize,
-}
-
-/// Up to three spaces of indentation, as markdown allows before a fence.
-fn fence_indent(line: &str) -> Option<usize> {
-    let indent = line.len() - line.trim_start_matches(' ').len();
-    (indent <= 3).then_some(indent)
-}
-
-/// An opening fence (three or more backticks or tildes) and its info string.
-fn opening_fence(line: &str) -> Option<(Fence, &str)> {
-    let rest = &line[fence_indent(line)?..];
-    let marker = *rest.as_bytes().first()?;
-    if marker != b'`' && marker != b'~' {
-        return None;
-    }
-    let width = rest.bytes().take_while(|&b| b == marker).count();
-    if width < 3 {
-        return None;
-    }
-    let info = rest[width..].trim();
-    if marker == b'`' && info.contains('`') {
-        return None;
-    }
-    Some((Fence { marker, width }, info))
-}
-
-/// Whether `line` closes a block opened by `fence`.
-fn closes(fence: Fence, line: &str) -> bool {
-    let Some(indent) = fence_indent(line) else {
-        return false;
-    };
-    let rest = &line[indent..];
-    let width = rest.bytes().take_while(|&b| b == fence.marker).count();
-    width >= fence.width && rest[width..].trim_matches([' ', '\t']).is_empty()
+/// Text of a piece of the (UTF-8) document; the outline cuts only at ASCII bytes.
+fn text_of(bytes: &[u8]) -> std::borrow::Cow<'_, str> {
+    String::from_utf8_lossy(bytes)
 }
 
 /// A fenced code block and the section it lies in.
 struct CodeBlock<'a> {
     section: Option<usize>,
     language: String,
-    body: Vec<&'a str>,
+    body: Vec<&'a [u8]>,
 }
 
 impl CodeBlock<'_> {
     fn text(&self) -> String {
         self.body.iter().fold(String::new(), |mut text, line| {
-            text.push_str(line);
+            text.push_str(&text_of(line));
             text.push('\n');
             text
         })
@@ -254,48 +201,32 @@ struct Outline<'a> {
 }
 
 impl<'a> Outline<'a> {
-    fn of(lines: &[&'a str]) -> Outline<'a> {
-        let mut outline = Outline {
-            name: None,
-            sections: Vec::new(),
-            blocks: Vec::new(),
-            unclosed_fence_line: None,
-        };
-        let mut open: Option<(Fence, usize)> = None;
-        for (index, &line) in lines.iter().enumerate() {
-            if let Some((fence, opened_at)) = open {
-                if closes(fence, line) {
-                    open = None;
-                } else if let Some(block) = outline.blocks.last_mut() {
-                    block.body.push(line);
-                }
-                outline.unclosed_fence_line = open.map(|_| opened_at + 1);
-                continue;
-            }
-            if let Some((fence, info)) = opening_fence(line) {
-                let language = info
-                    .split_whitespace()
-                    .next()
-                    .unwrap_or_default()
-                    .to_lowercase();
-                outline.blocks.push(CodeBlock {
-                    section: outline.sections.len().checked_sub(1),
-                    language,
-                    body: Vec::new(),
-                });
-                open = Some((fence, index));
-                outline.unclosed_fence_line = Some(index + 1);
-                continue;
-            }
-            if let Some(title) = h1_title(line) {
-                if index == 0 {
-                    outline.name = Some(title.to_string());
-                } else {
-                    outline.sections.push(title.to_string());
-                }
-            }
+    /// The runbook's view of the markdown outline; a leading byte order mark is ignored.
+    fn of(markdown: &'a str) -> Outline<'a> {
+        let text = markdown.strip_prefix('\u{feff}').unwrap_or(markdown);
+        let outline = markdown::Outline::of(text.as_bytes());
+        Outline {
+            name: outline.name.map(|title| text_of(title).trim().to_string()),
+            sections: outline
+                .sections
+                .iter()
+                .map(|section| text_of(section.title).trim().to_string())
+                .collect(),
+            blocks: outline
+                .blocks
+                .into_iter()
+                .map(|block| CodeBlock {
+                    section: block.section,
+                    language: text_of(block.info)
+                        .split_whitespace()
+                        .next()
+                        .unwrap_or_default()
+                        .to_lowercase(),
+                    body: block.body,
+                })
+                .collect(),
+            unclosed_fence_line: outline.unclosed_fence_line,
         }
-        outline
     }
 
     fn section_index(&self, title: &str) -> Option<usize> {
@@ -345,7 +276,7 @@ impl<'a> Outline<'a> {
                     || block
                         .body
                         .first()
-                        .is_some_and(|line| line.starts_with("#!"))
+                        .is_some_and(|line| line.starts_with(b"#!"))
             })
             .map(CodeBlock::text)
     }

@@ -3,7 +3,6 @@
 //! `.<file>.lock` that orders History writers and the readers of a runbook.
 #![forbid(unsafe_code)]
 
-use std::fmt;
 use std::fs::{self, File, FileType, OpenOptions};
 use std::io::{self, Read};
 use std::os::unix::fs::{FileTypeExt, MetadataExt, OpenOptionsExt};
@@ -25,51 +24,26 @@ const LOCK_POLL: Duration = Duration::from_millis(5);
 const HOSTILE_FILE_FLAGS: i32 = libc::O_NOFOLLOW | libc::O_NONBLOCK | libc::O_NOCTTY;
 
 /// Why a runbook file cannot be used.
-#[derive(Debug)]
+#[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
 pub enum FileError {
     /// No file at the path (any more).
+    #[error("the runbook file is gone")]
     Missing,
     /// The path is a symbolic link; links are never followed.
+    #[error("the runbook is a symbolic link (links are never followed)")]
     Symlink,
     /// Not a regular file: what it is instead ("FIFO", "directory", ...).
+    #[error("the runbook is not a regular file but a {0}")]
     NotRegular(&'static str),
     /// Larger than the limit (`RUNBOOK_MAX_BYTES`).
-    TooLarge {
-        max: u64,
-    },
+    #[error("the runbook is larger than RUNBOOK_MAX_BYTES ({max} bytes)")]
+    TooLarge { max: u64 },
     /// The sidecar lock was held elsewhere for all of [`LOCK_WAIT`].
+    #[error("the runbook's lock file was held elsewhere too long")]
     Busy,
-    Io(io::Error),
-}
-
-impl fmt::Display for FileError {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match self {
-            FileError::Missing => f.write_str("the runbook file is gone"),
-            FileError::Symlink => {
-                f.write_str("the runbook is a symbolic link (links are never followed)")
-            }
-            FileError::NotRegular(kind) => {
-                write!(f, "the runbook is not a regular file but a {kind}")
-            }
-            FileError::TooLarge { max } => write!(
-                f,
-                "the runbook is larger than RUNBOOK_MAX_BYTES ({max} bytes)"
-            ),
-            FileError::Busy => f.write_str("the runbook's lock file was held elsewhere too long"),
-            FileError::Io(error) => write!(f, "{error}"),
-        }
-    }
-}
-
-impl std::error::Error for FileError {
-    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
-        match self {
-            FileError::Io(error) => Some(error),
-            _ => None,
-        }
-    }
+    #[error("{0}")]
+    Io(#[source] io::Error),
 }
 
 /// What an open error means for a runbook path.

@@ -3,8 +3,8 @@
 //! joins them back into exactly the normalized text.
 #![forbid(unsafe_code)]
 
+use crate::output_text::normalize;
 use crate::runlog::Chunk;
-use crate::text::normalize;
 
 /// Appends one event with a text payload.
 pub fn push_event(out: &mut Vec<u8>, event: &str, id: Option<u64>, data: &str) {

@@ -6,32 +6,19 @@
 //! opened read-only: no file is added, and a read-only remount is not blocked.
 #![forbid(unsafe_code)]
 
-use std::fmt;
 use std::fs::{File, TryLockError};
 use std::io;
 use std::path::Path;
 
-#[derive(Debug)]
+#[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
 pub enum StateLockError {
     /// Another process holds the lock.
+    #[error("another runbookd is using this STATE_DIR (every instance needs its own)")]
     InUse,
-    Io(io::Error),
+    #[error("cannot lock it: {0}")]
+    Io(#[source] io::Error),
 }
-
-impl fmt::Display for StateLockError {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match self {
-            StateLockError::InUse => write!(
-                f,
-                "another runbookd is using this STATE_DIR (every instance needs its own)"
-            ),
-            StateLockError::Io(e) => write!(f, "cannot lock it: {e}"),
-        }
-    }
-}
-
-impl std::error::Error for StateLockError {}
 
 /// Held while the server runs; dropping it releases the lock.
 #[derive(Debug)]

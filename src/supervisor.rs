@@ -9,7 +9,6 @@
 #![forbid(unsafe_code)]
 
 use std::ffi::OsString;
-use std::fmt;
 use std::io::{self, PipeReader, PipeWriter, Read};
 use std::os::fd::AsRawFd;
 use std::os::unix::process::CommandExt;
@@ -115,33 +114,24 @@ pub struct Limits {
 }
 
 /// Why a child could not be started.
-#[derive(Debug)]
+#[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
 pub enum SpawnError {
     /// The interpreter does not exist (shell convention: 127).
-    NotFound(io::Error),
+    #[error("interpreter not found: {0}")]
+    NotFound(#[source] io::Error),
     /// The interpreter is not executable (shell convention: 126).
-    NotExecutable(io::Error),
+    #[error("interpreter not executable: {0}")]
+    NotExecutable(#[source] io::Error),
     /// The server is out of descriptors or processes; trying later may work.
-    Exhausted(io::Error),
+    #[error("server out of resources: {0}")]
+    Exhausted(#[source] io::Error),
     /// The run's cgroup could not be created.
-    Cgroup(io::Error),
-    Other(io::Error),
+    #[error("cannot create the run's cgroup: {0}")]
+    Cgroup(#[source] io::Error),
+    #[error("cannot start the script: {0}")]
+    Other(#[source] io::Error),
 }
-
-impl fmt::Display for SpawnError {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match self {
-            SpawnError::NotFound(e) => write!(f, "interpreter not found: {e}"),
-            SpawnError::NotExecutable(e) => write!(f, "interpreter not executable: {e}"),
-            SpawnError::Exhausted(e) => write!(f, "server out of resources: {e}"),
-            SpawnError::Cgroup(e) => write!(f, "cannot create the run's cgroup: {e}"),
-            SpawnError::Other(e) => write!(f, "cannot start the script: {e}"),
-        }
-    }
-}
-
-impl std::error::Error for SpawnError {}
 
 impl From<io::Error> for SpawnError {
     fn from(e: io::Error) -> Self {

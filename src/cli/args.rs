@@ -3,9 +3,7 @@
 //! the usage texts.
 #![forbid(unsafe_code)]
 
-use std::fmt;
-
-use super::url::{BaseUrl, UrlError, DEFAULT_URL};
+use crate::client::url::{BaseUrl, UrlError, DEFAULT_URL};
 
 pub const MONITOR_USAGE: &str = "\
 Usage: runbookd monitor RUN_ID [--url URL] [--token TOKEN]
@@ -168,69 +166,32 @@ pub enum Command {
 }
 
 /// Why a command line was refused.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, thiserror::Error, Clone, PartialEq, Eq)]
 #[non_exhaustive]
 pub enum ArgsError {
+    #[error("missing subcommand: monitor, exec, cancel or runs")]
     MissingSubcommand,
+    #[error("unknown subcommand {0:?}: expected monitor, exec, cancel or runs")]
     UnknownSubcommand(String),
+    #[error("unknown option {1:?}; see runbookd {sub} --help", sub = .0.name())]
     UnknownOption(Subcommand, String),
+    #[error("{1} needs a value; see runbookd {sub} --help", sub = .0.name())]
     MissingValue(Subcommand, &'static str),
+    #[error("missing {1}; see runbookd {sub} --help", sub = .0.name())]
     MissingArgument(Subcommand, &'static str),
+    #[error("unexpected argument {1:?}; see runbookd {sub} --help", sub = .0.name())]
     ExtraArgument(Subcommand, String),
+    #[error("-e expects NAME=VALUE with a non-empty NAME, got {0:?}")]
     BadEnvVar(String),
+    #[error("--limit expects a whole number, got {0:?}")]
     BadLimit(String),
-    Url(UrlError),
+    #[error("bad server URL: {0}")]
+    Url(#[source] UrlError),
+    #[error("no token: pass --token TOKEN or set RUNBOOKD_TOKEN")]
     NoToken,
+    #[error("the token must not contain spaces or control characters")]
     BadToken,
 }
-
-impl fmt::Display for ArgsError {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match self {
-            ArgsError::MissingSubcommand => {
-                write!(f, "missing subcommand: monitor, exec, cancel or runs")
-            }
-            ArgsError::UnknownSubcommand(name) => write!(
-                f,
-                "unknown subcommand {name:?}: expected monitor, exec, cancel or runs"
-            ),
-            ArgsError::UnknownOption(sub, option) => write!(
-                f,
-                "unknown option {option:?}; see runbookd {} --help",
-                sub.name()
-            ),
-            ArgsError::MissingValue(sub, option) => write!(
-                f,
-                "{option} needs a value; see runbookd {} --help",
-                sub.name()
-            ),
-            ArgsError::MissingArgument(sub, what) => {
-                write!(f, "missing {what}; see runbookd {} --help", sub.name())
-            }
-            ArgsError::ExtraArgument(sub, arg) => write!(
-                f,
-                "unexpected argument {arg:?}; see runbookd {} --help",
-                sub.name()
-            ),
-            ArgsError::BadEnvVar(arg) => {
-                write!(
-                    f,
-                    "-e expects NAME=VALUE with a non-empty NAME, got {arg:?}"
-                )
-            }
-            ArgsError::BadLimit(value) => {
-                write!(f, "--limit expects a whole number, got {value:?}")
-            }
-            ArgsError::Url(e) => write!(f, "bad server URL: {e}"),
-            ArgsError::NoToken => write!(f, "no token: pass --token TOKEN or set RUNBOOKD_TOKEN"),
-            ArgsError::BadToken => {
-                write!(f, "the token must not contain spaces or control characters")
-            }
-        }
-    }
-}
-
-impl std::error::Error for ArgsError {}
 
 /// Parses the arguments after the program name (starting with the subcommand, or
 /// `--version`); `env` looks up environment variables.

@@ -2,24 +2,25 @@
 //! `Prefer: respond-async`, expecting 202 and the new run's id.
 #![forbid(unsafe_code)]
 
-use std::fmt;
-
 use serde_json::{Map, Value};
 
 use super::args::ServerArgs;
-use super::http_client::{self, HttpError, Request, Timeouts};
 use super::reply::{error_message, read_json};
-use super::url::encode_segment;
+use crate::client::http::{self, HttpError, Request, Timeouts};
+use crate::client::url::encode_segment;
 
 /// Why no run was started (or its id is unknown).
-#[derive(Debug)]
+#[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
 pub enum ExecError {
     /// No reply: connection, send or read failure.
-    Http(HttpError),
+    #[error("{0}")]
+    Http(#[source] HttpError),
     /// The server answered with something else than 202.
+    #[error("{message}")]
     Rejected { status: u16, message: String },
     /// A 202 without a usable `run_id`.
+    #[error("unexpected reply to execute: {0}")]
     BadReply(String),
 }
 
@@ -32,18 +33,6 @@ impl ExecError {
         }
     }
 }
-
-impl fmt::Display for ExecError {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match self {
-            ExecError::Http(e) => write!(f, "{e}"),
-            ExecError::Rejected { message, .. } => write!(f, "{message}"),
-            ExecError::BadReply(what) => write!(f, "unexpected reply to execute: {what}"),
-        }
-    }
-}
-
-impl std::error::Error for ExecError {}
 
 /// The JSON request body: `{"env_vars": {NAME: VALUE, ...}}`, a later NAME winning.
 pub fn request_body(env_vars: &[(String, String)]) -> Vec<u8> {
@@ -78,8 +67,7 @@ pub fn start_run(
         ],
         body: Some(&body),
     };
-    let mut response =
-        http_client::send(&server.base, &request, timeouts).map_err(ExecError::Http)?;
+    let mut response = http::send(&server.base, &request, timeouts).map_err(ExecError::Http)?;
     if response.status != 202 {
         return Err(ExecError::Rejected {
             status: response.status,

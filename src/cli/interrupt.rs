@@ -10,9 +10,9 @@ use std::sync::{Arc, Mutex, PoisonError};
 use std::thread;
 
 use super::args::ServerArgs;
-use super::http_client::Timeouts;
 use super::runs::{self, CallError};
 use super::summary;
+use crate::client::http::Timeouts;
 use crate::sys;
 
 /// The exit status after Ctrl-C (128 + SIGINT), as shells report it.

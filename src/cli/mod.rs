@@ -5,19 +5,14 @@
 #![forbid(unsafe_code)]
 
 mod args;
-pub(crate) mod chunked;
 mod exec;
-mod http_client;
 mod interrupt;
-mod lines;
 mod monitor;
 mod reply;
 mod runs;
-mod sse_parser;
 mod summary;
 #[cfg(test)]
 mod test_server;
-mod url;
 
 use std::io;
 use std::process::ExitCode;
@@ -25,8 +20,10 @@ use std::thread;
 use std::time::{Duration, Instant};
 
 use args::{Command, ServerArgs};
-use monitor::{RetryPolicy, Sinks};
+use monitor::Sinks;
 use serde_json::Value;
+
+use crate::client::resume::RetryPolicy;
 
 /// How long `runbookd cancel` waits for the cancelled run to end.
 const CANCEL_WAIT: Duration = Duration::from_secs(60);

@@ -8,16 +8,17 @@ use std::collections::HashSet;
 use std::fmt;
 use std::io::{self, BufReader, Read, Write};
 use std::net::TcpStream;
-use std::thread;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use serde_json::Value;
 
 use super::args::ServerArgs;
-use super::http_client::{self, Request, Timeouts};
 use super::reply::{error_message, exit_status_of, read_json};
-use super::sse_parser::{SseEvent, SseParser};
-use super::url::encode_segment;
+use crate::client::http::{self, Request};
+use crate::client::resume;
+use crate::client::resume::RetryPolicy;
+use crate::client::sse::SseEvent;
+use crate::client::url::encode_segment;
 
 /// Where the run's output goes.
 pub struct Sinks<'a> {
@@ -25,56 +26,28 @@ pub struct Sinks<'a> {
     pub err: &'a mut dyn Write,
 }
 
-/// Reconnection timing.
-#[derive(Debug, Clone, Copy)]
-pub struct RetryPolicy {
-    /// Wait before the first reconnection; doubled after each failed attempt.
-    pub first_backoff: Duration,
-    pub max_backoff: Duration,
-    /// Give up when no connection succeeded for this long. A connection counts as
-    /// successful when it delivered an event with a new id, or stayed open for
-    /// `healthy_after`; a link that drops every connection before anything new arrives
-    /// (an id-less `run` event or keepalives are not new) therefore still ends.
-    pub give_up_after: Duration,
-    pub healthy_after: Duration,
-    pub timeouts: Timeouts,
-}
-
-impl Default for RetryPolicy {
-    fn default() -> Self {
-        RetryPolicy {
-            first_backoff: Duration::from_millis(200),
-            max_backoff: Duration::from_secs(5),
-            give_up_after: Duration::from_secs(60),
-            healthy_after: Duration::from_secs(10),
-            timeouts: Timeouts {
-                connect: Duration::from_secs(10),
-                write: Duration::from_secs(30),
-                // The server sends a keepalive every HEARTBEAT_SECONDS (15 by default); this
-                // much silence means a dead connection, which is then resumed.
-                read: Duration::from_secs(90),
-            },
-        }
-    }
-}
-
 /// Why monitoring ended without the run's exit status.
-#[derive(Debug)]
+#[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
 pub enum MonitorError {
     /// The server refused the request (401, 403, 404, ...); retrying cannot help.
+    #[error("{0}")]
     Refused(String),
     /// No connection succeeded for the whole retry window.
+    #[error("giving up after {} s without a connection ({last_error}); the run may still be going: runbookd monitor {run_id}", .waited.as_secs())]
     GaveUp {
         run_id: String,
         waited: Duration,
         last_error: String,
     },
     /// A reply this client does not understand.
+    #[error("unexpected reply: {0}")]
     Unexpected(String),
     /// Writing the output to the terminal failed.
-    Output(io::Error),
+    #[error("cannot write the output: {0}")]
+    Output(#[source] io::Error),
     /// The run ended but no return code was found.
+    #[error("the run ended without a return code")]
     NoReturnCode,
 }
 
@@ -87,28 +60,6 @@ impl MonitorError {
     }
 }
 
-impl fmt::Display for MonitorError {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match self {
-            MonitorError::Refused(message) => write!(f, "{message}"),
-            MonitorError::GaveUp {
-                run_id,
-                waited,
-                last_error,
-            } => write!(
-                f,
-                "giving up after {} s without a connection ({last_error}); the run may still be going: runbookd monitor {run_id}",
-                waited.as_secs()
-            ),
-            MonitorError::Unexpected(what) => write!(f, "unexpected reply: {what}"),
-            MonitorError::Output(e) => write!(f, "cannot write the output: {e}"),
-            MonitorError::NoReturnCode => write!(f, "the run ended without a return code"),
-        }
-    }
-}
-
-impl std::error::Error for MonitorError {}
-
 /// A run followed to its end.
 #[derive(Debug)]
 pub struct Finished {
@@ -118,21 +69,12 @@ pub struct Finished {
     pub result: Value,
 }
 
-/// How one connection ended.
-enum Attempt {
-    /// The run is over.
-    Finished(Finished),
-    /// Worth another try. `progressed`: the connection was a successful one before it
-    /// failed (see [`RetryPolicy::healthy_after`]).
-    Failed { progressed: bool, reason: String },
+fn failed(reason: impl fmt::Display) -> Attempt {
+    Attempt::failed(reason)
 }
 
-fn failed(reason: impl fmt::Display) -> Attempt {
-    Attempt::Failed {
-        progressed: false,
-        reason: reason.to_string(),
-    }
-}
+/// How one connection ended.
+type Attempt = resume::Attempt<Finished>;
 
 /// Statuses after which a new attempt may succeed.
 fn is_retryable(status: u16) -> bool {
@@ -154,29 +96,15 @@ pub fn monitor(
         resume_id: String::new(),
         truncation_notes: HashSet::new(),
     };
-    let mut backoff = policy.first_backoff;
-    let mut outage_started = Instant::now();
-    loop {
-        let (progressed, reason) = match follower.attempt(sinks)? {
-            Attempt::Finished(finished) => return Ok(finished),
-            Attempt::Failed { progressed, reason } => (progressed, reason),
-        };
-        if progressed {
-            backoff = policy.first_backoff;
-            outage_started = Instant::now();
-        }
-        let waited = outage_started.elapsed();
-        if waited >= policy.give_up_after {
-            return Err(MonitorError::GaveUp {
-                run_id: run_id.to_owned(),
-                waited,
-                last_error: reason,
-            });
-        }
-        log::info!("event stream interrupted ({reason}); reconnecting in {backoff:?}");
-        thread::sleep(backoff.min(policy.give_up_after - waited));
-        backoff = (backoff * 2).min(policy.max_backoff);
-    }
+    resume::with_retries(
+        policy,
+        || follower.attempt(sinks),
+        |waited, last_error| MonitorError::GaveUp {
+            run_id: run_id.to_owned(),
+            waited,
+            last_error,
+        },
+    )
 }
 
 /// The state kept across connections.
@@ -204,9 +132,8 @@ impl Follower<'_> {
         request: &Request,
         expected: &[u16],
         what: &str,
-    ) -> Result<Result<http_client::Response<BufReader<TcpStream>>, Attempt>, MonitorError> {
-        let mut response = match http_client::send(&self.server.base, request, self.policy.timeouts)
-        {
+    ) -> Result<Result<http::Response<BufReader<TcpStream>>, Attempt>, MonitorError> {
+        let mut response = match http::send(&self.server.base, request, self.policy.timeouts) {
             Ok(response) => response,
             Err(e) => return Ok(Err(failed(e))),
         };
@@ -226,9 +153,7 @@ impl Follower<'_> {
             ("Accept", "text/event-stream".to_owned()),
             ("Cache-Control", "no-cache".to_owned()),
         ];
-        if !self.resume_id.is_empty() {
-            headers.push(("Last-Event-ID", self.resume_id.clone()));
-        }
+        headers.extend(resume::resume_header(&self.resume_id));
         let request = Request {
             method: "GET",
             target: self
@@ -260,31 +185,13 @@ impl Follower<'_> {
         body: &mut dyn Read,
         sinks: &mut Sinks<'_>,
     ) -> Result<Attempt, MonitorError> {
-        let mut parser = SseParser::resuming(self.resume_id.clone());
-        let mut buffer = vec![0u8; 64 * 1024];
-        let opened = Instant::now();
-        let id_at_start = self.resume_id.clone();
-        loop {
-            let failure = match body.read(&mut buffer) {
-                Ok(0) => "the stream ended before the run's end".to_owned(),
-                Ok(n) => {
-                    for event in parser.feed(&buffer[..n]) {
-                        if let Some(finished) = self.handle_event(&event, sinks)? {
-                            return Ok(Attempt::Finished(finished));
-                        }
-                        self.resume_id = event.last_event_id;
-                    }
-                    continue;
-                }
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-                Err(e) => e.to_string(),
-            };
-            return Ok(Attempt::Failed {
-                progressed: self.resume_id != id_at_start
-                    || opened.elapsed() >= self.policy.healthy_after,
-                reason: failure,
+        let mut resume_id = std::mem::take(&mut self.resume_id);
+        let attempt =
+            resume::follow_stream(body, &mut resume_id, self.policy.healthy_after, |event| {
+                self.handle_event(event, sinks)
             });
-        }
+        self.resume_id = resume_id;
+        attempt
     }
 
     /// Acts on one event; `Some` once the run is done.
@@ -377,8 +284,9 @@ mod tests {
     use super::super::test_server::{
         chunk, quick_policy, serve, write_json_reply, Reply, SSE_HEAD_CHUNKED,
     };
-    use super::super::url::BaseUrl;
     use super::*;
+    use crate::client::url::BaseUrl;
+    use std::time::Instant;
 
     fn server_args(url: &str) -> ServerArgs {
         ServerArgs {

@@ -6,7 +6,7 @@ use std::io::{self, BufRead};
 
 use serde_json::Value;
 
-use super::http_client::Response;
+use crate::client::http::Response;
 
 /// Most bytes read from a JSON reply (a run record or an error).
 const MAX_REPLY_BYTES: u64 = 1024 * 1024;

@@ -2,25 +2,26 @@
 //! runs as a table (`runbookd runs`).
 #![forbid(unsafe_code)]
 
-use std::fmt;
-
 use serde_json::Value;
 
 use super::args::{RunsFilter, ServerArgs};
-use super::http_client::{self, HttpError, Request, Timeouts};
 use super::reply::{error_message, read_json};
 use super::summary::{duration_text, shown};
-use super::url::encode_segment;
+use crate::client::http::{self, HttpError, Request, Timeouts};
+use crate::client::url::encode_segment;
 
 /// Why a call got no usable answer.
-#[derive(Debug)]
+#[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
 pub enum CallError {
     /// No reply: connection, send or read failure.
-    Http(HttpError),
+    #[error("{0}")]
+    Http(#[source] HttpError),
     /// The server answered with another status than expected.
+    #[error("{message}")]
     Rejected { status: u16, message: String },
     /// The expected status with a body this client cannot use.
+    #[error("unexpected reply: {0}")]
     BadReply(String),
 }
 
@@ -33,18 +34,6 @@ impl CallError {
         }
     }
 }
-
-impl fmt::Display for CallError {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match self {
-            CallError::Http(e) => write!(f, "{e}"),
-            CallError::Rejected { message, .. } => write!(f, "{message}"),
-            CallError::BadReply(what) => write!(f, "unexpected reply: {what}"),
-        }
-    }
-}
-
-impl std::error::Error for CallError {}
 
 /// Sends a body-less request and returns the JSON answer when the status is `expected`.
 fn call(
@@ -63,8 +52,7 @@ fn call(
         ],
         body: None,
     };
-    let mut response =
-        http_client::send(&server.base, &request, timeouts).map_err(CallError::Http)?;
+    let mut response = http::send(&server.base, &request, timeouts).map_err(CallError::Http)?;
     if response.status != expected {
         return Err(CallError::Rejected {
             status: response.status,

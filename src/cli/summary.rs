@@ -5,7 +5,7 @@
 
 use serde_json::Value;
 
-use super::url::{BaseUrl, DEFAULT_URL};
+use crate::client::url::{BaseUrl, DEFAULT_URL};
 
 /// `runbookd: run ID started (RUNBOOK)`, the first line `exec` writes to stderr.
 pub fn started_line(run_id: &str, runbook: &str) -> String {

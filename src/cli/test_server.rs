@@ -7,9 +7,9 @@ use std::net::{TcpListener, TcpStream};
 use std::thread::{self, JoinHandle};
 use std::time::{Duration, Instant};
 
-use super::http_client::Timeouts;
-use super::lines::read_line;
-use super::monitor::RetryPolicy;
+use crate::client::http::Timeouts;
+use crate::client::lines::read_line;
+use crate::client::resume::RetryPolicy;
 
 /// A request as the fake server read it.
 #[derive(Debug, Clone)]

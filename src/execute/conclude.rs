@@ -11,10 +11,10 @@ use std::time::Instant;
 use crate::app::App;
 use crate::fault;
 use crate::history::{self, HistoryEntry, StreamExcerpt};
+use crate::output_text::normalize;
 use crate::record::{self, RunRecord, RunStatus};
 use crate::run::Run;
 use crate::runlog::{Outcome, RunLog, Stream, Totals};
-use crate::text::normalize;
 
 impl Outcome {
     /// A run failing now with `return_code` and `error` (not a timeout).

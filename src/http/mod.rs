@@ -1,16 +1,19 @@
 //! The HTTP front: binds the listening socket (with the viewer stall timeout set on it), hands
 //! it to tiny_http, and serves each request on its own thread: route, handle, answer, and one
-//! access line. Errors are turned into responses only here, from `ApiError`.
+//! access line. Which status an answer gets is decided in `error.rs` (failures) and
+//! `reply.rs` (successes) only.
 #![forbid(unsafe_code)]
 
+pub mod chunked_response;
+pub mod dispatch;
 pub mod error;
 pub mod handlers;
 pub mod page;
+pub mod reply;
 pub mod request;
 pub mod router;
+pub mod run_output;
 pub mod runs;
-pub mod view;
-pub mod wire;
 
 use std::io;
 use std::net::{SocketAddr, TcpListener};
@@ -18,8 +21,6 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use crate::app::App;
-use error::ApiError;
-use handlers::Reply;
 use request::Incoming;
 
 /// How long without a request before checking that connections are still accepted.
@@ -98,50 +99,15 @@ fn handle(app: &Arc<App>, mut request: tiny_http::Request) {
     let (label, result) = match router::route(&incoming.method, &incoming.path) {
         Ok(route) => {
             let label = route.label();
-            (label, handlers::handle(app, route, &incoming, &mut request))
+            (label, dispatch::handle(app, route, &incoming, &mut request))
         }
         Err(e) => ("unmatched", Err(e)),
     };
     let status = match result {
-        Ok(Reply::Json(status, body)) => {
-            respond(request, status, "application/json", body.to_string(), &[])
-        }
-        Ok(Reply::JsonWithHeaders(status, body, headers)) => respond(
-            request,
-            status,
-            "application/json",
-            body.to_string(),
-            &headers,
-        ),
-        Ok(Reply::Text(status, content_type, body)) => {
-            respond(request, status, content_type, body, &[])
-        }
-        Ok(Reply::NoContent) => {
-            let _ = request.respond(tiny_http::Response::empty(204));
-            204
-        }
-        Ok(Reply::RunEvents {
-            run,
-            log,
-            from_seq,
-            announce,
-            json_chunks,
-        }) => view::stream_events(app, request, &run, &log, from_seq, announce, json_chunks),
-        Ok(Reply::Page(content_type, body)) => {
-            respond(request, 200, content_type, body.into(), &page::headers())
-        }
-        Ok(Reply::RunResult { run, log }) => view::send_result(app, request, &run, &log),
-        Ok(Reply::RunLines {
-            run,
-            log,
-            query,
-            count,
-        }) => view::send_lines(request, &run, &log, &query, &count),
-        Ok(Reply::RunDownload { run, log, stream }) => {
-            view::send_download(request, &run, &log, stream)
-        }
-        Err(e) => respond_error(request, &e),
-    };
+        Ok(reply) => reply.send(app, request),
+        Err(e) => reply::send_error(request, &e),
+    }
+    .code();
     app.metrics.request(label, status);
     // Path only: query strings may carry tokens and are never logged.
     log::info!(
@@ -160,37 +126,4 @@ fn sanitize_path(path: &str) -> String {
         .take(200)
         .map(|c| if c.is_control() { '?' } else { c })
         .collect()
-}
-
-/// Turns an `ApiError` into its response: the one place statuses for failures are chosen.
-fn respond_error(request: tiny_http::Request, error: &ApiError) -> u16 {
-    let status = error.status();
-    respond(
-        request,
-        status,
-        "application/json",
-        error.body().to_string(),
-        &error.headers(),
-    )
-}
-
-fn respond(
-    request: tiny_http::Request,
-    status: u16,
-    content_type: &str,
-    body: String,
-    extra: &[(&'static str, String)],
-) -> u16 {
-    let mut response = tiny_http::Response::from_string(body).with_status_code(status);
-    let headers =
-        std::iter::once(("Content-Type", content_type.to_string())).chain(extra.iter().cloned());
-    for (name, value) in headers {
-        if let Ok(header) = tiny_http::Header::from_bytes(name.as_bytes(), value.as_bytes()) {
-            response.add_header(header);
-        }
-    }
-    if let Err(e) = request.respond(response) {
-        log::debug!("response not delivered: {e}");
-    }
-    status
 }

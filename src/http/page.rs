@@ -6,7 +6,7 @@
 use serde_json::{json, Value};
 
 use super::error::ApiError;
-use super::handlers::Reply;
+use super::reply::Reply;
 use super::request::Incoming;
 use super::runs;
 use crate::app::App;
@@ -83,7 +83,6 @@ pub fn mint_link(
         .unwrap_or_default()
         .to_rfc3339_opts(chrono::SecondsFormat::Secs, true);
     Ok(Reply::Json(
-        200,
         json!({"success": true, "run_id": run.id, "url": url, "expires_at": expires_at}),
     ))
 }

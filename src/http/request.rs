@@ -6,7 +6,7 @@ use std::io::Read;
 use std::net::SocketAddr;
 
 use super::error::ApiError;
-use crate::cli::chunked::ChunkedDecoder;
+use crate::client::chunked::ChunkedDecoder;
 
 /// Largest request body accepted.
 pub const MAX_BODY_BYTES: u64 = 1024 * 1024;

@@ -11,7 +11,7 @@ use std::sync::Arc;
 use serde_json::{json, Value};
 
 use super::error::ApiError;
-use super::handlers::Reply;
+use super::reply::Reply;
 use super::request::Incoming;
 use crate::app::App;
 use crate::auth::{self, Principal};
@@ -99,14 +99,14 @@ pub fn list(app: &App, principal: &Principal, incoming: &Incoming) -> Result<Rep
         .take(limit)
         .map(|(rec, _)| rec.to_api())
         .collect();
-    Ok(Reply::Json(200, json!({"success": true, "runs": runs})))
+    Ok(Reply::Json(json!({"success": true, "runs": runs})))
 }
 
 pub fn get(app: &App, principal: &Principal, id: &str) -> Result<Reply, ApiError> {
     let run = visible_run(app, principal, id)?;
     let mut body = run.current_record().to_api();
     body["success"] = json!(true);
-    Ok(Reply::Json(200, body))
+    Ok(Reply::Json(body))
 }
 
 /// Whether `principal` may cancel `run`: the user who started it, or a user holding a role in
@@ -144,9 +144,9 @@ pub fn cancel(app: &App, principal: &Principal, id: &str) -> Result<Reply, ApiEr
     if let Err(e) = record::save(&app.runs_dir, &record) {
         log::error!("run {}: cannot write its record: {e}", run.id);
     }
-    Ok(Reply::Json(
-        202,
+    Ok(Reply::Accepted(
         json!({"success": true, "run_id": run.id, "status": "cancelling"}),
+        Vec::new(),
     ))
 }
 
@@ -197,7 +197,7 @@ pub fn events(
             // An id past anything a run can reach waits for the end like any id ahead.
             after.saturating_add(1)
         }
-        (None, Some(lines)) => log.tail_start(lines)?,
+        (None, Some(lines)) => loglines::tail_start(&log, lines)?,
         (None, None) => FIRST_SEQ,
     };
     Ok(Reply::RunEvents {

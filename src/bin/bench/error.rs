@@ -2,22 +2,26 @@
 //! was wrong (bytes missing, a bad status). Timing goals that are missed are not errors.
 #![forbid(unsafe_code)]
 
-use std::fmt;
 use std::io;
 
 /// Why a figure failed.
-#[derive(Debug)]
+#[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
 pub enum BenchError {
     /// An operating-system call failed; the text says what was being done.
-    Io(String, io::Error),
+    #[error("{0}: {1}")]
+    Io(String, #[source] io::Error),
     /// The server process could not be started or stopped.
+    #[error("server: {0}")]
     Server(String),
     /// The server answered something that does not follow HTTP or SSE, or a status we did not ask for.
+    #[error("protocol: {0}")]
     Protocol(String),
     /// The output received differs from what the script wrote.
+    #[error("output mismatch: {0}")]
     Mismatch(String),
     /// A bound on the benchmark's own running time was reached.
+    #[error("timeout: {0}")]
     Timeout(String),
 }
 
@@ -26,26 +30,5 @@ impl BenchError {
     pub fn io(what: impl Into<String>) -> impl FnOnce(io::Error) -> BenchError {
         let what = what.into();
         move |e| BenchError::Io(what, e)
-    }
-}
-
-impl fmt::Display for BenchError {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match self {
-            BenchError::Io(what, e) => write!(f, "{what}: {e}"),
-            BenchError::Server(m) => write!(f, "server: {m}"),
-            BenchError::Protocol(m) => write!(f, "protocol: {m}"),
-            BenchError::Mismatch(m) => write!(f, "output mismatch: {m}"),
-            BenchError::Timeout(m) => write!(f, "timeout: {m}"),
-        }
-    }
-}
-
-impl std::error::Error for BenchError {
-    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
-        match self {
-            BenchError::Io(_, e) => Some(e),
-            _ => None,
-        }
     }
 }

@@ -1,11 +1,14 @@
-//! A raw HTTP/1.1 client over `TcpStream` for the tests: whole responses, and incremental ones
-//! (chunked or length-delimited bodies read piece by piece, with timeouts).
+//! The tests' HTTP/1.1 client: raw requests written over `TcpStream` (any version, headers
+//! and framing a test needs), responses read with the library's client
+//! (`runbookd::client::http`): whole, or incrementally with a deadline per read.
 
-use std::io::{self, Read, Write};
+use std::io::{self, BufReader, Read, Write};
 use std::net::{Shutdown, TcpStream};
+use std::sync::{Arc, Mutex, PoisonError};
 use std::thread;
 use std::time::{Duration, Instant};
 
+use runbookd::client::http as http_client;
 use serde_json::Value;
 
 /// Generous bound for one whole HTTP exchange.
@@ -112,20 +115,6 @@ pub fn send_request(
     stream
 }
 
-enum Framing {
-    Length(usize),
-    Chunked(ChunkState),
-    Close,
-}
-
-#[derive(Clone, Copy, Debug, PartialEq)]
-enum ChunkState {
-    Size,
-    Data(usize),
-    DataEnd,
-    Trailers,
-}
-
 /// What one step of reading an incremental body gives.
 #[derive(Debug)]
 pub enum BodyRead {
@@ -139,6 +128,41 @@ pub enum BodyRead {
     Failed(io::Error),
 }
 
+/// The deadline of the current read and the time of the last read that returned bytes.
+struct WireClock {
+    deadline: Instant,
+    last_at: Instant,
+}
+
+/// The socket as the response reader sees it: every read bounded by the shared deadline.
+struct Wire {
+    stream: TcpStream,
+    clock: Arc<Mutex<WireClock>>,
+}
+
+impl Read for Wire {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        let deadline = self
+            .clock
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .deadline;
+        let left = deadline.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            return Err(io::ErrorKind::TimedOut.into());
+        }
+        self.stream.set_read_timeout(Some(left))?;
+        let n = self.stream.read(buf)?;
+        if n > 0 {
+            self.clock
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .last_at = Instant::now();
+        }
+        Ok(n)
+    }
+}
+
 /// A response whose head has been read and whose body is read incrementally.
 pub struct StreamingResponse {
     pub status: u16,
@@ -147,12 +171,8 @@ pub struct StreamingResponse {
     /// When the response head was complete.
     pub head_at: Instant,
     stream: TcpStream,
-    raw: Vec<u8>,
-    raw_at: Instant,
-    framing: Framing,
-    finished: bool,
-    /// Total undecoded bytes received for the body (framing included).
-    pub wire_bytes: usize,
+    body: http_client::Response<BufReader<Wire>>,
+    clock: Arc<Mutex<WireClock>>,
 }
 
 /// Sends a request and reads the response head (panics after HTTP_TIMEOUT).
@@ -169,79 +189,27 @@ pub fn open(
 }
 
 impl StreamingResponse {
-    pub fn read_head(mut stream: TcpStream, head_request: bool) -> StreamingResponse {
-        let deadline = Instant::now() + HTTP_TIMEOUT;
-        let mut raw: Vec<u8> = Vec::new();
-        let mut buf = [0u8; 16 * 1024];
-        let head_end = loop {
-            if let Some(pos) = find(&raw, b"\r\n\r\n") {
-                break pos;
-            }
-            let left = deadline.saturating_duration_since(Instant::now());
-            assert!(!left.is_zero(), "no response head within {HTTP_TIMEOUT:?}");
-            stream.set_read_timeout(Some(left)).unwrap();
-            match stream.read(&mut buf) {
-                Ok(0) => panic!(
-                    "connection closed before a complete response head: {:?}",
-                    String::from_utf8_lossy(&raw)
-                ),
-                Ok(n) => raw.extend_from_slice(&buf[..n]),
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-                Err(e) => panic!(
-                    "reading the response head failed: {e}; got {:?}",
-                    String::from_utf8_lossy(&raw)
-                ),
-            }
+    pub fn read_head(stream: TcpStream, head_request: bool) -> StreamingResponse {
+        let clock = Arc::new(Mutex::new(WireClock {
+            deadline: Instant::now() + HTTP_TIMEOUT,
+            last_at: Instant::now(),
+        }));
+        let wire = Wire {
+            stream: stream.try_clone().unwrap(),
+            clock: clock.clone(),
         };
-        let head_at = Instant::now();
-        let head = String::from_utf8_lossy(&raw[..head_end]).into_owned();
-        let rest = raw[head_end + 4..].to_vec();
-        let mut lines = head.split("\r\n");
-        let status_line = lines.next().unwrap_or_default().to_string();
-        let mut parts = status_line.splitn(3, ' ');
-        let version = parts.next().unwrap_or_default().to_string();
-        let status: u16 = parts
-            .next()
-            .and_then(|s| s.parse().ok())
-            .unwrap_or_else(|| panic!("bad status line {status_line:?}"));
-        let headers: Vec<(String, String)> = lines
-            .filter_map(|l| {
-                let (k, v) = l.split_once(':')?;
-                Some((k.trim().to_string(), v.trim().to_string()))
-            })
-            .collect();
-        let chunked = header_of(&headers, "Transfer-Encoding")
-            .map(|v| v.to_ascii_lowercase().contains("chunked"))
-            .unwrap_or(false);
-        let framing = if head_request || status == 204 || status == 304 || status < 200 {
-            Framing::Length(0)
-        } else if chunked {
-            Framing::Chunked(ChunkState::Size)
-        } else if let Some(len) = header_of(&headers, "Content-Length") {
-            Framing::Length(
-                len.parse()
-                    .unwrap_or_else(|_| panic!("bad Content-Length {len:?}")),
-            )
-        } else {
-            Framing::Close
-        };
-        let wire_bytes = rest.len();
-        let mut resp = StreamingResponse {
-            status,
-            version,
-            headers,
-            head_at,
+        let method = if head_request { "HEAD" } else { "GET" };
+        let body = http_client::read_response(BufReader::with_capacity(64 * 1024, wire), method)
+            .unwrap_or_else(|e| panic!("no complete response head within {HTTP_TIMEOUT:?}: {e}"));
+        StreamingResponse {
+            status: body.status,
+            version: body.version().to_owned(),
+            headers: body.headers().to_vec(),
+            head_at: Instant::now(),
             stream,
-            raw: rest,
-            raw_at: head_at,
-            framing,
-            finished: false,
-            wire_bytes,
-        };
-        if let Framing::Length(0) = resp.framing {
-            resp.finished = true;
+            body,
+            clock,
         }
-        resp
     }
 
     pub fn header(&self, name: &str) -> Option<&str> {
@@ -249,11 +217,11 @@ impl StreamingResponse {
     }
 
     pub fn is_chunked(&self) -> bool {
-        matches!(self.framing, Framing::Chunked(_))
+        self.body.is_chunked()
     }
 
     pub fn is_close_delimited(&self) -> bool {
-        matches!(self.framing, Framing::Close)
+        self.body.is_close_delimited()
     }
 
     /// The underlying socket (e.g. to shut it down).
@@ -268,35 +236,21 @@ impl StreamingResponse {
 
     /// Reads until some decoded body bytes are available, the body ends, or `deadline`.
     pub fn next_body(&mut self, deadline: Instant) -> BodyRead {
+        self.clock
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .deadline = deadline;
         let mut buf = vec![0u8; 64 * 1024];
         loop {
-            let decoded = self.decode();
-            if !decoded.is_empty() {
-                return BodyRead::Data(decoded, self.raw_at);
-            }
-            if self.finished {
-                return BodyRead::End;
-            }
-            let now = Instant::now();
-            if now >= deadline {
-                return BodyRead::TimedOut;
-            }
-            let _ = self.stream.set_read_timeout(Some(deadline - now));
-            match self.stream.read(&mut buf) {
-                Ok(0) => {
-                    if let Framing::Close = self.framing {
-                        self.finished = true;
-                        return BodyRead::End;
-                    }
-                    return BodyRead::Failed(io::Error::new(
-                        io::ErrorKind::UnexpectedEof,
-                        "connection closed inside a framed body",
-                    ));
-                }
+            match self.body.read(&mut buf) {
+                Ok(0) => return BodyRead::End,
                 Ok(n) => {
-                    self.raw_at = Instant::now();
-                    self.wire_bytes += n;
-                    self.raw.extend_from_slice(&buf[..n]);
+                    let at = self
+                        .clock
+                        .lock()
+                        .unwrap_or_else(PoisonError::into_inner)
+                        .last_at;
+                    return BodyRead::Data(buf[..n].to_vec(), at);
                 }
                 Err(e)
                     if e.kind() == io::ErrorKind::WouldBlock
@@ -329,73 +283,6 @@ impl StreamingResponse {
                     self.status,
                     out.len()
                 ),
-            }
-        }
-    }
-
-    fn decode(&mut self) -> Vec<u8> {
-        let mut out = Vec::new();
-        loop {
-            match self.framing {
-                Framing::Close => {
-                    out.append(&mut self.raw);
-                    return out;
-                }
-                Framing::Length(rem) => {
-                    let n = rem.min(self.raw.len());
-                    out.extend(self.raw.drain(..n));
-                    self.framing = Framing::Length(rem - n);
-                    if rem - n == 0 {
-                        self.finished = true;
-                    }
-                    return out;
-                }
-                Framing::Chunked(state) => match state {
-                    ChunkState::Size => {
-                        let Some(pos) = find(&self.raw, b"\r\n") else {
-                            return out;
-                        };
-                        let line = String::from_utf8_lossy(&self.raw[..pos]).into_owned();
-                        self.raw.drain(..pos + 2);
-                        let hex = line.split(';').next().unwrap_or("").trim();
-                        let size = usize::from_str_radix(hex, 16)
-                            .unwrap_or_else(|_| panic!("bad chunk size line {line:?}"));
-                        self.framing = Framing::Chunked(if size == 0 {
-                            ChunkState::Trailers
-                        } else {
-                            ChunkState::Data(size)
-                        });
-                    }
-                    ChunkState::Data(rem) => {
-                        let n = rem.min(self.raw.len());
-                        out.extend(self.raw.drain(..n));
-                        if rem - n == 0 {
-                            self.framing = Framing::Chunked(ChunkState::DataEnd);
-                        } else {
-                            self.framing = Framing::Chunked(ChunkState::Data(rem - n));
-                            return out;
-                        }
-                    }
-                    ChunkState::DataEnd => {
-                        if self.raw.len() < 2 {
-                            return out;
-                        }
-                        assert_eq!(&self.raw[..2], b"\r\n", "chunk data not followed by CRLF");
-                        self.raw.drain(..2);
-                        self.framing = Framing::Chunked(ChunkState::Size);
-                    }
-                    ChunkState::Trailers => {
-                        let Some(pos) = find(&self.raw, b"\r\n") else {
-                            return out;
-                        };
-                        self.raw.drain(..pos + 2);
-                        if pos == 0 {
-                            self.finished = true;
-                            self.framing = Framing::Length(0);
-                            return out;
-                        }
-                    }
-                },
             }
         }
     }

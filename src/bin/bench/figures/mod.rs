@@ -67,7 +67,7 @@ impl Bench {
             "dev-api",
             "bench-user",
             4 * 3600,
-        )?;
+        );
         let api = Api {
             addr: server.addr,
             token,

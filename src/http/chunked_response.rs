@@ -6,44 +6,32 @@
 
 use std::io::{self, Write};
 
+use super::reply::HttpStatus;
+
 /// An open streamed response.
-pub struct StreamWriter {
+pub struct ChunkedResponse {
     socket: Box<dyn Write + Send>,
     chunked: bool,
     head_only: bool,
 }
 
-fn reason(status: u16) -> &'static str {
-    match status {
-        200 => "OK",
-        202 => "Accepted",
-        204 => "No Content",
-        400 => "Bad Request",
-        403 => "Forbidden",
-        404 => "Not Found",
-        500 => "Internal Server Error",
-        503 => "Service Unavailable",
-        _ => "",
-    }
-}
-
-impl StreamWriter {
+impl ChunkedResponse {
     /// Sends the head. `http10`: the client speaks HTTP/1.0, so the body is delimited by
     /// closing the connection instead of chunked framing.
     pub fn start(
         request: tiny_http::Request,
-        status: u16,
+        status: HttpStatus,
         headers: &[(&str, String)],
-    ) -> io::Result<StreamWriter> {
+    ) -> io::Result<ChunkedResponse> {
         let http10 = *request.http_version() == tiny_http::HTTPVersion(1, 0);
         let head_only = *request.method() == tiny_http::Method::Head;
         let socket = request.into_writer();
-        let mut writer = StreamWriter {
+        let mut writer = ChunkedResponse {
             socket,
             chunked: !http10,
             head_only,
         };
-        let mut head = format!("HTTP/1.1 {status} {}\r\n", reason(status));
+        let mut head = format!("HTTP/1.1 {} {}\r\n", status.code(), status.reason());
         for (name, value) in headers {
             head.push_str(name);
             head.push_str(": ");
@@ -93,16 +81,16 @@ impl StreamWriter {
 }
 
 /// Collects small writes into batches of about `BATCH` bytes, each sent as one chunk: lets
-/// serializers that write piecemeal stream through a `StreamWriter`.
+/// serializers that write piecemeal stream through a `ChunkedResponse`.
 pub struct Batcher<'a> {
-    out: &'a mut StreamWriter,
+    out: &'a mut ChunkedResponse,
     buf: Vec<u8>,
 }
 
 const BATCH: usize = 64 * 1024;
 
 impl<'a> Batcher<'a> {
-    pub fn new(out: &'a mut StreamWriter) -> Self {
+    pub fn new(out: &'a mut ChunkedResponse) -> Self {
         Batcher {
             out,
             buf: Vec::with_capacity(BATCH),

@@ -9,6 +9,17 @@ use std::io::{self, BufRead};
 /// longer than `max_len` is `InvalidData`.
 pub fn read_line<R: BufRead>(reader: &mut R, max_len: usize) -> io::Result<Option<Vec<u8>>> {
     let mut line = Vec::new();
+    Ok(read_line_into(reader, max_len, &mut line)?.then_some(line))
+}
+
+/// Like `read_line`, appending to `line`, which keeps what was read when an error (such as a
+/// read timeout) interrupts the line, so a later call can go on where this one stopped.
+/// `Ok(false)` at end of input before any byte of the line.
+pub fn read_line_into<R: BufRead>(
+    reader: &mut R,
+    max_len: usize,
+    line: &mut Vec<u8>,
+) -> io::Result<bool> {
     loop {
         let available = match reader.fill_buf() {
             Ok(available) => available,
@@ -17,7 +28,7 @@ pub fn read_line<R: BufRead>(reader: &mut R, max_len: usize) -> io::Result<Optio
         };
         if available.is_empty() {
             if line.is_empty() {
-                return Ok(None);
+                return Ok(false);
             }
             return Err(io::Error::new(
                 io::ErrorKind::UnexpectedEof,
@@ -47,7 +58,7 @@ pub fn read_line<R: BufRead>(reader: &mut R, max_len: usize) -> io::Result<Optio
                     "protocol line too long",
                 ));
             }
-            return Ok(Some(line));
+            return Ok(true);
         }
     }
 }

@@ -4,6 +4,35 @@
 //! open when the stream ends is never dispatched.
 #![forbid(unsafe_code)]
 
+use std::ops::ControlFlow;
+
+/// The index of the first LF or CR, eight bytes at a time (the client must not be the
+/// bottleneck of the benchmark's throughput figure).
+fn find_line_end(bytes: &[u8]) -> Option<usize> {
+    const ONES: u64 = 0x0101_0101_0101_0101;
+    const HIGHS: u64 = 0x8080_8080_8080_8080;
+    const LFS: u64 = ONES * b'\n' as u64;
+    const CRS: u64 = ONES * b'\r' as u64;
+    let has_zero_byte = |v: u64| v.wrapping_sub(ONES) & !v & HIGHS;
+    let words = bytes.chunks_exact(8);
+    let tail_start = bytes.len() - words.remainder().len();
+    for (i, word) in words.enumerate() {
+        let mut raw = [0u8; 8];
+        raw.copy_from_slice(word);
+        let v = u64::from_le_bytes(raw);
+        if has_zero_byte(v ^ LFS) | has_zero_byte(v ^ CRS) != 0 {
+            return word
+                .iter()
+                .position(|&b| b == b'\n' || b == b'\r')
+                .map(|at| i * 8 + at);
+        }
+    }
+    bytes[tail_start..]
+        .iter()
+        .position(|&b| b == b'\n' || b == b'\r')
+        .map(|at| tail_start + at)
+}
+
 /// One dispatched event.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct SseEvent {
@@ -14,6 +43,36 @@ pub struct SseEvent {
     /// The last event id once this event is dispatched: what to send as `Last-Event-ID`
     /// after having handled it.
     pub last_event_id: String,
+}
+
+/// Appends `bytes` as text, invalid UTF-8 replaced by U+FFFD.
+fn push_lossy(text: &mut String, bytes: &[u8]) {
+    match std::str::from_utf8(bytes) {
+        Ok(valid) => text.push_str(valid),
+        Err(_) => text.push_str(&String::from_utf8_lossy(bytes)),
+    }
+}
+
+/// A dispatched event as `SseParser::feed_each` hands it over, borrowed from the parser.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SseEventRef<'a> {
+    /// The `event:` field, `message` when absent.
+    pub event_type: &'a str,
+    /// The `data:` lines joined with "\n".
+    pub data: &'a str,
+    /// The last event id once this event is dispatched.
+    pub last_event_id: &'a str,
+}
+
+impl SseEventRef<'_> {
+    /// The event as an owned value.
+    pub fn to_owned(&self) -> SseEvent {
+        SseEvent {
+            event_type: self.event_type.to_owned(),
+            data: self.data.to_owned(),
+            last_event_id: self.last_event_id.to_owned(),
+        }
+    }
 }
 
 /// Parser state for one connection.
@@ -46,16 +105,41 @@ impl SseParser {
     }
 
     /// Feeds the next bytes of the stream and returns the events they complete, in order.
-    pub fn feed(&mut self, mut bytes: &[u8]) -> Vec<SseEvent> {
+    pub fn feed(&mut self, bytes: &[u8]) -> Vec<SseEvent> {
         let mut events = Vec::new();
+        let _ = self.feed_each(bytes, |event| {
+            events.push(event.to_owned());
+            ControlFlow::Continue(())
+        });
+        events
+    }
+
+    /// Feeds the next bytes of the stream and hands each event they complete to `on_event`,
+    /// in order, without copying it. Once `on_event` breaks, the rest of `bytes` is dropped
+    /// and the parser is not to be fed again.
+    pub fn feed_each(
+        &mut self,
+        mut bytes: &[u8],
+        mut on_event: impl FnMut(&SseEventRef<'_>) -> ControlFlow<()>,
+    ) -> ControlFlow<()> {
         if self.skip_lf && !bytes.is_empty() {
             self.skip_lf = false;
             if bytes[0] == b'\n' {
                 bytes = &bytes[1..];
             }
         }
-        while let Some(end) = bytes.iter().position(|&b| b == b'\n' || b == b'\r') {
-            self.line.extend_from_slice(&bytes[..end]);
+        while let Some(end) = find_line_end(bytes) {
+            let mut pending = std::mem::take(&mut self.line);
+            let line = if pending.is_empty() {
+                &bytes[..end]
+            } else {
+                pending.extend_from_slice(&bytes[..end]);
+                &pending[..]
+            };
+            let flow = self.process_line(line, &mut on_event);
+            pending.clear();
+            self.line = pending;
+            flow?;
             let terminator = bytes[end];
             bytes = &bytes[end + 1..];
             if terminator == b'\r' {
@@ -65,60 +149,74 @@ impl SseParser {
                     None => self.skip_lf = true,
                 }
             }
-            let line = std::mem::take(&mut self.line);
-            if let Some(event) = self.process_line(&line) {
-                events.push(event);
-            }
         }
         self.line.extend_from_slice(bytes);
-        events
+        ControlFlow::Continue(())
     }
 
-    fn process_line(&mut self, raw: &[u8]) -> Option<SseEvent> {
-        let decoded = String::from_utf8_lossy(raw);
-        let mut line: &str = &decoded;
+    /// One line, without its end. Read as bytes: a field name or the colon cannot hide in an
+    /// invalid UTF-8 sequence, so only the value needs decoding (lossily).
+    fn process_line(
+        &mut self,
+        mut line: &[u8],
+        on_event: &mut impl FnMut(&SseEventRef<'_>) -> ControlFlow<()>,
+    ) -> ControlFlow<()> {
         if self.at_stream_start {
             self.at_stream_start = false;
-            line = line.strip_prefix('\u{FEFF}').unwrap_or(line);
+            line = line.strip_prefix("\u{FEFF}".as_bytes()).unwrap_or(line);
         }
         if line.is_empty() {
-            return self.dispatch();
+            return self.dispatch(on_event);
         }
-        if line.starts_with(':') {
-            return None;
+        if line[0] == b':' {
+            return ControlFlow::Continue(());
         }
-        let (field, value) = match line.split_once(':') {
-            Some((field, value)) => (field, value.strip_prefix(' ').unwrap_or(value)),
-            None => (line, ""),
+        let (field, value) = match line.iter().position(|&b| b == b':') {
+            Some(colon) => {
+                let value = &line[colon + 1..];
+                (&line[..colon], value.strip_prefix(b" ").unwrap_or(value))
+            }
+            None => (line, &b""[..]),
         };
         match field {
-            "event" => self.event_type = value.to_owned(),
-            "data" => {
-                self.data.push_str(value);
+            b"event" => {
+                self.event_type.clear();
+                push_lossy(&mut self.event_type, value);
+            }
+            b"data" => {
+                push_lossy(&mut self.data, value);
                 self.data.push('\n');
             }
-            "id" if !value.contains('\0') => self.id_buffer = value.to_owned(),
+            b"id" if !value.contains(&0) => {
+                self.id_buffer.clear();
+                push_lossy(&mut self.id_buffer, value);
+            }
             _ => {}
         }
-        None
+        ControlFlow::Continue(())
     }
 
-    fn dispatch(&mut self) -> Option<SseEvent> {
-        let event_type = std::mem::take(&mut self.event_type);
+    fn dispatch(
+        &mut self,
+        on_event: &mut impl FnMut(&SseEventRef<'_>) -> ControlFlow<()>,
+    ) -> ControlFlow<()> {
         if self.data.is_empty() {
-            return None;
+            self.event_type.clear();
+            return ControlFlow::Continue(());
         }
-        let mut data = std::mem::take(&mut self.data);
-        data.pop();
-        Some(SseEvent {
-            event_type: if event_type.is_empty() {
-                "message".to_owned()
+        self.data.pop();
+        let flow = on_event(&SseEventRef {
+            event_type: if self.event_type.is_empty() {
+                "message"
             } else {
-                event_type
+                &self.event_type
             },
-            data,
-            last_event_id: self.id_buffer.clone(),
-        })
+            data: &self.data,
+            last_event_id: &self.id_buffer,
+        });
+        self.event_type.clear();
+        self.data.clear();
+        flow
     }
 
     /// The id to send as `Last-Event-ID` when no event was dispatched on this connection.
@@ -160,6 +258,44 @@ mod tests {
             event("stdout", "é€😀\n", "3"),
             event("done", "{\"return_code\":0}", "4"),
         ]
+    }
+
+    #[test]
+    fn finds_the_first_line_end() {
+        assert_eq!(find_line_end(b""), None);
+        assert_eq!(find_line_end(b"abcdefghijklmnop"), None);
+        assert_eq!(find_line_end(b"abc\n"), Some(3));
+        assert_eq!(find_line_end(b"abcdefgh\rij\n"), Some(8));
+        assert_eq!(find_line_end(b"abcdefghijklmnopq\n"), Some(17));
+        for at in 0..40 {
+            let mut bytes = vec![b'x'; 40];
+            bytes[at] = b'\n';
+            assert_eq!(find_line_end(&bytes), Some(at));
+            bytes[at] = 0x8a;
+            assert_eq!(find_line_end(&bytes), None);
+        }
+    }
+
+    #[test]
+    fn feed_each_hands_borrowed_events_and_stops_on_break() {
+        let mut parser = SseParser::resuming("4".to_owned());
+        let mut seen = Vec::new();
+        let flow = parser.feed_each(
+            b"event: run\ndata: {}\n\nid: 5\ndata: a\n\ndata: b\n\n",
+            |e| {
+                seen.push(e.to_owned());
+                if e.data == "a" {
+                    ControlFlow::Break(())
+                } else {
+                    ControlFlow::Continue(())
+                }
+            },
+        );
+        assert_eq!(flow, ControlFlow::Break(()));
+        assert_eq!(
+            seen,
+            vec![event("run", "{}", "4"), event("message", "a", "5")]
+        );
     }
 
     #[test]
@@ -238,6 +374,12 @@ mod tests {
     fn a_leading_byte_order_mark_is_removed_once() {
         let events = parse_all(&[b"\xEF\xBB", b"\xBFdata: a\n\n\xEF\xBB\xBFdata: b\n\n"]);
         assert_eq!(events, vec![event("message", "a", "")]);
+    }
+
+    #[test]
+    fn invalid_utf8_in_a_value_is_replaced() {
+        let events = SseParser::resuming(String::new()).feed(b"event: o\xffk\ndata: a\xffb\n\n");
+        assert_eq!(events, vec![event("o\u{FFFD}k", "a\u{FFFD}b", "")]);
     }
 
     #[test]

@@ -8,37 +8,27 @@ use std::fmt;
 pub const DEFAULT_URL: &str = "http://127.0.0.1:8083";
 
 /// Why a base URL was refused.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, thiserror::Error, Clone, PartialEq, Eq)]
 #[non_exhaustive]
 pub enum UrlError {
     /// `https://`: TLS is not spoken here.
+    #[error(
+        "https is not supported: use a local http address (for TLS, go through a local proxy)"
+    )]
     Https,
     /// Not an `http://` URL at all.
+    #[error("the URL must start with http://")]
     NotHttp,
     /// No host after the scheme.
+    #[error("the URL has no host")]
     MissingHost,
     /// A port that is not a number from 1 to 65535.
+    #[error("the URL's port must be a number from 1 to 65535")]
     BadPort,
     /// `user@host`, a query or a fragment, which a base URL cannot carry.
+    #[error("the URL must not contain {0}")]
     Unsupported(&'static str),
 }
-
-impl fmt::Display for UrlError {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match self {
-            UrlError::Https => write!(
-                f,
-                "https is not supported: use a local http address (for TLS, go through a local proxy)"
-            ),
-            UrlError::NotHttp => write!(f, "the URL must start with http://"),
-            UrlError::MissingHost => write!(f, "the URL has no host"),
-            UrlError::BadPort => write!(f, "the URL's port must be a number from 1 to 65535"),
-            UrlError::Unsupported(what) => write!(f, "the URL must not contain {what}"),
-        }
-    }
-}
-
-impl std::error::Error for UrlError {}
 
 /// A parsed `http://` base URL.
 #[derive(Debug, Clone, PartialEq, Eq)]

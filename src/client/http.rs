@@ -3,7 +3,6 @@
 //! that handles chunked, length-delimited and close-delimited framing.
 #![forbid(unsafe_code)]
 
-use std::fmt;
 use std::io::{self, BufRead, BufReader, Read, Write};
 use std::net::{TcpStream, ToSocketAddrs};
 use std::time::Duration;
@@ -27,37 +26,28 @@ pub struct Timeouts {
 }
 
 /// Why a request got no response head.
-#[derive(Debug)]
+#[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
 pub enum HttpError {
     /// The host name did not resolve.
-    Resolve(String, io::Error),
+    #[error("cannot resolve {0}: {1}")]
+    Resolve(String, #[source] io::Error),
     /// No address of the host accepted the connection.
-    Connect(String, io::Error),
+    #[error("cannot connect to {0}: {1}")]
+    Connect(String, #[source] io::Error),
     /// Sending the request failed.
-    Write(io::Error),
+    #[error("cannot send the request: {0}")]
+    Write(#[source] io::Error),
     /// Reading the response head failed or timed out.
-    Read(io::Error),
+    #[error("cannot read the response: {0}")]
+    Read(#[source] io::Error),
     /// The server closed the connection without answering.
+    #[error("the server closed the connection without a reply")]
     NoResponse,
     /// The response head is not HTTP/1.x.
+    #[error("malformed response: {0}")]
     Malformed(&'static str),
 }
-
-impl fmt::Display for HttpError {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match self {
-            HttpError::Resolve(host, e) => write!(f, "cannot resolve {host}: {e}"),
-            HttpError::Connect(target, e) => write!(f, "cannot connect to {target}: {e}"),
-            HttpError::Write(e) => write!(f, "cannot send the request: {e}"),
-            HttpError::Read(e) => write!(f, "cannot read the response: {e}"),
-            HttpError::NoResponse => write!(f, "the server closed the connection without a reply"),
-            HttpError::Malformed(what) => write!(f, "malformed response: {what}"),
-        }
-    }
-}
-
-impl std::error::Error for HttpError {}
 
 /// One request to send.
 pub struct Request<'a> {
@@ -80,8 +70,32 @@ enum Framing<R> {
 /// A response: status, headers and a body reader.
 pub struct Response<R> {
     pub status: u16,
+    /// The protocol of the status line, such as `HTTP/1.1`.
+    version: String,
     headers: Vec<(String, String)>,
     body: Framing<R>,
+}
+
+impl<R> Response<R> {
+    /// The protocol of the status line, such as `HTTP/1.1`.
+    pub fn version(&self) -> &str {
+        &self.version
+    }
+
+    /// Every header, in the order received.
+    pub fn headers(&self) -> &[(String, String)] {
+        &self.headers
+    }
+
+    /// Whether the body has chunked framing.
+    pub fn is_chunked(&self) -> bool {
+        matches!(self.body, Framing::Chunked(_))
+    }
+
+    /// Whether the body ends where the server closes the connection.
+    pub fn is_close_delimited(&self) -> bool {
+        matches!(self.body, Framing::UntilClose(_))
+    }
 }
 
 impl<R: BufRead> Response<R> {
@@ -142,7 +156,7 @@ pub fn send(
         .map_err(HttpError::Read)?;
     let mut writer = &stream;
     writer
-        .write_all(&encode_request(base, request))
+        .write_all(&encode_request(&base.host_header(), request))
         .and_then(|()| writer.flush())
         .map_err(HttpError::Write)?;
     read_response(BufReader::with_capacity(64 * 1024, stream), request.method)
@@ -167,13 +181,13 @@ fn connect(base: &BaseUrl, timeouts: Timeouts) -> Result<TcpStream, HttpError> {
     Err(HttpError::Connect(base.host_header(), last_error))
 }
 
-/// The request's bytes: request line, headers, blank line, body.
-fn encode_request(base: &BaseUrl, request: &Request<'_>) -> Vec<u8> {
+/// The request's bytes: request line, headers, blank line, body; `host` is the `Host` header.
+pub fn encode_request(host: &str, request: &Request<'_>) -> Vec<u8> {
     let mut head = format!(
         "{} {} HTTP/1.1\r\nHost: {}\r\nUser-Agent: runbookd/{}\r\nConnection: close\r\n",
         request.method,
         request.target,
-        base.host_header(),
+        host,
         env!("CARGO_PKG_VERSION")
     );
     for (name, value) in &request.headers {
@@ -197,7 +211,7 @@ pub fn read_response<R: BufRead>(mut reader: R, method: &str) -> Result<Response
             Some(line) => line,
             None => return Err(HttpError::NoResponse),
         };
-        let status = parse_status_line(&status_line)?;
+        let (version, status) = parse_status_line(&status_line)?;
         let headers = read_headers(&mut reader)?;
         if (100..200).contains(&status) && status != 101 {
             continue;
@@ -205,13 +219,14 @@ pub fn read_response<R: BufRead>(mut reader: R, method: &str) -> Result<Response
         let body = framing(reader, method, status, &headers)?;
         return Ok(Response {
             status,
+            version,
             headers,
             body,
         });
     }
 }
 
-fn parse_status_line(line: &[u8]) -> Result<u16, HttpError> {
+fn parse_status_line(line: &[u8]) -> Result<(String, u16), HttpError> {
     let text = std::str::from_utf8(line).map_err(|_| HttpError::Malformed("status line"))?;
     let mut parts = text.splitn(3, ' ');
     let version = parts.next().unwrap_or_default();
@@ -222,8 +237,10 @@ fn parse_status_line(line: &[u8]) -> Result<u16, HttpError> {
     if !code.bytes().all(|b| b.is_ascii_digit()) {
         return Err(HttpError::Malformed("status code"));
     }
-    code.parse()
-        .map_err(|_| HttpError::Malformed("status code"))
+    let code = code
+        .parse()
+        .map_err(|_| HttpError::Malformed("status code"))?;
+    Ok((version.to_owned(), code))
 }
 
 fn read_headers<R: BufRead>(reader: &mut R) -> Result<Vec<(String, String)>, HttpError> {
@@ -389,7 +406,7 @@ mod tests {
             headers: vec![("Authorization", "Bearer t".to_owned())],
             body: Some(b"{}"),
         };
-        let text = String::from_utf8(encode_request(&base, &request)).unwrap();
+        let text = String::from_utf8(encode_request(&base.host_header(), &request)).unwrap();
         assert!(text.starts_with("POST /p/api/x?y=1 HTTP/1.1\r\nHost: [::1]:9\r\n"));
         assert!(text.contains("\r\nConnection: close\r\n"));
         assert!(text.contains("\r\nAuthorization: Bearer t\r\n"));

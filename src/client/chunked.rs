@@ -5,7 +5,7 @@
 
 use std::io::{self, BufRead, Read};
 
-use super::lines::read_line;
+use super::lines::read_line_into;
 
 /// Longest chunk-size or trailer line accepted.
 const MAX_LINE: usize = 8 * 1024;
@@ -29,6 +29,9 @@ enum State {
 pub struct ChunkedDecoder<R> {
     inner: R,
     state: State,
+    /// The size, data-end or trailer line read so far: kept across a read error such as a
+    /// timeout, so reading can go on after it.
+    line: Vec<u8>,
 }
 
 impl<R: BufRead> ChunkedDecoder<R> {
@@ -36,13 +39,14 @@ impl<R: BufRead> ChunkedDecoder<R> {
         ChunkedDecoder {
             inner,
             state: State::Size,
+            line: Vec::new(),
         }
     }
 
     fn required_line(&mut self) -> io::Result<Vec<u8>> {
-        match read_line(&mut self.inner, MAX_LINE)? {
-            Some(line) => Ok(line),
-            None => Err(io::Error::new(
+        match read_line_into(&mut self.inner, MAX_LINE, &mut self.line)? {
+            true => Ok(std::mem::take(&mut self.line)),
+            false => Err(io::Error::new(
                 io::ErrorKind::UnexpectedEof,
                 "connection closed inside a chunked body",
             )),
@@ -186,6 +190,47 @@ mod tests {
                 );
             }
         }
+    }
+
+    /// Hands out one byte per read, with a `WouldBlock` (a read timeout) before each.
+    struct Stalling<'a> {
+        data: &'a [u8],
+        stalled: bool,
+    }
+
+    impl Read for Stalling<'_> {
+        fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+            self.stalled = !self.stalled;
+            if self.stalled {
+                return Err(io::ErrorKind::WouldBlock.into());
+            }
+            let n = 1.min(buf.len()).min(self.data.len());
+            buf[..n].copy_from_slice(&self.data[..n]);
+            self.data = &self.data[n..];
+            Ok(n)
+        }
+    }
+
+    #[test]
+    fn decoding_goes_on_after_a_read_timeout_anywhere() {
+        let input = Stalling {
+            data: ENCODED,
+            stalled: false,
+        };
+        let mut decoder = ChunkedDecoder::new(BufReader::with_capacity(1, input));
+        let mut out = Vec::new();
+        let mut buf = [0u8; 16];
+        let mut timeouts = 0;
+        loop {
+            match decoder.read(&mut buf) {
+                Ok(0) => break,
+                Ok(n) => out.extend_from_slice(&buf[..n]),
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => timeouts += 1,
+                Err(e) => panic!("{e}"),
+            }
+        }
+        assert_eq!(out, b"hello 0123456789");
+        assert!(timeouts >= ENCODED.len(), "{timeouts}");
     }
 
     #[test]

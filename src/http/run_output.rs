@@ -1,6 +1,8 @@
-//! Viewers of a run: the SSE stream (execute responses and `/events`), the synchronous JSON
-//! result, and the raw download. Each reads the run's log through its own cursor at its own
-//! pace; a write error or a stalled socket ends the viewer, never the run.
+//! A run's output as a response, the last step of pipe → reader → run log → viewer: the SSE
+//! stream (execute responses and `/events`), the synchronous JSON result, the raw download and
+//! the numbered lines of `/logs`. Each viewer reads the run's log through its own cursor (or a
+//! pass over the log file) at its own pace, and streams what it reads: nothing is held whole.
+//! A write error or a stalled socket ends the viewer, never the run.
 #![forbid(unsafe_code)]
 
 use std::io::Write;
@@ -8,27 +10,38 @@ use std::sync::Arc;
 
 use serde_json::json;
 
-use super::wire::{Batcher, StreamWriter};
+use super::chunked_response::{Batcher, ChunkedResponse};
+use super::error::run_result_status;
+use super::reply::HttpStatus;
 use crate::app::App;
 use crate::loglines::{self, LineCount, LineQuery};
 use crate::result_json::write_result;
 use crate::run::Run;
-use crate::runlog::{Next, RunLog, Stream};
+use crate::runlog::{CursorRead, RunLog, Stream};
 use crate::sse;
 
 /// Most bytes of chunks sent in one batch.
 const BATCH_BYTES: usize = 256 * 1024;
 
-/// Streams the run as SSE from chunk `from_seq` until `done`; returns the status sent.
+/// Which events a stream sends.
+pub struct Events {
+    /// The first chunk sent.
+    pub from_seq: u64,
+    /// Send `event: run` first (an execute's stream).
+    pub announce: bool,
+    /// `?format=json`: chunk data as `{"seq","text"}` with CRs kept, `done` as the record.
+    pub json_chunks: bool,
+}
+
+/// Streams the run as SSE from chunk `events.from_seq` until `done`; returns `status`, sent.
 pub fn stream_events(
     app: &App,
     request: tiny_http::Request,
+    status: HttpStatus,
     run: &Arc<Run>,
     log: &RunLog,
-    from_seq: u64,
-    announce: bool,
-    json_chunks: bool,
-) -> u16 {
+    events: Events,
+) -> HttpStatus {
     let headers = [
         (
             "Content-Type",
@@ -38,34 +51,37 @@ pub fn stream_events(
         ("X-Accel-Buffering", "no".to_string()),
         ("X-Run-Id", run.id.clone()),
     ];
-    let mut out = match StreamWriter::start(request, 200, &headers) {
+    let mut out = match ChunkedResponse::start(request, status, &headers) {
         Ok(out) => out,
         Err(e) => {
             log::debug!("viewer of {} gone before the head: {e}", run.id);
-            return 200;
+            return status;
         }
     };
     if out.head_only() {
-        return 200;
+        return status;
     }
-    match follow(app, &mut out, run, log, from_seq, announce, json_chunks) {
+    match follow(app, &mut out, run, log, &events) {
         Ok(()) => {
             let _ = out.finish();
         }
         Err(e) => log::debug!("viewer of {} ended: {e}", run.id),
     }
-    200
+    status
 }
 
 fn follow(
     app: &App,
-    out: &mut StreamWriter,
+    out: &mut ChunkedResponse,
     run: &Arc<Run>,
     log: &RunLog,
-    from_seq: u64,
-    announce: bool,
-    json_chunks: bool,
+    events: &Events,
 ) -> std::io::Result<()> {
+    let Events {
+        from_seq,
+        announce,
+        json_chunks,
+    } = *events;
     let limit = app.config.max_output_bytes;
     let mut batch = Vec::with_capacity(BATCH_BYTES + 1024);
     if announce {
@@ -79,9 +95,9 @@ fn follow(
     let mut cap_told = false;
     loop {
         batch.clear();
-        let next = log.next(&mut cursor, BATCH_BYTES, app.config.heartbeat);
+        let next = log.read(&mut cursor, BATCH_BYTES, app.config.heartbeat);
         match &next {
-            Next::Chunks(chunks) => {
+            CursorRead::Chunks(chunks) => {
                 for chunk in chunks {
                     let end = chunk.stream_offset + chunk.data.len() as u64;
                     if chunk.stream_offset <= limit && end > limit {
@@ -95,8 +111,8 @@ fn follow(
                     }
                 }
             }
-            Next::Idle => sse::push_keepalive(&mut batch),
-            Next::End(_) => {}
+            CursorRead::Idle => sse::push_keepalive(&mut batch),
+            CursorRead::End(_) => {}
         }
         // Told once per stream, to viewers that started before the cap (a resumed viewer
         // past it has seen it already).
@@ -115,11 +131,11 @@ fn follow(
         }
         out.send(&batch)?;
         crate::fault::test_point("stream");
-        if let Next::End(outcome) = next {
+        if let CursorRead::End(outcome) = next {
             if json_chunks {
                 // The record, not the output again: this client has every chunk already.
                 let mut done = run.current_record().to_api();
-                done["success"] = json!(outcome.return_code == 0 && outcome.error.is_none());
+                done["success"] = json!(outcome.succeeded());
                 let mut end = sse::done_prefix(cursor.next_seq());
                 end.extend_from_slice(done.to_string().as_bytes());
                 end.extend_from_slice(b"\n\n");
@@ -137,20 +153,22 @@ fn follow(
     }
 }
 
-/// Waits for the run's end and sends its result object: 200 when it succeeded, else 500.
-pub fn send_result(app: &App, request: tiny_http::Request, run: &Arc<Run>, log: &RunLog) -> u16 {
+/// Waits for the run's end and sends its result object, with the status `run_result_status`
+/// gives the outcome.
+pub fn send_result(
+    app: &App,
+    request: tiny_http::Request,
+    run: &Arc<Run>,
+    log: &RunLog,
+) -> HttpStatus {
     let outcome = log.wait_end();
     crate::stages::mark(&run.id, "done to the request");
-    let status = if outcome.return_code == 0 && outcome.error.is_none() {
-        200
-    } else {
-        500
-    };
+    let status = run_result_status(&outcome);
     let headers = [
         ("Content-Type", "application/json".to_string()),
         ("X-Run-Id", run.id.clone()),
     ];
-    let sent = StreamWriter::start(request, status, &headers).and_then(|mut out| {
+    let sent = ChunkedResponse::start(request, status, &headers).and_then(|mut out| {
         let mut body = Batcher::new(&mut out);
         write_result(&mut body, run, log, &outcome, app.config.max_output_bytes)?;
         body.flush()?;
@@ -167,10 +185,11 @@ pub fn send_result(app: &App, request: tiny_http::Request, run: &Arc<Run>, log: 
 /// Sends the stored bytes (one stream or both interleaved) as a text attachment.
 pub fn send_download(
     request: tiny_http::Request,
+    status: HttpStatus,
     run: &Run,
     log: &RunLog,
     stream: Option<Stream>,
-) -> u16 {
+) -> HttpStatus {
     let name = match stream {
         Some(s) => format!("{}.{}.log", run.id, s.name()),
         None => format!("{}.log", run.id),
@@ -183,7 +202,7 @@ pub fn send_download(
         ),
         ("X-Run-Id", run.id.clone()),
     ];
-    let sent = StreamWriter::start(request, 200, &headers).and_then(|mut out| {
+    let sent = ChunkedResponse::start(request, status, &headers).and_then(|mut out| {
         if out.head_only() {
             return Ok(());
         }
@@ -196,23 +215,24 @@ pub fn send_download(
     if let Err(e) = sent {
         log::debug!("download of {} not delivered: {e}", run.id);
     }
-    200
+    status
 }
 
 /// Sends `{"success", "run_id", "truncated", "logs": [...]}` for `GET /api/runs/{id}/logs`,
 /// each line written as it is read from the log file.
 pub fn send_lines(
     request: tiny_http::Request,
+    status: HttpStatus,
     run: &Run,
     log: &RunLog,
     query: &LineQuery,
     count: &LineCount,
-) -> u16 {
+) -> HttpStatus {
     let headers = [
         ("Content-Type", "application/json".to_string()),
         ("X-Run-Id", run.id.clone()),
     ];
-    let sent = StreamWriter::start(request, 200, &headers).and_then(|mut out| {
+    let sent = ChunkedResponse::start(request, status, &headers).and_then(|mut out| {
         if out.head_only() {
             return Ok(());
         }
@@ -252,5 +272,5 @@ pub fn send_lines(
     if let Err(e) = sent {
         log::debug!("lines of {} not delivered: {e}", run.id);
     }
-    200
+    status
 }

@@ -1,0 +1,262 @@
+//! The server process: dispatches the helper and client sub-commands, reads the configuration,
+//! prepares the state directory and the runbooks, binds the socket and serves. Exit status 2
+//! for a bad configuration.
+#![forbid(unsafe_code)]
+
+use std::collections::HashMap;
+use std::io::Write;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use crate::app::App;
+use crate::config::Config;
+use crate::{
+    auth, catalog, cgroup, cli, config, fault, http, lifecycle, metrics, privsep, retention, run,
+    samples, stages, state_lock, supervisor, sys,
+};
+
+/// Why the server could not start.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+enum StartError {
+    #[error("{0}: {1}")]
+    Io(&'static str, #[source] std::io::Error),
+    #[error("runbooks directory: {0}")]
+    Catalog(#[source] catalog::CatalogError),
+    #[error("cannot listen: {0}")]
+    Listen(String),
+    #[error("RUN_CGROUP: {0}")]
+    Cgroup(#[source] cgroup::CgroupError),
+    #[error("STATE_DIR: {0}")]
+    StateDir(#[source] state_lock::StateLockError),
+}
+
+/// The whole program: `args` are the process arguments after the program name.
+pub fn main(raw: Vec<std::ffi::OsString>) -> ExitCode {
+    if raw
+        .first()
+        .is_some_and(|a| a == supervisor::CHILD_HELPER_ARG)
+    {
+        let code = supervisor::child_helper_main(&raw[1..]);
+        return ExitCode::from(u8::try_from(code).unwrap_or(1));
+    }
+    if raw.first().is_some_and(|a| a == privsep::CLEAN_HELPER_ARG) {
+        let code = privsep::clean_helper_main(&raw[1..]);
+        return ExitCode::from(u8::try_from(code).unwrap_or(1));
+    }
+    let args: Vec<String> = raw
+        .iter()
+        .map(|a| a.to_string_lossy().into_owned())
+        .collect();
+    if args.first().is_some_and(|a| cli::handles(a)) {
+        return cli::main(&args);
+    }
+    if args.iter().any(|a| a == "--help" || a == "-h") {
+        print!("{}", config::help_text());
+        return ExitCode::SUCCESS;
+    }
+    if let Some(unknown) = args.first() {
+        eprintln!("runbookd: unknown argument {unknown:?}; see runbookd --help");
+        return ExitCode::from(2);
+    }
+    // Before anything else: a script of the same user must not read our environment (the
+    // secret), memory or descriptors through /proc, nor ptrace us.
+    if let Err(e) = sys::make_non_dumpable() {
+        eprintln!("runbookd: cannot make the process non-dumpable: {e}");
+        return ExitCode::FAILURE;
+    }
+    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info")).init();
+    stages::init();
+    fault::install_panic_hook();
+    let config = match Config::from_lookup(&|name| std::env::var(name).ok()) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("runbookd: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    let run_as = match config.run_as_user.as_deref().map(privsep::prepare) {
+        None => None,
+        Some(Ok(run_as)) => Some(run_as),
+        Some(Err(e)) => {
+            eprintln!("runbookd: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    match start(config, run_as) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("runbookd: {e}");
+            // A STATE_DIR another instance uses is a configuration error, like a bad setting.
+            match e {
+                StartError::StateDir(state_lock::StateLockError::InUse) => ExitCode::from(2),
+                _ => ExitCode::FAILURE,
+            }
+        }
+    }
+}
+
+/// Waits for SIGTERM/SIGINT on its own thread; then stops new work and wakes the accept loop.
+fn watch_termination(app: Arc<App>, current: Arc<Mutex<Option<Arc<tiny_http::Server>>>>) {
+    let spawned = std::thread::Builder::new()
+        .name("signals".into())
+        .spawn(move || {
+            let signal = sys::wait_termination_signal();
+            log::info!("signal {signal:?} received: shutting down");
+            app.shutting_down.store(true, Ordering::SeqCst);
+            if let Ok(slot) = current.lock() {
+                if let Some(server) = slot.as_ref() {
+                    server.unblock();
+                }
+            }
+        });
+    if let Err(e) = spawned {
+        log::error!("cannot watch for termination signals: {e}");
+    }
+}
+
+fn start(config: Config, run_as: Option<privsep::RunAs>) -> Result<(), StartError> {
+    sys::block_termination_signals().map_err(|e| StartError::Io("cannot set up signals", e))?;
+    sys::ignore_file_size_signal().map_err(|e| StartError::Io("cannot set up signals", e))?;
+    let secret = match &config.jwt_secret {
+        Some(s) => s.clone().into_bytes(),
+        None => {
+            log::warn!("ENABLE_LOGIN=true without JWT_SECRET: using a random secret; tokens end with this process");
+            auth::random_secret()
+                .map_err(|e| StartError::Io("cannot generate a secret", e))?
+                .into_bytes()
+        }
+    };
+    let runs_dir = config.state_dir.join("runs");
+    std::fs::create_dir_all(&runs_dir).map_err(|e| StartError::Io("cannot create STATE_DIR", e))?;
+    // Held until the server has stopped: nothing below may touch another instance's runs.
+    let _state_lock = state_lock::acquire(&config.state_dir).map_err(StartError::StateDir)?;
+    if let Err(e) = privsep::lock_state_dir(&config.state_dir, run_as) {
+        if run_as.is_some() {
+            return Err(StartError::Io("STATE_DIR", e));
+        }
+        log::warn!("cannot make STATE_DIR private (mode 0700): {e}");
+    }
+    std::fs::create_dir_all(&config.execution_dir)
+        .map_err(|e| StartError::Io("cannot create EXECUTION_DIR", e))?;
+    let runbooks_dir: PathBuf = match &config.runbooks_dir {
+        Some(dir) => dir.clone(),
+        None => {
+            let dest = config.state_dir.join("samples");
+            samples::install(&dest).map_err(|e| StartError::Io("cannot install the samples", e))?;
+            dest
+        }
+    };
+    let catalog = catalog::Catalog::open(&runbooks_dir)
+        .map_err(StartError::Catalog)?
+        .with_max_bytes(config.runbook_max_bytes);
+    let nofile_soft = match sys::raise_nofile_limit() {
+        Ok(soft) => Some(soft),
+        Err(e) => {
+            log::warn!("cannot raise the descriptor limit: {e}");
+            None
+        }
+    };
+    let run_cgroups = match cgroup::select(&config.run_cgroup) {
+        Ok(cgroup::Selection::Use(parent)) => {
+            log::info!("runs get their own cgroup under {}", parent.dir().display());
+            Some(parent)
+        }
+        Ok(cgroup::Selection::Off(why)) => {
+            log::warn!("runs are not placed in cgroups ({why}): a process that leaves its run's process group (setsid) can outlive the run");
+            None
+        }
+        Err(e) => return Err(StartError::Cgroup(e)),
+    };
+    let server_env: HashMap<String, String> = std::env::vars().collect();
+    let withheld = config.withheld_env_names();
+    let script_base_env = server_env
+        .iter()
+        .filter(|(name, _)| !withheld.contains(name))
+        .map(|(n, v)| (n.clone(), v.clone()))
+        .collect();
+    let addr = SocketAddr::new(config.bind_address, config.api_port);
+    let listener = http::bind(addr, config.viewer_stall, config.request_timeout)
+        .map_err(|e| StartError::Listen(format!("{addr}: {e}")))?;
+    let local = listener
+        .local_addr()
+        .map_err(|e| StartError::Listen(e.to_string()))?;
+    let app = Arc::new(App {
+        config,
+        secret,
+        catalog,
+        runs: run::Registry::default(),
+        metrics: metrics::Metrics::default(),
+        server_env,
+        script_base_env,
+        nofile_soft,
+        port: local.port(),
+        runs_dir,
+        shutting_down: AtomicBool::new(false),
+        run_cgroups,
+        retention: retention::Retention::default(),
+        run_as,
+    });
+    lifecycle::recover(&app);
+    app.retention.start(&app);
+    lifecycle::start_retention_thread(app.clone());
+    let current = Arc::new(Mutex::new(None::<Arc<tiny_http::Server>>));
+    watch_termination(app.clone(), current.clone());
+    println!("listening on http://{local}");
+    let _ = std::io::stdout().flush();
+    log::info!("serving runbooks from {}", app.catalog.root().display());
+    let mut listener = Some(listener);
+    let mut backoff = Duration::from_millis(100);
+    while !app.is_shutting_down() {
+        // tiny_http's accept loop ends for good on an accept error (EMFILE, ...); bind again.
+        let bound = match listener.take() {
+            Some(l) => Ok(l),
+            None => http::bind(local, app.config.viewer_stall, app.config.request_timeout),
+        };
+        let server = match bound
+            .map_err(|e| e.to_string())
+            .and_then(|l| tiny_http::Server::from_listener(l, None).map_err(|e| e.to_string()))
+        {
+            Ok(server) => Arc::new(server),
+            Err(e) => {
+                log::error!("cannot listen on {local} again: {e}; retrying in {backoff:?}");
+                std::thread::sleep(backoff);
+                backoff = (backoff * 2).min(Duration::from_secs(5));
+                continue;
+            }
+        };
+        if let Ok(mut slot) = current.lock() {
+            *slot = Some(server.clone());
+        }
+        if app.is_shutting_down() {
+            break;
+        }
+        let served_since = Instant::now();
+        if let Err(e) = http::serve(&app, &server, local) {
+            if !app.is_shutting_down() {
+                log::error!("accepting connections failed: {e}; listening again");
+            }
+        }
+        // Stop accepting: the last reference to the server closes the listener.
+        if let Ok(mut slot) = current.lock() {
+            *slot = None;
+        }
+        drop(server);
+        if app.is_shutting_down() {
+            break;
+        }
+        if served_since.elapsed() > Duration::from_secs(10) {
+            backoff = Duration::from_millis(100);
+        } else {
+            std::thread::sleep(backoff);
+            backoff = (backoff * 2).min(Duration::from_secs(5));
+        }
+    }
+    lifecycle::stop_runs(&app);
+    log::info!("stopped");
+    Ok(())
+}
