@@ -1,5 +1,7 @@
 //! GET /api/config, GET /metrics and GET /docs/openapi.yaml.
 
+use std::time::Duration;
+
 use serde_json::{json, Value};
 
 use crate::util::*;
@@ -80,12 +82,21 @@ fn metrics_count_requests_and_runs() {
         server.execute("Bad.md", &dev_token(), json!({})).status,
         500
     );
-    let resp = server.get("/metrics", None);
-    assert_eq!(resp.status, 200);
-    assert!(resp
-        .header("Content-Type")
-        .is_some_and(|c| c.starts_with("text/plain")));
-    let text = resp.text();
+    // A request is counted once its response is written, so the last execute's count may
+    // trail its answer by a moment: read until it shows (or the bound runs out).
+    let read_metrics = || {
+        let resp = server.get("/metrics", None);
+        assert_eq!(resp.status, 200);
+        assert!(resp
+            .header("Content-Type")
+            .is_some_and(|c| c.starts_with("text/plain")));
+        resp.text()
+    };
+    let mut text = read_metrics();
+    wait_until(Duration::from_secs(10), || {
+        text = read_metrics();
+        sample_total(&text, |name| name.contains("request")) >= 4.0
+    });
     assert!(text.contains("# TYPE"), "Prometheus text format: {text}");
     let started = sample_total(&text, |name| name.contains("run") && name.contains("start"));
     assert!(started >= 3.0, "runs started counter >= 3: {text}");
