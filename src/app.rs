@@ -41,6 +41,10 @@ pub struct App {
     pub retention: Retention,
     /// The user scripts run as (`RUN_AS_USER`); None: runbookd's own.
     pub run_as: Option<RunAs>,
+    /// Finished run directories kept for the next runs.
+    pub spare_dirs: std::sync::Arc<crate::execute::SpareDirs>,
+    /// Empty files made ahead for the next runs' logs and records.
+    pub spare_files: std::sync::Arc<crate::spare_files::SpareFiles>,
 }
 
 impl App {

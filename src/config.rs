@@ -122,7 +122,7 @@ pub const SETTINGS: &[Setting] = &[
     ranged(
         "HISTORY_MAX_ENTRIES",
         "100",
-        "history entries kept per runbook",
+        "history entries kept per runbook (past it, trimmed to 90 % at once)",
         1,
         1_000_000,
     ),

@@ -185,6 +185,13 @@ fn start(config: Config, run_as: Option<privsep::RunAs>) -> Result<(), StartErro
     let local = listener
         .local_addr()
         .map_err(|e| StartError::Listen(e.to_string()))?;
+    // Spares a stopped server left are removed; with RUN_AS_USER none are kept.
+    let spare_dirs = Arc::new(crate::execute::SpareDirs::new(
+        &config.execution_dir,
+        &config.instance_id,
+        run_as.is_none(),
+    ));
+    let spare_files = crate::spare_files::SpareFiles::start(&runs_dir, &config.instance_id);
     let app = Arc::new(App {
         config,
         secret,
@@ -199,6 +206,8 @@ fn start(config: Config, run_as: Option<privsep::RunAs>) -> Result<(), StartErro
         shutting_down: AtomicBool::new(false),
         run_cgroups,
         retention: retention::Retention::default(),
+        spare_dirs,
+        spare_files,
         run_as,
     });
     lifecycle::recover(&app);

@@ -2,12 +2,14 @@
 //! This root holds the request, the error that refuses a start, and admission (`start`); the
 //! steps live in one file each: `claims` (RBAC and the refusal's History entry), `launch`
 //! (log, validation, record, token, environment, spawn, run thread), `workdir` (the run's
-//! directories, inputs and script file) and `conclude` (record, History, metrics, audit line).
+//! directories, inputs and script file), `spare_dirs` (finished run directories kept for the
+//! next runs) and `conclude` (record, History, metrics, audit line).
 #![forbid(unsafe_code)]
 
 mod claims;
 mod conclude;
 mod launch;
+mod spare_dirs;
 mod workdir;
 
 use std::cell::Cell;
@@ -26,6 +28,7 @@ use crate::runenv::RequestVars;
 
 pub use claims::{authorize, check_claims};
 pub use conclude::write_history;
+pub use spare_dirs::SpareDirs;
 pub use workdir::remove_leftover_dirs;
 
 use conclude::{conclude_after_panic, Progress};

@@ -234,14 +234,21 @@ fn is_refusal_heading(line: &[u8]) -> bool {
     parts.len() == 2 && parts[1].trim() == refused
 }
 
-/// Drops entries from the History section of `content` so that at most `max_entries` remain:
-/// refusals first (oldest first), then the oldest of the others, so that refused requests can
-/// never push a run's entry out. Returns whether anything was dropped.
+/// The size a full History is trimmed down to: a tenth below its maximum, so that the next
+/// appends (about a tenth of the maximum) go in place instead of each rewriting the whole file.
+fn low_water(max: usize) -> usize {
+    max - max / 10
+}
+
+/// Drops entries from the History section of `content` once more than `max_entries` are there,
+/// down to [`low_water`] of it: refusals first (oldest first), then the oldest of the others, so
+/// that refused requests can never push a run's entry out. Returns whether anything was dropped.
 fn trim_entries(content: &mut Vec<u8>, max_entries: usize) -> bool {
     let headed = entry_spans(content);
     if headed.len() <= max_entries {
         return false;
     }
+    let max_entries = low_water(max_entries);
     // An entry owns the blank line before its heading (entries are written starting with one),
     // so dropping the newest one leaves no stray blank line behind.
     let owned_start = |start: usize| {
@@ -312,8 +319,9 @@ pub fn headings_only(content: &str) -> String {
     String::from_utf8_lossy(&out).into_owned()
 }
 
-/// Drops the oldest History entries, never the newest, until `updated` fits in `max_bytes`;
-/// whether it dropped any.
+/// Once `updated` is larger than `max_bytes`, drops the oldest History entries, never the
+/// newest, until it fits in [`low_water`] of `max_bytes` (or, where the newest entry alone is
+/// too large for that, in `max_bytes`); whether it dropped any.
 fn trim_to_size(updated: &mut Vec<u8>, max_bytes: u64) -> Result<bool, HistoryError> {
     let len = updated.len() as u64;
     if len <= max_bytes {
@@ -325,11 +333,15 @@ fn trim_to_size(updated: &mut Vec<u8>, max_bytes: u64) -> Result<bool, HistoryEr
     let Some(&first) = history.entry_starts.first() else {
         return Err(HistoryError::TooLarge { max: max_bytes });
     };
+    let low = u64::try_from(low_water(usize::try_from(max_bytes).unwrap_or(usize::MAX)))
+        .unwrap_or(max_bytes);
     // The newest entry (the last) is never dropped to make room: without it, nothing is written.
-    for &kept_from in history.entry_starts.iter().skip(1) {
-        if len - (kept_from - first) as u64 <= max_bytes {
-            updated.drain(first..kept_from);
-            return Ok(true);
+    for target in [low, max_bytes] {
+        for &kept_from in history.entry_starts.iter().skip(1) {
+            if len - (kept_from - first) as u64 <= target {
+                updated.drain(first..kept_from);
+                return Ok(true);
+            }
         }
     }
     Err(HistoryError::TooLarge { max: max_bytes })
@@ -620,9 +632,11 @@ mod tests {
             append(&file.path(), entry, 100, max).unwrap();
             assert!(file.content().len() as u64 <= max);
         }
+        // Each trim goes down to 90 % of the limit, which holds two of these entries: the
+        // fourth entry made it trim to two, the fifth fitted, and so on.
         assert_eq!(
             file.content(),
-            format!("{preamble}{}", entries[7..].concat())
+            format!("{preamble}{}", entries[8..].concat())
         );
         // An entry that cannot fit even alone is refused and changes nothing.
         let huge = entry_text(Some("huge"), &"y".repeat(max as usize), "");
@@ -632,7 +646,38 @@ mod tests {
         ));
         assert_eq!(
             file.content(),
-            format!("{preamble}{}", entries[7..].concat())
+            format!("{preamble}{}", entries[8..].concat())
+        );
+    }
+
+    #[test]
+    fn a_full_history_is_trimmed_by_a_tenth_so_the_next_appends_go_in_place() {
+        use std::os::unix::fs::MetadataExt;
+        let preamble = "# R\n# History\n";
+        let file = TempFile::with(preamble);
+        let entries: Vec<String> = (0..23)
+            .map(|i| entry_text(Some(&format!("run-{i}")), &format!("{i}\n"), ""))
+            .collect();
+        let inode = || fs::metadata(file.path()).unwrap().ino();
+        for entry in &entries[..20] {
+            append(&file.path(), entry, 20, MAX).unwrap();
+        }
+        let before = inode();
+        // The 21st is one too many: the file is rewritten with the newest 18.
+        append(&file.path(), &entries[20], 20, MAX).unwrap();
+        assert_ne!(inode(), before);
+        assert_eq!(
+            file.content(),
+            format!("{preamble}{}", entries[3..21].concat())
+        );
+        // The next two fit: appended in place, the file is the same one.
+        let rewritten = inode();
+        append(&file.path(), &entries[21], 20, MAX).unwrap();
+        append(&file.path(), &entries[22], 20, MAX).unwrap();
+        assert_eq!(inode(), rewritten);
+        assert_eq!(
+            file.content(),
+            format!("{preamble}{}", entries[3..].concat())
         );
     }
 

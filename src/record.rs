@@ -137,6 +137,26 @@ pub fn log_path(runs_dir: &Path, run_id: &str) -> PathBuf {
     runs_dir.join(format!("{run_id}.log"))
 }
 
+/// Writes a new run's first record like [`save`], into `spare` (an empty file of the runs
+/// directory that is the caller's, see `spare_files`) instead of a new temporary file, when
+/// one is given.
+pub fn save_new(runs_dir: &Path, record: &RunRecord, spare: Option<PathBuf>) -> io::Result<()> {
+    if let Some(spare) = spare {
+        let path = record_path(runs_dir, &record.run_id);
+        let text = serde_json::to_vec_pretty(record).map_err(io::Error::other)?;
+        let written = fs::File::options()
+            .write(true)
+            .open(&spare)
+            .and_then(|mut file| std::io::Write::write_all(&mut file, &text))
+            .and_then(|()| fs::rename(&spare, &path));
+        if written.is_ok() {
+            return Ok(());
+        }
+        let _ = fs::remove_file(&spare);
+    }
+    save(runs_dir, record)
+}
+
 /// Writes the record atomically (temp file + rename).
 pub fn save(runs_dir: &Path, record: &RunRecord) -> io::Result<()> {
     let path = record_path(runs_dir, &record.run_id);

@@ -9,6 +9,8 @@ use std::os::unix::fs::{FileTypeExt, MetadataExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
+use crate::path_lock::{self, PathLock};
+
 /// The longest a History writer waits for the sidecar lock. Writers hold it for the time of
 /// one read and one write, so only someone else holding it on purpose makes this run out.
 pub const LOCK_WAIT: Duration = Duration::from_secs(10);
@@ -97,7 +99,10 @@ pub fn open(path: &Path, append: bool, max: u64) -> Result<File, FileError> {
 
 /// Reads at most `max` bytes; a file that has grown past them (or never ends) is TooLarge.
 pub fn read_bounded(file: &File, max: u64) -> Result<Vec<u8>, FileError> {
-    let mut bytes = Vec::new();
+    // Room for the whole file as it is now (and one more byte, to see it grew past `max`), so
+    // that it is read in one call instead of in doubling pieces.
+    let size = file.metadata().map_or(0, |m| m.len()).min(max);
+    let mut bytes = Vec::with_capacity(usize::try_from(size).unwrap_or(0).saturating_add(1));
     file.take(max.saturating_add(1))
         .read_to_end(&mut bytes)
         .map_err(FileError::Io)?;
@@ -127,18 +132,22 @@ pub fn lock_path(path: &Path) -> PathBuf {
     path.with_file_name(format!(".{name}.lock"))
 }
 
-/// A held sidecar lock; released when dropped.
+/// A held sidecar lock; released when dropped (the file lock first, then this process's turn).
 #[derive(Debug)]
 pub struct Lock {
     _file: File,
+    _turn: PathLock,
 }
 
 /// Takes the sidecar lock of the runbook at `path`, shared (readers) or exclusive (writers),
 /// waiting at most `wait`. The runbook itself is never locked, so nothing a script does to it
-/// can block the server; a sidecar replaced while it was being locked is locked again.
+/// can block the server; a sidecar replaced while it was being locked is locked again. The
+/// threads of this server queue for their turn in memory first (`path_lock`: woken, not
+/// polling, writers first), so only another process holding the file lock makes this poll.
 pub fn lock(path: &Path, exclusive: bool, wait: Duration) -> Result<Lock, FileError> {
     let sidecar = lock_path(path);
-    let deadline = Instant::now() + wait;
+    let deadline = crate::clock::instant_after(wait);
+    let turn = path_lock::acquire(&sidecar, exclusive, deadline).ok_or(FileError::Busy)?;
     loop {
         let file = OpenOptions::new()
             .read(true)
@@ -170,7 +179,10 @@ pub fn lock(path: &Path, exclusive: bool, wait: Duration) -> Result<Lock, FileEr
         // Someone may have removed or replaced the sidecar meanwhile: a lock on a file nobody
         // else can open any more orders nothing.
         if still_at(&file, &sidecar)? {
-            return Ok(Lock { _file: file });
+            return Ok(Lock {
+                _file: file,
+                _turn: turn,
+            });
         }
         if Instant::now() >= deadline {
             return Err(FileError::Busy);

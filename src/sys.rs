@@ -1,6 +1,6 @@
 //! The system calls std does not offer (process-group signals, waiting without reaping,
-//! descriptor limits, socket options, poll, dumpability, signal masks, user lookup and the
-//! switch to the script user), as thin, checked wrappers. Most go through `nix` and `socket2`;
+//! descriptor limits, socket options, poll, dumpability, signal masks, user lookup, renaming
+//! without replacing, and the switch to the script user), as thin, checked wrappers. Most go through `nix` and `socket2`;
 //! the few they do not cover (resetting a signal disposition, `poll` on raw descriptors, the
 //! ambient capability set, `capset`) are the only `unsafe` in runbookd, each with its SAFETY
 //! comment. Every function returns `io::Result` built from `errno`; callers never see raw
@@ -180,6 +180,19 @@ pub fn exec_script_interpreter(
 /// process of another user). Children get the flag back at `execve`, so this covers only us.
 pub fn make_non_dumpable() -> io::Result<()> {
     Ok(nix::sys::prctl::set_dumpable(false)?)
+}
+
+/// Renames `from` to `to` unless `to` exists (`renameat2` with `RENAME_NOREPLACE`): then
+/// `AlreadyExists`, and nothing changed.
+pub fn rename_no_replace(from: &std::path::Path, to: &std::path::Path) -> io::Result<()> {
+    use nix::fcntl::{renameat2, RenameFlags, AT_FDCWD};
+    Ok(renameat2(
+        AT_FDCWD,
+        from,
+        AT_FDCWD,
+        to,
+        RenameFlags::RENAME_NOREPLACE,
+    )?)
 }
 
 /// The effective user id.

@@ -110,12 +110,14 @@ pub(super) fn launch(
 /// Creates the run's log file.
 fn create_log(app: &App, run_id: &str) -> Result<(RunLog, PathBuf), ExecError> {
     let log_path = record::log_path(&app.runs_dir, run_id);
-    let log = RunLog::create(
+    let file = crate::spare_files::create_appendable(Some(&app.spare_files), &log_path)
+        .map_err(|e| ExecError::Unavailable(format!("{NO_ROOM}: cannot create its log: {e}")))?;
+    let log = RunLog::in_new_file(
         &log_path,
+        file,
         usize::try_from(app.config.history_output_bytes).unwrap_or(usize::MAX),
         app.config.run_log_max_bytes,
-    )
-    .map_err(|e| ExecError::Unavailable(format!("{NO_ROOM}: cannot create its log: {e}")))?;
+    );
     Ok((log, log_path))
 }
 
@@ -195,7 +197,7 @@ fn prepare_record(
         history_error: None,
         script_started: Some(false),
     };
-    if let Err(e) = record::save(&app.runs_dir, &record) {
+    if let Err(e) = record::save_new(&app.runs_dir, &record, app.spare_files.take()) {
         drop(log);
         let _ = fs::remove_file(&log_path);
         return Err(ExecError::Unavailable(format!(
@@ -219,7 +221,13 @@ fn prepare_work_dir(
     run_id: &str,
     before: &RunBeforeScript,
 ) -> Result<Option<RunDirs>, ExecError> {
-    let work = RunDirs::create(&app.config.execution_dir, run_id, app.run_as).map_err(|e| {
+    let work = RunDirs::create(
+        &app.config.execution_dir,
+        run_id,
+        app.run_as,
+        &app.spare_dirs,
+    )
+    .map_err(|e| {
         before.refused(&e);
         ExecError::Unavailable(format!("cannot create the working directory: {e}"))
     })?;

@@ -5,12 +5,15 @@
 
 use std::cell::Cell;
 use std::fs;
-use std::io;
+use std::io::{self, Write};
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use crate::app::App;
 use crate::privsep::{self, RunAs};
 use crate::runbook::Runbook;
+
+use super::spare_dirs::{Modes, SpareDirs};
 
 /// A run's directories: `<EXECUTION_DIR>/runbookd-<run id>/` holding the script file and the
 /// working directory `work/` the script runs in. With `RUN_AS_USER` the root stays runbookd's
@@ -23,6 +26,9 @@ pub(super) struct RunDirs {
     pub(super) script: PathBuf,
     run_as: Option<RunAs>,
     removed: Cell<bool>,
+    /// Where the directories go when the run is over, if they may be kept as a spare, and
+    /// their modes when they were made.
+    recycle: Option<(Arc<SpareDirs>, Modes)>,
 }
 
 impl Drop for RunDirs {
@@ -42,21 +48,48 @@ impl RunDirs {
             root,
             run_as,
             removed: Cell::new(false),
+            recycle: None,
         }
     }
 
-    /// Creates them (empty).
+    /// Creates them (empty), or takes a spare (whose `work/` is empty and whose script file is
+    /// overwritten by `prepare`).
     pub(super) fn create(
         execution_dir: &Path,
         run_id: &str,
         run_as: Option<RunAs>,
+        spares: &Arc<SpareDirs>,
     ) -> io::Result<RunDirs> {
-        let dirs = RunDirs::at(execution_dir, run_id, run_as);
-        if let Err(e) = fs::create_dir_all(&dirs.cwd) {
-            // Nothing of ours to remove, or only what `remove_dir_all` may not touch.
-            dirs.removed.set(true);
-            return Err(e);
+        let mut dirs = RunDirs::at(execution_dir, run_id, run_as);
+        if !spares.enabled() {
+            if let Err(e) = fs::create_dir_all(&dirs.cwd) {
+                // Nothing of ours to remove, or only what `remove_dir_all` may not touch.
+                dirs.removed.set(true);
+                return Err(e);
+            }
+            return Ok(dirs);
         }
+        let modes = match spares.take(&dirs.root) {
+            Some(modes) => Some(modes),
+            None => {
+                let made = fs::create_dir_all(&dirs.cwd).and_then(|()| {
+                    fs::OpenOptions::new()
+                        .write(true)
+                        .create_new(true)
+                        .open(&dirs.script)
+                });
+                if let Err(e) = made {
+                    dirs.removed.set(true);
+                    if e.kind() == io::ErrorKind::AlreadyExists || dirs.root.exists() {
+                        // Only what this call made is there: leave nothing behind.
+                        let _ = fs::remove_dir_all(&dirs.root);
+                    }
+                    return Err(e);
+                }
+                Modes::of(&dirs.root, &dirs.cwd, &dirs.script)
+            }
+        };
+        dirs.recycle = modes.map(|modes| (spares.clone(), modes));
         Ok(dirs)
     }
 
@@ -72,6 +105,11 @@ impl RunDirs {
     pub(super) fn remove(&self) {
         if self.removed.replace(true) {
             return;
+        }
+        if let Some((spares, made)) = &self.recycle {
+            if spares.give_back(&self.root, &self.cwd, &self.script, *made) {
+                return;
+            }
         }
         if let Some(run_as) = self.run_as {
             // What the script made in `work/` is the script user's: emptied as that user.
@@ -111,7 +149,14 @@ pub(super) fn prepare(app: &App, book: &Runbook, dirs: &RunDirs, script: &str) -
             .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidInput, "input has no name"))?;
         copy_tree(&source, &dirs.cwd.join(name))?;
     }
-    fs::write(&dirs.script, script)
+    // A spare's script file is overwritten and cut to length: no new file, no freed block.
+    let mut file = fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .open(&dirs.script)?;
+    file.write_all(script.as_bytes())?;
+    file.set_len(script.len() as u64)
 }
 
 /// Copies a file or a directory tree; symbolic links inside are skipped.

@@ -13,6 +13,8 @@ pub struct ChunkedResponse {
     socket: Box<dyn Write + Send>,
     chunked: bool,
     head_only: bool,
+    /// Bytes not written yet: only for a response started with [`ChunkedResponse::start_held`].
+    held: Option<Vec<u8>>,
 }
 
 impl ChunkedResponse {
@@ -23,6 +25,20 @@ impl ChunkedResponse {
         status: HttpStatus,
         headers: &[(&str, String)],
     ) -> io::Result<ChunkedResponse> {
+        let mut writer = ChunkedResponse::start_held(request, status, headers);
+        writer.write_held()?;
+        writer.held = None;
+        Ok(writer)
+    }
+
+    /// Like [`ChunkedResponse::start`], for an answer that is complete when it is written (a
+    /// result, not a stream): the head and the batches are held and go out together, in one
+    /// write, at [`ChunkedResponse::finish`] (or once they pass a batch's size).
+    pub fn start_held(
+        request: tiny_http::Request,
+        status: HttpStatus,
+        headers: &[(&str, String)],
+    ) -> ChunkedResponse {
         let http10 = *request.http_version() == tiny_http::HTTPVersion(1, 0);
         let head_only = *request.method() == tiny_http::Method::Head;
         let socket = request.into_writer();
@@ -30,6 +46,7 @@ impl ChunkedResponse {
             socket,
             chunked: !http10,
             head_only,
+            held: Some(Vec::new()),
         };
         let mut head = format!("HTTP/1.1 {} {}\r\n", status.code(), status.reason());
         for (name, value) in headers {
@@ -44,9 +61,17 @@ impl ChunkedResponse {
             head.push_str("Connection: close\r\n");
         }
         head.push_str("\r\n");
-        writer.socket.write_all(head.as_bytes())?;
-        writer.socket.flush()?;
-        Ok(writer)
+        writer.held = Some(head.into_bytes());
+        writer
+    }
+
+    /// Writes and flushes what is held.
+    fn write_held(&mut self) -> io::Result<()> {
+        if let Some(held) = &mut self.held {
+            self.socket.write_all(held)?;
+            held.clear();
+        }
+        self.socket.flush()
     }
 
     /// True for a `HEAD` request: the head is all there is to send.
@@ -59,24 +84,42 @@ impl ChunkedResponse {
         if batch.is_empty() || self.head_only {
             return Ok(());
         }
-        if self.chunked {
-            let mut framed = Vec::with_capacity(batch.len() + 16);
-            framed.extend_from_slice(format!("{:x}\r\n", batch.len()).as_bytes());
-            framed.extend_from_slice(batch);
-            framed.extend_from_slice(b"\r\n");
-            self.socket.write_all(&framed)?;
-        } else {
-            self.socket.write_all(batch)?;
+        if let Some(held) = &mut self.held {
+            frame_into(held, batch, self.chunked);
+            if held.len() < BATCH {
+                return Ok(());
+            }
+            return self.write_held();
         }
+        let mut framed = Vec::with_capacity(batch.len() + 16);
+        frame_into(&mut framed, batch, self.chunked);
+        self.socket.write_all(&framed)?;
         self.socket.flush()
     }
 
     /// Ends the body.
     pub fn finish(mut self) -> io::Result<()> {
-        if self.chunked && !self.head_only {
-            self.socket.write_all(b"0\r\n\r\n")?;
+        let end: &[u8] = if self.chunked && !self.head_only {
+            b"0\r\n\r\n"
+        } else {
+            b""
+        };
+        match &mut self.held {
+            Some(held) => held.extend_from_slice(end),
+            None => self.socket.write_all(end)?,
         }
-        self.socket.flush()
+        self.write_held()
+    }
+}
+
+/// Appends `batch` to `out` as one HTTP chunk (or as it is, without chunked framing).
+fn frame_into(out: &mut Vec<u8>, batch: &[u8], chunked: bool) {
+    if chunked {
+        out.extend_from_slice(format!("{:x}\r\n", batch.len()).as_bytes());
+        out.extend_from_slice(batch);
+        out.extend_from_slice(b"\r\n");
+    } else {
+        out.extend_from_slice(batch);
     }
 }
 

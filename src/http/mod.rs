@@ -1,7 +1,7 @@
 //! The HTTP front: binds the listening socket (with the viewer stall timeout set on it), hands
-//! it to tiny_http, and serves each request on its own thread: route, handle, answer, and one
-//! access line. Which status an answer gets is decided in `error.rs` (failures) and
-//! `reply.rs` (successes) only.
+//! it to tiny_http, and serves each request on its own thread (`workers`: a thread that has
+//! answered waits for the next request): route, handle, answer, and one access line. Which
+//! status an answer gets is decided in `error.rs` (failures) and `reply.rs` (successes) only.
 #![forbid(unsafe_code)]
 
 pub mod chunked_response;
@@ -14,6 +14,7 @@ pub mod request;
 pub mod router;
 pub mod run_output;
 pub mod runs;
+pub mod workers;
 
 use std::io;
 use std::net::{SocketAddr, TcpListener};
@@ -69,6 +70,7 @@ pub fn bind(
 /// listener. So while idle, the listening address is probed: a refused connection means the
 /// accept loop is gone and the caller must listen again.
 pub fn serve(app: &Arc<App>, server: &tiny_http::Server, local: SocketAddr) -> io::Result<()> {
+    let workers = workers::Workers::default();
     let mut idle_since = Instant::now();
     loop {
         let Some(request) = server.recv_timeout(LIVENESS_PROBE_EVERY)? else {
@@ -83,10 +85,7 @@ pub fn serve(app: &Arc<App>, server: &tiny_http::Server, local: SocketAddr) -> i
         };
         idle_since = Instant::now();
         let app = app.clone();
-        let spawned = std::thread::Builder::new()
-            .name("http".into())
-            .spawn(move || handle(&app, request));
-        if let Err(e) = spawned {
+        if let Err(e) = workers.run(move || handle(&app, request)) {
             log::error!("cannot start a request thread: {e}");
         }
     }

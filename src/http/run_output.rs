@@ -168,12 +168,13 @@ pub fn send_result(
         ("Content-Type", "application/json".to_string()),
         ("X-Run-Id", run.id.clone()),
     ];
-    let sent = ChunkedResponse::start(request, status, &headers).and_then(|mut out| {
+    let mut out = ChunkedResponse::start_held(request, status, &headers);
+    let sent = (|| {
         let mut body = Batcher::new(&mut out);
         write_result(&mut body, run, log, &outcome, app.config.max_output_bytes)?;
         body.flush()?;
         out.finish()
-    });
+    })();
     if let Err(e) = sent {
         log::debug!("result of {} not delivered: {e}", run.id);
     }

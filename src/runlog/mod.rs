@@ -130,6 +130,7 @@ pub struct Totals {
 
 impl RunLog {
     /// Creates the log file (which must not exist yet).
+    #[cfg(test)]
     pub fn create(
         path: &Path,
         excerpt_bytes: usize,
@@ -140,7 +141,22 @@ impl RunLog {
             .append(true)
             .create_new(true)
             .open(path)?;
-        Ok(RunLog {
+        Ok(RunLog::in_new_file(
+            path,
+            file,
+            excerpt_bytes,
+            max_file_bytes,
+        ))
+    }
+
+    /// A new, empty log in `file`, a new empty file at `path` opened for reading and appending.
+    pub fn in_new_file(
+        path: &Path,
+        file: File,
+        excerpt_bytes: usize,
+        max_file_bytes: u64,
+    ) -> RunLog {
+        RunLog {
             path: path.to_path_buf(),
             excerpt_bytes,
             state: Mutex::new(State {
@@ -157,7 +173,7 @@ impl RunLog {
                 end: None,
             }),
             changed: Condvar::new(),
-        })
+        }
     }
 
     /// Opens the log of a run that is over (or was interrupted) for reading. A partial record

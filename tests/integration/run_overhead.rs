@@ -1,7 +1,8 @@
 //! Issue 11's hot path: what the spawn of a script must keep while it is made cheaper (no
 //! signal blocked or ignored, the server's original soft descriptor limit, whatever limit and
 //! ignored signals the server inherited, and a server that inherited SIGHUP ignored keeps
-//! ignoring it), and `RUST_LOG=runbookd::stages=debug` logging each run's stages.
+//! ignoring it), `RUST_LOG=runbookd::stages=debug` logging each run's stages, and finished run
+//! directories reused by the next runs only empty and as they were made.
 
 use std::path::Path;
 use std::process::Command;
@@ -198,4 +199,66 @@ fn stage_timing_logs_every_stage_of_a_run() {
     ] {
         assert!(line.contains(stage), "no {stage:?} in {line}");
     }
+}
+
+/// Runs `Dir.md` once; (its working directory, its inode, what it listed there).
+fn run_in_dir(server: &Server) -> (String, String, String) {
+    let resp = server.execute("Dir.md", &dev_token(), json!({}));
+    assert_eq!(resp.status, 200, "{}", resp.text());
+    let stdout = resp.json()["stdout"]
+        .as_str()
+        .unwrap_or_default()
+        .to_string();
+    let mut lines = stdout.splitn(3, '\n');
+    let pwd = lines.next().unwrap_or_default().to_string();
+    let inode = lines.next().unwrap_or_default().to_string();
+    let listing = lines.next().unwrap_or_default().to_string();
+    (pwd, inode, listing)
+}
+
+#[test]
+fn the_next_run_gets_a_finished_run_directory_emptied_under_its_own_name() {
+    let script = "pwd\nstat -c %i .\nls -A\necho left > left.txt\nmkdir -p sub/deeper && echo x > sub/deeper/f\n";
+    let server = Server::start(ServerOpts::new().runbook("Dir.md", Runbook::new("Dir", script)));
+    let (first_dir, first_inode, first_listing) = run_in_dir(&server);
+    assert_eq!(first_listing, "", "a fresh working directory is empty");
+    let (second_dir, second_inode, second_listing) = run_in_dir(&server);
+    assert_eq!(
+        second_listing, "",
+        "what the first run left is gone: {second_listing:?}"
+    );
+    assert_ne!(first_dir, second_dir, "each run has its own path");
+    assert_eq!(
+        first_inode, second_inode,
+        "the directory itself was reused, not made again"
+    );
+    // Only the spare is left between runs, and no run's name.
+    let names: Vec<String> = std::fs::read_dir(server.exec_dir())
+        .unwrap()
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .collect();
+    assert_eq!(names.len(), 1, "{names:?}");
+    assert!(names[0].starts_with("runbookd-spare-"), "{names:?}");
+
+    // A run that changes its directory's mode leaves it to be removed, not reused.
+    let chmod = "pwd\nstat -c %i .\nls -A\nchmod 700 .\n";
+    std::fs::write(
+        server.runbooks_dir().join("Dir.md"),
+        Runbook::new("Dir", chmod).render(),
+    )
+    .unwrap();
+    let (_, chmod_inode, _) = run_in_dir(&server);
+    assert_eq!(chmod_inode, second_inode);
+    std::fs::write(
+        server.runbooks_dir().join("Dir.md"),
+        Runbook::new("Dir", "pwd\nstat -c %a .\nls -A\n").render(),
+    )
+    .unwrap();
+    let (_, mode, listing) = run_in_dir(&server);
+    assert_eq!(listing, "");
+    assert_ne!(
+        mode, "700",
+        "a directory whose mode a script changed is not reused"
+    );
 }

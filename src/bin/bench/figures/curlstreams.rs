@@ -37,11 +37,14 @@ const BULK_BYTES: f64 = 100_000_000.0;
 const RATE_GOAL: f64 = 0.5;
 const RSS_GOAL_KIB: u64 = 40 * 1024;
 
+/// The thread that keeps a client's whole output, and when its first byte came.
+type Collector = std::thread::JoinHandle<(Vec<u8>, Option<Instant>)>;
+
 /// Starts `command` with stdout piped to a thread that keeps it all.
 fn spawn_collecting(
     mut command: Command,
     what: &str,
-) -> Result<(Child, std::thread::JoinHandle<Vec<u8>>), BenchError> {
+) -> Result<(Child, Collector), BenchError> {
     let mut child = command
         .stdout(Stdio::piped())
         .spawn()
@@ -54,8 +57,16 @@ fn spawn_collecting(
         .stack_size(64 * 1024)
         .spawn(move || {
             let mut bytes = Vec::new();
+            let mut first = [0u8; 1];
+            let first_at = match out.read(&mut first) {
+                Ok(1) => {
+                    bytes.push(first[0]);
+                    Some(Instant::now())
+                }
+                _ => None,
+            };
             let _ = out.read_to_end(&mut bytes);
-            bytes
+            (bytes, first_at)
         })
         .map_err(BenchError::io("start a reader thread"))?;
     Ok((child, reader))
@@ -118,19 +129,59 @@ fn check_stream(bytes: &[u8], expected: &[u8]) -> Result<(), BenchError> {
     Ok(())
 }
 
-/// Starts `n` commands at once, collects their outputs; (wall until the last exits, outputs).
-fn run_all(make: impl Fn() -> Command, n: usize) -> Result<(f64, Vec<Vec<u8>>), BenchError> {
+/// When the clients of one `run_all` started and ended, in seconds from its start.
+struct Timeline {
+    /// When the last client had been started.
+    spawned: f64,
+    /// When each client's first output byte arrived, ascending.
+    first_bytes: Vec<f64>,
+    /// When each client exited, ascending.
+    ends: Vec<f64>,
+}
+
+impl Timeline {
+    fn describe(&self) -> String {
+        let at = |v: &[f64], q: f64| {
+            v.get(((v.len() as f64 - 1.0) * q).round() as usize)
+                .copied()
+                .unwrap_or(f64::NAN)
+        };
+        format!(
+            "all started by {:.2} s; first byte p50 {:.2} s, last {:.2} s; exits p50 {:.2} s, last {:.2} s",
+            self.spawned,
+            at(&self.first_bytes, 0.5),
+            at(&self.first_bytes, 1.0),
+            at(&self.ends, 0.5),
+            at(&self.ends, 1.0)
+        )
+    }
+}
+
+/// Starts `n` commands at once, collects their outputs; (wall until the last exits, outputs,
+/// timeline).
+fn run_all(
+    make: impl Fn() -> Command,
+    n: usize,
+) -> Result<(f64, Vec<Vec<u8>>, Timeline), BenchError> {
     let started = Instant::now();
     let mut running = Vec::with_capacity(n);
     for _ in 0..n {
         running.push(spawn_collecting(make(), "a client")?);
     }
+    let spawned = started.elapsed().as_secs_f64();
     let mut outputs = Vec::with_capacity(n);
+    let mut first_bytes = Vec::with_capacity(n);
+    let mut ends = Vec::with_capacity(n);
     let mut failures = 0;
     for (mut child, reader) in running {
         let ok = child.wait().is_ok_and(|s| s.success());
+        ends.push(started.elapsed().as_secs_f64());
         failures += usize::from(!ok);
-        outputs.push(reader.join().unwrap_or_default());
+        let (bytes, first_at) = reader.join().unwrap_or_default();
+        if let Some(at) = first_at {
+            first_bytes.push(at.duration_since(started).as_secs_f64());
+        }
+        outputs.push(bytes);
     }
     let wall = started.elapsed().as_secs_f64();
     if failures > 0 {
@@ -138,7 +189,17 @@ fn run_all(make: impl Fn() -> Command, n: usize) -> Result<(f64, Vec<Vec<u8>>), 
             "{failures} of {n} exited with an error"
         )));
     }
-    Ok((wall, outputs))
+    first_bytes.sort_by(f64::total_cmp);
+    ends.sort_by(f64::total_cmp);
+    Ok((
+        wall,
+        outputs,
+        Timeline {
+            spawned,
+            first_bytes,
+            ends,
+        },
+    ))
 }
 
 pub fn streams(bench: &Bench) -> Result<Outcome, BenchError> {
@@ -149,7 +210,8 @@ pub fn streams(bench: &Bench) -> Result<Outcome, BenchError> {
     let mut server_walls = Vec::new();
     let mut direct_walls = Vec::new();
     for _ in 0..STREAM_ROUNDS {
-        let (wall, outputs) = run_all(|| direct(LINES20.script, true), STREAMS)?;
+        let (wall, outputs, timeline) = run_all(|| direct(LINES20.script, true), STREAMS)?;
+        println!("  direct: {}", timeline.describe());
         let exact = outputs.iter().filter(|o| **o == expected).count();
         if exact != STREAMS {
             return Err(BenchError::Mismatch(format!(
@@ -158,7 +220,8 @@ pub fn streams(bench: &Bench) -> Result<Outcome, BenchError> {
         }
         direct_walls.push(wall);
         std::thread::sleep(Duration::from_millis(300));
-        let (wall, outputs) = run_all(|| client.execute_sse(LINES20.file), STREAMS)?;
+        let (wall, outputs, timeline) = run_all(|| client.execute_sse(LINES20.file), STREAMS)?;
+        println!("  server: {}", timeline.describe());
         let mut bad = 0;
         for output in &outputs {
             if let Err(e) = check_stream(output, &expected) {
@@ -217,7 +280,7 @@ fn paired(
     let (child, reader) = spawn_collecting(client.execute_sse(book.file), "curl")?;
     let mut child = child;
     let _ = child.wait();
-    check(&reader.join().unwrap_or_default())?;
+    check(&reader.join().unwrap_or_default().0)?;
     Ok((
         median(&server_times),
         median(&direct_times),

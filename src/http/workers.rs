@@ -1,0 +1,146 @@
+//! The threads that serve requests: each request gets a thread of its own (a stream or a
+//! synchronous run may hold it for hours), but a thread whose request is answered waits for the
+//! next one instead of ending, so a request seldom pays for starting a thread. At most
+//! `MAX_IDLE` threads wait; the others end with their request.
+#![forbid(unsafe_code)]
+
+use std::io;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+
+use crossbeam_channel::{Receiver, Sender};
+
+/// Most threads kept waiting for a request.
+const MAX_IDLE: usize = 16;
+
+type Job = Box<dyn FnOnce() + Send>;
+
+/// Hands each job to a waiting thread, or to a new one when none waits.
+pub struct Workers {
+    jobs: Sender<Job>,
+    waiting: Receiver<Job>,
+    /// Threads blocked on `waiting` and not yet given a job: each one counted here receives
+    /// exactly one job sent.
+    idle: Arc<AtomicUsize>,
+}
+
+impl Default for Workers {
+    fn default() -> Self {
+        let (jobs, waiting) = crossbeam_channel::unbounded();
+        Workers {
+            jobs,
+            waiting,
+            idle: Arc::new(AtomicUsize::new(0)),
+        }
+    }
+}
+
+impl Workers {
+    /// Runs `job` on a waiting thread, or on a new one (named `http`).
+    pub fn run(&self, job: impl FnOnce() + Send + 'static) -> io::Result<()> {
+        let job: Job = Box::new(job);
+        // Claim an idle thread: from then on it is ours to send one job to.
+        let claimed = self
+            .idle
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| n.checked_sub(1))
+            .is_ok();
+        if claimed {
+            if let Err(returned) = self.jobs.send(job) {
+                // Cannot happen while `self` holds the receiver; run it on a new thread anyway.
+                return self.start(returned.into_inner());
+            }
+            return Ok(());
+        }
+        self.start(job)
+    }
+
+    fn start(&self, first: Job) -> io::Result<()> {
+        let waiting = self.waiting.clone();
+        let idle = self.idle.clone();
+        std::thread::Builder::new()
+            .name("http".into())
+            .spawn(move || {
+                let mut job = first;
+                loop {
+                    job();
+                    // Stay for the next request, unless enough threads wait already.
+                    let stays = idle
+                        .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
+                            (n < MAX_IDLE).then_some(n + 1)
+                        })
+                        .is_ok();
+                    if !stays {
+                        return;
+                    }
+                    match waiting.recv() {
+                        Ok(next) => job = next,
+                        Err(_) => return,
+                    }
+                }
+            })
+            .map(|_| ())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::Mutex;
+    use std::time::{Duration, Instant};
+
+    fn wait_for(what: &str, done: impl Fn() -> bool) {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while !done() {
+            assert!(Instant::now() < deadline, "timed out waiting for {what}");
+            std::thread::sleep(Duration::from_millis(2));
+        }
+    }
+
+    #[test]
+    fn an_answered_thread_serves_the_next_request() {
+        let workers = Workers::default();
+        let threads = Arc::new(Mutex::new(Vec::new()));
+        for _ in 0..5 {
+            let seen = threads.clone();
+            let before = workers.idle.load(Ordering::SeqCst);
+            workers
+                .run(move || seen.lock().unwrap().push(std::thread::current().id()))
+                .unwrap();
+            // Each job ends before the next is given: the same thread gets them all.
+            wait_for("the thread to wait again", || {
+                workers.idle.load(Ordering::SeqCst) == before.max(1)
+            });
+        }
+        let threads = threads.lock().unwrap();
+        assert_eq!(threads.len(), 5);
+        assert!(threads.iter().all(|id| *id == threads[0]), "{threads:?}");
+    }
+
+    #[test]
+    fn busy_threads_never_hold_up_a_request_and_few_stay_idle() {
+        let workers = Workers::default();
+        let (release_tx, release_rx) = crossbeam_channel::unbounded::<()>();
+        let started = Arc::new(AtomicUsize::new(0));
+        let jobs = MAX_IDLE + 8;
+        for _ in 0..jobs {
+            let release = release_rx.clone();
+            let started = started.clone();
+            workers
+                .run(move || {
+                    started.fetch_add(1, Ordering::SeqCst);
+                    let _ = release.recv();
+                })
+                .unwrap();
+        }
+        // Every job runs at once although none has ended: each got a thread.
+        wait_for("every job to start", || {
+            started.load(Ordering::SeqCst) == jobs
+        });
+        drop(release_tx);
+        wait_for("the threads to settle", || {
+            workers.idle.load(Ordering::SeqCst) == MAX_IDLE
+        });
+        std::thread::sleep(Duration::from_millis(20));
+        assert_eq!(workers.idle.load(Ordering::SeqCst), MAX_IDLE);
+    }
+}
