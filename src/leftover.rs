@@ -11,9 +11,14 @@ use std::io;
 /// Identifies the current boot; start times in clock ticks only mean something within one.
 const BOOT_ID: &str = "/proc/sys/kernel/random/boot_id";
 
-/// The current boot id.
+/// The current boot id (read once: it cannot change while this process lives).
 pub fn boot_id() -> io::Result<String> {
-    Ok(fs::read_to_string(BOOT_ID)?.trim().to_string())
+    static READ: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+    if let Some(id) = READ.get() {
+        return Ok(id.clone());
+    }
+    let id = fs::read_to_string(BOOT_ID)?.trim().to_string();
+    Ok(READ.get_or_init(|| id).clone())
 }
 
 /// What `judge` found.

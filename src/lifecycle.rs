@@ -1,6 +1,7 @@
 //! The server's life around its runs: loading run records at start (runs that were going
 //! become `interrupted`; their leftover cgroups are killed and removed, and their process groups
-//! killed only when `leftover::judge` proves them theirs), pruning old runs hourly (runs are
+//! killed only when `leftover::judge` proves them theirs; concluded runs' directories and
+//! cgroups a stop left are removed), pruning old runs hourly (runs are
 //! also pruned as they end, see `retention.rs`), and stopping running runs on shutdown.
 #![forbid(unsafe_code)]
 
@@ -36,11 +37,29 @@ pub fn recover(app: &App) {
         if !rec.status.is_finished() {
             interrupted += 1;
             settle_interrupted(app, &mut rec, &log_path);
+        } else {
+            remove_after_conclusion(app, &rec.run_id);
         }
         app.runs.insert(Arc::new(Run::new(rec, log_path, None)));
     }
     if interrupted > 0 {
         log::warn!("{interrupted} run(s) were interrupted by the previous stop");
+    }
+}
+
+/// A concluded run's directories and cgroup go after its result is out: a server killed in
+/// between leaves them (everything in them already dead), and they are removed here.
+fn remove_after_conclusion(app: &App, run_id: &str) {
+    crate::execute::remove_leftover_dirs(app, run_id);
+    if let Some(path) = app.run_cgroups.as_ref().map(|c| c.run_path(run_id)) {
+        if path.exists() {
+            if let Err(e) = cgroup::remove_leftover(&path, run_id) {
+                log::error!(
+                    "run {run_id}: cannot remove its leftover cgroup {}: {e}",
+                    path.display()
+                );
+            }
+        }
     }
 }
 

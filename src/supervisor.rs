@@ -235,13 +235,15 @@ impl Supervised {
         }
     }
 
-    /// Waits for the run to end (exit, timeout or `cancel`), cleans up the group, and returns
-    /// the outcome. The log is finished by the caller.
+    /// Waits for the run to end (exit, timeout or `cancel`), kills what is left of the group
+    /// and of the run's cgroup, and returns the outcome, whether it was cancelled, and the
+    /// run's cgroup, emptied, which is removed when dropped (after the run is concluded: its
+    /// removal need not delay the result). The log is finished by the caller.
     pub fn supervise(
         mut self,
         limits: Limits,
         mut requests: Receiver<StopRequest>,
-    ) -> (Outcome, bool) {
+    ) -> (Outcome, bool, Option<RunCgroup>) {
         let pid = self.pid;
         let (exit_tx, exit_rx) = crossbeam_channel::bounded::<io::Result<ExitStatus>>(1);
         let waiter_panicked = self.panicked.clone();
@@ -333,12 +335,9 @@ impl Supervised {
             let _ = reader.join();
         }
         let reaped = self.child.wait();
-        // Whatever is left of the run (escapees of the group included) dies now.
-        if let Some(mut cgroup) = self.cgroup.take() {
-            if let Err(e) = cgroup.kill_and_remove() {
-                log::error!("cannot remove cgroup {}: {e}", cgroup.path().display());
-            }
-        }
+        // Whatever is left of the run (escapees of the group included) was killed by
+        // `kill_all`; the cgroup goes when the caller drops it.
+        let cgroup = self.cgroup.take();
         self.reaped = true;
         let return_code = match (status, reaped) {
             (Some(s), _) => s.return_code(),
@@ -372,7 +371,7 @@ impl Supervised {
                 timed_out: false,
                 finished_at: chrono::Utc::now(),
             };
-            return (outcome, false);
+            return (outcome, false, cgroup);
         }
         let outcome = Outcome {
             return_code,
@@ -380,7 +379,7 @@ impl Supervised {
             timed_out: stop == Some(Stop::TimedOut),
             finished_at: chrono::Utc::now(),
         };
-        (outcome, stop == Some(Stop::Cancelled))
+        (outcome, stop == Some(Stop::Cancelled), cgroup)
     }
 }
 

@@ -343,9 +343,9 @@ fn record_process(app: &App, run: &Run, child: &Supervised) {
     save_record(app, &record);
 }
 
-/// Starts the run thread: it supervises the child (timeout, cancel), removes the working
-/// directory and concludes the run, also after a panic. An error: the thread could not start
-/// (the child, dropped with the closure, was killed and reaped).
+/// Starts the run thread: it supervises the child (timeout, cancel), concludes the run and
+/// then removes the working directory and the cgroup, also after a panic. An error: the thread
+/// could not start (the child, dropped with the closure, was killed and reaped).
 fn spawn_supervised(
     app: &Arc<App>,
     run: &Arc<Run>,
@@ -372,10 +372,8 @@ fn spawn_supervised(
         .spawn(move || {
             let mut progress = Progress::default();
             let ran = catch_unwind(AssertUnwindSafe(|| {
-                let (outcome, cancelled) = child.supervise(limits, cancel_rx);
+                let (outcome, cancelled, cgroup) = child.supervise(limits, cancel_rx);
                 crate::stages::mark(&thread_run.id, "script and readers");
-                work.remove();
-                crate::stages::mark(&thread_run.id, "work dir removed");
                 conclude(
                     &thread_app,
                     &thread_run,
@@ -386,6 +384,16 @@ fn spawn_supervised(
                     started,
                     &mut progress,
                 );
+                // Everything in them is dead: the directories and the cgroup go once the
+                // result is out. The thread waiting for `done` may have been woken on this
+                // processor: it goes first.
+                std::thread::yield_now();
+                work.remove();
+                if let Some(mut cgroup) = cgroup {
+                    if let Err(e) = cgroup.kill_and_remove() {
+                        log::error!("cannot remove cgroup {}: {e}", cgroup.path().display());
+                    }
+                }
             }));
             if let Err(payload) = ran {
                 // The child was killed and reaped when its handle was dropped.

@@ -164,10 +164,12 @@ fn concurrent_runs_on_two_instances_leave_every_history_entry_intact() {
          echo \"end $RUNBOOK_RUN_ID\"\n",
         wait_for_gate("GATE")
     );
-    // History is kept to 20 entries and already holds 5, so that every append drops the oldest
-    // entry and rewrites the file: the lock must cover the read as well as the write.
+    // History is kept to 20 entries and already holds 9, so that three of the appends find it
+    // full, drop the three oldest entries and rewrite the file (a full History is trimmed to
+    // 90 %) while the others append: the lock must cover the read as well as the write. The
+    // old entries are the oldest, so exactly the 20 runs' entries are left.
     let original = Runbook::new("Shared", &script).env("GATE", "gate").render();
-    let old: String = (1..=5)
+    let old: String = (1..=9)
         .map(|i| format!("\n### 2020-01-01T00:00:0{i}.000Z | Exit Code: 0 | Run: r0-old-{i}\n\n**Stdout:**\n```\nold {i}\n```\n"))
         .collect();
     let fleet = Fleet::start(

@@ -201,6 +201,23 @@ fn stage_timing_logs_every_stage_of_a_run() {
     }
 }
 
+/// Waits until `EXECUTION_DIR` holds one spare directory and nothing else.
+fn wait_for_one_spare(server: &Server) {
+    let exec_dir = server.exec_dir();
+    let names = || -> Vec<String> {
+        std::fs::read_dir(&exec_dir)
+            .unwrap()
+            .flatten()
+            .map(|e| e.file_name().to_string_lossy().into_owned())
+            .collect()
+    };
+    let one_spare = crate::util::wait_until(Duration::from_secs(10), || {
+        let names = names();
+        names.len() == 1 && names[0].starts_with("runbookd-spare-")
+    });
+    assert!(one_spare, "not one spare directory alone: {:?}", names());
+}
+
 /// Runs `Dir.md` once; (its working directory, its inode, what it listed there).
 fn run_in_dir(server: &Server) -> (String, String, String) {
     let resp = server.execute("Dir.md", &dev_token(), json!({}));
@@ -222,6 +239,8 @@ fn the_next_run_gets_a_finished_run_directory_emptied_under_its_own_name() {
     let server = Server::start(ServerOpts::new().runbook("Dir.md", Runbook::new("Dir", script)));
     let (first_dir, first_inode, first_listing) = run_in_dir(&server);
     assert_eq!(first_listing, "", "a fresh working directory is empty");
+    // The directory is put back once the result is out.
+    wait_for_one_spare(&server);
     let (second_dir, second_inode, second_listing) = run_in_dir(&server);
     assert_eq!(
         second_listing, "",
@@ -233,13 +252,7 @@ fn the_next_run_gets_a_finished_run_directory_emptied_under_its_own_name() {
         "the directory itself was reused, not made again"
     );
     // Only the spare is left between runs, and no run's name.
-    let names: Vec<String> = std::fs::read_dir(server.exec_dir())
-        .unwrap()
-        .flatten()
-        .map(|e| e.file_name().to_string_lossy().into_owned())
-        .collect();
-    assert_eq!(names.len(), 1, "{names:?}");
-    assert!(names[0].starts_with("runbookd-spare-"), "{names:?}");
+    wait_for_one_spare(&server);
 
     // A run that changes its directory's mode leaves it to be removed, not reused.
     let chmod = "pwd\nstat -c %i .\nls -A\nchmod 700 .\n";
@@ -250,6 +263,14 @@ fn the_next_run_gets_a_finished_run_directory_emptied_under_its_own_name() {
     .unwrap();
     let (_, chmod_inode, _) = run_in_dir(&server);
     assert_eq!(chmod_inode, second_inode);
+    // Not kept: removed instead.
+    let exec_dir = server.exec_dir();
+    assert!(
+        crate::util::wait_until(Duration::from_secs(10), || {
+            std::fs::read_dir(&exec_dir).unwrap().next().is_none()
+        }),
+        "the changed directory was neither removed nor kept"
+    );
     std::fs::write(
         server.runbooks_dir().join("Dir.md"),
         Runbook::new("Dir", "pwd\nstat -c %a .\nls -A\n").render(),

@@ -1,8 +1,9 @@
 //! Connections and bounded work per request: request bodies read to their framing whatever
 //! `Connection: upgrade` says, REQUEST_TIMEOUT_SECONDS closing half-sent and idle connections
 //! (and freeing their threads) without cutting streams, HEAD on streamed routes, the
-//! LOGS_MAX_LINES cap, and, through a real nginx, the shipped file's bounds and a stage0-style
-//! proxy that sends `Connection: upgrade` on every request.
+//! LOGS_MAX_LINES cap, a burst of keep-alive streams all served at once, and, through a real
+//! nginx, the shipped file's bounds and a stage0-style proxy that sends `Connection: upgrade`
+//! on every request.
 
 use std::fs;
 use std::io::{self, Read, Write};
@@ -255,6 +256,94 @@ fn streams_silent_for_longer_than_the_request_timeout_still_get_their_data() {
 // ---------------------------------------------------------------------------------------------
 
 const UPGRADE: [(&str, &str); 2] = [("Connection", "upgrade"), ("Upgrade", "websocket")];
+
+/// Sends an SSE execute of `Long.md` over a keep-alive connection; how long after `since` its
+/// first `stdout` event came, or None if none came by `deadline`.
+fn first_event_after(
+    port: u16,
+    token: &str,
+    since: Instant,
+    deadline: Instant,
+) -> Option<Duration> {
+    let auth = format!("Bearer {token}");
+    let mut stream = send_request(
+        port,
+        "HTTP/1.1",
+        "POST",
+        "/api/runbooks/Long.md/execute",
+        &[
+            ("Authorization", &auth),
+            ("Accept", "text/event-stream"),
+            ("Content-Type", "application/json"),
+            ("Connection", "keep-alive"),
+        ],
+        Some(b"{}"),
+    );
+    let mut seen = Vec::new();
+    let mut buf = [0u8; 4096];
+    while Instant::now() < deadline {
+        let left = deadline.saturating_duration_since(Instant::now());
+        stream
+            .set_read_timeout(Some(left.max(Duration::from_millis(1))))
+            .unwrap();
+        match stream.read(&mut buf) {
+            Ok(0) | Err(_) => return None,
+            Ok(n) => seen.extend_from_slice(&buf[..n]),
+        }
+        if seen.windows(13).any(|w| w == b"event: stdout") {
+            return Some(since.elapsed());
+        }
+    }
+    None
+}
+
+#[test]
+fn a_burst_of_keep_alive_streams_is_served_at_once() {
+    // A connection queued behind the streams would wait until one of them ended (20 s here).
+    const CLIENTS: usize = 150;
+    let server = Server::start(
+        ServerOpts::new()
+            .runbook("Long.md", Runbook::new("Long", "echo start\nsleep 20\n"))
+            .env("MAX_CONCURRENT_RUNS", "1000"),
+    );
+    let token = dev_token();
+    // First a smaller burst of short keep-alive exchanges, so that the streams find some
+    // connection threads idle and need more.
+    thread::scope(|scope| {
+        for _ in 0..CLIENTS / 4 {
+            scope.spawn(|| {
+                let mut stream = send_request(
+                    server.port,
+                    "HTTP/1.1",
+                    "GET",
+                    "/healthz",
+                    &[("Connection", "keep-alive")],
+                    None,
+                );
+                let mut buf = [0u8; 1024];
+                stream
+                    .set_read_timeout(Some(Duration::from_secs(10)))
+                    .unwrap();
+                let _ = stream.read(&mut buf);
+            });
+        }
+    });
+    let since = Instant::now();
+    let deadline = since + Duration::from_secs(12);
+    let waits: Vec<Option<Duration>> = thread::scope(|scope| {
+        let clients: Vec<_> = (0..CLIENTS)
+            .map(|_| scope.spawn(|| first_event_after(server.port, &token, since, deadline)))
+            .collect();
+        clients.into_iter().map(|c| c.join().unwrap()).collect()
+    });
+    let late = waits.iter().filter(|w| w.is_none()).count();
+    let slowest = waits.iter().flatten().max().copied().unwrap_or_default();
+    assert_eq!(
+        late, 0,
+        "{late} of {CLIENTS} keep-alive streams had no output 12 s after the burst (the others by {slowest:?})"
+    );
+    println!("{CLIENTS} keep-alive streams: the last first event after {slowest:?}");
+}
 
 fn timed_request(
     port: u16,

@@ -453,13 +453,21 @@ fn a_script_of_run_as_user_cannot_touch_the_server() {
         "the runbook was changed beyond its history"
     );
     assert!(!server.root.join("runbooks/New.md").exists());
-    // Cleanup of the work directory the script user owned (with a chmod 0 tree) worked.
-    let leftovers: Vec<_> = fs::read_dir(server.root.join("exec"))
-        .unwrap()
-        .flatten()
-        .map(|e| e.path())
-        .collect();
-    assert!(leftovers.is_empty(), "left behind: {leftovers:?}");
+    // Cleanup of the work directory the script user owned (with a chmod 0 tree) worked (it
+    // happens once the result is out).
+    let exec_dir = server.root.join("exec");
+    let leftovers = || -> Vec<_> {
+        fs::read_dir(&exec_dir)
+            .unwrap()
+            .flatten()
+            .map(|e| e.path())
+            .collect()
+    };
+    assert!(
+        wait_until(Duration::from_secs(30), || leftovers().is_empty()),
+        "left behind: {:?}",
+        leftovers()
+    );
 
     // Cancelling reaches the script user's process group.
     let auth = format!("Bearer {}", server.token());
