@@ -25,6 +25,8 @@ pub const MASK: &[u8] = b"***";
 pub struct Chunker {
     held: Vec<u8>,
     secret: Option<Vec<u8>>,
+    /// Searches for `secret` (vectorised: output is scanned whole for it).
+    finder: Option<memchr::memmem::Finder<'static>>,
     /// Length of the secret's first segment (before its first '.'): a held prefix of the
     /// secret no longer than this may be released by the timer.
     public_len: usize,
@@ -43,8 +45,12 @@ impl Chunker {
             .as_deref()
             .and_then(|s| s.iter().position(|&b| b == b'.'))
             .unwrap_or(0);
+        let finder = secret
+            .as_deref()
+            .map(|s| memchr::memmem::Finder::new(s).into_owned());
         Chunker {
             secret,
+            finder,
             public_len,
             ..Chunker::default()
         }
@@ -80,6 +86,9 @@ impl Chunker {
         let mut buf = self.mask(buf);
         let keep = self.safe_end(&buf);
         self.held = buf.split_off(keep);
+        if out.is_empty() {
+            return buf;
+        }
         out.extend_from_slice(&buf);
         out
     }
@@ -163,27 +172,22 @@ impl Chunker {
     /// `MASK`. Only positions holding the secret's first byte are compared, and `buf` is
     /// returned as it is when nothing matched.
     fn mask(&self, buf: Vec<u8>) -> Vec<u8> {
-        let Some(secret) = &self.secret else {
+        let (Some(secret), Some(finder)) = (&self.secret, &self.finder) else {
             return buf;
         };
         if buf.len() < secret.len() {
             return buf;
         }
-        let first = secret[0];
         let mut out: Option<Vec<u8>> = None;
         let mut copied = 0;
         let mut i = 0;
-        while let Some(at) = buf[i..].iter().position(|&b| b == first) {
+        while let Some(at) = finder.find(&buf[i..]) {
             let start = i + at;
-            if buf[start..].starts_with(secret) {
-                let out = out.get_or_insert_with(|| Vec::with_capacity(buf.len()));
-                out.extend_from_slice(&buf[copied..start]);
-                out.extend_from_slice(MASK);
-                i = start + secret.len();
-                copied = i;
-            } else {
-                i = start + 1;
-            }
+            let out = out.get_or_insert_with(|| Vec::with_capacity(buf.len()));
+            out.extend_from_slice(&buf[copied..start]);
+            out.extend_from_slice(MASK);
+            i = start + secret.len();
+            copied = i;
         }
         match out {
             None => buf,
