@@ -80,10 +80,8 @@ impl RunDirs {
                 });
                 if let Err(e) = made {
                     dirs.removed.set(true);
-                    if e.kind() == io::ErrorKind::AlreadyExists || dirs.root.exists() {
-                        // Only what this call made is there: leave nothing behind.
-                        let _ = fs::remove_dir_all(&dirs.root);
-                    }
+                    // The name is the new run's: only what this call made can be there.
+                    let _ = fs::remove_dir_all(&dirs.root);
                     return Err(e);
                 }
                 Modes::of(&dirs.root, &dirs.cwd, &dirs.script)
