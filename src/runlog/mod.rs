@@ -351,13 +351,32 @@ impl RunLog {
     }
 
     /// Reads the stored bytes of one stream, from the start, calling `sink` per chunk until it
-    /// returns false. Used to build result documents and downloads without holding them whole.
+    /// returns false. Used to build result documents and downloads without holding them whole:
+    /// from the file, or from the window while it still holds every chunk.
     pub fn for_each_stored(
         &self,
         stream: Option<Stream>,
         mut sink: impl FnMut(&Chunk) -> io::Result<bool>,
     ) -> Result<(), LogError> {
-        let file_len = self.lock().file_len;
+        let (file_len, in_memory) = {
+            let state = self.lock();
+            // The window still holds every chunk (a small output): no need to read the file.
+            (
+                state.file_len,
+                state.window.chunks_from(FIRST_SEQ, usize::MAX),
+            )
+        };
+        if let Some(chunks) = in_memory {
+            let wanted = chunks
+                .iter()
+                .filter(|chunk| stream.is_none_or(|s| chunk.stream == s));
+            for chunk in wanted {
+                if !sink(chunk)? {
+                    break;
+                }
+            }
+            return Ok(());
+        }
         let mut file = File::open(&self.path)?;
         let mut records = RecordReader::new(&mut file, 0, file_len)?;
         while let Some(chunk) = records.next_chunk(stream)? {

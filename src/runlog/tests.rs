@@ -195,3 +195,55 @@ fn reopen_rebuilds_the_excerpts_of_each_stream() {
     assert_eq!(plain.totals().stdout_bytes, 20);
     assert!(plain.excerpt(Stream::Stderr).head.is_empty());
 }
+
+#[test]
+fn stored_chunks_are_the_same_from_the_window_and_from_the_file() {
+    let collect_stored = |log: &RunLog, stream: Option<Stream>| {
+        let mut got = Vec::new();
+        log.for_each_stored(stream, |c| {
+            got.push((c.seq, c.stream, c.data.clone()));
+            Ok(true)
+        })
+        .unwrap();
+        got
+    };
+    for (name, chunk_bytes) in [("small", 10usize), ("evicted", 10_000)] {
+        let log = temp_log(name, 1024);
+        for i in 0..100usize {
+            let stream = if i % 3 == 0 {
+                Stream::Stderr
+            } else {
+                Stream::Stdout
+            };
+            log.append(
+                stream,
+                format!("{i:09}\n").repeat(chunk_bytes / 10).as_bytes(),
+            );
+        }
+        log.finish(outcome(0));
+        // A reopened log has no window: it reads the file.
+        let from_file = RunLog::open_finished(log.path(), outcome(0), false).unwrap();
+        for stream in [None, Some(Stream::Stdout), Some(Stream::Stderr)] {
+            let live = collect_stored(&log, stream);
+            assert_eq!(
+                live,
+                collect_stored(&from_file, stream),
+                "{name} {stream:?}"
+            );
+            let expected = match stream {
+                None => 100,
+                Some(Stream::Stderr) => 34,
+                Some(Stream::Stdout) => 66,
+            };
+            assert_eq!(live.len(), expected, "{name} {stream:?}");
+        }
+        // Stopping early stops the walk on either path.
+        let mut seen = 0;
+        log.for_each_stored(None, |_| {
+            seen += 1;
+            Ok(seen < 5)
+        })
+        .unwrap();
+        assert_eq!(seen, 5, "{name}");
+    }
+}
