@@ -184,7 +184,14 @@ pub fn append(
     updated.extend_from_slice(&addition);
     updated.extend_from_slice(&content[insert_at..]);
 
-    let trimmed = trim_entries(&mut updated, max_entries);
+    // An entry is one heading line and fenced output (see `format_entry`): it adds one entry
+    // to those already there, so a History with room is not parsed again to count them.
+    let entries_before = layout
+        .history
+        .as_ref()
+        .map_or(0, |history| history.entry_starts.len());
+    let trimmed =
+        entries_before.saturating_add(1) > max_entries && trim_entries(&mut updated, max_entries);
     let trimmed = trim_to_size(&mut updated, max_bytes)? || trimmed;
 
     if !runbook_file::still_at(&file, runbook_path)? {
