@@ -106,7 +106,7 @@ impl SpareDirs {
 
     /// Keeps the finished run directory `root` as a spare: `work/` is emptied, and the whole is
     /// renamed. False (the caller removes it): no room, or it is not exactly as it was made
-    /// with `made` modes.
+    /// with `made` modes. True: nothing is left at `root`.
     pub(super) fn give_back(&self, root: &Path, work: &Path, script: &Path, made: Modes) -> bool {
         if !self.enabled || self.free().len() >= MAX_SPARES {
             return false;
@@ -129,8 +129,11 @@ impl SpareDirs {
             true
         } else {
             drop(free);
-            // Filled meanwhile: put it back where the caller will remove it.
-            fs::rename(&spare, root).is_ok() || fs::remove_dir_all(&spare).is_ok()
+            // Filled meanwhile: removed here, nothing is left at `root`.
+            if let Err(e) = fs::remove_dir_all(&spare) {
+                log::warn!("cannot remove {}: {e}", spare.display());
+            }
+            true
         }
     }
 }
