@@ -137,35 +137,31 @@ pub fn log_path(runs_dir: &Path, run_id: &str) -> PathBuf {
     runs_dir.join(format!("{run_id}.log"))
 }
 
-/// Writes a new run's first record like [`save`], into `spare` (an empty file of the runs
+/// Writes a new run's first record like [`save`], through `spare` (an empty file of the runs
 /// directory that is the caller's, see `spare_files`) instead of a new temporary file, when
 /// one is given.
 pub fn save_new(runs_dir: &Path, record: &RunRecord, spare: Option<PathBuf>) -> io::Result<()> {
-    if let Some(spare) = spare {
-        let path = record_path(runs_dir, &record.run_id);
-        let text = serde_json::to_vec_pretty(record).map_err(io::Error::other)?;
-        let written = fs::File::options()
-            .write(true)
-            .open(&spare)
-            .and_then(|mut file| std::io::Write::write_all(&mut file, &text))
-            .and_then(|()| fs::rename(&spare, &path));
-        if written.is_ok() {
-            return Ok(());
-        }
-        let _ = fs::remove_file(&spare);
-    }
-    save(runs_dir, record)
+    let through = spare.unwrap_or_else(|| temp_path(runs_dir, &record.run_id));
+    save_through(runs_dir, record, &through)
 }
 
 /// Writes the record atomically (temp file + rename).
 pub fn save(runs_dir: &Path, record: &RunRecord) -> io::Result<()> {
+    save_through(runs_dir, record, &temp_path(runs_dir, &record.run_id))
+}
+
+fn temp_path(runs_dir: &Path, run_id: &str) -> PathBuf {
+    runs_dir.join(format!(".{run_id}.json.tmp"))
+}
+
+/// Writes the record into `tmp` and renames it over the record file.
+fn save_through(runs_dir: &Path, record: &RunRecord, tmp: &Path) -> io::Result<()> {
     let path = record_path(runs_dir, &record.run_id);
-    let tmp = runs_dir.join(format!(".{}.json.tmp", record.run_id));
     let text = serde_json::to_vec_pretty(record).map_err(io::Error::other)?;
-    let Err(e) = fs::write(&tmp, &text).and_then(|()| fs::rename(&tmp, &path)) else {
+    let Err(e) = fs::write(tmp, &text).and_then(|()| fs::rename(tmp, &path)) else {
         return Ok(());
     };
-    let _ = fs::remove_file(&tmp);
+    let _ = fs::remove_file(tmp);
     // A full disk may still take the new version in the old one's place (a run that ends
     // because its log could not be written still gets its final record).
     if matches!(e.raw_os_error(), Some(libc::ENOSPC) | Some(libc::EDQUOT)) && path.is_file() {

@@ -61,32 +61,32 @@ impl RunDirs {
         spares: &Arc<SpareDirs>,
     ) -> io::Result<RunDirs> {
         let mut dirs = RunDirs::at(execution_dir, run_id, run_as);
-        if !spares.enabled() {
-            if let Err(e) = fs::create_dir_all(&dirs.cwd) {
-                // Nothing of ours to remove, or only what `remove_dir_all` may not touch.
-                dirs.removed.set(true);
-                return Err(e);
-            }
+        if let Some(modes) = spares.take(&dirs.root) {
+            dirs.recycle = Some((spares.clone(), modes));
             return Ok(dirs);
         }
-        let modes = match spares.take(&dirs.root) {
-            Some(modes) => Some(modes),
-            None => {
-                let made = fs::create_dir_all(&dirs.cwd).and_then(|()| {
-                    fs::OpenOptions::new()
-                        .write(true)
-                        .create_new(true)
-                        .open(&dirs.script)
-                });
-                if let Err(e) = made {
-                    dirs.removed.set(true);
-                    // The name is the new run's: only what this call made can be there.
-                    let _ = fs::remove_dir_all(&dirs.root);
-                    return Err(e);
-                }
-                Modes::of(&dirs.root, &dirs.cwd, &dirs.script)
+        let made = fs::create_dir_all(&dirs.cwd).and_then(|()| {
+            // A directory that may be kept is recorded whole, its script file included.
+            if !spares.enabled() {
+                return Ok(());
             }
-        };
+            fs::OpenOptions::new()
+                .write(true)
+                .create_new(true)
+                .open(&dirs.script)
+                .map(drop)
+        });
+        if let Err(e) = made {
+            dirs.removed.set(true);
+            // The name is the new run's: only what this call made can be there.
+            let _ = fs::remove_dir_all(&dirs.root);
+            return Err(e);
+        }
+        // Kept later only if it is still exactly as made now (see `spare_dirs`).
+        let modes = spares
+            .enabled()
+            .then(|| Modes::of(&dirs.root, &dirs.cwd, &dirs.script))
+            .flatten();
         dirs.recycle = modes.map(|modes| (spares.clone(), modes));
         Ok(dirs)
     }
