@@ -45,6 +45,8 @@ pub struct App {
     pub spare_dirs: std::sync::Arc<crate::execute::SpareDirs>,
     /// Empty files made ahead for the next runs' logs and records.
     pub spare_files: std::sync::Arc<crate::spare_files::SpareFiles>,
+    /// The threads of runs (supervision, pumping the pipes), reused from run to run.
+    pub run_threads: crate::workers::Workers,
 }
 
 impl App {

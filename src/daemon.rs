@@ -19,6 +19,9 @@ use crate::{
     samples, stages, state_lock, supervisor, sys,
 };
 
+/// Most run threads (supervisors and pumps, two per run) kept waiting for the next run.
+const MAX_IDLE_RUN_THREADS: usize = 64;
+
 /// Why the server could not start.
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
@@ -208,6 +211,7 @@ fn start(config: Config, run_as: Option<privsep::RunAs>) -> Result<(), StartErro
         retention: retention::Retention::default(),
         spare_dirs,
         spare_files,
+        run_threads: crate::workers::Workers::new("run", MAX_IDLE_RUN_THREADS),
         run_as,
     });
     lifecycle::recover(&app);

@@ -51,6 +51,7 @@ mod sys;
 #[cfg(test)]
 mod test_dirs;
 mod validation;
+mod workers;
 
 /// Signs claims as an HS256 JWT (for the benchmark's bearer tokens).
 pub use jwt::encode as sign_token;

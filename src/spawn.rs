@@ -10,7 +10,7 @@
 use std::ffi::{CString, OsStr};
 use std::fs::File;
 use std::io::{self, PipeReader};
-use std::os::fd::AsRawFd;
+use std::os::fd::{AsRawFd, OwnedFd};
 use std::os::unix::ffi::OsStrExt;
 use std::os::unix::process::ExitStatusExt;
 use std::path::Path;
@@ -67,13 +67,19 @@ fn c_string(bytes: &[u8]) -> io::Result<CString> {
     CString::new(bytes).map_err(|_| io::Error::from(io::ErrorKind::InvalidInput))
 }
 
+/// A script started by [`start_direct`].
+pub struct Started {
+    pub proc: Proc,
+    /// Readable once the process has exited.
+    pub pidfd: OwnedFd,
+    pub stdout: PipeReader,
+    pub stderr: PipeReader,
+}
+
 /// Starts the script of `launch` (in the cgroup at `cgroup`, if given), with stdout and
 /// stderr on pipes. `Ok(None)`: this kernel cannot (or the program needs a PATH search), use
 /// the helper.
-pub fn start_direct(
-    launch: &Launch,
-    cgroup: Option<&Path>,
-) -> io::Result<Option<(Proc, PipeReader, PipeReader)>> {
+pub fn start_direct(launch: &Launch, cgroup: Option<&Path>) -> io::Result<Option<Started>> {
     let program = launch.program.as_os_str();
     if !program.as_bytes().contains(&b'/') {
         return Ok(None);
@@ -117,11 +123,12 @@ pub fn start_direct(
     // The child has its own copies of the write ends: ours go, so the readers see EOF.
     drop((stdout_write, stderr_write, stdin, dir));
     match started {
-        Ok(pid) => Ok(Some((
-            Proc::Forked { pid, status: None },
-            stdout_read,
-            stderr_read,
-        ))),
+        Ok((pid, pidfd)) => Ok(Some(Started {
+            proc: Proc::Forked { pid, status: None },
+            pidfd,
+            stdout: stdout_read,
+            stderr: stderr_read,
+        })),
         Err(e) if unsupported(&e) => {
             log::debug!("cannot start the script directly ({e}); starting it through the helper");
             Ok(None)

@@ -1,8 +1,9 @@
 //! Runs one child process in its own process group and moves its output into the run's log.
 //! Knows nothing of HTTP: it is given a program, an environment and a `RunLog`, and returns an
-//! `Outcome`. One reader thread per pipe appends to the log; a waiter thread learns of the main
-//! process's exit without reaping it, so the group id cannot be reused while the group is still
-//! being signalled. Descendants get `ORPHAN_GRACE_MS` to release the pipes, then the group is
+//! `Outcome`. One pump thread per run appends both pipes to the log and learns of the main
+//! process's exit from its pidfd, without reaping it, so the group id cannot be reused while the
+//! group is still being signalled (a waiter thread does that where there is no pidfd). Its
+//! threads come from a pool of reused ones (`workers.rs`). Descendants get `ORPHAN_GRACE_MS` to release the pipes, then the group is
 //! killed and the pipes abandoned. With a run cgroup, the script enters it before it execs, and
 //! the run's end kills and removes it, so descendants that left the group die too. A run whose log cannot be written any more (a full disk) is
 //! stopped as a timed-out one is: its output would be lost.
@@ -10,13 +11,12 @@
 
 use std::ffi::OsString;
 use std::io::{self, PipeReader, PipeWriter, Read};
-use std::os::fd::AsRawFd;
+use std::os::fd::{AsRawFd, OwnedFd};
 use std::os::unix::process::CommandExt;
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::path::PathBuf;
 use std::process::{Command, Stdio};
 use std::sync::{Arc, Mutex};
-use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use crossbeam_channel::{select, Receiver, Sender};
@@ -26,7 +26,8 @@ use crate::chunker::{Chunker, HOLD_BACK_RELEASE};
 use crate::fault;
 use crate::runlog::{Outcome, RunLog, Stream};
 use crate::spawn::Proc;
-use crate::sys::{self, ExitStatus, Readiness};
+use crate::sys::{self, ExitStatus};
+use crate::workers::Workers;
 
 const READ_BUFFER: usize = 64 * 1024;
 /// This program, even if its file was replaced since it started.
@@ -158,18 +159,20 @@ impl SpawnError {
 }
 
 /// A started child whose output is flowing into the log. Dropped before `supervise` reaped the
-/// main process (a panic on the way), it kills the group, stops the readers and reaps.
+/// main process (a panic on the way), it kills the group, stops the pump and reaps.
 pub struct Supervised {
     child: Proc,
     pid: u32,
-    readers: Vec<JoinHandle<()>>,
-    reader_done: Receiver<()>,
-    stop_readers: Option<PipeWriter>,
-    /// A reader found that the log cannot be written any more (a full disk).
+    /// Gets one message when both pipes have ended; disconnected once the pump has returned.
+    pump_done: Receiver<()>,
+    /// The main process's exit, once (disconnected: the pump or waiter failed).
+    exit: Receiver<io::Result<ExitStatus>>,
+    stop_pump: Option<PipeWriter>,
+    /// The pump found that the log cannot be written any more (a full disk).
     write_failed: Receiver<()>,
     log: Arc<RunLog>,
     cgroup: Option<RunCgroup>,
-    /// The message of the first panic in a reader or waiter thread.
+    /// The message of the first panic in the pump or waiter.
     panicked: Arc<Mutex<Option<String>>>,
     reaped: bool,
 }
@@ -181,15 +184,18 @@ impl Drop for Supervised {
         }
         // The main process is not reaped: the group id is still ours to signal.
         self.kill_all();
-        drop(self.stop_readers.take());
-        for reader in self.readers.drain(..) {
-            let _ = reader.join();
-        }
+        drop(self.stop_pump.take());
+        wait_for_pump_end(&self.pump_done);
         let _ = self.child.wait();
         self.reaped = true;
         // Dropping the run's cgroup kills what is left in it and removes it.
         drop(self.cgroup.take());
     }
+}
+
+/// Waits until the pump has returned (its end of `done` dropped).
+fn wait_for_pump_end(done: &Receiver<()>) {
+    while done.recv().is_ok() {}
 }
 
 /// Keeps the first panic message of a helper thread.
@@ -245,24 +251,7 @@ impl Supervised {
         mut requests: Receiver<StopRequest>,
     ) -> (Outcome, bool, Option<RunCgroup>) {
         let pid = self.pid;
-        let (exit_tx, exit_rx) = crossbeam_channel::bounded::<io::Result<ExitStatus>>(1);
-        let waiter_panicked = self.panicked.clone();
-        let waiter = std::thread::Builder::new()
-            .name(format!("wait-{pid}"))
-            .spawn(move || {
-                let waited = catch_unwind(|| {
-                    fault::test_point("waiter");
-                    sys::wait_exit_keep_zombie(pid)
-                });
-                let result = waited.unwrap_or_else(|payload| {
-                    note_panic(&waiter_panicked, fault::message(payload.as_ref()));
-                    Err(io::Error::other("the waiter thread panicked"))
-                });
-                let _ = exit_tx.send(result);
-            });
-        if let Err(e) = waiter {
-            log::error!("cannot start waiter thread: {e}");
-        }
+        let exit_rx = self.exit.clone();
         let deadline = crate::clock::instant_after(limits.timeout);
         let mut stop: Option<Stop> = None;
         let mut kill_at: Option<Instant> = None;
@@ -321,19 +310,12 @@ impl Supervised {
         // The main process is gone but not reaped: the group id is still ours to signal.
         let _ = sys::terminate_group(pid);
         let grace_end = crate::clock::instant_after(limits.orphan_grace);
-        let mut finished_readers = 0;
-        while finished_readers < self.readers.len() {
-            match self.reader_done.recv_deadline(grace_end) {
-                Ok(()) => finished_readers += 1,
-                Err(_) => break,
-            }
-        }
+        // Both pipes ended (a message) or the pump returned (disconnected), or the grace is over.
+        let _ = self.pump_done.recv_deadline(grace_end);
         self.kill_all();
-        // Readers still blocked on pipes held by an escaped descendant are told to stop.
-        drop(self.stop_readers.take());
-        for reader in self.readers.drain(..) {
-            let _ = reader.join();
-        }
+        // A pump still waiting on pipes held by an escaped descendant is told to stop.
+        drop(self.stop_pump.take());
+        wait_for_pump_end(&self.pump_done);
         let reaped = self.child.wait();
         // Whatever is left of the run (escapees of the group included) was killed by
         // `kill_all`; the cgroup goes when the caller drops it.
@@ -364,7 +346,7 @@ impl Supervised {
             .unwrap_or_else(|p| p.into_inner())
             .take();
         if let Some(message) = panicked {
-            // A reader or the waiter died: the run fails with that, whatever else happened.
+            // The pump or the waiter died: the run fails with that, whatever else happened.
             let outcome = Outcome {
                 return_code,
                 error: Some(fault::internal_error(&message)),
@@ -391,12 +373,13 @@ fn exit_code_of(status: std::process::ExitStatus) -> i32 {
         .unwrap_or(-1)
 }
 
-/// Starts the child in its own process group with its output flowing into `log`. `mask`: bytes
-/// replaced by `***` in everything stored.
+/// Starts the child in its own process group with its output flowing into `log`, pumped by a
+/// thread of `threads`. `mask`: bytes replaced by `***` in everything stored.
 pub fn spawn(
     launch: &Launch,
     log: Arc<RunLog>,
     mask: Option<&str>,
+    threads: &Workers,
 ) -> Result<Supervised, SpawnError> {
     let (stop_read, stop_write) = io::pipe()?;
     // The helper (this binary again), when used, resets signal dispositions and the
@@ -414,69 +397,97 @@ pub fn spawn(
         None => crate::spawn::start_direct(launch, cgroup.as_ref().map(RunCgroup::path))?,
         Some(_) => None,
     };
-    let (mut child, stdout, stderr) = match forked {
-        Some((proc, stdout, stderr)) => (
-            proc,
-            Some(Box::new(stdout) as Box<dyn ReadFd>),
-            Some(Box::new(stderr) as Box<dyn ReadFd>),
+    let (mut child, pidfd, stdout, stderr) = match forked {
+        Some(started) => (
+            started.proc,
+            Some(started.pidfd),
+            Some(Box::new(started.stdout) as Box<dyn ReadFd>),
+            Some(Box::new(started.stderr) as Box<dyn ReadFd>),
         ),
         None => {
             let mut child = helper_command(launch, soft, cgroup.as_ref()).spawn()?;
             let stdout = child.stdout.take().map(|p| Box::new(p) as Box<dyn ReadFd>);
             let stderr = child.stderr.take().map(|p| Box::new(p) as Box<dyn ReadFd>);
-            (Proc::Helper(child), stdout, stderr)
+            // Not reaped yet, so the pid is still this child's.
+            let pidfd = sys::pidfd_open(child.id()).ok();
+            (Proc::Helper(child), pidfd, stdout, stderr)
         }
     };
     let pid = child.id();
-    let stop_read = Arc::new(stop_read);
-    let (done_tx, done_rx) = crossbeam_channel::bounded::<()>(2);
+    let (exit_tx, exit_rx) = crossbeam_channel::bounded::<io::Result<ExitStatus>>(1);
+    let (done_tx, done_rx) = crossbeam_channel::bounded::<()>(1);
     let (failed_tx, failed_rx) = crossbeam_channel::bounded::<()>(1);
     let panicked = Arc::new(Mutex::new(None));
-    let mut readers = Vec::with_capacity(2);
-    let pipes: [(Option<Box<dyn ReadFd>>, Stream); 2] =
-        [(stdout, Stream::Stdout), (stderr, Stream::Stderr)];
-    for (pipe, stream) in pipes {
-        let Some(pipe) = pipe else { continue };
-        let log = log.clone();
-        let stop = stop_read.clone();
-        let done = done_tx.clone();
-        let failed = failed_tx.clone();
-        let secret = mask.map(|m| m.as_bytes().to_vec());
-        let reader_panicked = panicked.clone();
-        let spawned = std::thread::Builder::new()
-            .name(format!("{}-{pid}", stream.name()))
-            .spawn(move || {
-                let pumped = catch_unwind(AssertUnwindSafe(|| {
-                    pump(pipe, stream, &log, secret.as_deref(), &stop, &failed)
-                }));
-                if let Err(payload) = pumped {
-                    // Nobody reads this pipe any more: end the run. The main process is not
-                    // reaped before the readers are joined, so the group id is still ours.
-                    note_panic(&reader_panicked, fault::message(payload.as_ref()));
-                    let _ = sys::kill_group(pid);
-                }
-                let _ = done.send(());
-            });
-        match spawned {
-            Ok(handle) => readers.push(handle),
-            Err(e) => {
-                let _ = sys::kill_group(pid);
-                let _ = child.wait();
-                return Err(SpawnError::Exhausted(e));
-            }
+    let fail = |child: &mut Proc, e: io::Error| {
+        let _ = sys::kill_group(pid);
+        let _ = child.wait();
+        SpawnError::Exhausted(e)
+    };
+    let exit_by_pump = match pidfd {
+        Some(_) => Some(exit_tx),
+        None => {
+            start_waiter(threads, pid, exit_tx, panicked.clone())
+                .map_err(|e| fail(&mut child, e))?;
+            None
         }
+    };
+    let pump = Pump {
+        pipes: [(stdout, Stream::Stdout), (stderr, Stream::Stderr)]
+            .into_iter()
+            .filter_map(|(pipe, stream)| pipe.map(|p| PumpedPipe::new(p, stream, mask)))
+            .collect(),
+        exit: pidfd.zip(exit_by_pump),
+        pid,
+        log: log.clone(),
+        stop: stop_read,
+        failed: failed_tx,
+    };
+    let pump_panicked = panicked.clone();
+    let started = threads.run(move || {
+        let pumped = catch_unwind(AssertUnwindSafe(|| pump.run(&done_tx)));
+        if let Err(payload) = pumped {
+            // Nobody reads the pipes any more: end the run. The main process is not reaped
+            // before the pump has returned, so the group id is still ours.
+            note_panic(&pump_panicked, fault::message(payload.as_ref()));
+            let _ = sys::kill_group(pid);
+        }
+        // `done_tx` goes now: the pump has returned.
+    });
+    if let Err(e) = started {
+        return Err(fail(&mut child, e));
     }
     Ok(Supervised {
         child,
         pid,
-        readers,
-        reader_done: done_rx,
-        stop_readers: Some(stop_write),
+        pump_done: done_rx,
+        exit: exit_rx,
+        stop_pump: Some(stop_write),
         write_failed: failed_rx,
         log,
         cgroup,
         panicked,
         reaped: false,
+    })
+}
+
+/// Where there is no pidfd: a thread of `threads` learns of `pid`'s exit (without reaping it)
+/// and sends it on `exit`.
+fn start_waiter(
+    threads: &Workers,
+    pid: u32,
+    exit: Sender<io::Result<ExitStatus>>,
+    panicked: Arc<Mutex<Option<String>>>,
+) -> io::Result<()> {
+    threads.run(move || {
+        let waited = catch_unwind(|| {
+            fault::test_point("waiter");
+            sys::wait_exit_keep_zombie(pid)
+        });
+        let result = waited.unwrap_or_else(|payload| {
+            note_panic(&panicked, fault::message(payload.as_ref()));
+            Err(io::Error::other("the waiter thread panicked"))
+        });
+        let _ = exit.send(result);
     })
 }
 
@@ -513,64 +524,162 @@ fn helper_command(launch: &Launch, soft: String, cgroup: Option<&RunCgroup>) -> 
 pub trait ReadFd: Read + AsRawFd + Send {}
 impl<T: Read + AsRawFd + Send> ReadFd for T {}
 
-/// Copies one pipe into the log until EOF, or until `stop` becomes readable (its writer was
-/// dropped). Tells `failed` once when the log cannot be written any more. Bytes held back by
-/// the chunker that it lets go on a timer are released after `HOLD_BACK_RELEASE` of silence;
-/// the rest when they resolve or at the end.
-fn pump(
-    mut pipe: Box<dyn ReadFd>,
+/// One of the child's pipes as the pump reads it.
+struct PumpedPipe {
+    reader: Box<dyn ReadFd>,
     stream: Stream,
-    log: &RunLog,
-    secret: Option<&[u8]>,
-    stop: &PipeReader,
-    failed: &Sender<()>,
-) {
-    let mut chunker = Chunker::new(secret);
-    let mut told = false;
-    let mut buf = vec![0u8; READ_BUFFER];
-    let fds = [stop.as_raw_fd(), pipe.as_raw_fd()];
-    loop {
-        if !told && log.has_write_error() {
-            told = true;
-            let _ = failed.try_send(());
+    chunker: Chunker,
+    /// When bytes last came: held-back bytes are let go after `HOLD_BACK_RELEASE` of silence.
+    last_read: Instant,
+    ended: bool,
+}
+
+impl PumpedPipe {
+    fn new(reader: Box<dyn ReadFd>, stream: Stream, mask: Option<&str>) -> PumpedPipe {
+        PumpedPipe {
+            reader,
+            stream,
+            chunker: Chunker::new(mask.map(str::as_bytes)),
+            last_read: Instant::now(),
+            ended: false,
         }
-        let timeout = chunker.has_timed_release().then_some(HOLD_BACK_RELEASE);
-        match sys::poll_readable(&fds, timeout) {
-            Ok(Readiness::TimedOut) => log.append(stream, &chunker.release_timed()),
-            Ok(Readiness::Ready(1)) => match pipe.read(&mut buf) {
-                Ok(0) => break,
-                Ok(n) => {
-                    fault::test_point("reader");
-                    log.append(stream, &chunker.push(&buf[..n]))
-                }
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-                Err(e) => {
-                    log::warn!("reading {} failed: {e}", stream.name());
-                    break;
-                }
-            },
-            Ok(_) => {
-                // Told to stop: take what is already in the pipe, without waiting for more.
-                let mut drained = 0;
-                while drained < FINAL_DRAIN_LIMIT {
-                    match sys::poll_readable(&fds[1..], Some(Duration::ZERO)) {
-                        Ok(Readiness::Ready(_)) => match pipe.read(&mut buf) {
-                            Ok(n) if n > 0 => {
-                                drained += n;
-                                log.append(stream, &chunker.push(&buf[..n]));
-                            }
-                            _ => break,
-                        },
-                        _ => break,
-                    }
-                }
-                break;
+    }
+
+    /// When its held-back bytes are due, if it holds any that a timer lets go.
+    fn release_at(&self) -> Option<Instant> {
+        (!self.ended && self.chunker.has_timed_release())
+            .then(|| self.last_read + HOLD_BACK_RELEASE)
+    }
+
+    /// One read into the log. False: the pipe has ended (EOF or a read error).
+    fn read_once(&mut self, buf: &mut [u8], log: &RunLog) -> bool {
+        match self.reader.read(buf) {
+            Ok(0) => false,
+            Ok(n) => {
+                fault::test_point("reader");
+                self.last_read = Instant::now();
+                log.append(self.stream, &self.chunker.push(&buf[..n]));
+                true
             }
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => true,
             Err(e) => {
-                log::warn!("poll on {} failed: {e}", stream.name());
-                break;
+                log::warn!("reading {} failed: {e}", self.stream.name());
+                false
             }
         }
     }
-    log.append(stream, &chunker.finish());
+
+    /// Stores what the chunker still holds; the pipe is not read any more.
+    fn end(&mut self, log: &RunLog) {
+        if !self.ended {
+            self.ended = true;
+            log.append(self.stream, &self.chunker.finish());
+        }
+    }
+}
+
+/// Everything the pump thread owns.
+struct Pump {
+    pipes: Vec<PumpedPipe>,
+    /// The main process's pidfd and where its exit goes (None: a waiter thread tells it).
+    exit: Option<(OwnedFd, Sender<io::Result<ExitStatus>>)>,
+    pid: u32,
+    log: Arc<RunLog>,
+    /// Readable once the supervisor wants the pump to stop (its writer was dropped).
+    stop: PipeReader,
+    /// Told once when the log cannot be written any more.
+    failed: Sender<()>,
+}
+
+/// Places in the pump's poll set.
+const POLL_STOP: usize = 0;
+const POLL_EXIT: usize = 1;
+const POLL_FIRST_PIPE: usize = 2;
+
+impl Pump {
+    /// Copies the pipes into the log until both end, and sends the main process's exit when
+    /// its pidfd tells; or, once `stop` becomes readable, takes what is already in the pipes
+    /// and returns. Sends on `done` when both pipes have ended.
+    fn run(mut self, done: &Sender<()>) {
+        let mut told = false;
+        let mut buf = vec![0u8; READ_BUFFER];
+        loop {
+            if !told && self.log.has_write_error() {
+                told = true;
+                let _ = self.failed.try_send(());
+            }
+            let pipes_open = self.pipes.iter().any(|p| !p.ended);
+            if !pipes_open && self.exit.is_none() {
+                break;
+            }
+            let mut fds = [-1; POLL_FIRST_PIPE + 2];
+            fds[POLL_STOP] = self.stop.as_raw_fd();
+            if let Some((pidfd, _)) = &self.exit {
+                fds[POLL_EXIT] = pidfd.as_raw_fd();
+            }
+            for (slot, pipe) in fds[POLL_FIRST_PIPE..].iter_mut().zip(&self.pipes) {
+                if !pipe.ended {
+                    *slot = pipe.reader.as_raw_fd();
+                }
+            }
+            let release_at = self.pipes.iter().filter_map(PumpedPipe::release_at).min();
+            let timeout = release_at.map(|at| at.saturating_duration_since(Instant::now()));
+            let ready = match sys::poll_readable(&fds, timeout) {
+                Ok(ready) => ready,
+                Err(e) => {
+                    log::warn!("poll on the script's pipes failed: {e}");
+                    break;
+                }
+            };
+            if ready & (1 << POLL_STOP) != 0 {
+                self.drain();
+                break;
+            }
+            for (i, pipe) in self.pipes.iter_mut().enumerate() {
+                if ready & (1 << (POLL_FIRST_PIPE + i)) != 0 && !pipe.read_once(&mut buf, &self.log)
+                {
+                    pipe.end(&self.log);
+                }
+            }
+            if pipes_open && self.pipes.iter().all(|p| p.ended) {
+                let _ = done.try_send(());
+            }
+            let now = Instant::now();
+            for pipe in &mut self.pipes {
+                if pipe.release_at().is_some_and(|at| at <= now) {
+                    self.log.append(pipe.stream, &pipe.chunker.release_timed());
+                }
+            }
+            if ready & (1 << POLL_EXIT) != 0 {
+                if let Some((_, exit)) = self.exit.take() {
+                    fault::test_point("waiter");
+                    let _ = exit.send(sys::wait_exit_keep_zombie(self.pid));
+                }
+            }
+        }
+        for pipe in &mut self.pipes {
+            pipe.end(&self.log);
+        }
+    }
+
+    /// Told to stop: takes what is already in the pipes, without waiting for more.
+    fn drain(&mut self) {
+        let mut buf = vec![0u8; READ_BUFFER];
+        for pipe in &mut self.pipes {
+            let mut drained = 0;
+            while !pipe.ended && drained < FINAL_DRAIN_LIMIT {
+                let fd = [pipe.reader.as_raw_fd()];
+                match sys::poll_readable(&fd, Some(Duration::ZERO)) {
+                    Ok(ready) if ready != 0 => match pipe.reader.read(&mut buf) {
+                        Ok(n) if n > 0 => {
+                            drained += n;
+                            self.log.append(pipe.stream, &pipe.chunker.push(&buf[..n]));
+                        }
+                        _ => break,
+                    },
+                    _ => break,
+                }
+            }
+        }
+    }
 }

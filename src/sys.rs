@@ -8,7 +8,7 @@
 #![allow(unsafe_code)]
 
 use std::io;
-use std::os::fd::{AsFd, RawFd};
+use std::os::fd::{AsFd, FromRawFd, OwnedFd, RawFd};
 use std::os::unix::process::CommandExt;
 use std::process::Command;
 use std::time::Duration;
@@ -298,40 +298,42 @@ pub fn set_receive_timeout(socket: &impl AsFd, timeout: Duration) -> io::Result<
     SockRef::from(socket).set_read_timeout(Some(timeout))
 }
 
-/// What `poll_readable` saw.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Readiness {
-    /// `fds[i]` is readable (or hung up / in error: a read will tell).
-    Ready(usize),
-    TimedOut,
-}
+/// Most descriptors [`poll_readable`] watches at once.
+pub const POLL_MAX: usize = 8;
 
-/// Waits until one of `fds` is readable, or `timeout` (None = forever) passes. When several are
-/// ready, the lowest index wins.
-pub fn poll_readable(fds: &[RawFd], timeout: Option<Duration>) -> io::Result<Readiness> {
-    let mut pollfds: Vec<libc::pollfd> = fds
-        .iter()
-        .map(|&fd| libc::pollfd {
-            fd,
-            events: libc::POLLIN,
-            revents: 0,
-        })
-        .collect();
+/// Waits until one of `fds` (at most [`POLL_MAX`]; negative ones are ignored) is readable, hung
+/// up or in error, or `timeout` (None = forever) passes. Returns the ready ones as bits (bit `i`
+/// for `fds[i]`), 0 when the timeout passed.
+pub fn poll_readable(fds: &[RawFd], timeout: Option<Duration>) -> io::Result<u32> {
+    if fds.len() > POLL_MAX {
+        return Err(io::Error::from(io::ErrorKind::InvalidInput));
+    }
+    let mut pollfds = [libc::pollfd {
+        fd: -1,
+        events: libc::POLLIN,
+        revents: 0,
+    }; POLL_MAX];
+    for (slot, &fd) in pollfds.iter_mut().zip(fds) {
+        slot.fd = fd;
+    }
     let timeout_ms = match timeout {
         None => -1,
         Some(t) => libc::c_int::try_from(t.as_millis().max(u128::from(!t.is_zero())))
             .unwrap_or(libc::c_int::MAX),
     };
+    let nfds = libc::nfds_t::try_from(fds.len())
+        .map_err(|_| io::Error::from(io::ErrorKind::InvalidInput))?;
     loop {
-        let nfds = libc::nfds_t::try_from(pollfds.len())
-            .map_err(|_| io::Error::from(io::ErrorKind::InvalidInput))?;
-        // SAFETY: `pollfds` is a valid array of `nfds` pollfd structs.
+        // SAFETY: `pollfds` holds at least `nfds` valid pollfd structs.
         let ret = unsafe { libc::poll(pollfds.as_mut_ptr(), nfds, timeout_ms) };
         match check(ret) {
-            Ok(0) => return Ok(Readiness::TimedOut),
             Ok(_) => {
-                let ready = pollfds.iter().position(|p| p.revents != 0).unwrap_or(0);
-                return Ok(Readiness::Ready(ready));
+                let ready = pollfds[..fds.len()]
+                    .iter()
+                    .enumerate()
+                    .filter(|(_, p)| p.revents != 0)
+                    .fold(0u32, |bits, (i, _)| bits | (1 << i));
+                return Ok(ready);
             }
             Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
             Err(e) => return Err(e),
@@ -454,7 +456,7 @@ const CLONE_INTO_CGROUP: u64 = 0x2_0000_0000;
 /// signal mask, then `execve`. Returns the child's pid once it has exec'd, or the error of the
 /// step that failed (that child has exited and is reaped here). ENOSYS, EINVAL, EOPNOTSUPP or
 /// E2BIG: this kernel or architecture cannot, the caller falls back to the helper.
-pub fn spawn_in_cgroup(spec: &CgroupSpawn<'_>) -> io::Result<u32> {
+pub fn spawn_in_cgroup(spec: &CgroupSpawn<'_>) -> io::Result<(u32, OwnedFd)> {
     let hard = nofile_limits()?.1;
     // SAFETY: sigset_t is plain data; sigemptyset/sigfillset initialise it.
     let (empty, full) = unsafe {
@@ -471,14 +473,19 @@ pub fn spawn_in_cgroup(spec: &CgroupSpawn<'_>) -> io::Result<u32> {
         empty,
         failure: &failure,
     };
-    let stack = ChildStack::new()?;
+    let stack = ChildStack::take()?;
     let into_cgroup = if spec.cgroup.is_some() {
         CLONE_INTO_CGROUP
     } else {
         0
     };
+    let mut pidfd: libc::c_int = -1;
     let mut args = CloneArgs {
-        flags: libc::CLONE_VM as u64 | libc::CLONE_VFORK as u64 | into_cgroup,
+        flags: libc::CLONE_VM as u64
+            | libc::CLONE_VFORK as u64
+            | libc::CLONE_PIDFD as u64
+            | into_cgroup,
+        pidfd: &mut pidfd as *mut libc::c_int as u64,
         exit_signal: libc::SIGCHLD as u64,
         stack: stack.base as u64,
         stack_size: CHILD_STACK_BYTES as u64,
@@ -499,18 +506,36 @@ pub fn spawn_in_cgroup(spec: &CgroupSpawn<'_>) -> io::Result<u32> {
     let ret = unsafe { clone3_vfork(&mut args, &context) };
     // SAFETY: `old` is the mask read above.
     unsafe { libc::pthread_sigmask(libc::SIG_SETMASK, &old, std::ptr::null_mut()) };
-    drop(stack);
+    // The child has exec'd or exited: its stack is free again.
+    stack.give_back();
     if ret < 0 {
         return Err(io::Error::from_raw_os_error(-ret as i32));
     }
     let pid = ret as libc::pid_t;
+    // SAFETY: with CLONE_PIDFD a successful clone3 stored a new descriptor, ours alone.
+    let pidfd = unsafe { OwnedFd::from_raw_fd(pidfd) };
     let code = failure.load(std::sync::atomic::Ordering::SeqCst);
     if code != 0 {
         // The child failed before its exec and exited: reap it, report why.
         let _ = reap(pid as u32);
         return Err(io::Error::from_raw_os_error(code));
     }
-    Ok(pid as u32)
+    Ok((pid as u32, pidfd))
+}
+
+/// A descriptor of process `pid` (`pidfd_open`, Linux 5.3), readable once it has exited. The
+/// caller must not have reaped it (the pid could name another process by then).
+pub fn pidfd_open(pid: u32) -> io::Result<OwnedFd> {
+    let pid =
+        libc::pid_t::try_from(pid).map_err(|_| io::Error::from(io::ErrorKind::InvalidInput))?;
+    // SAFETY: pidfd_open takes a pid and flags and returns a new descriptor or -1.
+    let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid, 0) };
+    if fd < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    let fd = libc::c_int::try_from(fd).map_err(|_| io::Error::other("bad descriptor"))?;
+    // SAFETY: a successful pidfd_open returned a new descriptor, ours alone.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
 }
 
 /// What the child of [`spawn_in_cgroup`] reads (in the parent's memory, shared until exec).
@@ -548,7 +573,33 @@ impl ChildStack {
         }
         Ok(ChildStack { base })
     }
+
+    /// A stack a previous spawn gave back, or a new one.
+    fn take() -> io::Result<ChildStack> {
+        let kept = SPARE_STACKS.lock().unwrap_or_else(|p| p.into_inner()).pop();
+        match kept {
+            Some(base) => Ok(ChildStack {
+                base: base as *mut libc::c_void,
+            }),
+            None => ChildStack::new(),
+        }
+    }
+
+    /// Keeps the stack for the next spawn (unmapping one interrupts every other processor
+    /// running one of the server's threads), or unmaps it when enough are kept.
+    fn give_back(self) {
+        let mut kept = SPARE_STACKS.lock().unwrap_or_else(|p| p.into_inner());
+        if kept.len() < SPARE_STACKS_MAX {
+            kept.push(self.base as usize);
+            std::mem::forget(self);
+        }
+    }
 }
+
+/// Child stacks kept for the next spawns (their addresses): as many as spawns that ran at once.
+static SPARE_STACKS: std::sync::Mutex<Vec<usize>> = std::sync::Mutex::new(Vec::new());
+/// Most child stacks kept.
+const SPARE_STACKS_MAX: usize = 8;
 
 impl Drop for ChildStack {
     fn drop(&mut self) {

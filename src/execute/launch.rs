@@ -76,7 +76,7 @@ pub(super) fn launch(
     let env = build_environment(app, &req, &vars, &scope, &run_token, &work);
     crate::stages::mark(run_id, "token and env");
     let launch = script_launch(app, run_id, &script, &work, env);
-    let child = match supervisor::spawn(&launch, log.clone(), Some(&run_token)) {
+    let child = match supervisor::spawn(&launch, log.clone(), Some(&run_token), &app.run_threads) {
         Ok(child) => child,
         Err(SpawnError::Exhausted(e)) => {
             work.remove();
@@ -93,8 +93,6 @@ pub(super) fn launch(
         }
     };
     crate::stages::mark(run_id, "spawn");
-    record_process(app, &run, &child);
-    crate::stages::mark(run_id, "record with pgid");
     fault::test_point("launch");
     if let Err(e) = spawn_supervised(app, &run, &log, path, child, work, started) {
         // Without a supervisor the child must not linger: dropping its handle (moved into the
@@ -328,7 +326,8 @@ fn script_launch(
 }
 
 /// Records the started script's process group (and cgroup), so that a restarted server can
-/// tell whether it still runs.
+/// tell whether it still runs. Done by the run thread while the script starts: a server killed
+/// before that finds the run's cgroup by its name (see `lifecycle::recover`).
 fn record_process(app: &App, run: &Run, child: &Supervised) {
     let pgid = child.pid();
     let record = run.update(|r| {
@@ -366,48 +365,46 @@ fn spawn_supervised(
     let thread_run = run.clone();
     let thread_log = log.clone();
     let thread_path = path.to_path_buf();
-    let run_id = &run.id;
-    std::thread::Builder::new()
-        .name(format!("run-{}", &run_id[..run_id.len().min(16)]))
-        .spawn(move || {
-            let mut progress = Progress::default();
-            let ran = catch_unwind(AssertUnwindSafe(|| {
-                let (outcome, cancelled, cgroup) = child.supervise(limits, cancel_rx);
-                crate::stages::mark(&thread_run.id, "script and readers");
-                conclude(
-                    &thread_app,
-                    &thread_run,
-                    &thread_log,
-                    &thread_path,
-                    outcome,
-                    cancelled,
-                    started,
-                    &mut progress,
-                );
-                // Everything in them is dead: the directories and the cgroup go once the
-                // result is out. The thread waiting for `done` may have been woken on this
-                // processor: it goes first.
-                std::thread::yield_now();
-                work.remove();
-                if let Some(mut cgroup) = cgroup {
-                    if let Err(e) = cgroup.kill_and_remove() {
-                        log::error!("cannot remove cgroup {}: {e}", cgroup.path().display());
-                    }
+    app.run_threads.run(move || {
+        let mut progress = Progress::default();
+        let ran = catch_unwind(AssertUnwindSafe(|| {
+            record_process(&thread_app, &thread_run, &child);
+            crate::stages::mark(&thread_run.id, "record with pgid");
+            let (outcome, cancelled, cgroup) = child.supervise(limits, cancel_rx);
+            crate::stages::mark(&thread_run.id, "script and readers");
+            conclude(
+                &thread_app,
+                &thread_run,
+                &thread_log,
+                &thread_path,
+                outcome,
+                cancelled,
+                started,
+                &mut progress,
+            );
+            // Everything in them is dead: the directories and the cgroup go once the
+            // result is out. The thread waiting for `done` may have been woken on this
+            // processor: it goes first.
+            std::thread::yield_now();
+            work.remove();
+            if let Some(mut cgroup) = cgroup {
+                if let Err(e) = cgroup.kill_and_remove() {
+                    log::error!("cannot remove cgroup {}: {e}", cgroup.path().display());
                 }
-            }));
-            if let Err(payload) = ran {
-                // The child was killed and reaped when its handle was dropped.
-                work.remove();
-                conclude_after_panic(
-                    &thread_app,
-                    &thread_run,
-                    &thread_log,
-                    &thread_path,
-                    &fault::message(payload.as_ref()),
-                    started,
-                    &mut progress,
-                );
             }
-        })
-        .map(|_| ())
+        }));
+        if let Err(payload) = ran {
+            // The child was killed and reaped when its handle was dropped.
+            work.remove();
+            conclude_after_panic(
+                &thread_app,
+                &thread_run,
+                &thread_log,
+                &thread_path,
+                &fault::message(payload.as_ref()),
+                started,
+                &mut progress,
+            );
+        }
+    })
 }

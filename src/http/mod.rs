@@ -14,7 +14,6 @@ pub mod request;
 pub mod router;
 pub mod run_output;
 pub mod runs;
-pub mod workers;
 
 use std::io;
 use std::net::{SocketAddr, TcpListener};
@@ -45,6 +44,9 @@ fn accept_loop_alive(local: SocketAddr) -> bool {
 /// Accept queue length (the kernel caps it at net.core.somaxconn).
 const LISTEN_BACKLOG: i32 = 4096;
 
+/// Most request threads kept waiting for the next request.
+const MAX_IDLE_REQUEST_THREADS: usize = 16;
+
 /// Binds the listening socket. Linux copies `SO_SNDTIMEO` / `TCP_USER_TIMEOUT` and
 /// `SO_RCVTIMEO` from it to every accepted connection: a viewer whose socket accepts nothing for
 /// the stall time fails, and a read of a request head or body that gets no byte for
@@ -70,7 +72,7 @@ pub fn bind(
 /// listener. So while idle, the listening address is probed: a refused connection means the
 /// accept loop is gone and the caller must listen again.
 pub fn serve(app: &Arc<App>, server: &tiny_http::Server, local: SocketAddr) -> io::Result<()> {
-    let workers = workers::Workers::default();
+    let workers = crate::workers::Workers::new("http", MAX_IDLE_REQUEST_THREADS);
     let mut idle_since = Instant::now();
     loop {
         let Some(request) = server.recv_timeout(LIVENESS_PROBE_EVERY)? else {

@@ -1,7 +1,8 @@
-//! The threads that serve requests: each request gets a thread of its own (a stream or a
-//! synchronous run may hold it for hours), but a thread whose request is answered waits for the
-//! next one instead of ending, so a request seldom pays for starting a thread. At most
-//! `MAX_IDLE` threads wait; the others end with their request.
+//! Threads that are reused: each job (a request, a run's supervision, a run's pipes) gets a
+//! thread of its own, as it may hold it for hours, but a thread whose job is done waits for the
+//! next one instead of ending, so a job seldom pays for starting a thread (tens of
+//! microseconds: a stack mapped, and unmapped at its end, which interrupts the other
+//! processors). At most `max_idle` threads of a pool wait; the others end with their job.
 #![forbid(unsafe_code)]
 
 use std::io;
@@ -10,13 +11,14 @@ use std::sync::Arc;
 
 use crossbeam_channel::{Receiver, Sender};
 
-/// Most threads kept waiting for a request.
-const MAX_IDLE: usize = 16;
-
 type Job = Box<dyn FnOnce() + Send>;
 
 /// Hands each job to a waiting thread, or to a new one when none waits.
 pub struct Workers {
+    /// The name of the pool's threads.
+    name: &'static str,
+    /// Most threads kept waiting for a job.
+    max_idle: usize,
     jobs: Sender<Job>,
     waiting: Receiver<Job>,
     /// Threads blocked on `waiting` and not yet given a job: each one counted here receives
@@ -24,19 +26,20 @@ pub struct Workers {
     idle: Arc<AtomicUsize>,
 }
 
-impl Default for Workers {
-    fn default() -> Self {
+impl Workers {
+    /// A pool of threads named `name` keeping at most `max_idle` of them waiting.
+    pub fn new(name: &'static str, max_idle: usize) -> Workers {
         let (jobs, waiting) = crossbeam_channel::unbounded();
         Workers {
+            name,
+            max_idle,
             jobs,
             waiting,
             idle: Arc::new(AtomicUsize::new(0)),
         }
     }
-}
 
-impl Workers {
-    /// Runs `job` on a waiting thread, or on a new one (named `http`).
+    /// Runs `job` on a waiting thread, or on a new one.
     pub fn run(&self, job: impl FnOnce() + Send + 'static) -> io::Result<()> {
         let job: Job = Box::new(job);
         // Claim an idle thread: from then on it is ours to send one job to.
@@ -57,16 +60,17 @@ impl Workers {
     fn start(&self, first: Job) -> io::Result<()> {
         let waiting = self.waiting.clone();
         let idle = self.idle.clone();
+        let max_idle = self.max_idle;
         std::thread::Builder::new()
-            .name("http".into())
+            .name(self.name.into())
             .spawn(move || {
                 let mut job = first;
                 loop {
                     job();
-                    // Stay for the next request, unless enough threads wait already.
+                    // Stay for the next job, unless enough threads wait already.
                     let stays = idle
                         .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
-                            (n < MAX_IDLE).then_some(n + 1)
+                            (n < max_idle).then_some(n + 1)
                         })
                         .is_ok();
                     if !stays {
@@ -96,9 +100,11 @@ mod tests {
         }
     }
 
+    const MAX_IDLE: usize = 16;
+
     #[test]
-    fn an_answered_thread_serves_the_next_request() {
-        let workers = Workers::default();
+    fn a_thread_whose_job_ended_takes_the_next_one() {
+        let workers = Workers::new("test", MAX_IDLE);
         let threads = Arc::new(Mutex::new(Vec::new()));
         for _ in 0..5 {
             let seen = threads.clone();
@@ -117,8 +123,8 @@ mod tests {
     }
 
     #[test]
-    fn busy_threads_never_hold_up_a_request_and_few_stay_idle() {
-        let workers = Workers::default();
+    fn busy_threads_never_hold_up_a_job_and_few_stay_idle() {
+        let workers = Workers::new("test", MAX_IDLE);
         let (release_tx, release_rx) = crossbeam_channel::unbounded::<()>();
         let started = Arc::new(AtomicUsize::new(0));
         let jobs = MAX_IDLE + 8;
