@@ -47,6 +47,8 @@ pub struct App {
     pub spare_files: std::sync::Arc<crate::spare_files::SpareFiles>,
     /// The threads of runs (supervision, pumping the pipes), reused from run to run.
     pub run_threads: crate::workers::Workers,
+    /// Runbooks as last parsed, by their exact text.
+    pub parsed_runbooks: crate::runbook_cache::RunbookCache,
 }
 
 impl App {

@@ -148,11 +148,7 @@ impl Catalog {
         let file = runbook_file::open(&path, false, self.max_bytes).map_err(file_error)?;
         let bytes = runbook_file::read_bounded(&file, self.max_bytes).map_err(file_error)?;
         drop(lock);
-        let text = match String::from_utf8(bytes) {
-            Ok(text) => text,
-            Err(error) => String::from_utf8_lossy(error.as_bytes()).into_owned(),
-        };
-        Ok((path, text))
+        Ok((path, runbook_text(bytes)))
     }
 
     /// For `Input:` entries: resolve a path relative to the runbook's directory (root) and
@@ -164,6 +160,14 @@ impl Catalog {
         }
         let canonical = fs::canonicalize(self.root.join(input)).ok()?;
         canonical.starts_with(&self.root).then_some(canonical)
+    }
+}
+
+/// A runbook file's bytes as text (invalid UTF-8 replaced), as [`Catalog::read`] gives it.
+pub fn runbook_text(bytes: Vec<u8>) -> String {
+    match String::from_utf8(bytes) {
+        Ok(text) => text,
+        Err(error) => String::from_utf8_lossy(error.as_bytes()).into_owned(),
     }
 }
 

@@ -212,6 +212,7 @@ fn start(config: Config, run_as: Option<privsep::RunAs>) -> Result<(), StartErro
         spare_dirs,
         spare_files,
         run_threads: crate::workers::Workers::new("run", MAX_IDLE_RUN_THREADS),
+        parsed_runbooks: Default::default(),
         run_as,
     });
     lifecycle::recover(&app);

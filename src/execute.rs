@@ -23,7 +23,6 @@ use crate::auth::Principal;
 use crate::catalog::CatalogError;
 use crate::fault;
 use crate::run::{AdmitError, AdmitLimits, Run};
-use crate::runbook;
 use crate::runenv::RequestVars;
 
 pub use claims::{authorize, check_claims};
@@ -69,7 +68,7 @@ pub fn start(app: &Arc<App>, req: ExecuteRequest) -> Result<Arc<Run>, ExecError>
     }
     let entered = Instant::now();
     let (path, content) = app.catalog.read(&req.file)?;
-    let book = runbook::parse(&content);
+    let book = app.parsed_runbooks.parse(&path, content);
     authorize(app, &path, &book, &req.principal)?;
     let run_id = format!("{}-{}", app.config.instance_id, uuid::Uuid::new_v4());
     crate::stages::begin(&run_id, entered);

@@ -146,13 +146,13 @@ fn push_stream(out: &mut String, label: &str, excerpt: &StreamExcerpt, run_id: O
 /// regular file of at most `max_bytes` whose code blocks are all closed: History never changes
 /// the executable part of a file. An entry that goes at the end of the file and drops nothing is
 /// appended in place; any other change is written to a temporary file in the same directory,
-/// with the runbook's mode, and renamed over it.
+/// with the runbook's mode, and renamed over it. Returns the runbook's text as it now is.
 pub fn append(
     runbook_path: &Path,
     entry: &str,
     max_entries: usize,
     max_bytes: u64,
-) -> Result<(), HistoryError> {
+) -> Result<Vec<u8>, HistoryError> {
     let _lock = runbook_file::lock(runbook_path, true, runbook_file::LOCK_WAIT)?;
     let mut file = runbook_file::open(runbook_path, true, max_bytes)?;
     let content = runbook_file::read_bounded(&file, max_bytes)?;
@@ -203,7 +203,7 @@ pub fn append(
         // The descriptor is in append mode: the entry lands at the end whatever the offset.
         file.write_all(&addition)?;
     }
-    Ok(())
+    Ok(updated)
 }
 
 /// Each History entry of `content` as a byte range (its `### ` line up to the next entry or the

@@ -36,6 +36,7 @@ mod result_json;
 mod retention;
 mod run;
 mod runbook;
+mod runbook_cache;
 mod runbook_file;
 mod runbook_summary;
 mod runenv;

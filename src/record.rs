@@ -175,7 +175,11 @@ fn save_through(runs_dir: &Path, record: &RunRecord, tmp: &Path) -> io::Result<(
 /// `auto_da_alloc`, tens of microseconds on a run's path); cut to length after the write instead.
 fn write_whole(path: &Path, text: &[u8]) -> io::Result<()> {
     use std::io::Write;
-    let mut file = fs::File::options().write(true).create(true).open(path)?;
+    let mut file = fs::File::options()
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .open(path)?;
     file.write_all(text)?;
     file.set_len(text.len() as u64)
 }

@@ -72,6 +72,15 @@ impl RunBeforeScript<'_> {
 pub(super) struct Progress {
     history_written: bool,
     metrics_counted: bool,
+    /// The runbook's text once the run's History entry is in it.
+    runbook_text: Option<Vec<u8>>,
+}
+
+impl Progress {
+    /// The runbook's text as the run's History entry left it, if it was written.
+    pub(super) fn take_runbook_text(&mut self) -> Option<Vec<u8>> {
+        self.runbook_text.take()
+    }
 }
 
 /// Ends a run: finishes its log (viewers then send `done`), writes its record, history entry,
@@ -113,9 +122,13 @@ pub(super) fn conclude(
     };
     let limit = app.config.max_output_bytes;
     fault::test_point("conclude-before-history");
-    let history_error = write_history(app, path, &run.id, log, &outcome, None)
-        .err()
-        .map(|e| e.to_string());
+    let history_error = match write_history(app, path, &run.id, log, &outcome, None) {
+        Ok(text) => {
+            progress.runbook_text = Some(text);
+            None
+        }
+        Err(e) => Some(e.to_string()),
+    };
     progress.history_written = true;
     crate::stages::mark(&run.id, "history");
     let record = run.update(|r| {
@@ -229,7 +242,7 @@ pub fn write_history(
     log: &RunLog,
     outcome: &Outcome,
     note: Option<&str>,
-) -> Result<(), history::HistoryError> {
+) -> Result<Vec<u8>, history::HistoryError> {
     let excerpt = |stream| {
         let ex = log.excerpt(stream);
         StreamExcerpt {

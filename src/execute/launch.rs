@@ -386,6 +386,11 @@ fn spawn_supervised(
             // result is out. The thread waiting for `done` may have been woken on this
             // processor: it goes first.
             std::thread::yield_now();
+            if let Some(text) = progress.take_runbook_text() {
+                thread_app
+                    .parsed_runbooks
+                    .warm(&thread_path, crate::catalog::runbook_text(text));
+            }
             work.remove();
             if let Some(mut cgroup) = cgroup {
                 if let Err(e) = cgroup.kill_and_remove() {
