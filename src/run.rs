@@ -9,9 +9,7 @@ use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 
-use crossbeam_channel::Sender;
-
-use crate::supervisor::StopRequest;
+use crate::supervisor::{StopRequest, StopSender};
 
 use crate::record::{RunRecord, RunStatus};
 use crate::runlog::{LogError, Outcome, RunLog};
@@ -26,7 +24,7 @@ pub struct Run {
     /// The log while this process writes it; None for runs loaded from disk or released.
     live: Mutex<Option<Arc<RunLog>>>,
     /// Requests to the run's supervisor (cancel, kill).
-    cancel: Mutex<Option<Sender<StopRequest>>>,
+    cancel: Mutex<Option<StopSender>>,
     /// Set when the server stops the run because it is shutting down.
     interrupted: AtomicBool,
 }
@@ -107,7 +105,7 @@ impl Run {
         lock(&self.live).take();
     }
 
-    pub fn set_cancel(&self, sender: Sender<StopRequest>) {
+    pub fn set_cancel(&self, sender: StopSender) {
         *lock(&self.cancel) = Some(sender);
     }
 
@@ -124,7 +122,7 @@ impl Run {
     fn send(&self, request: StopRequest) -> bool {
         lock(&self.cancel)
             .as_ref()
-            .is_some_and(|tx| tx.send(request).is_ok())
+            .is_some_and(|tx| tx.send(request))
     }
 }
 

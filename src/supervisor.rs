@@ -1,9 +1,9 @@
 //! Runs one child process in its own process group and moves its output into the run's log.
 //! Knows nothing of HTTP: it is given a program, an environment and a `RunLog`, and returns an
-//! `Outcome`. One pump thread per run appends both pipes to the log and learns of the main
-//! process's exit from its pidfd, without reaping it, so the group id cannot be reused while the
-//! group is still being signalled (a waiter thread does that where there is no pidfd). Its
-//! threads come from a pool of reused ones (`workers.rs`). Descendants get `ORPHAN_GRACE_MS` to release the pipes, then the group is
+//! `Outcome`. One thread per run does it all in one poll: it appends both pipes to the log,
+//! learns of the main process's exit from its pidfd, without reaping it, so the group id cannot
+//! be reused while the group is still being signalled (a waiter thread does that where there is
+//! no pidfd), and takes cancel requests, which come with a byte on a wake pipe. Descendants get `ORPHAN_GRACE_MS` to release the pipes, then the group is
 //! killed and the pipes abandoned. With a run cgroup, the script enters it before it execs, and
 //! the run's end kills and removes it, so descendants that left the group die too. A run whose log cannot be written any more (a full disk) is
 //! stopped as a timed-out one is: its output would be lost.
@@ -13,13 +13,13 @@ use std::ffi::OsString;
 use std::io::{self, PipeReader, PipeWriter, Read};
 use std::os::fd::{AsRawFd, OwnedFd};
 use std::os::unix::process::CommandExt;
-use std::panic::{catch_unwind, AssertUnwindSafe};
+use std::panic::catch_unwind;
 use std::path::PathBuf;
 use std::process::{Command, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use crossbeam_channel::{select, Receiver, Sender};
+use crossbeam_channel::{Receiver, Sender};
 
 use crate::cgroup::{self, RunCgroup};
 use crate::chunker::{Chunker, HOLD_BACK_RELEASE};
@@ -159,20 +159,25 @@ impl SpawnError {
 }
 
 /// A started child whose output is flowing into the log. Dropped before `supervise` reaped the
-/// main process (a panic on the way), it kills the group, stops the pump and reaps.
+/// main process (a panic on the way), it kills the group and reaps.
 pub struct Supervised {
     child: Proc,
     pid: u32,
-    /// Gets one message when both pipes have ended; disconnected once the pump has returned.
-    pump_done: Receiver<()>,
-    /// The main process's exit, once (disconnected: the pump or waiter failed).
+    pipes: Vec<PumpedPipe>,
+    /// Readable once the main process has exited (None: a waiter thread tells through `exit`).
+    pidfd: Option<OwnedFd>,
+    /// The waiter thread's word on the main process's exit (disconnected: it failed).
     exit: Receiver<io::Result<ExitStatus>>,
-    stop_pump: Option<PipeWriter>,
-    /// The pump found that the log cannot be written any more (a full disk).
-    write_failed: Receiver<()>,
+    requests: Receiver<StopRequest>,
+    /// Cloned into each `StopSender`.
+    request_sender: Sender<StopRequest>,
+    /// Readable when a request or the waiter's word is there to take.
+    wake: PipeReader,
+    /// The other end of `wake` (non-blocking), for the senders.
+    waker: Arc<PipeWriter>,
     log: Arc<RunLog>,
     cgroup: Option<RunCgroup>,
-    /// The message of the first panic in the pump or waiter.
+    /// The message of a panic in the waiter thread.
     panicked: Arc<Mutex<Option<String>>>,
     reaped: bool,
 }
@@ -184,8 +189,7 @@ impl Drop for Supervised {
         }
         // The main process is not reaped: the group id is still ours to signal.
         self.kill_all();
-        drop(self.stop_pump.take());
-        wait_for_pump_end(&self.pump_done);
+        self.end_pipes();
         let _ = self.child.wait();
         self.reaped = true;
         // Dropping the run's cgroup kills what is left in it and removes it.
@@ -193,15 +197,35 @@ impl Drop for Supervised {
     }
 }
 
-/// Waits until the pump has returned (its end of `done` dropped).
-fn wait_for_pump_end(done: &Receiver<()>) {
-    while done.recv().is_ok() {}
-}
-
-/// Keeps the first panic message of a helper thread.
+/// Keeps the first panic message of the waiter thread.
 fn note_panic(slot: &Mutex<Option<String>>, message: String) {
     let mut slot = slot.lock().unwrap_or_else(|p| p.into_inner());
     slot.get_or_insert(message);
+}
+
+/// How a run's owner reaches its supervisor: the request on a channel, and a byte on a pipe
+/// that wakes the supervisor's poll.
+#[derive(Clone)]
+pub struct StopSender {
+    requests: Sender<StopRequest>,
+    waker: Arc<PipeWriter>,
+}
+
+impl StopSender {
+    /// Sends `request`; false once the supervisor is gone (the run is over).
+    pub fn send(&self, request: StopRequest) -> bool {
+        if self.requests.send(request).is_err() {
+            return false;
+        }
+        wake_up(&self.waker);
+        true
+    }
+}
+
+/// One byte on the supervisor's wake pipe; a full pipe (never drained yet) wakes it as well.
+fn wake_up(waker: &PipeWriter) {
+    use std::io::Write;
+    let _ = (&*waker).write(&[1]);
 }
 
 /// What a run's owner may ask of its supervisor while the main process runs.
@@ -233,6 +257,14 @@ impl Supervised {
         self.cgroup.as_ref().map(RunCgroup::path)
     }
 
+    /// What the run's owner sends a cancel or kill through.
+    pub fn stop_sender(&self) -> StopSender {
+        StopSender {
+            requests: self.request_sender.clone(),
+            waker: self.waker.clone(),
+        }
+    }
+
     /// KILL to the group and to everything in the run's cgroup.
     fn kill_all(&self) {
         let _ = sys::kill_group(self.pid);
@@ -241,81 +273,177 @@ impl Supervised {
         }
     }
 
-    /// Waits for the run to end (exit, timeout or `cancel`), kills what is left of the group
-    /// and of the run's cgroup, and returns the outcome, whether it was cancelled, and the
-    /// run's cgroup, emptied, which is removed when dropped (after the run is concluded: its
-    /// removal need not delay the result). The log is finished by the caller.
-    pub fn supervise(
-        mut self,
-        limits: Limits,
-        mut requests: Receiver<StopRequest>,
-    ) -> (Outcome, bool, Option<RunCgroup>) {
+    /// Stores what the chunkers still hold; the pipes are not read any more.
+    fn end_pipes(&mut self) {
+        for pipe in &mut self.pipes {
+            pipe.end(&self.log);
+        }
+    }
+
+    /// Takes what is already in the pipes, without waiting for more.
+    fn drain_pipes(&mut self, buf: &mut [u8]) {
+        for pipe in &mut self.pipes {
+            let mut drained = 0;
+            while !pipe.ended && drained < FINAL_DRAIN_LIMIT {
+                let fd = [pipe.reader.as_raw_fd()];
+                match sys::poll_readable(&fd, Some(Duration::ZERO)) {
+                    Ok(ready) if ready != 0 => match pipe.reader.read(buf) {
+                        Ok(n) if n > 0 => {
+                            drained += n;
+                            self.log.append(pipe.stream, &pipe.chunker.push(&buf[..n]));
+                        }
+                        _ => break,
+                    },
+                    _ => break,
+                }
+            }
+        }
+    }
+
+    /// Takes the requests (and, without a pidfd, the waiter's word) that woke the poll.
+    fn take_wake_bytes(&mut self) {
+        let mut bytes = [0u8; 64];
+        let _ = self.wake.read(&mut bytes);
+    }
+
+    /// Runs the run on this thread: copies both pipes into the log, learns of the main
+    /// process's exit (pidfd), acts on timeout, cancel and a log that cannot be written, gives
+    /// descendants `orphan_grace` to release the pipes, then kills what is left of the group
+    /// and of the run's cgroup. Returns the outcome, whether it was cancelled, and the run's
+    /// cgroup, emptied, which is removed when dropped (after the run is concluded: its removal
+    /// need not delay the result). The log is finished by the caller.
+    pub fn supervise(mut self, limits: Limits) -> (Outcome, bool, Option<RunCgroup>) {
         let pid = self.pid;
-        let exit_rx = self.exit.clone();
         let deadline = crate::clock::instant_after(limits.timeout);
         let mut stop: Option<Stop> = None;
         let mut kill_at: Option<Instant> = None;
-        let mut write_failed = self.write_failed.clone();
-        let status = loop {
-            let wake_at = kill_at.unwrap_or(deadline);
-            let wait = wake_at.saturating_duration_since(Instant::now());
-            select! {
-                recv(exit_rx) -> status => break status,
-                recv(requests) -> request => match request {
-                    Ok(StopRequest::Cancel) => {
-                        if stop.is_none() {
-                            stop = Some(Stop::Cancelled);
-                            let _ = sys::terminate_group(pid);
-                            kill_at = Some(crate::clock::instant_after(limits.kill_grace));
+        // Once the main process has exited (or waiting for it failed).
+        let mut status: Option<io::Result<ExitStatus>> = None;
+        let mut grace_end: Option<Instant> = None;
+        let mut told_write_failed = false;
+        let mut buf = vec![0u8; READ_BUFFER];
+        loop {
+            if status.is_none() && !told_write_failed && self.log.has_write_error() {
+                told_write_failed = true;
+                if stop.is_none() {
+                    log::warn!("group {pid}: its run log cannot be written; stopping it");
+                    stop = Some(Stop::WriteFailed);
+                    let _ = sys::terminate_group(pid);
+                    kill_at = Some(crate::clock::instant_after(limits.kill_grace));
+                }
+            }
+            let pipes_open = self.pipes.iter().any(|p| !p.ended);
+            if let Some(end) = grace_end {
+                if !pipes_open || Instant::now() >= end {
+                    break;
+                }
+            }
+            let phase_end = match status {
+                None => kill_at.unwrap_or(deadline),
+                Some(_) => grace_end.unwrap_or(deadline),
+            };
+            let wake_at = self
+                .pipes
+                .iter()
+                .filter_map(PumpedPipe::release_at)
+                .fold(phase_end, Instant::min);
+            let mut fds = [-1; POLL_FIRST_PIPE + 2];
+            fds[POLL_WAKE] = self.wake.as_raw_fd();
+            if let (None, Some(pidfd)) = (&status, &self.pidfd) {
+                fds[POLL_EXIT] = pidfd.as_raw_fd();
+            }
+            for (slot, pipe) in fds[POLL_FIRST_PIPE..].iter_mut().zip(&self.pipes) {
+                if !pipe.ended {
+                    *slot = pipe.reader.as_raw_fd();
+                }
+            }
+            let timeout = wake_at.saturating_duration_since(Instant::now());
+            let ready = match sys::poll_readable(&fds, Some(timeout)) {
+                Ok(ready) => ready,
+                Err(e) => {
+                    log::error!("group {pid}: poll failed ({e}); killing it");
+                    self.kill_all();
+                    break;
+                }
+            };
+            for (i, pipe) in self.pipes.iter_mut().enumerate() {
+                if ready & (1 << (POLL_FIRST_PIPE + i)) != 0 && !pipe.read_once(&mut buf, &self.log)
+                {
+                    pipe.end(&self.log);
+                }
+            }
+            let now = Instant::now();
+            for pipe in &mut self.pipes {
+                if pipe.release_at().is_some_and(|at| at <= now) {
+                    self.log.append(pipe.stream, &pipe.chunker.release_timed());
+                }
+            }
+            if ready & (1 << POLL_WAKE) != 0 {
+                self.take_wake_bytes();
+                if status.is_none() && self.pidfd.is_none() {
+                    match self.exit.try_recv() {
+                        Ok(exited) => status = Some(exited),
+                        Err(crossbeam_channel::TryRecvError::Disconnected) => {
+                            status = Some(Err(io::Error::other("the waiter ended without word")))
+                        }
+                        Err(crossbeam_channel::TryRecvError::Empty) => {}
+                    }
+                }
+                while let Ok(request) = self.requests.try_recv() {
+                    if status.is_some() {
+                        continue;
+                    }
+                    match request {
+                        StopRequest::Cancel => {
+                            if stop.is_none() {
+                                stop = Some(Stop::Cancelled);
+                                let _ = sys::terminate_group(pid);
+                                kill_at = Some(crate::clock::instant_after(limits.kill_grace));
+                            }
+                        }
+                        StopRequest::Kill => {
+                            stop.get_or_insert(Stop::Cancelled);
+                            self.kill_all();
+                            kill_at = Some(crate::clock::instant_after(Duration::from_secs(3600)));
                         }
                     }
-                    Ok(StopRequest::Kill) => {
-                        stop.get_or_insert(Stop::Cancelled);
-                        self.kill_all();
-                        kill_at = Some(crate::clock::instant_after(Duration::from_secs(3600)));
-                    }
-                    // Nobody can ask any more: only exit and timeout remain.
-                    Err(_) => requests = crossbeam_channel::never(),
-                },
-                recv(write_failed) -> failed => {
-                    write_failed = crossbeam_channel::never();
-                    if failed.is_ok() && stop.is_none() {
-                        log::warn!("group {pid}: its run log cannot be written; stopping it");
-                        stop = Some(Stop::WriteFailed);
-                        let _ = sys::terminate_group(pid);
-                        kill_at = Some(crate::clock::instant_after(limits.kill_grace));
-                    }
-                },
-                default(wait) => {
-                    if kill_at.is_some() {
-                        self.kill_all();
-                        kill_at = Some(crate::clock::instant_after(Duration::from_secs(3600)));
-                    } else {
-                        stop = Some(Stop::TimedOut);
-                        let _ = sys::terminate_group(pid);
-                        kill_at = Some(crate::clock::instant_after(limits.kill_grace));
-                    }
-                },
+                }
             }
-        };
-        fault::test_point("supervise");
+            if status.is_none() && ready & (1 << POLL_EXIT) != 0 {
+                fault::test_point("waiter");
+                status = Some(sys::wait_exit_keep_zombie(pid));
+            }
+            if status.is_some() {
+                if grace_end.is_none() {
+                    fault::test_point("supervise");
+                    // The main process is gone but not reaped: the group id is still ours to
+                    // signal. Descendants get the grace to release the pipes.
+                    let _ = sys::terminate_group(pid);
+                    grace_end = Some(crate::clock::instant_after(limits.orphan_grace));
+                }
+            } else if Instant::now() >= phase_end {
+                if kill_at.is_some() {
+                    self.kill_all();
+                    kill_at = Some(crate::clock::instant_after(Duration::from_secs(3600)));
+                } else {
+                    stop = Some(Stop::TimedOut);
+                    let _ = sys::terminate_group(pid);
+                    kill_at = Some(crate::clock::instant_after(limits.kill_grace));
+                }
+            }
+        }
         let status = match status {
-            Ok(Ok(status)) => Some(status),
-            Ok(Err(e)) => {
+            Some(Ok(status)) => Some(status),
+            Some(Err(e)) => {
                 log::error!("waiting for process {pid} failed: {e}");
                 None
             }
-            Err(_) => None,
+            None => None,
         };
-        // The main process is gone but not reaped: the group id is still ours to signal.
-        let _ = sys::terminate_group(pid);
-        let grace_end = crate::clock::instant_after(limits.orphan_grace);
-        // Both pipes ended (a message) or the pump returned (disconnected), or the grace is over.
-        let _ = self.pump_done.recv_deadline(grace_end);
         self.kill_all();
-        // A pump still waiting on pipes held by an escaped descendant is told to stop.
-        drop(self.stop_pump.take());
-        wait_for_pump_end(&self.pump_done);
+        // Pipes still held by an escaped descendant: what is in them is taken, no more.
+        self.drain_pipes(&mut buf);
+        self.end_pipes();
         let reaped = self.child.wait();
         // Whatever is left of the run (escapees of the group included) was killed by
         // `kill_all`; the cgroup goes when the caller drops it.
@@ -346,7 +474,7 @@ impl Supervised {
             .unwrap_or_else(|p| p.into_inner())
             .take();
         if let Some(message) = panicked {
-            // The pump or the waiter died: the run fails with that, whatever else happened.
+            // The waiter died: the run fails with that, whatever else happened.
             let outcome = Outcome {
                 return_code,
                 error: Some(fault::internal_error(&message)),
@@ -365,6 +493,11 @@ impl Supervised {
     }
 }
 
+/// Places in the supervisor's poll set.
+const POLL_WAKE: usize = 0;
+const POLL_EXIT: usize = 1;
+const POLL_FIRST_PIPE: usize = 2;
+
 fn exit_code_of(status: std::process::ExitStatus) -> i32 {
     use std::os::unix::process::ExitStatusExt;
     status
@@ -373,15 +506,18 @@ fn exit_code_of(status: std::process::ExitStatus) -> i32 {
         .unwrap_or(-1)
 }
 
-/// Starts the child in its own process group with its output flowing into `log`, pumped by a
-/// thread of `threads`. `mask`: bytes replaced by `***` in everything stored.
+/// Starts the child in its own process group with its output on pipes that `supervise` copies
+/// into `log`. `mask`: bytes replaced by `***` in everything stored. `threads`: where a waiter
+/// thread comes from when the kernel gives no pidfd.
 pub fn spawn(
     launch: &Launch,
     log: Arc<RunLog>,
     mask: Option<&str>,
     threads: &Workers,
 ) -> Result<Supervised, SpawnError> {
-    let (stop_read, stop_write) = io::pipe()?;
+    let (wake, waker) = io::pipe()?;
+    sys::set_nonblocking(&waker)?;
+    let waker = Arc::new(waker);
     // The helper (this binary again), when used, resets signal dispositions and the
     // descriptor limit, then execs the interpreter: see `sys::exec_script_interpreter`.
     let soft = launch
@@ -415,54 +551,30 @@ pub fn spawn(
     };
     let pid = child.id();
     let (exit_tx, exit_rx) = crossbeam_channel::bounded::<io::Result<ExitStatus>>(1);
-    let (done_tx, done_rx) = crossbeam_channel::bounded::<()>(1);
-    let (failed_tx, failed_rx) = crossbeam_channel::bounded::<()>(1);
+    let (request_tx, request_rx) = crossbeam_channel::unbounded::<StopRequest>();
     let panicked = Arc::new(Mutex::new(None));
-    let fail = |child: &mut Proc, e: io::Error| {
-        let _ = sys::kill_group(pid);
-        let _ = child.wait();
-        SpawnError::Exhausted(e)
-    };
-    let exit_by_pump = match pidfd {
-        Some(_) => Some(exit_tx),
-        None => {
-            start_waiter(threads, pid, exit_tx, panicked.clone())
-                .map_err(|e| fail(&mut child, e))?;
-            None
-        }
-    };
-    let pump = Pump {
-        pipes: [(stdout, Stream::Stdout), (stderr, Stream::Stderr)]
-            .into_iter()
-            .filter_map(|(pipe, stream)| pipe.map(|p| PumpedPipe::new(p, stream, mask)))
-            .collect(),
-        exit: pidfd.zip(exit_by_pump),
-        pid,
-        log: log.clone(),
-        stop: stop_read,
-        failed: failed_tx,
-    };
-    let pump_panicked = panicked.clone();
-    let started = threads.run(move || {
-        let pumped = catch_unwind(AssertUnwindSafe(|| pump.run(&done_tx)));
-        if let Err(payload) = pumped {
-            // Nobody reads the pipes any more: end the run. The main process is not reaped
-            // before the pump has returned, so the group id is still ours.
-            note_panic(&pump_panicked, fault::message(payload.as_ref()));
+    if pidfd.is_none() {
+        let started = start_waiter(threads, pid, exit_tx, waker.clone(), panicked.clone());
+        if let Err(e) = started {
             let _ = sys::kill_group(pid);
+            let _ = child.wait();
+            return Err(SpawnError::Exhausted(e));
         }
-        // `done_tx` goes now: the pump has returned.
-    });
-    if let Err(e) = started {
-        return Err(fail(&mut child, e));
     }
+    let pipes = [(stdout, Stream::Stdout), (stderr, Stream::Stderr)]
+        .into_iter()
+        .filter_map(|(pipe, stream)| pipe.map(|p| PumpedPipe::new(p, stream, mask)))
+        .collect();
     Ok(Supervised {
         child,
         pid,
-        pump_done: done_rx,
+        pipes,
+        pidfd,
         exit: exit_rx,
-        stop_pump: Some(stop_write),
-        write_failed: failed_rx,
+        requests: request_rx,
+        request_sender: request_tx,
+        wake,
+        waker,
         log,
         cgroup,
         panicked,
@@ -470,12 +582,13 @@ pub fn spawn(
     })
 }
 
-/// Where there is no pidfd: a thread of `threads` learns of `pid`'s exit (without reaping it)
-/// and sends it on `exit`.
+/// Where there is no pidfd: a thread of `threads` learns of `pid`'s exit (without reaping it),
+/// sends it on `exit` and wakes the supervisor.
 fn start_waiter(
     threads: &Workers,
     pid: u32,
     exit: Sender<io::Result<ExitStatus>>,
+    waker: Arc<PipeWriter>,
     panicked: Arc<Mutex<Option<String>>>,
 ) -> io::Result<()> {
     threads.run(move || {
@@ -488,6 +601,7 @@ fn start_waiter(
             Err(io::Error::other("the waiter thread panicked"))
         });
         let _ = exit.send(result);
+        wake_up(&waker);
     })
 }
 
@@ -524,7 +638,7 @@ fn helper_command(launch: &Launch, soft: String, cgroup: Option<&RunCgroup>) -> 
 pub trait ReadFd: Read + AsRawFd + Send {}
 impl<T: Read + AsRawFd + Send> ReadFd for T {}
 
-/// One of the child's pipes as the pump reads it.
+/// One of the child's pipes as the supervisor reads it.
 struct PumpedPipe {
     reader: Box<dyn ReadFd>,
     stream: Stream,
@@ -574,112 +688,6 @@ impl PumpedPipe {
         if !self.ended {
             self.ended = true;
             log.append(self.stream, &self.chunker.finish());
-        }
-    }
-}
-
-/// Everything the pump thread owns.
-struct Pump {
-    pipes: Vec<PumpedPipe>,
-    /// The main process's pidfd and where its exit goes (None: a waiter thread tells it).
-    exit: Option<(OwnedFd, Sender<io::Result<ExitStatus>>)>,
-    pid: u32,
-    log: Arc<RunLog>,
-    /// Readable once the supervisor wants the pump to stop (its writer was dropped).
-    stop: PipeReader,
-    /// Told once when the log cannot be written any more.
-    failed: Sender<()>,
-}
-
-/// Places in the pump's poll set.
-const POLL_STOP: usize = 0;
-const POLL_EXIT: usize = 1;
-const POLL_FIRST_PIPE: usize = 2;
-
-impl Pump {
-    /// Copies the pipes into the log until both end, and sends the main process's exit when
-    /// its pidfd tells; or, once `stop` becomes readable, takes what is already in the pipes
-    /// and returns. Sends on `done` when both pipes have ended.
-    fn run(mut self, done: &Sender<()>) {
-        let mut told = false;
-        let mut buf = vec![0u8; READ_BUFFER];
-        loop {
-            if !told && self.log.has_write_error() {
-                told = true;
-                let _ = self.failed.try_send(());
-            }
-            let pipes_open = self.pipes.iter().any(|p| !p.ended);
-            if !pipes_open && self.exit.is_none() {
-                break;
-            }
-            let mut fds = [-1; POLL_FIRST_PIPE + 2];
-            fds[POLL_STOP] = self.stop.as_raw_fd();
-            if let Some((pidfd, _)) = &self.exit {
-                fds[POLL_EXIT] = pidfd.as_raw_fd();
-            }
-            for (slot, pipe) in fds[POLL_FIRST_PIPE..].iter_mut().zip(&self.pipes) {
-                if !pipe.ended {
-                    *slot = pipe.reader.as_raw_fd();
-                }
-            }
-            let release_at = self.pipes.iter().filter_map(PumpedPipe::release_at).min();
-            let timeout = release_at.map(|at| at.saturating_duration_since(Instant::now()));
-            let ready = match sys::poll_readable(&fds, timeout) {
-                Ok(ready) => ready,
-                Err(e) => {
-                    log::warn!("poll on the script's pipes failed: {e}");
-                    break;
-                }
-            };
-            if ready & (1 << POLL_STOP) != 0 {
-                self.drain();
-                break;
-            }
-            for (i, pipe) in self.pipes.iter_mut().enumerate() {
-                if ready & (1 << (POLL_FIRST_PIPE + i)) != 0 && !pipe.read_once(&mut buf, &self.log)
-                {
-                    pipe.end(&self.log);
-                }
-            }
-            if pipes_open && self.pipes.iter().all(|p| p.ended) {
-                let _ = done.try_send(());
-            }
-            let now = Instant::now();
-            for pipe in &mut self.pipes {
-                if pipe.release_at().is_some_and(|at| at <= now) {
-                    self.log.append(pipe.stream, &pipe.chunker.release_timed());
-                }
-            }
-            if ready & (1 << POLL_EXIT) != 0 {
-                if let Some((_, exit)) = self.exit.take() {
-                    fault::test_point("waiter");
-                    let _ = exit.send(sys::wait_exit_keep_zombie(self.pid));
-                }
-            }
-        }
-        for pipe in &mut self.pipes {
-            pipe.end(&self.log);
-        }
-    }
-
-    /// Told to stop: takes what is already in the pipes, without waiting for more.
-    fn drain(&mut self) {
-        let mut buf = vec![0u8; READ_BUFFER];
-        for pipe in &mut self.pipes {
-            let mut drained = 0;
-            while !pipe.ended && drained < FINAL_DRAIN_LIMIT {
-                let fd = [pipe.reader.as_raw_fd()];
-                match sys::poll_readable(&fd, Some(Duration::ZERO)) {
-                    Ok(ready) if ready != 0 => match pipe.reader.read(&mut buf) {
-                        Ok(n) if n > 0 => {
-                            drained += n;
-                            self.log.append(pipe.stream, &pipe.chunker.push(&buf[..n]));
-                        }
-                        _ => break,
-                    },
-                    _ => break,
-                }
-            }
         }
     }
 }

@@ -298,6 +298,14 @@ pub fn set_receive_timeout(socket: &impl AsFd, timeout: Duration) -> io::Result<
     SockRef::from(socket).set_read_timeout(Some(timeout))
 }
 
+/// Makes writes to `fd` fail with `WouldBlock` instead of waiting.
+pub fn set_nonblocking(fd: &impl AsFd) -> io::Result<()> {
+    use nix::fcntl::{fcntl, FcntlArg, OFlag};
+    let flags = OFlag::from_bits_truncate(fcntl(fd, FcntlArg::F_GETFL)?);
+    fcntl(fd, FcntlArg::F_SETFL(flags | OFlag::O_NONBLOCK))?;
+    Ok(())
+}
+
 /// Most descriptors [`poll_readable`] watches at once.
 pub const POLL_MAX: usize = 8;
 

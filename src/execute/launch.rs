@@ -354,8 +354,7 @@ fn spawn_supervised(
     work: RunDirs,
     started: Instant,
 ) -> io::Result<()> {
-    let (cancel_tx, cancel_rx) = crossbeam_channel::unbounded();
-    run.set_cancel(cancel_tx);
+    run.set_cancel(child.stop_sender());
     let limits = Limits {
         timeout: app.config.script_timeout,
         kill_grace: app.config.cancel_grace,
@@ -370,7 +369,7 @@ fn spawn_supervised(
         let ran = catch_unwind(AssertUnwindSafe(|| {
             record_process(&thread_app, &thread_run, &child);
             crate::stages::mark(&thread_run.id, "record with pgid");
-            let (outcome, cancelled, cgroup) = child.supervise(limits, cancel_rx);
+            let (outcome, cancelled, cgroup) = child.supervise(limits);
             crate::stages::mark(&thread_run.id, "script and readers");
             conclude(
                 &thread_app,
