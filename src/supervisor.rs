@@ -691,3 +691,102 @@ impl PumpedPipe {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::test_dirs::TempDir;
+
+    const LIMITS: Limits = Limits {
+        timeout: Duration::from_secs(30),
+        kill_grace: Duration::from_secs(2),
+        orphan_grace: Duration::from_millis(200),
+    };
+
+    fn start(dir: &TempDir, script: &str, threads: &Workers) -> (Supervised, Arc<RunLog>) {
+        let log_path = dir.path().join("run.log");
+        let file = std::fs::OpenOptions::new()
+            .read(true)
+            .append(true)
+            .create_new(true)
+            .open(&log_path)
+            .unwrap();
+        let log = Arc::new(RunLog::in_new_file(&log_path, file, 4096, u64::MAX));
+        let launch = Launch {
+            program: PathBuf::from("/bin/sh"),
+            args: vec!["-c".into(), script.into()],
+            cwd: dir.path().to_path_buf(),
+            env: Vec::new(),
+            nofile_soft: None,
+            cgroup: None,
+            run_as: None,
+        };
+        (spawn(&launch, log.clone(), None, threads).unwrap(), log)
+    }
+
+    #[test]
+    fn one_thread_takes_both_pipes_and_the_exit() {
+        let dir = TempDir::new("supervisor");
+        let threads = Workers::new("test", 4);
+        let (child, log) = start(&dir, "echo out; echo error >&2; exit 3", &threads);
+        let (outcome, cancelled, _) = child.supervise(LIMITS);
+        assert_eq!(outcome.return_code, 3);
+        assert!(!cancelled);
+        let totals = log.totals();
+        assert_eq!((totals.stdout_bytes, totals.stderr_bytes), (4, 6));
+    }
+
+    #[test]
+    fn without_a_pidfd_the_waiter_tells_the_exit() {
+        let dir = TempDir::new("supervisor");
+        let threads = Workers::new("test", 4);
+        let (mut child, log) = start(&dir, "sleep 0.1; echo late; exit 5", &threads);
+        // As on a kernel without pidfds: the waiter thread learns of the exit instead.
+        child.pidfd = None;
+        let (exit_tx, exit_rx) = crossbeam_channel::bounded(1);
+        child.exit = exit_rx;
+        start_waiter(
+            &threads,
+            child.pid,
+            exit_tx,
+            child.waker.clone(),
+            child.panicked.clone(),
+        )
+        .unwrap();
+        let (outcome, _, _) = child.supervise(LIMITS);
+        assert_eq!(outcome.return_code, 5);
+        assert_eq!(log.totals().stdout_bytes, 5);
+    }
+
+    #[test]
+    fn a_cancel_wakes_the_run_thread_and_ends_the_group() {
+        let dir = TempDir::new("supervisor");
+        let threads = Workers::new("test", 4);
+        let (child, _log) = start(&dir, "echo started; sleep 30", &threads);
+        let stop = child.stop_sender();
+        let asked = std::thread::spawn(move || {
+            std::thread::sleep(Duration::from_millis(100));
+            stop.send(StopRequest::Cancel)
+        });
+        let began = Instant::now();
+        let (outcome, cancelled, _) = child.supervise(LIMITS);
+        assert!(asked.join().unwrap(), "the supervisor took the request");
+        assert!(cancelled);
+        assert_eq!(outcome.error.as_deref(), Some("the run was cancelled"));
+        assert!(
+            began.elapsed() < Duration::from_secs(5),
+            "{:?}",
+            began.elapsed()
+        );
+    }
+
+    #[test]
+    fn a_stop_sender_of_an_ended_run_says_so() {
+        let dir = TempDir::new("supervisor");
+        let threads = Workers::new("test", 4);
+        let (child, _log) = start(&dir, "true", &threads);
+        let stop = child.stop_sender();
+        let _ = child.supervise(LIMITS);
+        assert!(!stop.send(StopRequest::Cancel));
+    }
+}

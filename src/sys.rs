@@ -719,3 +719,40 @@ pub fn reap(pid: u32) -> io::Result<libc::c_int> {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::Write;
+    use std::os::fd::AsRawFd;
+
+    #[test]
+    fn poll_tells_each_ready_descriptor_by_its_bit() {
+        let (quiet, _quiet_writer) = io::pipe().unwrap();
+        let (ready, mut ready_writer) = io::pipe().unwrap();
+        let fds = [quiet.as_raw_fd(), -1, ready.as_raw_fd()];
+        assert_eq!(poll_readable(&fds, Some(Duration::ZERO)).unwrap(), 0);
+        ready_writer.write_all(b"x").unwrap();
+        assert_eq!(poll_readable(&fds, None).unwrap(), 0b100);
+        drop(_quiet_writer);
+        assert_eq!(
+            poll_readable(&fds, None).unwrap(),
+            0b101,
+            "a hang-up counts"
+        );
+        assert!(poll_readable(&[0; POLL_MAX + 1], None).is_err());
+    }
+
+    #[test]
+    fn a_pidfd_becomes_readable_when_the_process_exits() {
+        let mut child = std::process::Command::new("/bin/sh")
+            .args(["-c", "sleep 0.1"])
+            .spawn()
+            .unwrap();
+        let pidfd = pidfd_open(child.id()).unwrap();
+        let fds = [pidfd.as_raw_fd()];
+        assert_eq!(poll_readable(&fds, Some(Duration::ZERO)).unwrap(), 0);
+        assert_eq!(poll_readable(&fds, None).unwrap(), 1);
+        assert!(child.wait().unwrap().success());
+    }
+}
