@@ -86,7 +86,7 @@ fn parse_ids(text: &str) -> Option<(u32, u32)> {
     Some((uid.parse().ok()?, gid.parse().ok()?))
 }
 
-/// Most bytes drained from a pipe after the readers were told to stop.
+/// Most bytes drained from a pipe once the run is over and its group killed.
 const FINAL_DRAIN_LIMIT: usize = 1024 * 1024;
 
 /// What to start.
@@ -163,7 +163,7 @@ impl SpawnError {
 pub struct Supervised {
     child: Proc,
     pid: u32,
-    pipes: Vec<PumpedPipe>,
+    pipes: Vec<ScriptPipe>,
     /// Readable once the main process has exited (None: a waiter thread tells through `exit`).
     pidfd: Option<OwnedFd>,
     /// The waiter thread's word on the main process's exit (disconnected: it failed).
@@ -345,7 +345,7 @@ impl Supervised {
             let wake_at = self
                 .pipes
                 .iter()
-                .filter_map(PumpedPipe::release_at)
+                .filter_map(ScriptPipe::release_at)
                 .fold(phase_end, Instant::min);
             let mut fds = [-1; POLL_FIRST_PIPE + 2];
             fds[POLL_WAKE] = self.wake.as_raw_fd();
@@ -563,7 +563,7 @@ pub fn spawn(
     }
     let pipes = [(stdout, Stream::Stdout), (stderr, Stream::Stderr)]
         .into_iter()
-        .filter_map(|(pipe, stream)| pipe.map(|p| PumpedPipe::new(p, stream, mask)))
+        .filter_map(|(pipe, stream)| pipe.map(|p| ScriptPipe::new(p, stream, mask)))
         .collect();
     Ok(Supervised {
         child,
@@ -639,7 +639,7 @@ pub trait ReadFd: Read + AsRawFd + Send {}
 impl<T: Read + AsRawFd + Send> ReadFd for T {}
 
 /// One of the child's pipes as the supervisor reads it.
-struct PumpedPipe {
+struct ScriptPipe {
     reader: Box<dyn ReadFd>,
     stream: Stream,
     chunker: Chunker,
@@ -648,9 +648,9 @@ struct PumpedPipe {
     ended: bool,
 }
 
-impl PumpedPipe {
-    fn new(reader: Box<dyn ReadFd>, stream: Stream, mask: Option<&str>) -> PumpedPipe {
-        PumpedPipe {
+impl ScriptPipe {
+    fn new(reader: Box<dyn ReadFd>, stream: Stream, mask: Option<&str>) -> ScriptPipe {
+        ScriptPipe {
             reader,
             stream,
             chunker: Chunker::new(mask.map(str::as_bytes)),
