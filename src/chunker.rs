@@ -66,6 +66,21 @@ impl Chunker {
     pub fn push(&mut self, data: &[u8]) -> Vec<u8> {
         let mut buf = std::mem::take(&mut self.held);
         buf.extend_from_slice(data);
+        self.push_joined(buf)
+    }
+
+    /// [`Chunker::push`] for bytes the caller gives up: with nothing held back (the usual
+    /// case) they become the chunk without a copy.
+    pub fn push_owned(&mut self, data: Vec<u8>) -> Vec<u8> {
+        if self.held.is_empty() {
+            self.push_joined(data)
+        } else {
+            self.push(&data)
+        }
+    }
+
+    /// The held bytes followed by the new ones, in `buf`.
+    fn push_joined(&mut self, mut buf: Vec<u8>) -> Vec<u8> {
         if std::mem::take(&mut self.sent_cr) && buf.first() == Some(&b'\n') {
             buf.remove(0);
         }
@@ -266,6 +281,31 @@ mod tests {
 
     fn feed(chunker: &mut Chunker, parts: &[&[u8]]) -> Vec<Vec<u8>> {
         parts.iter().map(|p| chunker.push(p)).collect()
+    }
+
+    #[test]
+    fn owned_pushes_give_what_borrowed_ones_give() {
+        let secret: &[u8] = b"eyJhbGciOi.payload.signature";
+        let mut text = Vec::new();
+        for _ in 0..40 {
+            text.extend_from_slice(
+                b"caf\xc3\xa9 eyJhbGciOi.payload.signature\r\nend \xe2\x82\xac\r",
+            );
+        }
+        for cut in [1, 3, 7, 64, 1000] {
+            let (mut borrowed, mut owned) =
+                (Chunker::new(Some(secret)), Chunker::new(Some(secret)));
+            let (mut by_ref, mut by_value) = (Vec::new(), Vec::new());
+            for piece in text.chunks(cut) {
+                by_ref.extend(borrowed.push(piece));
+                by_value.extend(owned.push_owned(piece.to_vec()));
+            }
+            by_ref.extend(borrowed.finish());
+            by_value.extend(owned.finish());
+            assert_eq!(by_value, by_ref, "pieces of {cut}");
+            assert!(!by_value.windows(secret.len()).any(|w| w == secret));
+            assert_eq!(by_value.windows(3).filter(|w| *w == MASK).count(), 40);
+        }
     }
 
     #[test]

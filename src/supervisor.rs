@@ -11,7 +11,7 @@
 
 use std::ffi::OsString;
 use std::io::{self, PipeReader, PipeWriter, Read};
-use std::os::fd::{AsRawFd, OwnedFd};
+use std::os::fd::{AsFd, AsRawFd, OwnedFd};
 use std::os::unix::process::CommandExt;
 use std::panic::catch_unwind;
 use std::path::PathBuf;
@@ -29,7 +29,21 @@ use crate::spawn::Proc;
 use crate::sys::{self, ExitStatus};
 use crate::workers::Workers;
 
+/// Most bytes taken from a pipe in one read while its output comes in small writes.
 const READ_BUFFER: usize = 64 * 1024;
+/// Most bytes taken in one read while output comes in bulk (a read filled `READ_BUFFER`):
+/// fewer, larger chunks, each read straight into the vector the log keeps.
+const BULK_READ: usize = 256 * 1024;
+/// A pipe in bulk mode goes back to small reads after a read smaller than this.
+const BULK_LEAVE: usize = 16 * 1024;
+/// What a pipe in bulk mode is asked to hold, so the script goes on writing while the run
+/// thread stores what it read (the kernel default is 64 KiB).
+const BULK_PIPE_CAPACITY: usize = 1024 * 1024;
+/// Most pipes grown to `BULK_PIPE_CAPACITY` at once: the kernel counts pipe buffers per user,
+/// and past its soft limit new pipes of that user (the scripts' own) get only two pages.
+const MAX_GROWN_PIPES: usize = 16;
+/// Pipes grown to `BULK_PIPE_CAPACITY` now.
+static GROWN_PIPES: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
 /// This program, even if its file was replaced since it started.
 const SELF_EXE: &str = "/proc/self/exe";
 /// First argument that makes this binary act as the script-starting helper.
@@ -290,7 +304,8 @@ impl Supervised {
                     Ok(ready) if ready != 0 => match pipe.reader.read(buf) {
                         Ok(n) if n > 0 => {
                             drained += n;
-                            self.log.append(pipe.stream, &pipe.chunker.push(&buf[..n]));
+                            self.log
+                                .append_owned(pipe.stream, pipe.chunker.push(&buf[..n]));
                         }
                         _ => break,
                     },
@@ -375,7 +390,8 @@ impl Supervised {
             let now = Instant::now();
             for pipe in &mut self.pipes {
                 if pipe.release_at().is_some_and(|at| at <= now) {
-                    self.log.append(pipe.stream, &pipe.chunker.release_timed());
+                    self.log
+                        .append_owned(pipe.stream, pipe.chunker.release_timed());
                 }
             }
             if ready & (1 << POLL_WAKE) != 0 {
@@ -635,8 +651,8 @@ fn helper_command(launch: &Launch, soft: String, cgroup: Option<&RunCgroup>) -> 
 }
 
 /// A pipe end we can both read and poll.
-pub trait ReadFd: Read + AsRawFd + Send {}
-impl<T: Read + AsRawFd + Send> ReadFd for T {}
+pub trait ReadFd: Read + AsRawFd + AsFd + Send {}
+impl<T: Read + AsRawFd + AsFd + Send> ReadFd for T {}
 
 /// One of the child's pipes as the supervisor reads it.
 struct ScriptPipe {
@@ -646,6 +662,18 @@ struct ScriptPipe {
     /// When bytes last came: held-back bytes are let go after `HOLD_BACK_RELEASE` of silence.
     last_read: Instant,
     ended: bool,
+    /// The last reads were large: read up to `BULK_READ` into a fresh vector.
+    bulk: bool,
+    /// This pipe counts in `GROWN_PIPES`.
+    grown: bool,
+}
+
+impl Drop for ScriptPipe {
+    fn drop(&mut self) {
+        if self.grown {
+            GROWN_PIPES.fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
+        }
+    }
 }
 
 impl ScriptPipe {
@@ -656,6 +684,8 @@ impl ScriptPipe {
             chunker: Chunker::new(mask.map(str::as_bytes)),
             last_read: Instant::now(),
             ended: false,
+            bulk: false,
+            grown: false,
         }
     }
 
@@ -667,12 +697,33 @@ impl ScriptPipe {
 
     /// One read into the log. False: the pipe has ended (EOF or a read error).
     fn read_once(&mut self, buf: &mut [u8], log: &RunLog) -> bool {
-        match self.reader.read(buf) {
-            Ok(0) => false,
-            Ok(n) => {
+        let read = if self.bulk {
+            let mut data = Vec::new();
+            sys::read_appending(&self.reader.as_fd(), &mut data, BULK_READ).map(|n| (n, Some(data)))
+        } else {
+            self.reader.read(buf).map(|n| (n, None))
+        };
+        match read {
+            Ok((0, _)) => false,
+            Ok((n, data)) => {
                 fault::test_point("reader");
                 self.last_read = Instant::now();
-                log.append(self.stream, &self.chunker.push(&buf[..n]));
+                let chunk = match data {
+                    Some(mut data) => {
+                        if n < BULK_LEAVE {
+                            self.bulk = false;
+                            data.shrink_to_fit();
+                        }
+                        self.chunker.push_owned(data)
+                    }
+                    None => {
+                        if n == buf.len() {
+                            self.enter_bulk();
+                        }
+                        self.chunker.push(&buf[..n])
+                    }
+                };
+                log.append_owned(self.stream, chunk);
                 true
             }
             Err(e) if e.kind() == io::ErrorKind::Interrupted => true,
@@ -683,11 +734,28 @@ impl ScriptPipe {
         }
     }
 
+    /// Output comes faster than small reads take it: read larger pieces, and let the pipe
+    /// hold more (once, while few pipes are grown) so the script is not held up meanwhile.
+    fn enter_bulk(&mut self) {
+        self.bulk = true;
+        if self.grown {
+            return;
+        }
+        let grown = GROWN_PIPES.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        if grown < MAX_GROWN_PIPES
+            && sys::set_pipe_capacity(&self.reader.as_fd(), BULK_PIPE_CAPACITY).is_ok()
+        {
+            self.grown = true;
+        } else {
+            GROWN_PIPES.fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
+        }
+    }
+
     /// Stores what the chunker still holds; the pipe is not read any more.
     fn end(&mut self, log: &RunLog) {
         if !self.ended {
             self.ended = true;
-            log.append(self.stream, &self.chunker.finish());
+            log.append_owned(self.stream, self.chunker.finish());
         }
     }
 }
@@ -788,5 +856,58 @@ mod tests {
         let stop = child.stop_sender();
         let _ = child.supervise(LIMITS);
         assert!(!stop.send(StopRequest::Cancel));
+    }
+
+    #[test]
+    fn bulk_output_is_read_in_larger_chunks_and_small_writes_end_it() {
+        let dir = TempDir::new("supervisor");
+        let log_path = dir.path().join("run.log");
+        let file = std::fs::OpenOptions::new()
+            .read(true)
+            .append(true)
+            .create_new(true)
+            .open(&log_path)
+            .unwrap();
+        let log = RunLog::in_new_file(&log_path, file, 4096, u64::MAX);
+        let (reader, mut writer) = io::pipe().unwrap();
+        // Room for all of it, so the writes below do not wait for the reads.
+        sys::set_pipe_capacity(&writer, BULK_PIPE_CAPACITY).unwrap();
+        let bulk: Vec<u8> = (0..400 * 1024).map(|i| b'a' + (i % 26) as u8).collect();
+        std::io::Write::write_all(&mut writer, &bulk).unwrap();
+        let mut pipe = ScriptPipe::new(Box::new(reader), Stream::Stdout, None);
+        let mut buf = vec![0u8; READ_BUFFER];
+        // A full small read: the pipe goes to bulk mode.
+        assert!(pipe.read_once(&mut buf, &log));
+        assert!(pipe.bulk);
+        // Bulk reads take up to BULK_READ at once; one above BULK_LEAVE keeps the mode.
+        assert!(pipe.read_once(&mut buf, &log));
+        assert!(pipe.read_once(&mut buf, &log));
+        assert!(pipe.bulk);
+        // A small write read in bulk mode ends it.
+        std::io::Write::write_all(&mut writer, b"tail\n").unwrap();
+        assert!(pipe.read_once(&mut buf, &log));
+        assert!(!pipe.bulk);
+        drop(writer);
+        assert!(!pipe.read_once(&mut buf, &log));
+        pipe.end(&log);
+        let mut sizes = Vec::new();
+        let mut stored = Vec::new();
+        log.for_each_stored(Some(Stream::Stdout), |chunk| {
+            sizes.push(chunk.data.len());
+            stored.extend_from_slice(&chunk.data);
+            Ok(true)
+        })
+        .unwrap();
+        assert_eq!(
+            sizes,
+            [
+                READ_BUFFER,
+                BULK_READ,
+                bulk.len() - READ_BUFFER - BULK_READ,
+                5
+            ]
+        );
+        assert_eq!(&stored[..bulk.len()], &bulk[..]);
+        assert_eq!(&stored[bulk.len()..], b"tail\n");
     }
 }

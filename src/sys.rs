@@ -8,7 +8,7 @@
 #![allow(unsafe_code)]
 
 use std::io;
-use std::os::fd::{AsFd, FromRawFd, OwnedFd, RawFd};
+use std::os::fd::{AsFd, AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::os::unix::process::CommandExt;
 use std::process::Command;
 use std::time::Duration;
@@ -304,6 +304,32 @@ pub fn set_nonblocking(fd: &impl AsFd) -> io::Result<()> {
     let flags = OFlag::from_bits_truncate(fcntl(fd, FcntlArg::F_GETFL)?);
     fcntl(fd, FcntlArg::F_SETFL(flags | OFlag::O_NONBLOCK))?;
     Ok(())
+}
+
+/// Asks the kernel to let the pipe behind `fd` hold `bytes`; returns the capacity it got.
+pub fn set_pipe_capacity(fd: &impl AsFd, bytes: usize) -> io::Result<usize> {
+    use nix::fcntl::{fcntl, FcntlArg};
+    let bytes = libc::c_int::try_from(bytes).unwrap_or(libc::c_int::MAX);
+    let got = fcntl(fd, FcntlArg::F_SETPIPE_SZ(bytes))?;
+    Ok(usize::try_from(got).unwrap_or_default())
+}
+
+/// One `read` of at most `max` bytes from `fd`, appended to `buf` without zeroing its spare
+/// capacity first (bulk output is copied once, from the pipe into the vector that becomes the
+/// log's chunk). Returns how many bytes came; 0 is the end of the file.
+pub fn read_appending(fd: &impl AsFd, buf: &mut Vec<u8>, max: usize) -> io::Result<usize> {
+    buf.reserve(max);
+    let spare = buf.spare_capacity_mut();
+    let len = max.min(spare.len());
+    // SAFETY: the kernel writes at most `len` bytes into `spare`, memory the vector owns and
+    // nothing else refers to; it returns how many it wrote, and only those become `buf`'s.
+    let got = unsafe { libc::read(fd.as_fd().as_raw_fd(), spare.as_mut_ptr().cast(), len) };
+    let Ok(got) = usize::try_from(got) else {
+        return Err(io::Error::last_os_error());
+    };
+    // SAFETY: `got <= len` bytes after the old length were just written by the kernel.
+    unsafe { buf.set_len(buf.len() + got.min(len)) };
+    Ok(got)
 }
 
 /// Most descriptors [`poll_readable`] watches at once.
@@ -725,6 +751,31 @@ mod tests {
     use super::*;
     use std::io::Write;
     use std::os::fd::AsRawFd;
+
+    #[test]
+    fn read_appending_adds_what_came_after_what_was_there() {
+        let (reader, mut writer) = io::pipe().unwrap();
+        writer.write_all(b"hello").unwrap();
+        let mut buf = b"> ".to_vec();
+        assert_eq!(read_appending(&reader, &mut buf, 3).unwrap(), 3);
+        assert_eq!(buf, b"> hel");
+        assert_eq!(read_appending(&reader, &mut buf, 100).unwrap(), 2);
+        assert_eq!(buf, b"> hello");
+        drop(writer);
+        assert_eq!(read_appending(&reader, &mut buf, 100).unwrap(), 0);
+        assert_eq!(buf, b"> hello");
+    }
+
+    #[test]
+    fn a_pipe_can_be_asked_to_hold_more() {
+        let (reader, mut writer) = io::pipe().unwrap();
+        let got = set_pipe_capacity(&reader, 256 * 1024).unwrap();
+        assert!(got >= 256 * 1024, "capacity {got}");
+        // A write of more than the default 64 KiB no longer waits for a reader.
+        set_nonblocking(&writer).unwrap();
+        writer.write_all(&[b'x'; 200 * 1024]).unwrap();
+        drop(reader);
+    }
 
     #[test]
     fn poll_tells_each_ready_descriptor_by_its_bit() {

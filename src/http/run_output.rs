@@ -10,7 +10,7 @@ use std::sync::Arc;
 
 use serde_json::json;
 
-use super::chunked_response::{Batcher, ChunkedResponse};
+use super::chunked_response::{Batch, Batcher, ChunkedResponse};
 use super::error::run_result_status;
 use super::reply::HttpStatus;
 use crate::app::App;
@@ -83,11 +83,11 @@ fn follow(
         json_chunks,
     } = *events;
     let limit = app.config.max_output_bytes;
-    let mut batch = Vec::with_capacity(BATCH_BYTES + 1024);
+    let mut batch = Batch::with_capacity(BATCH_BYTES + 1024);
     if announce {
         let start = json!({"run_id": run.id, "runbook": run.runbook}).to_string();
-        sse::push_event(&mut batch, "run", None, &start);
-        out.send(&batch)?;
+        sse::push_event(batch.appender(), "run", None, &start);
+        out.send_batch(&mut batch)?;
     }
     let mut cursor = log
         .cursor_at(from_seq)
@@ -102,16 +102,16 @@ fn follow(
                     let end = chunk.stream_offset + chunk.data.len() as u64;
                     if chunk.stream_offset <= limit && end > limit {
                         let note = json!({"stream": chunk.stream.name(), "limit": limit});
-                        sse::push_event(&mut batch, "truncated", None, &note.to_string());
+                        sse::push_event(batch.appender(), "truncated", None, &note.to_string());
                     }
                     if json_chunks {
-                        sse::push_chunk_json(&mut batch, chunk);
+                        sse::push_chunk_json(batch.appender(), chunk);
                     } else {
-                        sse::push_chunk(&mut batch, chunk);
+                        sse::push_chunk(batch.appender(), chunk);
                     }
                 }
             }
-            CursorRead::Idle => sse::push_keepalive(&mut batch),
+            CursorRead::Idle => sse::push_keepalive(batch.appender()),
             CursorRead::End(_) => {}
         }
         // Told once per stream, to viewers that started before the cap (a resumed viewer
@@ -127,9 +127,9 @@ fn follow(
                 "limit": app.config.run_log_max_bytes,
                 "reason": "RUN_LOG_MAX_BYTES reached: further output is counted but not stored",
             });
-            sse::push_event(&mut batch, "truncated", None, &note.to_string());
+            sse::push_event(batch.appender(), "truncated", None, &note.to_string());
         }
-        out.send(&batch)?;
+        out.send_batch(&mut batch)?;
         crate::fault::test_point("stream");
         if let CursorRead::End(outcome) = next {
             if json_chunks {

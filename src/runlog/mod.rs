@@ -255,6 +255,13 @@ impl RunLog {
     /// Appends a chunk read from `stream`. After a write failure (full disk) further output is
     /// counted and dropped; the failure is kept for the run's outcome.
     pub fn append(&self, stream: Stream, data: &[u8]) {
+        if !data.is_empty() {
+            self.append_owned(stream, data.to_vec());
+        }
+    }
+
+    /// [`RunLog::append`] for bytes the caller gives up: they become the chunk without a copy.
+    pub fn append_owned(&self, stream: Stream, mut data: Vec<u8>) {
         if data.is_empty() {
             return;
         }
@@ -262,7 +269,7 @@ impl RunLog {
         let i = stream.index();
         let stream_offset = st.stream_bytes[i];
         st.stream_bytes[i] += data.len() as u64;
-        keep_excerpt(self.excerpt_bytes, &mut st.excerpts[i], data);
+        keep_excerpt(self.excerpt_bytes, &mut st.excerpts[i], &data);
         if st.write_error.is_some() || st.end.is_some() || st.capped_at.is_some() {
             return;
         }
@@ -271,11 +278,10 @@ impl RunLog {
             .max_file_bytes
             .saturating_sub(st.file_len + HEADER_LEN as u64);
         let capping = data.len() as u64 > room;
-        let data = if capping {
-            &data[..utf8_floor(data, usize::try_from(room).unwrap_or(usize::MAX))]
-        } else {
-            data
-        };
+        if capping {
+            let fits = utf8_floor(&data, usize::try_from(room).unwrap_or(usize::MAX));
+            data.truncate(fits);
+        }
         if data.is_empty() {
             st.capped_at = Some(st.next_seq);
             drop(st);
@@ -287,7 +293,7 @@ impl RunLog {
             time_ms: chrono::Utc::now().timestamp_millis(),
             stream,
             stream_offset,
-            data: data.to_vec(),
+            data,
             file_offset: st.file_len,
         };
         if let Err(e) = write_record(&mut st.file, &encode_header(&chunk), &chunk.data) {
