@@ -188,11 +188,16 @@ fn start(config: Config, run_as: Option<privsep::RunAs>) -> Result<(), StartErro
     let local = listener
         .local_addr()
         .map_err(|e| StartError::Listen(e.to_string()))?;
-    // Spares a stopped server left are removed; with RUN_AS_USER none are kept.
+    // Spares a stopped server left are removed; as many are kept as runs may run at once,
+    // and with RUN_AS_USER none.
     let spare_dirs = Arc::new(crate::execute::SpareDirs::new(
         &config.execution_dir,
         &config.instance_id,
-        run_as.is_none(),
+        if run_as.is_none() {
+            config.max_concurrent_runs
+        } else {
+            0
+        },
     ));
     let spare_files = crate::spare_files::SpareFiles::start(&runs_dir, &config.instance_id);
     let app = Arc::new(App {

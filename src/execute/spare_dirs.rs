@@ -17,8 +17,9 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Mutex;
 
-/// Most spare directories kept (more finished runs at once are removed as before).
-const MAX_SPARES: usize = 64;
+/// Most spare directories kept, whatever the number of runs at once allowed: more finished
+/// runs at once are removed as before.
+pub const MOST_SPARES: usize = 1024;
 
 /// The modes of a run directory's parts when it was made, to tell that a script changed them.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -52,16 +53,18 @@ impl Modes {
 pub struct SpareDirs {
     execution_dir: PathBuf,
     prefix: String,
-    enabled: bool,
+    /// Most spares kept (0: none): as many as runs may run at once, so a burst of runs finds
+    /// a directory for each next time, up to `MOST_SPARES`.
+    keep: usize,
     free: Mutex<Vec<(PathBuf, Modes)>>,
     next: AtomicU64,
 }
 
 impl SpareDirs {
     /// The spares of instance `instance_id` in `execution_dir`, none yet: those a stopped
-    /// server left behind are removed. `enabled` false (scripts run as another user): no
-    /// directory is kept.
-    pub fn new(execution_dir: &Path, instance_id: &str, enabled: bool) -> SpareDirs {
+    /// server left behind are removed. At most `keep` are kept (at most `MOST_SPARES`); 0 (as
+    /// when scripts run as another user): no directory is kept.
+    pub fn new(execution_dir: &Path, instance_id: &str, keep: usize) -> SpareDirs {
         let prefix = format!("runbookd-spare-{instance_id}-");
         if let Ok(entries) = fs::read_dir(execution_dir) {
             for entry in entries.flatten() {
@@ -75,7 +78,7 @@ impl SpareDirs {
         SpareDirs {
             execution_dir: execution_dir.to_path_buf(),
             prefix,
-            enabled,
+            keep: keep.min(MOST_SPARES),
             free: Mutex::new(Vec::new()),
             next: AtomicU64::new(0),
         }
@@ -87,7 +90,7 @@ impl SpareDirs {
 
     /// Whether finished run directories are kept at all.
     pub(super) fn enabled(&self) -> bool {
-        self.enabled
+        self.keep > 0
     }
 
     /// Renames a spare directory to `root`; its modes, or None when there is none (or it could
@@ -108,7 +111,7 @@ impl SpareDirs {
     /// renamed. False (the caller removes it): no room, or it is not exactly as it was made
     /// with `made` modes. True: nothing is left at `root`.
     pub(super) fn give_back(&self, root: &Path, work: &Path, script: &Path, made: Modes) -> bool {
-        if !self.enabled || self.free().len() >= MAX_SPARES {
+        if self.free().len() >= self.keep {
             return false;
         }
         if Modes::of(root, work, script) != Some(made) || !only_script_and_work(root) {
@@ -124,7 +127,7 @@ impl SpareDirs {
             return false;
         }
         let mut free = self.free();
-        if free.len() < MAX_SPARES {
+        if free.len() < self.keep {
             free.push((spare, made));
             true
         } else {
@@ -181,7 +184,7 @@ mod tests {
     #[test]
     fn a_finished_directory_is_emptied_kept_and_reused() {
         let dir = TempDir::new("spare-dirs");
-        let spares = SpareDirs::new(dir.path(), "r1", true);
+        let spares = SpareDirs::new(dir.path(), "r1", 4);
         let (root, work, script, modes) = run_dir(dir.path(), "runbookd-a");
         fs::create_dir_all(work.join("made/by/the/script")).unwrap();
         fs::write(work.join("made/file"), "x").unwrap();
@@ -203,7 +206,7 @@ mod tests {
     #[test]
     fn a_directory_a_script_changed_is_not_kept() {
         let dir = TempDir::new("spare-dirs-changed");
-        let spares = SpareDirs::new(dir.path(), "r1", true);
+        let spares = SpareDirs::new(dir.path(), "r1", 4);
         let (root, work, script, modes) = run_dir(dir.path(), "runbookd-mode");
         fs::set_permissions(&work, fs::Permissions::from_mode(0o777)).unwrap();
         fs::set_permissions(&root, fs::Permissions::from_mode(0o700)).unwrap();
@@ -218,13 +221,29 @@ mod tests {
     }
 
     #[test]
+    fn no_more_are_kept_than_asked() {
+        let dir = TempDir::new("spare-dirs-cap");
+        let spares = SpareDirs::new(dir.path(), "r1", 2);
+        for name in ["runbookd-1", "runbookd-2", "runbookd-3"] {
+            let (root, work, script, modes) = run_dir(dir.path(), name);
+            let kept = spares.give_back(&root, &work, &script, modes);
+            assert_eq!(kept, name != "runbookd-3", "{name}");
+        }
+        assert_eq!(spares.free().len(), 2);
+        assert_eq!(
+            SpareDirs::new(dir.path(), "r2", usize::MAX).keep,
+            MOST_SPARES
+        );
+    }
+
+    #[test]
     fn disabled_keeps_nothing_and_leftovers_of_this_instance_are_removed() {
         let dir = TempDir::new("spare-dirs-off");
         let (root, work, script, modes) = run_dir(dir.path(), "runbookd-a");
-        assert!(!SpareDirs::new(dir.path(), "r1", false).give_back(&root, &work, &script, modes));
+        assert!(!SpareDirs::new(dir.path(), "r1", 0).give_back(&root, &work, &script, modes));
         fs::create_dir_all(dir.path().join("runbookd-spare-r1-7/work")).unwrap();
         fs::create_dir_all(dir.path().join("runbookd-spare-r2-7/work")).unwrap();
-        let _spares = SpareDirs::new(dir.path(), "r1", true);
+        let _spares = SpareDirs::new(dir.path(), "r1", 4);
         assert!(!dir.path().join("runbookd-spare-r1-7").exists());
         assert!(dir.path().join("runbookd-spare-r2-7").exists());
     }

@@ -13,6 +13,7 @@
 
 mod api;
 mod client;
+mod cpu;
 mod curl;
 mod error;
 mod figures;

@@ -18,6 +18,7 @@ use std::time::{Duration, Instant};
 use serde_json::json;
 
 use super::{note_server_stderr, Bench, Outcome};
+use crate::cpu::{server_cpu, waited_children_cpu, ServerCpu};
 use crate::curl::Curl;
 use crate::error::BenchError;
 use crate::report::Row;
@@ -231,8 +232,11 @@ pub fn streams(bench: &Bench) -> Result<Outcome, BenchError> {
     let expected = lines20_output();
     let mut server_walls = Vec::new();
     let mut direct_walls = Vec::new();
+    let mut cpu = CpuRounds::default();
     for _ in 0..STREAM_ROUNDS {
+        let children_before = waited_children_cpu()?;
         let (wall, outputs, timeline) = run_all(|| direct(LINES20.script, true), STREAMS)?;
+        cpu.direct.push(waited_children_cpu()? - children_before);
         println!("  direct: {}", timeline.describe());
         let exact = outputs.iter().filter(|o| **o == expected).count();
         if exact != STREAMS {
@@ -242,7 +246,10 @@ pub fn streams(bench: &Bench) -> Result<Outcome, BenchError> {
         }
         direct_walls.push(wall);
         std::thread::sleep(Duration::from_millis(300));
+        let (server_before, children_before) = (server_cpu(server.pid)?, waited_children_cpu()?);
         let (wall, outputs, timeline) = run_all(|| client.execute_sse(LINES20.file), STREAMS)?;
+        cpu.curl.push(waited_children_cpu()? - children_before);
+        cpu.server.push(server_cpu(server.pid)? - server_before);
         println!("  server: {}", timeline.describe());
         let mut bad = 0;
         for output in &outputs {
@@ -268,6 +275,8 @@ pub fn streams(bench: &Bench) -> Result<Outcome, BenchError> {
         "streams200: {STREAMS} SSE executes (curl -N each) {s:.2} s, the same scripts piped through cat {d:.2} s: {ratio:.2}x (medians of {STREAM_ROUNDS}, all outputs exact); goal <= {STREAM_GOAL}x: {}",
         verdict(met)
     );
+    let accounts = cpu.describe(d);
+    println!("  {}", accounts.text);
     note_server_stderr(&server);
     Ok(Outcome {
         summary: format!("streams200 {ratio:.2}x"),
@@ -280,9 +289,56 @@ pub fn streams(bench: &Bench) -> Result<Outcome, BenchError> {
             ratio: Some(ratio),
             goal: format!("<= {STREAM_GOAL}x"),
             met: Some(met),
-            detail: json!({"server_walls": server_walls, "direct_walls": direct_walls}),
+            detail: json!({
+                "server_walls": server_walls,
+                "direct_walls": direct_walls,
+                "cpu_seconds": accounts.json,
+            }),
         }],
     })
+}
+
+/// CPU seconds of each round of `streams`: the direct scripts (with `cat`), and in the server's
+/// rounds the curl clients, the server's own threads and the scripts it ran.
+#[derive(Default)]
+struct CpuRounds {
+    direct: Vec<f64>,
+    curl: Vec<f64>,
+    server: Vec<ServerCpu>,
+}
+
+/// What `CpuRounds::describe` tells.
+struct CpuAccount {
+    text: String,
+    json: serde_json::Value,
+}
+
+impl CpuRounds {
+    /// Medians of the rounds, and what each part adds to the wall time when the processors
+    /// are busy all along (its CPU time over their number), as a share of `direct_wall`.
+    fn describe(&self, direct_wall: f64) -> CpuAccount {
+        let cores = std::thread::available_parallelism().map_or(1, |n| n.get()) as f64;
+        let direct = median(&self.direct);
+        let curl = median(&self.curl);
+        let own = median(&self.server.iter().map(|c| c.own).collect::<Vec<_>>());
+        let scripts = median(&self.server.iter().map(|c| c.scripts).collect::<Vec<_>>());
+        let share = |cpu: f64| cpu / cores / direct_wall.max(1e-9);
+        let text = format!(
+            "CPU seconds per round (medians): direct scripts and cat {direct:.2}; server round: scripts {scripts:.2}, server {own:.2}, curl {curl:.2}. On {cores} busy cores each adds its CPU / {cores} to the wall: the server +{:.2}x of the direct wall, curl alone +{:.2}x",
+            share(own),
+            share(curl),
+        );
+        let json = json!({
+            "cores": cores,
+            "direct_scripts": direct,
+            "server_scripts": scripts,
+            "server_own": own,
+            "curl": curl,
+            "server_share_of_direct_wall": share(own),
+            "curl_share_of_direct_wall": share(curl),
+        });
+        CpuAccount { text, json }
+    }
 }
 
 /// Paired timing of an SSE execute read by curl against the script piped through cat; then
@@ -349,6 +405,7 @@ pub fn bulk(bench: &Bench) -> Result<Outcome, BenchError> {
     let baseline_kib = status_kib(server.pid, "VmRSS")?;
     reset_peak(server.pid)?;
     let sampler = Sampler::start(server.pid);
+    let (server_before, children_before) = (server_cpu(server.pid)?, waited_children_cpu()?);
     let line = crate::runbooks::BULK_LINE;
     let (s, d, server_times, direct_times) = paired(&client, &OUT_100M, BULK_ROUNDS, |bytes| {
         let mut check = crate::runbooks::RepeatedLine::new(line, 100_000_000);
@@ -372,6 +429,18 @@ pub fn bulk(bench: &Bench) -> Result<Outcome, BenchError> {
         }
         Ok(())
     })?;
+    // Each round ran the command once directly (with cat) and once through the server (with
+    // curl); one more server run was checked. The bench's children are the direct runs and the
+    // curls; the server's, the scripts.
+    let server_runs = (BULK_ROUNDS + 1) as f64;
+    let server_spent = server_cpu(server.pid)? - server_before;
+    let children_spent = waited_children_cpu()? - children_before;
+    println!(
+        "  CPU per run: server threads {:.0} ms, the script through the server {:.0} ms; this bench's children (the direct runs and the curls) {:.0} ms per round",
+        server_spent.own / server_runs * 1e3,
+        server_spent.scripts / server_runs * 1e3,
+        children_spent / BULK_ROUNDS as f64 * 1e3,
+    );
     let (sampled_kib, _) = sampler.finish();
     let peak_kib = sampled_kib.max(status_kib(server.pid, "VmHWM")?);
     let (server_rate, direct_rate) = (BULK_BYTES / s / 1e6, BULK_BYTES / d / 1e6);
@@ -405,7 +474,11 @@ pub fn bulk(bench: &Bench) -> Result<Outcome, BenchError> {
                 ratio: Some(share),
                 goal: format!(">= {RATE_GOAL}x"),
                 met: Some(rate_met),
-                detail: json!({"server_times": server_times, "direct_times": direct_times}),
+                detail: json!({
+                    "server_times": server_times,
+                    "direct_times": direct_times,
+                    "server_cpu_ms_per_run": server_spent.own / server_runs * 1e3,
+                }),
             },
             Row {
                 name: "sse100m_peak_rss".into(),
