@@ -18,7 +18,7 @@ pub fn push_event(out: &mut Vec<u8>, event: &str, id: Option<u64>, data: &str) {
     // Each line costs 7 bytes more: "data: " and its newline.
     out.reserve(bytes.len() + bytes.len() / 8 + 16);
     let mut start = 0;
-    for end in memchr::memchr_iter(b'\n', bytes) {
+    while let Some(end) = next_line_end(bytes, start) {
         out.extend_from_slice(b"data: ");
         out.extend_from_slice(&bytes[start..=end]);
         start = end + 1;
@@ -26,6 +26,32 @@ pub fn push_event(out: &mut Vec<u8>, event: &str, id: Option<u64>, data: &str) {
     out.extend_from_slice(b"data: ");
     out.extend_from_slice(&bytes[start..]);
     out.extend_from_slice(b"\n\n");
+}
+
+/// Groups of eight bytes looked at for a line end before the vectorised search takes over.
+const SHORT_LINE_GROUPS: usize = 4;
+
+/// Where the next `\n` at or after `from` is. Output lines are mostly short: the first
+/// `SHORT_LINE_GROUPS` groups of eight bytes are checked a word at a time (cheaper than
+/// starting a vectorised search per line), the rest by `memchr`.
+fn next_line_end(bytes: &[u8], from: usize) -> Option<usize> {
+    const ONES: u64 = 0x0101_0101_0101_0101;
+    const HIGHS: u64 = 0x8080_8080_8080_8080;
+    let mut at = from;
+    for _ in 0..SHORT_LINE_GROUPS {
+        let Some(group) = bytes.get(at..at + 8) else {
+            break;
+        };
+        let word = u64::from_le_bytes(group.try_into().unwrap_or_default()) ^ (ONES * 0x0a);
+        // Its lowest set bit marks the first zero byte (a borrow only reaches higher ones).
+        let zeros = word.wrapping_sub(ONES) & !word & HIGHS;
+        if zeros != 0 {
+            return Some(at + (zeros.trailing_zeros() / 8) as usize);
+        }
+        at += 8;
+    }
+    let rest = bytes.get(at..)?;
+    memchr::memchr(b'\n', rest).map(|i| at + i)
 }
 
 /// Appends a `stdout`/`stderr` event for a chunk, its id the chunk's sequence number.
@@ -62,6 +88,33 @@ pub fn done_prefix(id: u64) -> Vec<u8> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn line_ends_are_found_wherever_they_are() {
+        for len in 0..80 {
+            for nl in 0..len {
+                let mut bytes = vec![b'x'; len];
+                bytes[nl] = b'\n';
+                if nl + 3 < len {
+                    bytes[nl + 3] = b'\n';
+                }
+                for from in 0..=len {
+                    let expected = bytes[from.min(len)..]
+                        .iter()
+                        .position(|&b| b == b'\n')
+                        .map(|i| from + i);
+                    assert_eq!(
+                        next_line_end(&bytes, from),
+                        expected,
+                        "len {len} nl {nl} from {from}"
+                    );
+                }
+            }
+        }
+        // Bytes that are one bit or one borrow away from a line feed are not one.
+        let near = [0x0b, 0x09, 0x8a, 0x0e, 0x00, 0x01, 0xff];
+        assert_eq!(next_line_end(&near.repeat(10), 0), None);
+    }
 
     #[test]
     fn multi_line_data() {
