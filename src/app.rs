@@ -29,6 +29,8 @@ pub struct App {
     pub script_base_env: Vec<(String, String)>,
     /// The soft descriptor limit the server started with, given back to scripts.
     pub nofile_soft: Option<u64>,
+    /// The niceness scripts start with (`SCRIPT_NICE` above the server's); None: the server's.
+    pub script_nice: Option<i32>,
     /// The port actually listened on.
     pub port: u16,
     /// Where run logs live.

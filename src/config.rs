@@ -151,6 +151,13 @@ pub const SETTINGS: &[Setting] = &[
         3600,
     ),
     ranged(
+        "SCRIPT_NICE",
+        "5",
+        "scripts run this much nicer (lower processor priority) than the server, whose own work (starting runs, streaming output, answering requests) then comes first on a busy machine; 0: the same",
+        0,
+        19,
+    ),
+    ranged(
         "ORPHAN_GRACE_MS",
         "500",
         "after the main process exits, how long descendants may hold the pipes",
@@ -313,6 +320,8 @@ pub struct Config {
     pub api_host: String,
     pub heartbeat: Duration,
     pub orphan_grace: Duration,
+    /// How much nicer than the server scripts start (`SCRIPT_NICE`, 0..=19).
+    pub script_nice: i32,
     pub viewer_stall: Duration,
     pub secret_env_vars: Vec<String>,
     pub max_concurrent_runs: usize,
@@ -521,6 +530,7 @@ impl Config {
         let api_host = r.text("API_HOST");
         let heartbeat = Duration::from_secs(r.number::<u64>("HEARTBEAT_SECONDS", 1)?);
         let orphan_grace = Duration::from_millis(r.number::<u64>("ORPHAN_GRACE_MS", 0)?);
+        let script_nice = i32::from(r.number::<u16>("SCRIPT_NICE", 0)?);
         let viewer_stall = Duration::from_secs(r.number::<u64>("VIEWER_STALL_SECONDS", 1)?);
         let secret_env_vars = r
             .text("SECRET_ENV_VARS")
@@ -602,6 +612,7 @@ impl Config {
             api_host,
             heartbeat,
             orphan_grace,
+            script_nice,
             viewer_stall,
             secret_env_vars,
             items: r.items,
@@ -822,6 +833,18 @@ mod tests {
             let err =
                 config_with(&[("JWT_SECRET", SECRET), (name, "18446744073709551615")]).unwrap_err();
             assert!(err.to_string().contains(name), "{err}");
+        }
+    }
+
+    #[test]
+    fn script_nice_is_a_niceness_step() {
+        let cfg = config_with(&[("JWT_SECRET", SECRET)]).unwrap();
+        assert_eq!(cfg.script_nice, 5);
+        let cfg = config_with(&[("JWT_SECRET", SECRET), ("SCRIPT_NICE", "0")]).unwrap();
+        assert_eq!(cfg.script_nice, 0);
+        for bad in ["20", "-1", "x"] {
+            let err = config_with(&[("JWT_SECRET", SECRET), ("SCRIPT_NICE", bad)]).unwrap_err();
+            assert!(err.to_string().contains("SCRIPT_NICE"), "{bad}: {err}");
         }
     }
 

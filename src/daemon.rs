@@ -164,6 +164,7 @@ fn start(config: Config, run_as: Option<privsep::RunAs>) -> Result<(), StartErro
             None
         }
     };
+    let script_nice = scripts_niceness(config.script_nice);
     let run_cgroups = match cgroup::select(&config.run_cgroup) {
         Ok(cgroup::Selection::Use(parent)) => {
             log::info!("runs get their own cgroup under {}", parent.dir().display());
@@ -209,6 +210,7 @@ fn start(config: Config, run_as: Option<privsep::RunAs>) -> Result<(), StartErro
         server_env,
         script_base_env,
         nofile_soft,
+        script_nice,
         port: local.port(),
         runs_dir,
         shutting_down: AtomicBool::new(false),
@@ -278,4 +280,23 @@ fn start(config: Config, run_as: Option<privsep::RunAs>) -> Result<(), StartErro
     lifecycle::stop_runs(&app);
     log::info!("stopped");
     Ok(())
+}
+
+/// The niceness scripts start with: `relative` above the server's own, at most 19. None when
+/// that is the server's own (`SCRIPT_NICE=0`, or a server already at 19) or cannot be read.
+fn scripts_niceness(relative: i32) -> Option<i32> {
+    if relative == 0 {
+        return None;
+    }
+    match sys::own_nice() {
+        Ok(own) => {
+            let nice = own.saturating_add(relative).min(19);
+            log::info!("scripts start at niceness {nice} (the server's is {own})");
+            (nice != own).then_some(nice)
+        }
+        Err(e) => {
+            log::warn!("cannot read the server's niceness ({e}); scripts run at the server's");
+            None
+        }
+    }
 }

@@ -119,6 +119,7 @@ pub fn start_direct(launch: &Launch, cgroup: Option<&Path>) -> io::Result<Option
         stderr: stderr_write.as_raw_fd(),
         cgroup: dir.as_ref().map(File::as_raw_fd),
         nofile_soft: launch.nofile_soft,
+        nice: launch.nice,
     });
     // The child has its own copies of the write ends: ours go, so the readers see EOF.
     drop((stdout_write, stderr_write, stdin, dir));

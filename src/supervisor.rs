@@ -52,15 +52,19 @@ pub const CHILD_HELPER_ARG: &str = "--runbookd-internal-exec";
 /// No run cgroup, as the helper's argument.
 const NO_CGROUP: &str = "-";
 
-/// The helper's main: `--runbookd-internal-exec SOFT|- CGROUP|- UID:GID|- PROGRAM ARGS...`.
+/// The helper's main: `--runbookd-internal-exec SOFT|- NICE|- CGROUP|- UID:GID|- PROGRAM ARGS...`.
 /// Used for `RUN_AS_USER` and where the kernel cannot start the script directly (see
 /// `spawn.rs`). Moves itself into the run's cgroup, becomes UID:GID when given, then execs the interpreter;
 /// on failure prints why on stderr and exits as a shell would (127 not found, 126 not
 /// executable).
 pub fn child_helper_main(args: &[OsString]) -> i32 {
-    let (Some(soft), Some(cgroup), Some(user), Some(program)) =
-        (args.first(), args.get(1), args.get(2), args.get(3))
-    else {
+    let (Some(soft), Some(nice), Some(cgroup), Some(user), Some(program)) = (
+        args.first(),
+        args.get(1),
+        args.get(2),
+        args.get(3),
+        args.get(4),
+    ) else {
         eprintln!("runbookd: internal helper called without a program");
         return 2;
     };
@@ -74,6 +78,7 @@ pub fn child_helper_main(args: &[OsString]) -> i32 {
         }
     }
     let soft = soft.to_str().and_then(|s| s.parse::<u64>().ok());
+    let nice = nice.to_str().and_then(|s| s.parse::<i32>().ok());
     let run_as = match user.to_str() {
         Some("-") => None,
         other => match other.and_then(parse_ids) {
@@ -84,7 +89,7 @@ pub fn child_helper_main(args: &[OsString]) -> i32 {
             }
         },
     };
-    let error = sys::exec_script_interpreter(soft, run_as, program, &args[4..]);
+    let error = sys::exec_script_interpreter(soft, nice, run_as, program, &args[5..]);
     eprintln!(
         "runbookd: cannot run {}: {error}",
         program.to_string_lossy()
@@ -112,6 +117,8 @@ pub struct Launch {
     pub env: Vec<(String, String)>,
     /// Soft `RLIMIT_NOFILE` the child gets back (the server raises its own).
     pub nofile_soft: Option<u64>,
+    /// Niceness the script starts with (None: the server's).
+    pub nice: Option<i32>,
     /// The run's own cgroup, created here and entered by the script before it execs.
     pub cgroup: Option<PathBuf>,
     /// User and group id the script runs as (`RUN_AS_USER`); None: runbookd's own.
@@ -629,6 +636,11 @@ fn helper_command(launch: &Launch, soft: String, cgroup: Option<&RunCgroup>) -> 
         .arg(CHILD_HELPER_ARG)
         .arg(soft)
         .arg(
+            launch
+                .nice
+                .map_or_else(|| "-".to_string(), |n| n.to_string()),
+        )
+        .arg(
             cgroup
                 .as_ref()
                 .map_or_else(|| OsString::from(NO_CGROUP), |c| c.path().into()),
@@ -786,6 +798,7 @@ mod tests {
             cwd: dir.path().to_path_buf(),
             env: Vec::new(),
             nofile_soft: None,
+            nice: None,
             cgroup: None,
             run_as: None,
         };

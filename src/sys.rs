@@ -139,12 +139,14 @@ const SCRIPT_DEFAULT_SIGNALS: [libc::c_int; 5] = [
 /// Runs in the short-lived helper process that stands between the server and a script (see
 /// `supervisor::CHILD_HELPER_ARG`): gives the termination signals their default disposition (a
 /// server started from a non-interactive shell inherits SIGINT/SIGQUIT ignored), restores the
-/// original soft `RLIMIT_NOFILE`, becomes the script user when `run_as` is given (see
+/// original soft `RLIMIT_NOFILE`, takes the scripts' niceness, becomes the script user when
+/// `run_as` is given (see
 /// `become_user`), then replaces itself with the script's interpreter. Doing this
 /// in a helper keeps the server's own spawn on `posix_spawn` instead of forking a process with
 /// thousands of threads. Returns only on failure.
 pub fn exec_script_interpreter(
     nofile_soft: Option<u64>,
+    nice: Option<i32>,
     run_as: Option<(u32, u32)>,
     program: &std::ffi::OsStr,
     args: &[std::ffi::OsString],
@@ -167,12 +169,40 @@ pub fn exec_script_interpreter(
             }
         }
     }
+    if let Some(nice) = nice {
+        if let Err(e) = set_own_nice(nice) {
+            return e;
+        }
+    }
     if let Some((uid, gid)) = run_as {
         if let Err(e) = become_user(uid, gid) {
             return e;
         }
     }
     Command::new(program).args(args).exec()
+}
+
+/// This process's niceness (-20 to 19).
+pub fn own_nice() -> io::Result<i32> {
+    // SAFETY: errno is this thread's; getpriority only reads the process's priority. -1 is a
+    // valid niceness, so errno tells an error apart.
+    unsafe {
+        *libc::__errno_location() = 0;
+        let nice = libc::getpriority(libc::PRIO_PROCESS, 0);
+        if nice == -1 && *libc::__errno_location() != 0 {
+            return Err(io::Error::last_os_error());
+        }
+        Ok(nice)
+    }
+}
+
+/// Sets this process's niceness (raising it needs no privilege).
+pub fn set_own_nice(nice: i32) -> io::Result<()> {
+    // SAFETY: setpriority on this process has no memory-safety preconditions.
+    if unsafe { libc::setpriority(libc::PRIO_PROCESS, 0, nice) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
 }
 
 /// Makes this process non-dumpable: no core file, and processes of the same user can neither
@@ -456,6 +486,8 @@ pub struct CgroupSpawn<'a> {
     pub cgroup: Option<RawFd>,
     /// Soft `RLIMIT_NOFILE` the child gets back, if the server raised its own.
     pub nofile_soft: Option<u64>,
+    /// Niceness the child takes (None: the server's).
+    pub nice: Option<i32>,
 }
 
 /// The kernel's `struct clone_args` (version 2, with `cgroup`).
@@ -702,6 +734,11 @@ unsafe extern "C" fn child_main(context: *const ChildContext<'_, '_>) -> ! {
     libc::signal(libc::SIGPIPE, libc::SIG_DFL);
     if libc::setpgid(0, 0) != 0 {
         fail();
+    }
+    if let Some(nice) = spec.nice {
+        // Raising one's own niceness is always allowed; should it fail, the script runs at
+        // the server's priority rather than not at all.
+        libc::setpriority(libc::PRIO_PROCESS, 0, nice);
     }
     if let Some(soft) = spec.nofile_soft {
         let lim = libc::rlimit {

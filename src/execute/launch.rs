@@ -320,6 +320,7 @@ fn script_launch(
         cwd: work.cwd.clone(),
         env,
         nofile_soft: app.nofile_soft,
+        nice: app.script_nice,
         cgroup: app.run_cgroups.as_ref().map(|c| c.run_path(run_id)),
         run_as: app.run_as.map(|r| (r.uid, r.gid)),
     }

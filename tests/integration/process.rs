@@ -312,6 +312,40 @@ fn backgrounded_grandchild_does_not_hold_the_run() {
     }
 }
 
+/// This process's niceness (field 19 of its stat; a server started by the tests inherits it).
+fn own_nice() -> i32 {
+    let stat = std::fs::read_to_string("/proc/self/stat").unwrap();
+    let after_name = &stat[stat.rfind(')').unwrap() + 2..];
+    after_name
+        .split_whitespace()
+        .nth(16)
+        .unwrap()
+        .parse()
+        .unwrap()
+}
+
+#[test]
+fn scripts_run_nicer_than_the_server_as_configured() {
+    let own = own_nice();
+    for (setting, expected) in [
+        (None, (own + 5).min(19)),
+        (Some("0"), own),
+        (Some("2"), (own + 2).min(19)),
+    ] {
+        let mut opts = ServerOpts::new().runbook("Nice.md", Runbook::new("Nice", "nice\n"));
+        if let Some(value) = setting {
+            opts = opts.env("SCRIPT_NICE", value);
+        }
+        let server = Server::start(opts);
+        let body = server.execute("Nice.md", &dev_token(), json!({})).json();
+        assert_eq!(
+            body["stdout"],
+            json!(format!("{expected}\n")),
+            "SCRIPT_NICE {setting:?}: {body}"
+        );
+    }
+}
+
 #[test]
 fn missing_interpreter_is_127() {
     let server = Server::start(ServerOpts::new().runbook(

@@ -178,6 +178,7 @@ impl Drop for Staged {
 /// What a hostile script tries, each attempt announced by a `marker:` line.
 const PROBE: &str = r#"#!/bin/bash
 echo "marker: probe started as $(id -u):$(id -g) groups $(id -G)"
+echo "marker: niceness $(nice)"
 echo "--- own environment"
 env
 tr '\0' '\n' < /proc/$$/environ
@@ -257,6 +258,20 @@ fn probe_runbook() -> String {
 
 fn first_runbook() -> String {
     Runbook::new("First", "echo first-run-output-0451\n").render()
+}
+
+/// The probe ran SCRIPT_NICE (5 by default) nicer than the server, which has the tests'
+/// niceness: started directly or through the helper (`RUN_AS_USER`).
+fn assert_nicer_than_the_server(text: &str) {
+    let stat = fs::read_to_string("/proc/self/stat").unwrap();
+    let own: i32 = stat[stat.rfind(')').unwrap() + 2..]
+        .split_whitespace()
+        .nth(16)
+        .unwrap()
+        .parse()
+        .unwrap();
+    let niceness = format!("marker: niceness {}\n", (own + 5).min(19));
+    assert!(text.contains(&niceness), "not {niceness:?}:\n{text}");
 }
 
 /// Runs First.md, then the probe with the first run's log path; returns the probe's output.
@@ -437,6 +452,7 @@ fn a_script_of_run_as_user_cannot_touch_the_server() {
         "not the script user with only its primary group:\n{text}"
     );
     assert_secret_unreachable(&server, &text);
+    assert_nicer_than_the_server(&text);
     for marker in [
         "marker: log refused",
         "marker: state refused",
