@@ -153,7 +153,7 @@ pub const SETTINGS: &[Setting] = &[
     ranged(
         "SCRIPT_NICE",
         "5",
-        "scripts run this much nicer (lower processor priority) than the server, whose own work (starting runs, streaming output, answering requests) then comes first on a busy machine; 0: the same",
+        "scripts, and the threads reading their pipes, run this much nicer (lower processor priority) than the server's request threads, whose work (starting runs, streaming output, answering requests) then comes first on a busy machine; 0: the same",
         0,
         19,
     ),

@@ -218,7 +218,10 @@ fn start(config: Config, run_as: Option<privsep::RunAs>) -> Result<(), StartErro
         retention: retention::Retention::default(),
         spare_dirs,
         spare_files,
-        run_threads: crate::workers::Workers::new("run", MAX_IDLE_RUN_THREADS),
+        // A run's thread reads its script's pipes at the script's priority, so that neither
+        // starves the other; requests (starting runs, streaming) keep the server's.
+        run_threads: crate::workers::Workers::new("run", MAX_IDLE_RUN_THREADS)
+            .with_nice(script_nice),
         parsed_runbooks: Default::default(),
         run_as,
     });

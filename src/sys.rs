@@ -196,7 +196,8 @@ pub fn own_nice() -> io::Result<i32> {
     }
 }
 
-/// Sets this process's niceness (raising it needs no privilege).
+/// Sets the calling thread's niceness (on Linux niceness is per thread; raising it needs no
+/// privilege). In a process of one thread, the process's.
 pub fn set_own_nice(nice: i32) -> io::Result<()> {
     // SAFETY: setpriority on this process has no memory-safety preconditions.
     if unsafe { libc::setpriority(libc::PRIO_PROCESS, 0, nice) } != 0 {

@@ -24,6 +24,8 @@ pub struct Workers {
     /// Threads blocked on `waiting` and not yet given a job: each one counted here receives
     /// exactly one job sent.
     idle: Arc<AtomicUsize>,
+    /// Niceness each thread of the pool takes when it starts (None: the process's).
+    nice: Option<i32>,
 }
 
 impl Workers {
@@ -36,7 +38,15 @@ impl Workers {
             jobs,
             waiting,
             idle: Arc::new(AtomicUsize::new(0)),
+            nice: None,
         }
+    }
+
+    /// The same pool whose threads run at niceness `nice` (when given): a thread's niceness
+    /// can be raised without privilege, and it stays with the thread for all its jobs.
+    pub fn with_nice(mut self, nice: Option<i32>) -> Workers {
+        self.nice = nice;
+        self
     }
 
     /// Runs `job` on a waiting thread, or on a new one.
@@ -61,9 +71,15 @@ impl Workers {
         let waiting = self.waiting.clone();
         let idle = self.idle.clone();
         let max_idle = self.max_idle;
+        let nice = self.nice;
         std::thread::Builder::new()
             .name(self.name.into())
             .spawn(move || {
+                if let Some(nice) = nice {
+                    if let Err(e) = crate::sys::set_own_nice(nice) {
+                        log::debug!("a pool thread keeps its niceness: {e}");
+                    }
+                }
                 let mut job = first;
                 loop {
                     job();
@@ -101,6 +117,25 @@ mod tests {
     }
 
     const MAX_IDLE: usize = 16;
+
+    #[test]
+    fn a_pool_with_a_niceness_runs_its_jobs_at_it() {
+        let own = crate::sys::own_nice().unwrap();
+        let wanted = (own + 3).min(19);
+        let workers = Workers::new("test-nice", MAX_IDLE).with_nice(Some(wanted));
+        let (tx, rx) = crossbeam_channel::bounded(2);
+        for _ in 0..2 {
+            let tx = tx.clone();
+            workers
+                .run(move || tx.send(crate::sys::own_nice().unwrap()).unwrap())
+                .unwrap();
+        }
+        for _ in 0..2 {
+            assert_eq!(rx.recv_timeout(Duration::from_secs(10)).unwrap(), wanted);
+        }
+        // The thread that asked is untouched.
+        assert_eq!(crate::sys::own_nice().unwrap(), own);
+    }
 
     #[test]
     fn a_thread_whose_job_ended_takes_the_next_one() {

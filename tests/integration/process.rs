@@ -312,9 +312,8 @@ fn backgrounded_grandchild_does_not_hold_the_run() {
     }
 }
 
-/// This process's niceness (field 19 of its stat; a server started by the tests inherits it).
-fn own_nice() -> i32 {
-    let stat = std::fs::read_to_string("/proc/self/stat").unwrap();
+/// Niceness in a `stat` line (field 19).
+fn nice_in_stat(stat: &str) -> i32 {
     let after_name = &stat[stat.rfind(')').unwrap() + 2..];
     after_name
         .split_whitespace()
@@ -322,6 +321,22 @@ fn own_nice() -> i32 {
         .unwrap()
         .parse()
         .unwrap()
+}
+
+/// This process's niceness (a server started by the tests inherits it).
+fn own_nice() -> i32 {
+    nice_in_stat(&std::fs::read_to_string("/proc/self/stat").unwrap())
+}
+
+/// The niceness of each of the server's threads named `name`.
+fn thread_nices(pid: u32, name: &str) -> Vec<i32> {
+    std::fs::read_dir(format!("/proc/{pid}/task"))
+        .unwrap()
+        .flatten()
+        .filter_map(|task| std::fs::read_to_string(task.path().join("stat")).ok())
+        .filter(|stat| stat.contains(&format!("({name})")))
+        .map(|stat| nice_in_stat(&stat))
+        .collect()
 }
 
 #[test]
@@ -342,6 +357,16 @@ fn scripts_run_nicer_than_the_server_as_configured() {
             body["stdout"],
             json!(format!("{expected}\n")),
             "SCRIPT_NICE {setting:?}: {body}"
+        );
+        // The run's thread (kept for the next run) reads the pipes at the script's niceness;
+        // the request threads keep the server's.
+        let runs = thread_nices(server.pid(), "run");
+        assert!(!runs.is_empty(), "no run thread waits");
+        assert!(runs.iter().all(|&n| n == expected), "run threads {runs:?}");
+        let requests = thread_nices(server.pid(), "http");
+        assert!(
+            requests.iter().all(|&n| n == own),
+            "request threads {requests:?}"
         );
     }
 }
