@@ -129,15 +129,20 @@ mod tests {
         assert_eq!(parsed, text);
     }
 
+    /// Checks `text` escaped in quotes against serde_json's string.
+    fn assert_escaped_as_serde_does(text: &str) {
+        let mut out = vec![b'"'];
+        write_json_escaped(&mut out, text).unwrap();
+        out.push(b'"');
+        assert_eq!(out, serde_json::to_vec(text).unwrap(), "{text:?}");
+    }
+
     #[test]
     fn every_ascii_byte_is_escaped_as_serde_does() {
         for first in 0u8..0x80 {
             for second in [b'a', b'"', b'\\', b'\n', 0x01, 0x1f, 0x7f] {
                 let text = String::from_utf8(vec![b'x', first, second, first, b'y']).unwrap();
-                let mut out = vec![b'"'];
-                write_json_escaped(&mut out, &text).unwrap();
-                out.push(b'"');
-                assert_eq!(out, serde_json::to_vec(&text).unwrap(), "{text:?}");
+                assert_escaped_as_serde_does(&text);
             }
         }
     }
@@ -154,10 +159,7 @@ mod tests {
                     let mut text: String = filler.repeat(3).chars().take(place).collect();
                     text.push_str(special);
                     text.push_str(&filler.repeat(2));
-                    let mut out = vec![b'"'];
-                    write_json_escaped(&mut out, &text).unwrap();
-                    out.push(b'"');
-                    assert_eq!(out, serde_json::to_vec(&text).unwrap(), "{text:?}");
+                    assert_escaped_as_serde_does(&text);
                 }
             }
         }

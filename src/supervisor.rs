@@ -783,7 +783,8 @@ mod tests {
         orphan_grace: Duration::from_millis(200),
     };
 
-    fn start(dir: &TempDir, script: &str, threads: &Workers) -> (Supervised, Arc<RunLog>) {
+    /// A new run log in `dir`.
+    fn new_log(dir: &TempDir) -> RunLog {
         let log_path = dir.path().join("run.log");
         let file = std::fs::OpenOptions::new()
             .read(true)
@@ -791,7 +792,11 @@ mod tests {
             .create_new(true)
             .open(&log_path)
             .unwrap();
-        let log = Arc::new(RunLog::in_new_file(&log_path, file, 4096, u64::MAX));
+        RunLog::in_new_file(&log_path, file, 4096, u64::MAX)
+    }
+
+    fn start(dir: &TempDir, script: &str, threads: &Workers) -> (Supervised, Arc<RunLog>) {
+        let log = Arc::new(new_log(dir));
         let launch = Launch {
             program: PathBuf::from("/bin/sh"),
             args: vec!["-c".into(), script.into()],
@@ -874,14 +879,7 @@ mod tests {
     #[test]
     fn bulk_output_is_read_in_larger_chunks_and_small_writes_end_it() {
         let dir = TempDir::new("supervisor");
-        let log_path = dir.path().join("run.log");
-        let file = std::fs::OpenOptions::new()
-            .read(true)
-            .append(true)
-            .create_new(true)
-            .open(&log_path)
-            .unwrap();
-        let log = RunLog::in_new_file(&log_path, file, 4096, u64::MAX);
+        let log = new_log(&dir);
         let (reader, mut writer) = io::pipe().unwrap();
         // Room for all of it, so the writes below do not wait for the reads.
         sys::set_pipe_capacity(&writer, BULK_PIPE_CAPACITY).unwrap();
