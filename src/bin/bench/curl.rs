@@ -67,6 +67,14 @@ impl Curl {
         c.args(["-N", "-H", "Accept: text/event-stream"]);
         c
     }
+
+    /// [`Curl::execute_sse`] asking the server to close the connection after the response, as
+    /// nginx asks its upstreams.
+    pub fn execute_sse_closing(&self, runbook: &str) -> Command {
+        let mut c = self.execute_sse(runbook);
+        c.args(["-H", "Connection: close"]);
+        c
+    }
 }
 
 /// `curl -sS --fail` with stdin closed and stderr dropped.

@@ -21,7 +21,7 @@ use crate::server::{Server, ServerSpec};
 use crate::token;
 
 /// Every figure, in the order they run.
-pub const NAMES: [&str; 12] = [
+pub const NAMES: [&str; 13] = [
     "gap",
     "seq",
     "rss100m",
@@ -31,6 +31,7 @@ pub const NAMES: [&str; 12] = [
     "concurrent",
     "overhead",
     "streams200",
+    "streams200_close",
     "seq_curl",
     "sse100m",
     "done_latency",
@@ -99,6 +100,7 @@ pub fn run(name: &str, bench: &Bench) -> Result<Outcome, BenchError> {
         "concurrent" => concurrent::run(bench),
         "overhead" => overhead::run(bench),
         "streams200" => curlstreams::streams(bench),
+        "streams200_close" => curlstreams::streams_closing(bench),
         "seq_curl" => curlstreams::seq(bench),
         "sse100m" => curlstreams::bulk(bench),
         "done_latency" => done::run(bench),
