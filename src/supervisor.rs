@@ -54,7 +54,8 @@ const NO_CGROUP: &str = "-";
 
 /// The helper's main: `--runbookd-internal-exec SOFT|- NICE|- CGROUP|- UID:GID|- PROGRAM ARGS...`.
 /// Used for `RUN_AS_USER` and where the kernel cannot start the script directly (see
-/// `spawn.rs`). Moves itself into the run's cgroup, becomes UID:GID when given, then execs the interpreter;
+/// `spawn.rs`). Moves itself into the run's cgroup, takes the scripts' niceness, becomes UID:GID
+/// when given, then execs the interpreter;
 /// on failure prints why on stderr and exits as a shell would (127 not found, 126 not
 /// executable).
 pub fn child_helper_main(args: &[OsString]) -> i32 {
@@ -722,9 +723,13 @@ impl ScriptPipe {
                 self.last_read = Instant::now();
                 let chunk = match data {
                     Some(mut data) => {
+                        // The log's window counts bytes, not capacity: a chunk keeps at most
+                        // twice what it holds (shrinking in place, no copy, as a rule).
+                        if n < BULK_READ / 2 {
+                            data.shrink_to_fit();
+                        }
                         if n < BULK_LEAVE {
                             self.bulk = false;
-                            data.shrink_to_fit();
                         }
                         self.chunker.push_owned(data)
                     }
