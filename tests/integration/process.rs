@@ -364,6 +364,7 @@ fn scripts_run_nicer_than_the_server_as_configured() {
         assert!(!runs.is_empty(), "no run thread waits");
         assert!(runs.iter().all(|&n| n == expected), "run threads {runs:?}");
         let requests = thread_nices(server.pid(), "http");
+        assert!(!requests.is_empty(), "no request thread waits");
         assert!(
             requests.iter().all(|&n| n == own),
             "request threads {requests:?}"
