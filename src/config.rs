@@ -256,6 +256,13 @@ pub const SETTINGS: &[Setting] = &[
         3600,
     ),
     ranged(
+        "MAX_CONNECTIONS",
+        "2048",
+        "client connections served at once (each holds a thread); more get a 503 and are closed",
+        16,
+        100_000,
+    ),
+    ranged(
         "LOGS_MAX_LINES",
         "10000",
         "most lines GET /api/runs/{id}/logs returns (tail); asking for more is a 400",
@@ -335,6 +342,7 @@ pub struct Config {
     /// `RUN_CGROUP` as given: empty (default), `off` or a directory; resolved at start.
     pub run_cgroup: String,
     pub request_timeout: Duration,
+    pub max_connections: usize,
     pub logs_max_lines: usize,
     /// `RUN_AS_USER` as given; resolved and checked at start (`privsep::prepare`).
     pub run_as_user: Option<String>,
@@ -575,6 +583,7 @@ impl Config {
             .map(String::from)
             .collect();
         let request_timeout = Duration::from_secs(r.number::<u64>("REQUEST_TIMEOUT_SECONDS", 1)?);
+        let max_connections = r.number::<usize>("MAX_CONNECTIONS", 16)?;
         let logs_max_lines = r.number::<usize>("LOGS_MAX_LINES", 1)?;
         let run_as_user = r.raw("RUN_AS_USER").map(|v| v.trim().to_string());
         let runbook_max_bytes = r.number::<u64>("RUNBOOK_MAX_BYTES", 1024)?;
@@ -582,6 +591,7 @@ impl Config {
             runbook_max_bytes,
             run_cgroup,
             request_timeout,
+            max_connections,
             logs_max_lines,
             run_as_user,
             max_concurrent_runs,

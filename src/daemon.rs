@@ -5,12 +5,11 @@
 
 use std::collections::HashMap;
 use std::io::Write;
-use std::net::SocketAddr;
+use std::net::{SocketAddr, TcpListener};
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::sync::Arc;
 
 use crate::app::App;
 use crate::config::Config;
@@ -104,18 +103,14 @@ pub fn main(raw: Vec<std::ffi::OsString>) -> ExitCode {
 }
 
 /// Waits for SIGTERM/SIGINT on its own thread; then stops new work and wakes the accept loop.
-fn watch_termination(app: Arc<App>, current: Arc<Mutex<Option<Arc<tiny_http::Server>>>>) {
+fn watch_termination(app: Arc<App>, listener: Arc<TcpListener>) {
     let spawned = std::thread::Builder::new()
         .name("signals".into())
         .spawn(move || {
             let signal = sys::wait_termination_signal();
             log::info!("signal {signal:?} received: shutting down");
             app.shutting_down.store(true, Ordering::SeqCst);
-            if let Ok(slot) = current.lock() {
-                if let Some(server) = slot.as_ref() {
-                    server.unblock();
-                }
-            }
+            http::stop_listening(&listener);
         });
     if let Err(e) = spawned {
         log::error!("cannot watch for termination signals: {e}");
@@ -228,58 +223,12 @@ fn start(config: Config, run_as: Option<privsep::RunAs>) -> Result<(), StartErro
     lifecycle::recover(&app);
     app.retention.start(&app);
     lifecycle::start_retention_thread(app.clone());
-    let current = Arc::new(Mutex::new(None::<Arc<tiny_http::Server>>));
-    watch_termination(app.clone(), current.clone());
+    let listener = Arc::new(listener);
+    watch_termination(app.clone(), listener.clone());
     println!("listening on http://{local}");
     let _ = std::io::stdout().flush();
     log::info!("serving runbooks from {}", app.catalog.root().display());
-    let mut listener = Some(listener);
-    let mut backoff = Duration::from_millis(100);
-    while !app.is_shutting_down() {
-        // tiny_http's accept loop ends for good on an accept error (EMFILE, ...); bind again.
-        let bound = match listener.take() {
-            Some(l) => Ok(l),
-            None => http::bind(local, app.config.viewer_stall, app.config.request_timeout),
-        };
-        let server = match bound
-            .map_err(|e| e.to_string())
-            .and_then(|l| tiny_http::Server::from_listener(l, None).map_err(|e| e.to_string()))
-        {
-            Ok(server) => Arc::new(server),
-            Err(e) => {
-                log::error!("cannot listen on {local} again: {e}; retrying in {backoff:?}");
-                std::thread::sleep(backoff);
-                backoff = (backoff * 2).min(Duration::from_secs(5));
-                continue;
-            }
-        };
-        if let Ok(mut slot) = current.lock() {
-            *slot = Some(server.clone());
-        }
-        if app.is_shutting_down() {
-            break;
-        }
-        let served_since = Instant::now();
-        if let Err(e) = http::serve(&app, &server, local) {
-            if !app.is_shutting_down() {
-                log::error!("accepting connections failed: {e}; listening again");
-            }
-        }
-        // Stop accepting: the last reference to the server closes the listener.
-        if let Ok(mut slot) = current.lock() {
-            *slot = None;
-        }
-        drop(server);
-        if app.is_shutting_down() {
-            break;
-        }
-        if served_since.elapsed() > Duration::from_secs(10) {
-            backoff = Duration::from_millis(100);
-        } else {
-            std::thread::sleep(backoff);
-            backoff = (backoff * 2).min(Duration::from_secs(5));
-        }
-    }
+    http::serve(&app, &listener);
     lifecycle::stop_runs(&app);
     log::info!("stopped");
     Ok(())

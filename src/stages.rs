@@ -39,7 +39,7 @@ fn enabled() -> bool {
     ENABLED.load(Ordering::Relaxed)
 }
 
-/// A request was handed to this thread (its head already read by tiny_http).
+/// A request head was read on this thread.
 pub fn request_received() {
     if enabled() {
         REQUEST_AT.with(|at| at.set(Some(Instant::now())));

@@ -329,6 +329,12 @@ pub fn set_receive_timeout(socket: &impl AsFd, timeout: Duration) -> io::Result<
     SockRef::from(socket).set_read_timeout(Some(timeout))
 }
 
+/// Shuts a socket down both ways. On a listening socket, Linux makes a blocked `accept` (and
+/// every later one) fail, which is how the accept loop learns of shutdown.
+pub fn shut_down_socket(socket: &impl AsFd) -> io::Result<()> {
+    SockRef::from(socket).shutdown(std::net::Shutdown::Both)
+}
+
 /// Makes writes to `fd` fail with `WouldBlock` instead of waiting.
 pub fn set_nonblocking(fd: &impl AsFd) -> io::Result<()> {
     use nix::fcntl::{fcntl, FcntlArg, OFlag};

@@ -1,30 +1,32 @@
-//! Writes a streamed response ourselves through `Request::into_writer()`: the status line and
-//! headers, then one HTTP chunk per batch (or, for HTTP/1.0 clients, raw bytes and a closed
-//! connection), each batch one write + flush so it leaves at once. The answer to a `HEAD`
-//! request is the head alone: its body (and chunk framing) is dropped.
+//! Writes a streamed response: the head (from `connection::Response::head`), then one HTTP
+//! chunk per batch (or, for HTTP/1.0 clients, raw bytes and a closed connection), each batch
+//! one write so it leaves at once. The answer to a `HEAD` request is the head alone: its body
+//! (and chunk framing) is dropped. Only a response that was finished lets its connection serve
+//! another request.
 #![forbid(unsafe_code)]
 
 use std::io::{self, Write};
 
+use super::connection::{AnswerSink, BodyKind, Request};
 use super::reply::HttpStatus;
 
 /// An open streamed response.
-pub struct ChunkedResponse {
-    socket: Box<dyn Write + Send>,
+pub struct ChunkedResponse<'c> {
+    socket: Box<dyn AnswerSink + 'c>,
     chunked: bool,
     head_only: bool,
     /// Bytes not written yet: only for a response started with [`ChunkedResponse::start_held`].
     held: Option<Vec<u8>>,
 }
 
-impl ChunkedResponse {
-    /// Sends the head. `http10`: the client speaks HTTP/1.0, so the body is delimited by
-    /// closing the connection instead of chunked framing.
+impl<'c> ChunkedResponse<'c> {
+    /// Sends the head. For an HTTP/1.0 client the body is delimited by closing the connection
+    /// instead of chunked framing.
     pub fn start(
-        request: tiny_http::Request,
+        request: Request<'c>,
         status: HttpStatus,
         headers: &[(&str, String)],
-    ) -> io::Result<ChunkedResponse> {
+    ) -> io::Result<ChunkedResponse<'c>> {
         let mut writer = ChunkedResponse::start_held(request, status, headers);
         writer.write_held()?;
         writer.held = None;
@@ -35,34 +37,18 @@ impl ChunkedResponse {
     /// result, not a stream): the head and the batches are held and go out together, in one
     /// write, at [`ChunkedResponse::finish`] (or once they pass a batch's size).
     pub fn start_held(
-        request: tiny_http::Request,
+        request: Request<'c>,
         status: HttpStatus,
         headers: &[(&str, String)],
-    ) -> ChunkedResponse {
-        let http10 = *request.http_version() == tiny_http::HTTPVersion(1, 0);
-        let head_only = *request.method() == tiny_http::Method::Head;
-        let socket = request.into_writer();
-        let mut writer = ChunkedResponse {
-            socket,
-            chunked: !http10,
-            head_only,
-            held: Some(Vec::new()),
-        };
-        let mut head = format!("HTTP/1.1 {} {}\r\n", status.code(), status.reason());
-        for (name, value) in headers {
-            head.push_str(name);
-            head.push_str(": ");
-            head.push_str(value);
-            head.push_str("\r\n");
+    ) -> ChunkedResponse<'c> {
+        let mut response = request.into_response();
+        let head = response.head(status, headers, BodyKind::Streamed);
+        ChunkedResponse {
+            chunked: response.chunked(),
+            head_only: response.head_only(),
+            socket: Box::new(response),
+            held: Some(head),
         }
-        if writer.chunked {
-            head.push_str("Transfer-Encoding: chunked\r\n");
-        } else {
-            head.push_str("Connection: close\r\n");
-        }
-        head.push_str("\r\n");
-        writer.held = Some(head.into_bytes());
-        writer
     }
 
     /// Writes and flushes what is held.
@@ -128,7 +114,9 @@ impl ChunkedResponse {
             Some(held) => held.extend_from_slice(end),
             None => self.socket.write_all(end)?,
         }
-        self.write_held()
+        self.write_held()?;
+        self.socket.completed();
+        Ok(())
     }
 }
 
@@ -184,15 +172,15 @@ impl Batch {
 
 /// Collects small writes into batches of about `BATCH` bytes, each sent as one chunk: lets
 /// serializers that write piecemeal stream through a `ChunkedResponse`.
-pub struct Batcher<'a> {
-    out: &'a mut ChunkedResponse,
+pub struct Batcher<'a, 'c> {
+    out: &'a mut ChunkedResponse<'c>,
     batch: Batch,
 }
 
 const BATCH: usize = 64 * 1024;
 
-impl<'a> Batcher<'a> {
-    pub fn new(out: &'a mut ChunkedResponse) -> Self {
+impl<'a, 'c> Batcher<'a, 'c> {
+    pub fn new(out: &'a mut ChunkedResponse<'c>) -> Self {
         Batcher {
             out,
             batch: Batch::with_capacity(BATCH),
@@ -200,7 +188,7 @@ impl<'a> Batcher<'a> {
     }
 }
 
-impl Write for Batcher<'_> {
+impl Write for Batcher<'_, '_> {
     fn write(&mut self, data: &[u8]) -> io::Result<usize> {
         self.batch.appender().extend_from_slice(data);
         if self.batch.len() >= BATCH {
@@ -236,7 +224,11 @@ mod tests {
         }
     }
 
-    fn response(wire: &Wire, chunked: bool) -> ChunkedResponse {
+    impl AnswerSink for Wire {
+        fn completed(&mut self) {}
+    }
+
+    fn response(wire: &Wire, chunked: bool) -> ChunkedResponse<'static> {
         ChunkedResponse {
             socket: Box::new(wire.clone()),
             chunked,

@@ -7,6 +7,7 @@ use std::sync::Arc;
 
 use serde_json::json;
 
+use super::connection::Request;
 use super::error::ApiError;
 use super::reply::Reply;
 use super::request::Incoming;
@@ -22,7 +23,7 @@ pub fn handle(
     app: &Arc<App>,
     route: Route,
     incoming: &Incoming,
-    request: &mut tiny_http::Request,
+    request: &mut Request<'_>,
 ) -> Result<Reply, ApiError> {
     if let Route::RunDownload(id) = &route {
         if incoming.query_value("sig").is_some() {

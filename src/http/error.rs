@@ -6,6 +6,8 @@
 
 use serde_json::json;
 
+use super::connection::BodyError;
+use super::head::HeadError;
 use super::reply::HttpStatus;
 use crate::catalog::CatalogError;
 use crate::execute::ExecError;
@@ -48,6 +50,9 @@ pub enum ApiError {
     /// A request body read got no byte for REQUEST_TIMEOUT_SECONDS.
     #[error("the request body stalled for REQUEST_TIMEOUT_SECONDS")]
     RequestTimeout,
+    /// The request head could not be read; its status depends on why.
+    #[error(transparent)]
+    RequestHead(#[from] HeadError),
     /// `validate` found errors: the body carries the findings as a success would.
     #[error("validation failed: {}", errors.join("; "))]
     ValidationFailed {
@@ -72,6 +77,13 @@ impl ApiError {
             ApiError::Unavailable(_) => HttpStatus::SERVICE_UNAVAILABLE,
             ApiError::Internal(_) => HttpStatus::INTERNAL_SERVER_ERROR,
             ApiError::RequestTimeout => HttpStatus::REQUEST_TIMEOUT,
+            ApiError::RequestHead(e) => match e {
+                HeadError::TooLarge => HttpStatus::REQUEST_HEADER_FIELDS_TOO_LARGE,
+                HeadError::Malformed(_) => HttpStatus::BAD_REQUEST,
+                HeadError::Version => HttpStatus::HTTP_VERSION_NOT_SUPPORTED,
+                HeadError::TransferEncoding => HttpStatus::NOT_IMPLEMENTED,
+                HeadError::TimedOut => HttpStatus::REQUEST_TIMEOUT,
+            },
         }
     }
 
@@ -126,6 +138,16 @@ impl From<CatalogError> for ApiError {
             CatalogError::NotFound => ApiError::NotFound("runbook not found".into()),
             CatalogError::TooLarge { .. } => ApiError::Unprocessable(e.to_string()),
             other => ApiError::Internal(other.to_string()),
+        }
+    }
+}
+
+impl From<BodyError> for ApiError {
+    fn from(e: BodyError) -> Self {
+        match e {
+            BodyError::TooLarge(_) => ApiError::PayloadTooLarge,
+            BodyError::TimedOut => ApiError::RequestTimeout,
+            BodyError::Truncated | BodyError::Unreadable(_) => ApiError::BadRequest(e.to_string()),
         }
     }
 }

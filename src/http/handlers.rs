@@ -7,6 +7,7 @@ use std::sync::Arc;
 
 use serde_json::{json, Map, Value};
 
+use super::connection::Request;
 use super::error::ApiError;
 use super::reply::Reply;
 use super::request::{json_body, read_body, Incoming};
@@ -34,7 +35,7 @@ fn runbook_error(app: &App, file: &str, principal: &Principal, error: CatalogErr
     }
 }
 
-pub fn dev_login(app: &App, request: &mut tiny_http::Request) -> Result<Reply, ApiError> {
+pub fn dev_login(app: &App, request: &mut Request<'_>) -> Result<Reply, ApiError> {
     if !app.config.enable_login {
         return Err(ApiError::NotFound(
             "not found: dev login is disabled".into(),
@@ -143,7 +144,7 @@ pub fn required_env(app: &App, file: &str, principal: &Principal) -> Result<Repl
 }
 
 /// Reads `{"env_vars"?}` after the runbook is known to exist.
-fn env_vars_body(request: &mut tiny_http::Request) -> Result<runenv::RequestVars, ApiError> {
+fn env_vars_body(request: &mut Request<'_>) -> Result<runenv::RequestVars, ApiError> {
     let body = json_body(&read_body(request)?)?;
     runenv::check_request_vars(body.get("env_vars")).map_err(ApiError::BadRequest)
 }
@@ -152,7 +153,7 @@ pub fn validate(
     app: &App,
     file: &str,
     principal: &Principal,
-    request: &mut tiny_http::Request,
+    request: &mut Request<'_>,
 ) -> Result<Reply, ApiError> {
     let vars = env_vars_body(request)?;
     let (_, content) = app
@@ -190,7 +191,7 @@ pub fn execute(
     file: &str,
     principal: &Principal,
     incoming: &Incoming,
-    request: &mut tiny_http::Request,
+    request: &mut Request<'_>,
 ) -> Result<Reply, ApiError> {
     let vars = env_vars_body(request)?;
     // A run token's stack is the truth; the header is believed only from user tokens, which get

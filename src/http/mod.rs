@@ -1,13 +1,16 @@
-//! The HTTP front: binds the listening socket (with the viewer stall timeout set on it), hands
-//! it to tiny_http, and serves each request on its own thread (`workers`: a thread that has
-//! answered waits for the next request): route, handle, answer, and one access line. Which
-//! status an answer gets is decided in `error.rs` (failures) and `reply.rs` (successes) only.
+//! The HTTP front: binds the listening socket (with the viewer stall and request timeouts set
+//! on it), accepts connections, and serves each connection on its own thread (`workers`: a
+//! thread whose connection ended waits for the next one), request after request: route,
+//! handle, answer, and one access line. Which status an answer gets is decided in `error.rs`
+//! (failures) and `reply.rs` (successes) only.
 #![forbid(unsafe_code)]
 
 pub mod chunked_response;
+pub mod connection;
 pub mod dispatch;
 pub mod error;
 pub mod handlers;
+pub mod head;
 pub mod page;
 pub mod reply;
 pub mod request;
@@ -16,30 +19,16 @@ pub mod run_output;
 pub mod runs;
 
 use std::io;
-use std::net::{SocketAddr, TcpListener};
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use crate::app::App;
+use connection::{Connection, Request};
+use error::ApiError;
+use head::RequestHead;
 use request::Incoming;
-
-/// How long without a request before checking that connections are still accepted.
-const LIVENESS_PROBE_EVERY: std::time::Duration = std::time::Duration::from_secs(1);
-
-/// False only when a connection to our own listening address is refused (nobody listens).
-fn accept_loop_alive(local: SocketAddr) -> bool {
-    let mut target = local;
-    if target.ip().is_unspecified() {
-        target.set_ip(match target {
-            SocketAddr::V4(_) => std::net::Ipv4Addr::LOCALHOST.into(),
-            SocketAddr::V6(_) => std::net::Ipv6Addr::LOCALHOST.into(),
-        });
-    }
-    match std::net::TcpStream::connect_timeout(&target, std::time::Duration::from_secs(1)) {
-        Err(e) => e.kind() != io::ErrorKind::ConnectionRefused,
-        Ok(_) => true,
-    }
-}
 
 /// Accept queue length (the kernel caps it at net.core.somaxconn).
 const LISTEN_BACKLOG: i32 = 4096;
@@ -51,8 +40,8 @@ const MAX_IDLE_REQUEST_THREADS: usize = 16;
 /// `SO_RCVTIMEO` from it to every accepted connection: a viewer whose socket accepts nothing for
 /// the stall time fails, and a read of a request head or body that gets no byte for
 /// `request_timeout` fails, which closes the connection and frees its thread (an idle
-/// keep-alive connection included). Streams are not affected: while one is written, only
-/// tiny_http's wait for a next request head reads, and its end just closes the read side.
+/// keep-alive connection included). Streams are not affected: nothing reads a connection while
+/// its answer is being written.
 pub fn bind(
     addr: SocketAddr,
     stall: std::time::Duration,
@@ -65,38 +54,128 @@ pub fn bind(
     Ok(listener)
 }
 
-/// Serves requests until the server is unblocked or its accept loop fails (the error).
-///
-/// tiny_http's accept thread ends for good on an accept error, and it can also die without a
-/// word (it unwraps `try_clone` of an accepted socket, which fails with EMFILE), dropping the
-/// listener. So while idle, the listening address is probed: a refused connection means the
-/// accept loop is gone and the caller must listen again.
-pub fn serve(app: &Arc<App>, server: &tiny_http::Server, local: SocketAddr) -> io::Result<()> {
+/// How long to wait before accepting again after an accept failed (out of descriptors, ...).
+const ACCEPT_RETRY: Duration = Duration::from_millis(50);
+
+/// Accepts connections until the listener is shut down ([`stop_listening`]) at shutdown.
+/// An accept that fails (no descriptor left, ...) is logged and tried again: the listener
+/// stays, and the connections waiting in its queue are accepted once descriptors are free.
+pub fn serve(app: &Arc<App>, listener: &TcpListener) {
     let workers = crate::workers::Workers::new("http", MAX_IDLE_REQUEST_THREADS);
-    let mut idle_since = Instant::now();
+    let open = Arc::new(AtomicUsize::new(0));
+    let mut last_failure_logged: Option<Instant> = None;
+    let mut last_refusal_logged: Option<Instant> = None;
     loop {
-        let Some(request) = server.recv_timeout(LIVENESS_PROBE_EVERY)? else {
-            if app.is_shutting_down() {
-                return Err(io::Error::other("shutting down"));
+        let (stream, peer) = match listener.accept() {
+            Ok(accepted) => accepted,
+            Err(_) if app.is_shutting_down() => return,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            Err(e) => {
+                if last_failure_logged.is_none_or(|at| at.elapsed() >= Duration::from_secs(1)) {
+                    log::error!("cannot accept a connection: {e}");
+                    last_failure_logged = Some(Instant::now());
+                }
+                std::thread::sleep(ACCEPT_RETRY);
+                continue;
             }
-            if idle_since.elapsed() >= LIVENESS_PROBE_EVERY && !accept_loop_alive(local) {
-                return Err(io::Error::other("the accept loop is gone"));
+        };
+        if app.is_shutting_down() {
+            return;
+        }
+        let Some(slot) = ConnectionSlot::take(&open, app.config.max_connections) else {
+            if last_refusal_logged.is_none_or(|at| at.elapsed() >= Duration::from_secs(1)) {
+                log::warn!(
+                    "{} connections open (MAX_CONNECTIONS): refusing new ones",
+                    app.config.max_connections
+                );
+                last_refusal_logged = Some(Instant::now());
             }
-            idle_since = Instant::now();
+            refuse_connection(app, stream, peer);
             continue;
         };
-        idle_since = Instant::now();
         let app = app.clone();
-        if let Err(e) = workers.run(move || handle(&app, request)) {
+        if let Err(e) = workers.run(move || {
+            let _slot = slot;
+            serve_connection(&app, stream, peer)
+        }) {
             log::error!("cannot start a request thread: {e}");
         }
     }
 }
 
-fn handle(app: &Arc<App>, mut request: tiny_http::Request) {
+/// One of the `MAX_CONNECTIONS` connections being served; freed when dropped.
+struct ConnectionSlot(Arc<AtomicUsize>);
+
+impl ConnectionSlot {
+    fn take(open: &Arc<AtomicUsize>, max: usize) -> Option<ConnectionSlot> {
+        open.fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
+            (n < max).then_some(n + 1)
+        })
+        .ok()
+        .map(|_| ConnectionSlot(open.clone()))
+    }
+}
+
+impl Drop for ConnectionSlot {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+/// Answers a connection over `MAX_CONNECTIONS` with a 503 on the accept thread, without
+/// reading its request and without waiting: the write goes into the new socket's empty send
+/// buffer, and the socket is closed at once.
+fn refuse_connection(app: &App, stream: TcpStream, peer: SocketAddr) {
+    if crate::sys::set_nonblocking(&stream).is_err() {
+        return;
+    }
+    let mut conn = Connection::new(stream, Some(peer), app.config.request_timeout);
+    let error = ApiError::Unavailable("too many connections; try again".into());
+    let status = reply::send_error(conn.refusal(), &error).code();
+    app.metrics.request("unmatched", status);
+}
+
+/// Wakes [`serve`]'s accept and makes it return (once `App::is_shutting_down` is set).
+pub fn stop_listening(listener: &TcpListener) {
+    if let Err(e) = crate::sys::shut_down_socket(listener) {
+        log::error!("cannot stop listening: {e}");
+    }
+}
+
+/// Serves one connection's requests, one after the other, until it ends.
+fn serve_connection(app: &Arc<App>, stream: TcpStream, peer: SocketAddr) {
+    // Every answer goes out in whole writes: nothing is gained by delaying a small one.
+    let _ = stream.set_nodelay(true);
+    let mut conn = Connection::new(stream, Some(peer), app.config.request_timeout);
+    loop {
+        match conn.next_request() {
+            Ok(Some((head, request))) => handle(app, head, request),
+            Ok(None) => break,
+            Err(e) => {
+                let started = Instant::now();
+                let status = reply::send_error(conn.refusal(), &ApiError::from(e)).code();
+                app.metrics.request("unmatched", status);
+                log::info!(
+                    target: "runbookd::access",
+                    "{} - - {}ms {}",
+                    peer.ip(),
+                    started.elapsed().as_millis(),
+                    status
+                );
+                break;
+            }
+        }
+        if app.is_shutting_down() || !conn.reusable() {
+            break;
+        }
+    }
+    conn.close();
+}
+
+fn handle(app: &Arc<App>, head: RequestHead, mut request: Request<'_>) {
     let started = Instant::now();
     crate::stages::request_received();
-    let incoming = Incoming::from_request(&request);
+    let incoming = Incoming::from_head(head, request.remote());
     let (label, result) = match router::route(&incoming.method, &incoming.path) {
         Ok(route) => {
             let label = route.label();
@@ -106,7 +185,7 @@ fn handle(app: &Arc<App>, mut request: tiny_http::Request) {
     };
     let status = match result {
         Ok(reply) => reply.send(app, request),
-        Err(e) => reply::send_error(request, &e),
+        Err(e) => reply::send_error(request.into_response(), &e),
     }
     .code();
     app.metrics.request(label, status);

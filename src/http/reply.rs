@@ -1,13 +1,15 @@
-//! What a handler answers (`Reply`) and sending it: whole responses through tiny_http, a run's
+//! What a handler answers (`Reply`) and sending it: whole responses in one write, a run's
 //! output through the viewers in `run_output`. A status reaches the wire only as an
 //! `HttpStatus`, named only here (which success each `Reply` is) and in `error.rs` (every
 //! failure, and a failed run's result).
 #![forbid(unsafe_code)]
 
+use std::io::Write;
 use std::sync::Arc;
 
 use serde_json::Value;
 
+use super::connection::{AnswerSink, BodyKind, Request, Response};
 use super::error::ApiError;
 use super::{page, run_output};
 use crate::app::App;
@@ -34,8 +36,11 @@ impl HttpStatus {
     pub const PAYLOAD_TOO_LARGE: HttpStatus = HttpStatus(413);
     pub const UNPROCESSABLE_CONTENT: HttpStatus = HttpStatus(422);
     pub const TOO_MANY_REQUESTS: HttpStatus = HttpStatus(429);
+    pub const REQUEST_HEADER_FIELDS_TOO_LARGE: HttpStatus = HttpStatus(431);
     pub const INTERNAL_SERVER_ERROR: HttpStatus = HttpStatus(500);
+    pub const NOT_IMPLEMENTED: HttpStatus = HttpStatus(501);
     pub const SERVICE_UNAVAILABLE: HttpStatus = HttpStatus(503);
+    pub const HTTP_VERSION_NOT_SUPPORTED: HttpStatus = HttpStatus(505);
 
     pub fn code(self) -> u16 {
         self.0
@@ -43,7 +48,27 @@ impl HttpStatus {
 
     /// The reason phrase of the status line.
     pub fn reason(self) -> &'static str {
-        tiny_http::StatusCode(self.0).default_reason_phrase()
+        match self.0 {
+            200 => "OK",
+            202 => "Accepted",
+            204 => "No Content",
+            400 => "Bad Request",
+            401 => "Unauthorized",
+            403 => "Forbidden",
+            404 => "Not Found",
+            405 => "Method Not Allowed",
+            408 => "Request Timeout",
+            409 => "Conflict",
+            413 => "Content Too Large",
+            422 => "Unprocessable Content",
+            429 => "Too Many Requests",
+            431 => "Request Header Fields Too Large",
+            500 => "Internal Server Error",
+            501 => "Not Implemented",
+            503 => "Service Unavailable",
+            505 => "HTTP Version Not Supported",
+            _ => "",
+        }
     }
 }
 
@@ -88,27 +113,39 @@ pub enum Reply {
 
 impl Reply {
     /// Sends the reply; returns the status sent (for the access log and metrics).
-    pub fn send(self, app: &App, request: tiny_http::Request) -> HttpStatus {
+    pub fn send(self, app: &App, request: Request<'_>) -> HttpStatus {
         const JSON: &str = "application/json";
         match self {
-            Reply::Json(body) => respond(request, HttpStatus::OK, JSON, body.to_string(), &[]),
+            Reply::Json(body) => respond(
+                request.into_response(),
+                HttpStatus::OK,
+                JSON,
+                body.to_string(),
+                &[],
+            ),
             Reply::Accepted(body, headers) => respond(
-                request,
+                request.into_response(),
                 HttpStatus::ACCEPTED,
                 JSON,
                 body.to_string(),
                 &headers,
             ),
-            Reply::Text(content_type, body) => {
-                respond(request, HttpStatus::OK, content_type, body, &[])
-            }
+            Reply::Text(content_type, body) => respond(
+                request.into_response(),
+                HttpStatus::OK,
+                content_type,
+                body,
+                &[],
+            ),
             Reply::NoContent => {
                 let status = HttpStatus::NO_CONTENT;
-                let _ = request.respond(tiny_http::Response::empty(status.code()));
+                let mut response = request.into_response();
+                let head = response.head(status, &[], BodyKind::None);
+                deliver(response, &head);
                 status
             }
             Reply::Page(content_type, body) => respond(
-                request,
+                request.into_response(),
                 HttpStatus::OK,
                 content_type,
                 body.into(),
@@ -143,9 +180,9 @@ impl Reply {
 }
 
 /// Sends an `ApiError` as its status, headers and JSON body.
-pub fn send_error(request: tiny_http::Request, error: &ApiError) -> HttpStatus {
+pub fn send_error(response: Response<'_>, error: &ApiError) -> HttpStatus {
     respond(
-        request,
+        response,
         error.status(),
         "application/json",
         error.body().to_string(),
@@ -153,23 +190,29 @@ pub fn send_error(request: tiny_http::Request, error: &ApiError) -> HttpStatus {
     )
 }
 
+/// Sends a whole answer: head and body in one write.
 fn respond(
-    request: tiny_http::Request,
+    mut response: Response<'_>,
     status: HttpStatus,
     content_type: &str,
     body: String,
     extra: &[(&'static str, String)],
 ) -> HttpStatus {
-    let mut response = tiny_http::Response::from_string(body).with_status_code(status.code());
-    let headers =
-        std::iter::once(("Content-Type", content_type.to_string())).chain(extra.iter().cloned());
-    for (name, value) in headers {
-        if let Ok(header) = tiny_http::Header::from_bytes(name.as_bytes(), value.as_bytes()) {
-            response.add_header(header);
-        }
+    let mut fields: Vec<(&str, String)> = Vec::with_capacity(extra.len() + 1);
+    fields.push(("Content-Type", content_type.to_string()));
+    fields.extend(extra.iter().cloned());
+    let mut bytes = response.head(status, &fields, BodyKind::Sized(body.len()));
+    if !response.head_only() {
+        bytes.extend_from_slice(body.as_bytes());
     }
-    if let Err(e) = request.respond(response) {
-        log::debug!("response not delivered: {e}");
-    }
+    deliver(response, &bytes);
     status
+}
+
+/// Writes a whole answer; the connection goes on only when all of it was written.
+fn deliver(mut response: Response<'_>, bytes: &[u8]) {
+    match response.write_all(bytes) {
+        Ok(()) => response.completed(),
+        Err(e) => log::debug!("response not delivered: {e}"),
+    }
 }

@@ -1,12 +1,12 @@
-//! What a handler needs to know about a request, read once from tiny_http: method, decoded path
-//! parts, query pairs, headers, client address, and the body (read with the 1 MiB limit).
+//! What a handler needs to know about a request, taken once from its head: method, path, query
+//! pairs, headers, client address; and the body, read with the 1 MiB limit.
 #![forbid(unsafe_code)]
 
-use std::io::Read;
 use std::net::SocketAddr;
 
+use super::connection::Request;
 use super::error::ApiError;
-use crate::client::chunked::ChunkedDecoder;
+use super::head::RequestHead;
 
 /// Largest request body accepted.
 pub const MAX_BODY_BYTES: u64 = 1024 * 1024;
@@ -21,24 +21,27 @@ pub struct Incoming {
 }
 
 impl Incoming {
-    pub fn from_request(request: &tiny_http::Request) -> Incoming {
-        let url = request.url();
-        let (path, query) = url.split_once('?').unwrap_or((url, ""));
+    /// What the handlers read of a request head (its fields are moved, not copied).
+    pub fn from_head(head: RequestHead, remote: Option<SocketAddr>) -> Incoming {
+        let RequestHead {
+            method,
+            mut target,
+            headers,
+            ..
+        } = head;
+        let query = match target.split_once('?') {
+            Some((_, query)) => parse_query(query),
+            None => Vec::new(),
+        };
+        if let Some(at) = target.find('?') {
+            target.truncate(at);
+        }
         Incoming {
-            method: request.method().as_str().to_ascii_uppercase(),
-            path: path.to_string(),
-            query: parse_query(query),
-            headers: request
-                .headers()
-                .iter()
-                .map(|h| {
-                    (
-                        h.field.as_str().as_str().to_ascii_lowercase(),
-                        h.value.as_str().to_string(),
-                    )
-                })
-                .collect(),
-            remote: request.remote_addr().copied(),
+            method,
+            path: target,
+            query,
+            headers,
+            remote,
         }
     }
 
@@ -85,92 +88,10 @@ impl Incoming {
     }
 }
 
-/// How the request delimits its body, decided from its headers as tiny_http does.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Framing {
-    /// `Transfer-Encoding` (always chunked, as tiny_http reads it).
-    Chunked,
-    Length(u64),
-    /// Neither header: no body.
-    Empty,
-}
-
-/// Whether tiny_http took the request for a protocol upgrade (`Connection` containing
-/// "upgrade"). It then hands over the raw socket as the body reader, ignoring the body's
-/// framing, so the framing has to be applied here.
-fn is_upgrade(request: &tiny_http::Request) -> bool {
-    request
-        .headers()
-        .iter()
-        .find(|h| h.field.equiv("Connection"))
-        .is_some_and(|h| h.value.as_str().to_ascii_lowercase().contains("upgrade"))
-}
-
-fn framing(request: &tiny_http::Request) -> Framing {
-    if request
-        .headers()
-        .iter()
-        .any(|h| h.field.equiv("Transfer-Encoding"))
-    {
-        Framing::Chunked
-    } else if let Some(len) = request.body_length() {
-        Framing::Length(len as u64)
-    } else {
-        Framing::Empty
-    }
-}
-
-fn unreadable(e: &std::io::Error) -> ApiError {
-    match e.kind() {
-        std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut => ApiError::RequestTimeout,
-        _ => ApiError::BadRequest("the request body could not be read".into()),
-    }
-}
-
 /// Reads the body, refusing more than `MAX_BODY_BYTES` (by Content-Length or by counting). The
-/// body is read to exactly its Content-Length, or to its last chunk, and never further, whatever
-/// `Connection` and `Upgrade` say: after an "upgrade" request the reader is the raw socket, and
-/// reading it to its end would wait for the client (or proxy) to close the connection.
-pub fn read_body(request: &mut tiny_http::Request) -> Result<Vec<u8>, ApiError> {
-    let framing = framing(request);
-    if let Framing::Length(len) = framing {
-        if len > MAX_BODY_BYTES {
-            return Err(ApiError::PayloadTooLarge);
-        }
-    }
-    let upgrade = is_upgrade(request);
-    let reader = request.as_reader();
-    let mut body = Vec::new();
-    match framing {
-        Framing::Empty => return Ok(body),
-        Framing::Length(len) => {
-            reader
-                .take(len)
-                .read_to_end(&mut body)
-                .map_err(|e| unreadable(&e))?;
-            if (body.len() as u64) < len {
-                return Err(ApiError::BadRequest(
-                    "the request body ended before its Content-Length".into(),
-                ));
-            }
-        }
-        Framing::Chunked if upgrade => {
-            ChunkedDecoder::new(std::io::BufReader::new(reader))
-                .take(MAX_BODY_BYTES + 1)
-                .read_to_end(&mut body)
-                .map_err(|e| unreadable(&e))?;
-        }
-        Framing::Chunked => {
-            reader
-                .take(MAX_BODY_BYTES + 1)
-                .read_to_end(&mut body)
-                .map_err(|e| unreadable(&e))?;
-        }
-    }
-    if body.len() as u64 > MAX_BODY_BYTES {
-        return Err(ApiError::PayloadTooLarge);
-    }
-    Ok(body)
+/// body is read to exactly its Content-Length, or to its last chunk, and never further.
+pub fn read_body(request: &mut Request<'_>) -> Result<Vec<u8>, ApiError> {
+    Ok(request.read_body(MAX_BODY_BYTES)?)
 }
 
 /// Parses a JSON object body; an empty body is an empty object.

@@ -11,6 +11,7 @@ use std::sync::Arc;
 use serde_json::json;
 
 use super::chunked_response::{Batch, Batcher, ChunkedResponse};
+use super::connection::Request;
 use super::error::run_result_status;
 use super::reply::HttpStatus;
 use crate::app::App;
@@ -36,7 +37,7 @@ pub struct Events {
 /// Streams the run as SSE from chunk `events.from_seq` until `done`; returns `status`, sent.
 pub fn stream_events(
     app: &App,
-    request: tiny_http::Request,
+    request: Request<'_>,
     status: HttpStatus,
     run: &Arc<Run>,
     log: &RunLog,
@@ -59,6 +60,7 @@ pub fn stream_events(
         }
     };
     if out.head_only() {
+        let _ = out.finish();
         return status;
     }
     match follow(app, &mut out, run, log, &events) {
@@ -72,7 +74,7 @@ pub fn stream_events(
 
 fn follow(
     app: &App,
-    out: &mut ChunkedResponse,
+    out: &mut ChunkedResponse<'_>,
     run: &Arc<Run>,
     log: &RunLog,
     events: &Events,
@@ -155,12 +157,7 @@ fn follow(
 
 /// Waits for the run's end and sends its result object, with the status `run_result_status`
 /// gives the outcome.
-pub fn send_result(
-    app: &App,
-    request: tiny_http::Request,
-    run: &Arc<Run>,
-    log: &RunLog,
-) -> HttpStatus {
+pub fn send_result(app: &App, request: Request<'_>, run: &Arc<Run>, log: &RunLog) -> HttpStatus {
     let outcome = log.wait_end();
     crate::stages::mark(&run.id, "done to the request");
     let status = run_result_status(&outcome);
@@ -185,7 +182,7 @@ pub fn send_result(
 
 /// Sends the stored bytes (one stream or both interleaved) as a text attachment.
 pub fn send_download(
-    request: tiny_http::Request,
+    request: Request<'_>,
     status: HttpStatus,
     run: &Run,
     log: &RunLog,
@@ -205,7 +202,7 @@ pub fn send_download(
     ];
     let sent = ChunkedResponse::start(request, status, &headers).and_then(|mut out| {
         if out.head_only() {
-            return Ok(());
+            return out.finish();
         }
         let mut body = Batcher::new(&mut out);
         log.for_each_stored(stream, |chunk| body.write_all(&chunk.data).map(|()| true))
@@ -222,7 +219,7 @@ pub fn send_download(
 /// Sends `{"success", "run_id", "truncated", "logs": [...]}` for `GET /api/runs/{id}/logs`,
 /// each line written as it is read from the log file.
 pub fn send_lines(
-    request: tiny_http::Request,
+    request: Request<'_>,
     status: HttpStatus,
     run: &Run,
     log: &RunLog,
@@ -235,7 +232,7 @@ pub fn send_lines(
     ];
     let sent = ChunkedResponse::start(request, status, &headers).and_then(|mut out| {
         if out.head_only() {
-            return Ok(());
+            return out.finish();
         }
         let mut body = Batcher::new(&mut out);
         let head = json!({

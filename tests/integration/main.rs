@@ -34,4 +34,5 @@ mod trust_connections;
 mod trust_params;
 mod trust_secrets;
 mod trust_tokens;
+mod trust_wire;
 mod web_page;

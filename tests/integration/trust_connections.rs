@@ -107,7 +107,17 @@ fn half_sent_head_and_idle_keep_alive_are_closed_after_the_request_timeout() {
     let (got, closed) = read_until_closed(&mut half, sent + Duration::from_secs(30));
     let took = sent.elapsed();
     assert!(closed, "a half-sent head is never closed");
-    assert!(got.is_empty(), "{:?}", String::from_utf8_lossy(&got));
+    // Answered with a clear error before the close.
+    let got = String::from_utf8_lossy(&got);
+    assert!(got.starts_with("HTTP/1.1 408 "), "{got:?}");
+    assert!(got.contains("Connection: close\r\n"), "{got:?}");
+    let body: serde_json::Value = serde_json::from_str(got.split_once("\r\n\r\n").unwrap().1)
+        .unwrap_or_else(|e| panic!("no JSON error ({e}): {got:?}"));
+    assert_eq!(body["success"], false, "{body}");
+    assert!(
+        body["error"].as_str().unwrap().contains("request timeout"),
+        "{body}"
+    );
     assert!(
         took <= limit,
         "a half-sent head was closed after {took:?}, not within {limit:?}"
@@ -174,15 +184,17 @@ fn two_thousand_idle_connections_are_closed_and_their_threads_freed() {
         "the connections never held threads (idle {idle}, peak {peak}): the test proves nothing"
     );
     drop(conns);
-    // tiny_http's idle pool threads end 5 s after their last task.
+    // Every connection's thread ends, but the request pool keeps up to 16 of them waiting for
+    // the next connection.
+    const KEPT_WAITING: u64 = 16;
     let mut now = threads(pid);
     let back = wait_until(Duration::from_secs(60), || {
         now = threads(pid);
-        now <= idle
+        now <= idle + KEPT_WAITING
     });
     assert!(
         back,
-        "thread count {now} did not return to its idle level {idle} (peak {peak})"
+        "thread count {now} did not return to its idle level {idle} (+{KEPT_WAITING} kept waiting; peak {peak})"
     );
     // The server still answers.
     assert_eq!(server.get("/healthz", None).status, 200);
@@ -204,8 +216,8 @@ fn streams_silent_for_longer_than_the_request_timeout_still_get_their_data() {
     let auth = format!("Bearer {token}");
     let body =
         serde_json::to_vec(&json!({"env_vars": {"GATE": gate.display().to_string()}})).unwrap();
-    // Keep-alive connections: tiny_http waits for a next request head on them while they
-    // stream, and that wait is what the timeout cuts.
+    // Keep-alive connections: a server that read them for a next request head while they
+    // stream would be cut by the timeout.
     let resp = open(
         server.port,
         "HTTP/1.1",

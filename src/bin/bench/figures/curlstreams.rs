@@ -231,7 +231,7 @@ pub fn streams(bench: &Bench) -> Result<Outcome, BenchError> {
 
 /// `streams200` with clients that ask the server to close each connection after its
 /// response, as nginx does: a reference beside the goal's figure, which uses curl's default
-/// keep-alive (see README § Benchmarks on tiny_http's pool).
+/// keep-alive.
 pub fn streams_closing(bench: &Bench) -> Result<Outcome, BenchError> {
     streams_of(bench, Clients::Closing)
 }
