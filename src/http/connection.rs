@@ -305,12 +305,15 @@ impl<'c> Request<'c> {
                 }
             }
             BodyFraming::Chunked => {
-                ChunkedDecoder::new(&mut self.conn.input)
+                // The framing is bounded too: chunk extensions and trailers carry no body.
+                let mut wire = (&mut self.conn.input).take(chunked_wire_limit(limit));
+                let read = ChunkedDecoder::new(&mut wire)
                     .take(limit.saturating_add(1))
-                    .read_to_end(&mut body)?;
-                if body.len() as u64 > limit {
+                    .read_to_end(&mut body);
+                if wire.limit() == 0 || body.len() as u64 > limit {
                     return Err(BodyError::TooLarge(limit));
                 }
+                read?;
             }
         }
         self.body_done = true;
@@ -343,6 +346,12 @@ impl<'c> Request<'c> {
             chunked: false,
         }
     }
+}
+
+/// The most bytes a chunked body of at most `limit` bytes may take on the wire, framing
+/// included: one-byte chunks take six bytes each, and some room is left for extensions.
+fn chunked_wire_limit(limit: u64) -> u64 {
+    limit.saturating_mul(8).saturating_add(64 * 1024)
 }
 
 /// How the body of an answer is delimited.
@@ -423,6 +432,9 @@ impl Response<'_> {
         }
         if self.close {
             head.extend_from_slice(b"Connection: close\r\n");
+        } else if self.http10 {
+            // An HTTP/1.0 client keeps the connection only when told so.
+            head.extend_from_slice(b"Connection: keep-alive\r\n");
         }
         head.extend_from_slice(b"\r\n");
         head
@@ -568,6 +580,27 @@ mod tests {
     }
 
     #[test]
+    fn chunk_framing_without_end_is_bounded_like_a_body() {
+        let (mut conn, mut client) = pair();
+        client
+            .write_all(b"POST /a HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n")
+            .unwrap();
+        let writer = std::thread::spawn(move || {
+            // Trailer lines without end.
+            while client.write_all(b"X-Trailer: and on\r\n").is_ok() {}
+        });
+        let (_, mut request) = conn.next_request().unwrap().unwrap();
+        assert!(matches!(
+            request.read_body(100),
+            Err(BodyError::TooLarge(100))
+        ));
+        answer(request, "too large");
+        assert!(!conn.reusable());
+        drop(conn);
+        writer.join().unwrap();
+    }
+
+    #[test]
     fn the_client_waiting_for_continue_gets_it_before_the_body_is_read() {
         let (mut conn, mut client) = pair();
         client
@@ -600,6 +633,25 @@ mod tests {
         answer(request, "x");
         assert!(!conn.reusable());
         assert!(received(&mut client).contains("Connection: close\r\n"));
+    }
+
+    #[test]
+    fn an_http10_client_asking_to_keep_the_connection_is_told_it_is_kept() {
+        let (mut conn, mut client) = pair();
+        client
+            .write_all(b"GET /a HTTP/1.0\r\nConnection: keep-alive\r\n\r\nGET /b HTTP/1.0\r\n\r\n")
+            .unwrap();
+        let (_, request) = conn.next_request().unwrap().unwrap();
+        answer(request, "one");
+        assert!(conn.reusable());
+        let (head, request) = conn.next_request().unwrap().unwrap();
+        assert_eq!(head.target, "/b");
+        answer(request, "two");
+        assert!(!conn.reusable());
+        let text = received(&mut client);
+        let (first, second) = text.split_once("one").unwrap();
+        assert!(first.contains("Connection: keep-alive\r\n"), "{text}");
+        assert!(second.contains("Connection: close\r\n"), "{text}");
     }
 
     #[test]
