@@ -195,7 +195,13 @@ fn start(config: Config, run_as: Option<privsep::RunAs>) -> Result<(), StartErro
             0
         },
     ));
-    let spare_files = crate::spare_files::SpareFiles::start(&runs_dir, &config.instance_id);
+    // Two files a run (its log and first record): enough for as many runs as may start at once.
+    let spare_files = crate::spare_files::SpareFiles::start(
+        &runs_dir,
+        &config.instance_id,
+        config.max_concurrent_runs.saturating_mul(2),
+        script_nice,
+    );
     let app = Arc::new(App {
         config,
         secret,

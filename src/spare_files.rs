@@ -12,8 +12,11 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 
-/// How many spare files are kept ready.
-const TARGET: usize = 16;
+/// Fewest spare files kept ready.
+pub const FEWEST: usize = 16;
+
+/// Most spare files kept ready, whatever the number of runs at once allowed.
+pub const MOST: usize = 2048;
 
 /// How long after a spare was taken the thread starts making more: the run that took it has
 /// usually ended by then, so the two do not compete for the processor.
@@ -25,6 +28,8 @@ pub struct SpareFiles {
     dir: PathBuf,
     prefix: String,
     free: Mutex<Vec<PathBuf>>,
+    /// How many are kept ready.
+    target: usize,
     /// Signalled when a spare was taken.
     taken: Condvar,
     next: AtomicU64,
@@ -32,21 +37,35 @@ pub struct SpareFiles {
 
 impl SpareFiles {
     /// Removes the spares instance `instance_id` left in `dir`, and starts the thread that keeps
-    /// [`TARGET`] ready. Without that thread (it could not start) no spare is ever ready.
-    pub fn start(dir: &Path, instance_id: &str) -> Arc<SpareFiles> {
-        let spares = Arc::new(SpareFiles::new(dir, instance_id));
+    /// `target` ready (at least [`FEWEST`], at most [`MOST`]), at niceness `nice` when given:
+    /// it is work ahead of need, which requests and runs come before. Without that thread (it
+    /// could not start) no spare is ever ready.
+    pub fn start(
+        dir: &Path,
+        instance_id: &str,
+        target: usize,
+        nice: Option<i32>,
+    ) -> Arc<SpareFiles> {
+        let spares = Arc::new(SpareFiles::new(dir, instance_id, target));
         let filler = spares.clone();
         let started = std::thread::Builder::new()
             .name("spare-files".into())
             .stack_size(64 * 1024)
-            .spawn(move || filler.keep_filled());
+            .spawn(move || {
+                if let Some(nice) = nice {
+                    if let Err(e) = crate::sys::set_own_nice(nice) {
+                        log::debug!("the spare files thread keeps its niceness: {e}");
+                    }
+                }
+                filler.keep_filled()
+            });
         if let Err(e) = started {
             log::warn!("cannot start the thread that makes spare run files: {e}");
         }
         spares
     }
 
-    fn new(dir: &Path, instance_id: &str) -> SpareFiles {
+    fn new(dir: &Path, instance_id: &str, target: usize) -> SpareFiles {
         let prefix = format!(".spare-{instance_id}-");
         if let Ok(entries) = fs::read_dir(dir) {
             for entry in entries.flatten() {
@@ -59,6 +78,7 @@ impl SpareFiles {
             dir: dir.to_path_buf(),
             prefix,
             free: Mutex::new(Vec::new()),
+            target: target.clamp(FEWEST, MOST),
             taken: Condvar::new(),
             next: AtomicU64::new(0),
         }
@@ -93,11 +113,12 @@ impl SpareFiles {
         }
     }
 
-    /// Tops the spares up to [`TARGET`] whenever one is taken, for as long as the process runs.
+    /// Tops the spares up to their target whenever one is taken, for as long as the process
+    /// runs.
     fn keep_filled(&self) {
         loop {
             let mut made_all = true;
-            while self.free().len() < TARGET {
+            while self.free().len() < self.target {
                 if !self.make_one() {
                     made_all = false;
                     break;
@@ -107,7 +128,7 @@ impl SpareFiles {
             if made_all {
                 drop(
                     self.taken
-                        .wait_while(free, |free| free.len() >= TARGET)
+                        .wait_while(free, |free| free.len() >= self.target)
                         .unwrap_or_else(|p| p.into_inner()),
                 );
                 std::thread::sleep(REFILL_DELAY);
@@ -162,7 +183,9 @@ mod tests {
         let dir = TempDir::new("spare-files");
         fs::write(dir.path().join(".spare-r1-99"), "left by a stopped server").unwrap();
         fs::write(dir.path().join(".spare-r2-1"), "another instance's").unwrap();
-        let spares = SpareFiles::start(dir.path(), "r1");
+        // Asked for fewer than the fewest: the fewest are kept.
+        let spares = SpareFiles::start(dir.path(), "r1", 1, None);
+        const TARGET: usize = FEWEST;
         wait_for("the first spares", || spares.free().len() == TARGET);
         assert!(!dir.path().join(".spare-r1-99").exists());
         assert!(dir.path().join(".spare-r2-1").exists());
@@ -181,8 +204,8 @@ mod tests {
     #[test]
     fn a_spare_becomes_the_file_and_never_replaces_one() {
         let dir = TempDir::new("spare-files-create");
-        let spares = SpareFiles::start(dir.path(), "r1");
-        wait_for("a spare", || !spares.free().is_empty());
+        let spares = SpareFiles::start(dir.path(), "r1", 40, None);
+        wait_for("the spares asked for", || spares.free().len() == 40);
         let log = dir.path().join("run.log");
         let mut file = create_appendable(Some(&spares), &log).unwrap();
         file.write_all(b"abc").unwrap();
