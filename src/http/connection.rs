@@ -543,20 +543,46 @@ mod tests {
         assert!(!text.contains("Connection: close"), "{text}");
     }
 
-    #[test]
-    fn an_unread_small_body_is_dropped_and_the_connection_goes_on() {
+    /// Sends `raw` (two requests), answers both as "one" and "two"; the second target, whether
+    /// the connection could go on after each answer, and what the client received.
+    fn two_requests(raw: &[u8]) -> (String, [bool; 2], String) {
         let (mut conn, mut client) = pair();
-        client
-            .write_all(b"POST /a HTTP/1.1\r\nContent-Length: 5\r\n\r\nhelloGET /b HTTP/1.1\r\n\r\n")
-            .unwrap();
+        client.write_all(raw).unwrap();
         let (_, request) = conn.next_request().unwrap().unwrap();
-        answer(request, "refused");
-        assert!(conn.reusable());
+        answer(request, "one");
+        let after_first = conn.reusable();
         let (head, request) = conn.next_request().unwrap().unwrap();
-        assert_eq!(head.target, "/b");
-        answer(request, "ok");
-        let text = received(&mut client);
-        assert_eq!(text.matches("HTTP/1.1 200 OK").count(), 2, "{text}");
+        answer(request, "two");
+        let after_second = conn.reusable();
+        (
+            head.target,
+            [after_first, after_second],
+            received(&mut client),
+        )
+    }
+
+    #[test]
+    fn an_unread_small_body_is_dropped_and_an_http10_client_is_told_what_happens() {
+        // A small body nobody read: dropped, and the connection goes on.
+        let small_body =
+            b"POST /a HTTP/1.1\r\nContent-Length: 5\r\n\r\nhelloGET /b HTTP/1.1\r\n\r\n";
+        // HTTP/1.0: kept only when asked, and told so.
+        let old_client =
+            b"GET /a HTTP/1.0\r\nConnection: keep-alive\r\n\r\nGET /b HTTP/1.0\r\n\r\n";
+        for (raw, expected) in [
+            (&small_body[..], [true, true]),
+            (&old_client[..], [true, false]),
+        ] {
+            let (second, reusable, text) = two_requests(raw);
+            assert_eq!(second, "/b");
+            assert_eq!(reusable, expected, "{text}");
+            assert_eq!(text.matches("HTTP/1.1 200 OK").count(), 2, "{text}");
+            if expected == [true, false] {
+                let (first, second) = text.split_once("one").unwrap();
+                assert!(first.contains("Connection: keep-alive\r\n"), "{text}");
+                assert!(second.contains("Connection: close\r\n"), "{text}");
+            }
+        }
     }
 
     #[test]
@@ -633,25 +659,6 @@ mod tests {
         answer(request, "x");
         assert!(!conn.reusable());
         assert!(received(&mut client).contains("Connection: close\r\n"));
-    }
-
-    #[test]
-    fn an_http10_client_asking_to_keep_the_connection_is_told_it_is_kept() {
-        let (mut conn, mut client) = pair();
-        client
-            .write_all(b"GET /a HTTP/1.0\r\nConnection: keep-alive\r\n\r\nGET /b HTTP/1.0\r\n\r\n")
-            .unwrap();
-        let (_, request) = conn.next_request().unwrap().unwrap();
-        answer(request, "one");
-        assert!(conn.reusable());
-        let (head, request) = conn.next_request().unwrap().unwrap();
-        assert_eq!(head.target, "/b");
-        answer(request, "two");
-        assert!(!conn.reusable());
-        let text = received(&mut client);
-        let (first, second) = text.split_once("one").unwrap();
-        assert!(first.contains("Connection: keep-alive\r\n"), "{text}");
-        assert!(second.contains("Connection: close\r\n"), "{text}");
     }
 
     #[test]
