@@ -1,6 +1,7 @@
-//! Unit tests only: a deterministic property test feeding the runbook parser and the JWT decoder
-//! random and mutated input (random bytes, deep nesting, truncations of valid documents and
-//! tokens); neither may panic or overflow the stack.
+//! Unit tests only: a deterministic property test feeding the runbook parser, the JWT decoder
+//! and the HTTP request head parser random and mutated input (random bytes, deep nesting,
+//! truncations of valid documents, tokens and heads); none may panic or overflow the stack, and
+//! a head that is accepted must mean one thing only.
 #![forbid(unsafe_code)]
 
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
@@ -9,6 +10,7 @@ use hmac::{Hmac, Mac};
 use serde_json::json;
 use sha2::Sha256;
 
+use crate::http::head::{self, BodyFraming};
 use crate::jwt;
 use crate::runbook;
 
@@ -282,4 +284,102 @@ fn jwt_decoder_survives_arbitrary_input() {
         }
     }
     assert!(reached_payload > 100, "{reached_payload}");
+}
+
+const VALID_HEAD: &str = "POST /api/runbooks/a.md/execute?stream=true HTTP/1.1\r\nHost: x\r\n\
+Authorization: Bearer abc.def.ghi\r\nContent-Type: application/json\r\nContent-Length: 17\r\n\
+Connection: keep-alive\r\nExpect: 100-continue\r\n\r\n";
+
+/// Pieces that mean something to an HTTP head, for insertions.
+const HEAD_FRAGMENTS: &[&str] = &[
+    "\r\n",
+    "\n",
+    "\r",
+    " ",
+    "\t",
+    ":",
+    ",",
+    "\0",
+    "Content-Length: 5\r\n",
+    "Content-Length: 6\r\n",
+    "Transfer-Encoding: chunked\r\n",
+    "Transfer-Encoding: gzip\r\n",
+    "Connection: close\r\n",
+    "HTTP/1.0",
+    "HTTP/2",
+    "\u{e9}",
+    "\u{7f}",
+];
+
+fn head_case(rng: &mut Rng) -> Vec<u8> {
+    match rng.below(4) {
+        0 => rng.bytes(512),
+        _ => {
+            let mut bytes = VALID_HEAD.as_bytes().to_vec();
+            for _ in 0..1 + rng.below(4) {
+                let at = rng.below(bytes.len() + 1);
+                if rng.below(2) == 0 {
+                    bytes.splice(at..at, rng.pick(HEAD_FRAGMENTS).bytes());
+                } else {
+                    bytes = mutate(rng, &bytes);
+                }
+            }
+            bytes
+        }
+    }
+}
+
+#[test]
+fn head_parser_survives_arbitrary_input_and_accepts_only_unambiguous_heads() {
+    assert!(head::parse(VALID_HEAD.as_bytes()).is_ok());
+    let mut rng = Rng::new(0x5eed_0003);
+    let mut accepted = 0;
+    for case in 0..50_000 {
+        let bytes = head_case(&mut rng);
+        let skip = head::leading_empty_lines(&bytes);
+        let Some(end) = head::head_end(&bytes[skip..], rng.below(bytes.len() + 1)) else {
+            continue;
+        };
+        let head = &bytes[skip..skip + end];
+        let parsed = std::panic::catch_unwind(|| head::parse(head));
+        let Ok(result) = parsed else {
+            panic!(
+                "case {case} panicked on {:?}",
+                String::from_utf8_lossy(head)
+            );
+        };
+        let Ok(head) = result else {
+            continue;
+        };
+        accepted += 1;
+        let shown = format!("case {case}: {head:?}");
+        assert!(
+            !head.method.is_empty() && head.method == head.method.to_ascii_uppercase(),
+            "{shown}"
+        );
+        assert!(
+            !head.target.is_empty()
+                && !head
+                    .target
+                    .chars()
+                    .any(|c| c.is_whitespace() || c.is_control()),
+            "{shown}"
+        );
+        for (name, value) in &head.headers {
+            assert!(
+                !name.is_empty() && *name == name.to_ascii_lowercase(),
+                "{shown}"
+            );
+            assert!(!name.contains([' ', ':']), "{shown}");
+            assert!(!value.contains(['\r', '\n', '\0']), "{shown}");
+        }
+        let has = |n: &str| head.headers.iter().any(|(name, _)| name == n);
+        match head.framing {
+            BodyFraming::Chunked => assert!(!has("content-length"), "{shown}"),
+            BodyFraming::Length(_) => assert!(!has("transfer-encoding"), "{shown}"),
+            BodyFraming::Empty => assert!(!has("transfer-encoding"), "{shown}"),
+        }
+    }
+    // Enough mutated heads were still valid for the checks to mean something.
+    assert!(accepted > 1_000, "{accepted}");
 }

@@ -63,7 +63,7 @@ pub enum HeadError {
 /// LF). `searched`: how many bytes earlier calls looked at already, so a head arriving in many
 /// pieces is not searched from its start each time.
 pub fn head_end(buf: &[u8], searched: usize) -> Option<usize> {
-    let from = searched.saturating_sub(3);
+    let from = searched.min(buf.len()).saturating_sub(3);
     let mut at = from;
     while let Some(i) = memchr::memchr(b'\n', &buf[at..]) {
         let lf = at + i;
@@ -313,6 +313,9 @@ mod tests {
             assert_eq!(found, Some(text.len() - 4), "cut at {cut}");
         }
         assert_eq!(head_end(b"GET / HTTP/1.1\r\nA: b\r\n", 0), None);
+        // A caller's count past the end is no reason to fail.
+        assert_eq!(head_end(b"GET", 100), None);
+        assert_eq!(head_end(b"GET / HTTP/1.1\n\n", 100), Some(16));
     }
 
     #[test]
