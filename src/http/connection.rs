@@ -251,10 +251,12 @@ pub enum BodyError {
 
 impl From<io::Error> for BodyError {
     fn from(e: io::Error) -> Self {
-        match e.kind() {
-            io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut => BodyError::TimedOut,
-            io::ErrorKind::UnexpectedEof => BodyError::Truncated,
-            _ => BodyError::Unreadable(e),
+        if is_timeout(&e) {
+            BodyError::TimedOut
+        } else if e.kind() == io::ErrorKind::UnexpectedEof {
+            BodyError::Truncated
+        } else {
+            BodyError::Unreadable(e)
         }
     }
 }
