@@ -1,4 +1,4 @@
-//! Threads that are reused: each job (a request, a run's supervision, a run's pipes) gets a
+//! Threads that are reused: each job (a connection, a run's supervision and pipes) gets a
 //! thread of its own, as it may hold it for hours, but a thread whose job is done waits for the
 //! next one instead of ending, so a job seldom pays for starting a thread (tens of
 //! microseconds: a stack mapped, and unmapped at its end, which interrupts the other

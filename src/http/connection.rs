@@ -487,17 +487,14 @@ mod tests {
         )
     }
 
-    fn answer(request: Request<'_>, body: &str) {
-        let mut response = request.into_response();
-        let mut bytes = response.head(
-            HttpStatus::OK,
-            &[("Content-Type", "text/plain".into())],
-            BodyKind::Sized(body.len()),
-        );
-        bytes.extend_from_slice(body.as_bytes());
-        response.write_all(&bytes).unwrap();
-        response.completed();
+    /// Answers through `reply.rs`, as the server does: a 404 whose error text is `text`.
+    fn answer(request: Request<'_>, text: &str) {
+        let error = crate::http::error::ApiError::NotFound(text.into());
+        crate::http::reply::send_error(request.into_response(), &error);
     }
+
+    /// The status line every test answer has.
+    const ANSWERED: &str = "HTTP/1.1 404 Not Found\r\n";
 
     fn received(client: &mut TcpStream) -> String {
         client
@@ -541,7 +538,7 @@ mod tests {
             ]
         );
         let text = received(&mut client);
-        assert_eq!(text.matches("HTTP/1.1 200 OK\r\n").count(), 3, "{text}");
+        assert_eq!(text.matches(ANSWERED).count(), 3, "{text}");
         assert!(!text.contains("Connection: close"), "{text}");
     }
 
@@ -578,7 +575,7 @@ mod tests {
             let (second, reusable, text) = two_requests(raw);
             assert_eq!(second, "/b");
             assert_eq!(reusable, expected, "{text}");
-            assert_eq!(text.matches("HTTP/1.1 200 OK").count(), 2, "{text}");
+            assert_eq!(text.matches(ANSWERED).count(), 2, "{text}");
             if expected == [true, false] {
                 let (first, second) = text.split_once("one").unwrap();
                 assert!(first.contains("Connection: keep-alive\r\n"), "{text}");
@@ -604,7 +601,10 @@ mod tests {
         conn.close();
         let text = received(&mut client);
         assert!(text.contains("Connection: close\r\n"), "{text}");
-        assert!(text.ends_with("too large"), "{text}");
+        assert!(
+            text.ends_with("\"error\":\"too large\",\"success\":false}"),
+            "{text}"
+        );
     }
 
     #[test]
@@ -645,7 +645,7 @@ mod tests {
         assert_eq!(request.read_body(10).unwrap(), b"hi");
         answer(request, "ok");
         let mut client = reader.join().unwrap();
-        assert!(received(&mut client).starts_with("HTTP/1.1 200 OK"));
+        assert!(received(&mut client).starts_with(ANSWERED));
     }
 
     #[test]

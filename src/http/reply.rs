@@ -216,3 +216,35 @@ fn deliver(mut response: Response<'_>, bytes: &[u8]) {
         Err(e) => log::debug!("response not delivered: {e}"),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_status_sent_has_its_reason_phrase() {
+        for status in [
+            HttpStatus::OK,
+            HttpStatus::ACCEPTED,
+            HttpStatus::NO_CONTENT,
+            HttpStatus::BAD_REQUEST,
+            HttpStatus::UNAUTHORIZED,
+            HttpStatus::FORBIDDEN,
+            HttpStatus::NOT_FOUND,
+            HttpStatus::METHOD_NOT_ALLOWED,
+            HttpStatus::REQUEST_TIMEOUT,
+            HttpStatus::CONFLICT,
+            HttpStatus::PAYLOAD_TOO_LARGE,
+            HttpStatus::UNPROCESSABLE_CONTENT,
+            HttpStatus::TOO_MANY_REQUESTS,
+            HttpStatus::REQUEST_HEADER_FIELDS_TOO_LARGE,
+            HttpStatus::INTERNAL_SERVER_ERROR,
+            HttpStatus::NOT_IMPLEMENTED,
+            HttpStatus::SERVICE_UNAVAILABLE,
+            HttpStatus::HTTP_VERSION_NOT_SUPPORTED,
+        ] {
+            assert!(!status.reason().is_empty(), "{}", status.code());
+        }
+        assert_eq!(HttpStatus::REQUEST_TIMEOUT.reason(), "Request Timeout");
+    }
+}
