@@ -58,6 +58,27 @@ fn parse_stat(text: &str) -> Option<ServerCpu> {
     })
 }
 
+/// Waits until the server's own threads have used at most one tick of CPU time over
+/// `IDLE_WINDOW` (work the previous round left, such as spare files made after a burst, is
+/// done), at most `IDLE_WAIT_MAX`. How long it waited, in seconds.
+pub fn wait_until_idle(pid: u32) -> Result<f64, BenchError> {
+    let started = std::time::Instant::now();
+    let mut before = server_cpu(pid)?.own;
+    loop {
+        std::thread::sleep(IDLE_WINDOW);
+        let now = server_cpu(pid)?.own;
+        if now - before <= 1.0 / USER_HZ + 1e-9 || started.elapsed() >= IDLE_WAIT_MAX {
+            return Ok(started.elapsed().as_secs_f64());
+        }
+        before = now;
+    }
+}
+
+/// The window over which the server must be idle in `wait_until_idle`.
+const IDLE_WINDOW: std::time::Duration = std::time::Duration::from_millis(200);
+/// Longest `wait_until_idle` waits.
+const IDLE_WAIT_MAX: std::time::Duration = std::time::Duration::from_secs(15);
+
 /// CPU seconds of this bench's children that it has waited for (the clients).
 pub fn waited_children_cpu() -> Result<f64, BenchError> {
     let usage = getrusage(UsageWho::RUSAGE_CHILDREN)

@@ -18,7 +18,7 @@ use std::time::{Duration, Instant};
 use serde_json::json;
 
 use super::{note_server_stderr, Bench, Outcome};
-use crate::cpu::{server_cpu, waited_children_cpu, ServerCpu};
+use crate::cpu::{server_cpu, wait_until_idle, waited_children_cpu, ServerCpu};
 use crate::curl::Curl;
 use crate::error::BenchError;
 use crate::report::Row;
@@ -258,10 +258,16 @@ fn streams_of(bench: &Bench, clients: Clients) -> Result<Outcome, BenchError> {
     let mut direct_walls = Vec::new();
     let mut cpu = CpuRounds::default();
     for _ in 0..STREAM_ROUNDS {
+        // Each side starts on an idle server: what the previous round left it to do (spare
+        // files made after a burst, start-up work) lands in neither side's wall time.
+        let waited = wait_until_idle(server.pid)?;
         let children_before = waited_children_cpu()?;
         let (wall, outputs, timeline) = run_all(|| direct(LINES20.script, true), STREAMS)?;
         cpu.direct.push(waited_children_cpu()? - children_before);
-        println!("  direct: {}", timeline.describe());
+        println!(
+            "  direct: {} (after {waited:.1} s waiting for an idle server)",
+            timeline.describe()
+        );
         let exact = outputs.iter().filter(|o| **o == expected).count();
         if exact != STREAMS {
             return Err(BenchError::Mismatch(format!(
@@ -270,6 +276,7 @@ fn streams_of(bench: &Bench, clients: Clients) -> Result<Outcome, BenchError> {
         }
         direct_walls.push(wall);
         std::thread::sleep(Duration::from_millis(300));
+        wait_until_idle(server.pid)?;
         let (server_before, children_before) = (server_cpu(server.pid)?, waited_children_cpu()?);
         let client_command = || match clients {
             Clients::KeepAlive => client.execute_sse(LINES20.file),
