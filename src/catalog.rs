@@ -145,8 +145,10 @@ impl Catalog {
             Err(error) => log::debug!("reading {file} without its lock: {error}"),
             Ok(_) => {}
         }
-        let file = runbook_file::open(&path, false, self.max_bytes).map_err(file_error)?;
-        let bytes = runbook_file::read_bounded(&file, self.max_bytes).map_err(file_error)?;
+        let (file, opened) =
+            runbook_file::open(&path, false, self.max_bytes).map_err(file_error)?;
+        let bytes =
+            runbook_file::read_bounded(&file, &opened, self.max_bytes).map_err(file_error)?;
         drop(lock);
         Ok((path, runbook_text(bytes)))
     }
@@ -328,7 +330,7 @@ fn file_error(error: FileError) -> CatalogError {
 /// The title of the H1 on the first line of the file, or None if the first line is not an H1.
 /// Reads at most [`FIRST_LINE_LIMIT`] bytes, so the size limit does not apply here.
 fn first_line_title(path: &Path) -> Result<Option<String>, CatalogError> {
-    let file = runbook_file::open(path, false, u64::MAX).map_err(file_error)?;
+    let (file, _) = runbook_file::open(path, false, u64::MAX).map_err(file_error)?;
     let mut first_line = Vec::new();
     BufReader::new(file.take(FIRST_LINE_LIMIT))
         .read_until(b'\n', &mut first_line)

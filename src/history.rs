@@ -154,8 +154,8 @@ pub fn append(
     max_bytes: u64,
 ) -> Result<Vec<u8>, HistoryError> {
     let _lock = runbook_file::lock(runbook_path, true, runbook_file::LOCK_WAIT)?;
-    let mut file = runbook_file::open(runbook_path, true, max_bytes)?;
-    let content = runbook_file::read_bounded(&file, max_bytes)?;
+    let (mut file, opened) = runbook_file::open(runbook_path, true, max_bytes)?;
+    let content = runbook_file::read_bounded(&file, &opened, max_bytes)?;
 
     let layout = Layout::of(&content);
     if let Some(line) = layout.open_fence_line {
@@ -194,7 +194,7 @@ pub fn append(
         entries_before.saturating_add(1) > max_entries && trim_entries(&mut updated, max_entries);
     let trimmed = trim_to_size(&mut updated, max_bytes)? || trimmed;
 
-    if !runbook_file::still_at(&file, runbook_path)? {
+    if !runbook_file::still_at(&opened, runbook_path)? {
         return Err(HistoryError::Replaced);
     }
     if trimmed || insert_at < content.len() {

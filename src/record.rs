@@ -170,18 +170,30 @@ fn save_through(runs_dir: &Path, record: &RunRecord, tmp: &Path) -> io::Result<(
     Err(e)
 }
 
-/// Makes the file at `path` hold `text`, creating it if needed. Not opened with `O_TRUNC`:
-/// truncating a file to nothing makes ext4 start writing it back when it is closed (its
-/// `auto_da_alloc`, tens of microseconds on a run's path); cut to length after the write instead.
+/// Makes the file at `path` hold `text`, creating it if needed.
 fn write_whole(path: &Path, text: &[u8]) -> io::Result<()> {
+    write_over(path, text, true)
+}
+
+/// Makes the file at `path` (created when `create` and missing) hold `text`, in the same inode.
+/// Not opened with `O_TRUNC`: truncating a file to nothing makes ext4 start writing it back
+/// when it is closed (its `auto_da_alloc`, tens of microseconds on a run's path); a file that
+/// was longer is cut to length after the write instead, and one that was not (a new or spare
+/// file) is not cut at all.
+pub(crate) fn write_over(path: &Path, text: &[u8], create: bool) -> io::Result<()> {
     use std::io::Write;
     let mut file = fs::File::options()
         .write(true)
-        .create(true)
+        .create(create)
         .truncate(false)
         .open(path)?;
+    let old_len = file.metadata()?.len();
     file.write_all(text)?;
-    file.set_len(text.len() as u64)
+    let new_len = text.len() as u64;
+    if old_len > new_len {
+        file.set_len(new_len)?;
+    }
+    Ok(())
 }
 
 /// The largest record [`update`] rewrites in place: one page, which a single `write` to a
@@ -224,11 +236,7 @@ pub fn update(runs_dir: &Path, record: &RunRecord) -> io::Result<()> {
 
 /// Writes `text` over the file at `path` without allocating a new file.
 fn overwrite(path: &Path, text: &[u8]) -> io::Result<()> {
-    use std::io::Write;
-    let mut file = fs::File::options().write(true).open(path)?;
-    file.write_all(text)?;
-    file.set_len(text.len() as u64)?;
-    file.sync_data()
+    write_over(path, text, false)
 }
 
 /// Every readable record in the runs directory; unreadable ones are logged and skipped.
@@ -331,6 +339,27 @@ mod tests {
         fs::remove_file(record_path(&dir, id)).unwrap();
         update(&dir, &record).unwrap();
         assert_eq!(load_all(&dir).unwrap().len(), 1);
+    }
+
+    #[test]
+    fn a_file_written_over_holds_the_new_text_in_the_same_inode() {
+        use std::os::unix::fs::MetadataExt;
+        let dir = crate::test_dirs::TempDir::new("record-write-over");
+        let path = dir.path().join("f");
+        write_over(&path, b"0123456789", true).unwrap();
+        let inode = fs::metadata(&path).unwrap().ino();
+        write_over(&path, b"abc", false).unwrap();
+        assert_eq!(
+            fs::read(&path).unwrap(),
+            b"abc",
+            "a longer file is cut to length"
+        );
+        write_over(&path, b"abcdefgh", false).unwrap();
+        assert_eq!(fs::read(&path).unwrap(), b"abcdefgh");
+        assert_eq!(fs::metadata(&path).unwrap().ino(), inode);
+        let missing = dir.path().join("missing");
+        assert!(write_over(&missing, b"x", false).is_err());
+        assert!(!missing.exists(), "not created unless asked");
     }
 
     #[test]

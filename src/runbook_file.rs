@@ -80,7 +80,8 @@ pub fn kind_of(file_type: FileType) -> &'static str {
 
 /// Opens the runbook at `path` for reading (and appending, with `append`), without following a
 /// symlink and without blocking; refuses anything but a regular file of at most `max` bytes.
-pub fn open(path: &Path, append: bool, max: u64) -> Result<File, FileError> {
+/// Returns the file and what it was when opened.
+pub fn open(path: &Path, append: bool, max: u64) -> Result<(File, fs::Metadata), FileError> {
     let file = OpenOptions::new()
         .read(true)
         .append(append)
@@ -94,14 +95,15 @@ pub fn open(path: &Path, append: bool, max: u64) -> Result<File, FileError> {
     if metadata.len() > max {
         return Err(FileError::TooLarge { max });
     }
-    Ok(file)
+    Ok((file, metadata))
 }
 
-/// Reads at most `max` bytes; a file that has grown past them (or never ends) is TooLarge.
-pub fn read_bounded(file: &File, max: u64) -> Result<Vec<u8>, FileError> {
-    // Room for the whole file as it is now (and one more byte, to see it grew past `max`), so
+/// Reads at most `max` bytes of `file`, `opened` when it was opened; a file that has grown past
+/// them (or never ends) is TooLarge.
+pub fn read_bounded(file: &File, opened: &fs::Metadata, max: u64) -> Result<Vec<u8>, FileError> {
+    // Room for the whole file as it was (and one more byte, to see it grew past `max`), so
     // that it is read in one call instead of in doubling pieces.
-    let size = file.metadata().map_or(0, |m| m.len()).min(max);
+    let size = opened.len().min(max);
     let mut bytes = Vec::with_capacity(usize::try_from(size).unwrap_or(0).saturating_add(1));
     file.take(max.saturating_add(1))
         .read_to_end(&mut bytes)
@@ -112,9 +114,8 @@ pub fn read_bounded(file: &File, max: u64) -> Result<Vec<u8>, FileError> {
     Ok(bytes)
 }
 
-/// Whether `path` (not followed) is still the file `file` was opened from.
-pub fn still_at(file: &File, path: &Path) -> Result<bool, FileError> {
-    let opened = file.metadata().map_err(FileError::Io)?;
+/// Whether `path` (not followed) is still the file that was `opened`.
+pub fn still_at(opened: &fs::Metadata, path: &Path) -> Result<bool, FileError> {
     match fs::symlink_metadata(path) {
         Ok(now) => Ok(now.dev() == opened.dev() && now.ino() == opened.ino()),
         Err(error) if error.kind() == io::ErrorKind::NotFound => Ok(false),
@@ -178,7 +179,7 @@ pub fn lock(path: &Path, exclusive: bool, wait: Duration) -> Result<Lock, FileEr
         }
         // Someone may have removed or replaced the sidecar meanwhile: a lock on a file nobody
         // else can open any more orders nothing.
-        if still_at(&file, &sidecar)? {
+        if still_at(&metadata, &sidecar)? {
             return Ok(Lock {
                 _file: file,
                 _turn: turn,
@@ -200,10 +201,8 @@ mod tests {
     fn refuses_symlinks_fifos_and_big_files() {
         let dir = TempDir::new("runbook-file");
         let path = dir.write("ok.md", b"# Ok\n");
-        assert_eq!(
-            read_bounded(&open(&path, false, 5).unwrap(), 5).unwrap(),
-            b"# Ok\n"
-        );
+        let (file, opened) = open(&path, false, 5).unwrap();
+        assert_eq!(read_bounded(&file, &opened, 5).unwrap(), b"# Ok\n");
         assert!(matches!(
             open(&path, false, 4),
             Err(FileError::TooLarge { max: 4 })
@@ -235,10 +234,10 @@ mod tests {
     fn a_growing_file_is_read_no_further_than_the_limit() {
         let dir = TempDir::new("runbook-file-grow");
         let path = dir.write("grow.md", b"12345");
-        let file = open(&path, false, 8).unwrap();
+        let (file, opened) = open(&path, false, 8).unwrap();
         fs::write(&path, b"123456789").unwrap();
         assert!(matches!(
-            read_bounded(&file, 8),
+            read_bounded(&file, &opened, 8),
             Err(FileError::TooLarge { max: 8 })
         ));
     }

@@ -67,6 +67,16 @@ fn c_string(bytes: &[u8]) -> io::Result<CString> {
     CString::new(bytes).map_err(|_| io::Error::from(io::ErrorKind::InvalidInput))
 }
 
+/// `/dev/null` for reading, opened once: every script's stdin.
+fn dev_null() -> io::Result<&'static File> {
+    static DEV_NULL: std::sync::OnceLock<File> = std::sync::OnceLock::new();
+    if let Some(file) = DEV_NULL.get() {
+        return Ok(file);
+    }
+    let file = File::open("/dev/null")?;
+    Ok(DEV_NULL.get_or_init(|| file))
+}
+
 /// A script started by [`start_direct`].
 pub struct Started {
     pub proc: Proc,
@@ -107,7 +117,7 @@ pub fn start_direct(launch: &Launch, cgroup: Option<&Path>) -> io::Result<Option
     let cwd = c_string(OsStr::new(&launch.cwd).as_bytes())?;
     let (stdout_read, stdout_write) = io::pipe()?;
     let (stderr_read, stderr_write) = io::pipe()?;
-    let stdin = File::open("/dev/null")?;
+    let stdin = dev_null()?;
     let dir = cgroup.map(File::open).transpose()?;
     let started = sys::spawn_in_cgroup(&sys::CgroupSpawn {
         program: &program_c,
@@ -122,7 +132,7 @@ pub fn start_direct(launch: &Launch, cgroup: Option<&Path>) -> io::Result<Option
         nice: launch.nice,
     });
     // The child has its own copies of the write ends: ours go, so the readers see EOF.
-    drop((stdout_write, stderr_write, stdin, dir));
+    drop((stdout_write, stderr_write, dir));
     match started {
         Ok((pid, pidfd)) => Ok(Some(Started {
             proc: Proc::Forked { pid, status: None },

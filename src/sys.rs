@@ -117,6 +117,16 @@ pub fn nofile_limits() -> io::Result<(u64, u64)> {
     Ok(getrlimit(Resource::RLIMIT_NOFILE)?)
 }
 
+/// The hard `RLIMIT_NOFILE`, read once: runbookd never changes it.
+fn nofile_hard_limit() -> io::Result<u64> {
+    static HARD: std::sync::OnceLock<u64> = std::sync::OnceLock::new();
+    if let Some(hard) = HARD.get() {
+        return Ok(*hard);
+    }
+    let hard = nofile_limits()?.1;
+    Ok(*HARD.get_or_init(|| hard))
+}
+
 /// Raises the soft `RLIMIT_NOFILE` to the hard limit; returns the original soft limit.
 pub fn raise_nofile_limit() -> io::Result<u64> {
     let (soft, hard) = nofile_limits()?;
@@ -343,6 +353,13 @@ pub fn set_nonblocking(fd: &impl AsFd) -> io::Result<()> {
     Ok(())
 }
 
+/// A pipe whose both ends are non-blocking (and close on exec), made in one system call.
+pub fn nonblocking_pipe() -> io::Result<(std::io::PipeReader, std::io::PipeWriter)> {
+    use nix::fcntl::OFlag;
+    let (read, write) = nix::unistd::pipe2(OFlag::O_NONBLOCK | OFlag::O_CLOEXEC)?;
+    Ok((read.into(), write.into()))
+}
+
 /// Asks the kernel to let the pipe behind `fd` hold `bytes`; returns the capacity it got.
 pub fn set_pipe_capacity(fd: &impl AsFd, bytes: usize) -> io::Result<usize> {
     use nix::fcntl::{fcntl, FcntlArg};
@@ -530,7 +547,7 @@ const CLONE_INTO_CGROUP: u64 = 0x2_0000_0000;
 /// step that failed (that child has exited and is reaped here). ENOSYS, EINVAL, EOPNOTSUPP or
 /// E2BIG: this kernel or architecture cannot, the caller falls back to the helper.
 pub fn spawn_in_cgroup(spec: &CgroupSpawn<'_>) -> io::Result<(u32, OwnedFd)> {
-    let hard = nofile_limits()?.1;
+    let hard = nofile_hard_limit()?;
     // SAFETY: sigset_t is plain data; sigemptyset/sigfillset initialise it.
     let (empty, full) = unsafe {
         let mut empty: libc::sigset_t = std::mem::zeroed();

@@ -5,7 +5,7 @@
 
 use std::cell::Cell;
 use std::fs;
-use std::io::{self, Write};
+use std::io;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
@@ -148,13 +148,7 @@ pub(super) fn prepare(app: &App, book: &Runbook, dirs: &RunDirs, script: &str) -
         copy_tree(&source, &dirs.cwd.join(name))?;
     }
     // A spare's script file is overwritten and cut to length: no new file, no freed block.
-    let mut file = fs::OpenOptions::new()
-        .write(true)
-        .create(true)
-        .truncate(false)
-        .open(&dirs.script)?;
-    file.write_all(script.as_bytes())?;
-    file.set_len(script.len() as u64)
+    crate::record::write_over(&dirs.script, script.as_bytes(), true)
 }
 
 /// Copies a file or a directory tree; symbolic links inside are skipped.
