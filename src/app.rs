@@ -47,6 +47,8 @@ pub struct App {
     pub spare_dirs: std::sync::Arc<crate::execute::SpareDirs>,
     /// Empty files made ahead for the next runs' logs and records.
     pub spare_files: std::sync::Arc<crate::spare_files::SpareFiles>,
+    /// Run ids, drawn ahead with their cgroups made.
+    pub run_ids: std::sync::Arc<crate::run_ids::RunIds>,
     /// The threads of runs (supervision, pumping the pipes), reused from run to run.
     pub run_threads: crate::workers::Workers,
     /// Runbooks as last parsed, by their exact text.

@@ -208,6 +208,14 @@ impl Parent {
         &self.dir
     }
 
+    /// A parent at `dir`, unchecked (tests of what is made in it).
+    #[cfg(test)]
+    pub fn at(dir: &Path) -> Parent {
+        Parent {
+            dir: dir.to_path_buf(),
+        }
+    }
+
     /// Where the cgroup of run `run_id` is.
     pub fn run_path(&self, run_id: &str) -> PathBuf {
         self.dir.join(format!("{RUN_PREFIX}{run_id}"))
@@ -218,15 +226,23 @@ impl Parent {
 #[derive(Debug)]
 pub struct RunCgroup {
     path: PathBuf,
+    /// Its `cgroup.kill`, once opened by [`RunCgroup::open_kill_switch`].
+    kill_switch: Option<fs::File>,
     removed: bool,
 }
 
 impl RunCgroup {
-    /// Creates the cgroup at `path` (a new directory: an existing one is an error).
-    pub fn create(path: &Path) -> io::Result<RunCgroup> {
-        fs::create_dir(path)?;
+    /// Creates the cgroup at `path` (a new directory: an existing one is an error), or, with
+    /// `made`, takes the one made ahead there (made again if it has gone meanwhile).
+    pub fn create(path: &Path, made: bool) -> io::Result<RunCgroup> {
+        match fs::create_dir(path) {
+            Ok(()) => {}
+            Err(e) if made && e.kind() == io::ErrorKind::AlreadyExists => {}
+            Err(e) => return Err(e),
+        }
         Ok(RunCgroup {
             path: path.to_path_buf(),
+            kill_switch: None,
             removed: false,
         })
     }
@@ -235,9 +251,32 @@ impl RunCgroup {
         &self.path
     }
 
+    /// Opens `cgroup.kill` ahead (the run thread does, while the script starts), so that
+    /// killing what is left when the script ends is one write. Where the kernel has none, kills
+    /// go through `cgroup.procs` as before.
+    pub fn open_kill_switch(&mut self) {
+        if self.kill_switch.is_none() {
+            self.kill_switch = fs::OpenOptions::new()
+                .write(true)
+                .open(self.path.join("cgroup.kill"))
+                .ok();
+        }
+    }
+
+    /// One kill of everything in the cgroup: through the switch opened ahead, else by path.
+    fn kill_once(&self) -> io::Result<()> {
+        match &self.kill_switch {
+            Some(switch) => {
+                let mut switch: &fs::File = switch;
+                switch.write_all(b"1")
+            }
+            None => kill_members(&self.path),
+        }
+    }
+
     /// Kills every process in the cgroup, without waiting for them to die.
     pub fn kill(&self) {
-        if let Err(e) = kill_members(&self.path) {
+        if let Err(e) = self.kill_once() {
             log::warn!("cannot kill cgroup {}: {e}", self.path.display());
         }
     }
@@ -245,6 +284,11 @@ impl RunCgroup {
     /// Kills every process in the cgroup until none is left, then removes it.
     pub fn kill_and_remove(&mut self) -> io::Result<()> {
         self.removed = true;
+        let killed = self.kill_once();
+        self.kill_switch = None;
+        if killed.is_ok() && remove_tree(&self.path).is_ok() {
+            return Ok(());
+        }
         kill_and_remove(&self.path)
     }
 }

@@ -196,11 +196,16 @@ fn start(config: Config, run_as: Option<privsep::RunAs>) -> Result<(), StartErro
         },
     ));
     // Two files a run (its log and first record): enough for as many runs as may start at once.
-    let spare_files = crate::spare_files::SpareFiles::start(
+    let spare_files = crate::spare_files::SpareFiles::new(
         &runs_dir,
         &config.instance_id,
         config.max_concurrent_runs.saturating_mul(2),
-        script_nice,
+    );
+    // Run cgroups made ahead: as many as runs may run at once, within run_ids' bounds.
+    let run_ids = crate::run_ids::RunIds::new(
+        &config.instance_id,
+        run_cgroups.clone(),
+        config.max_concurrent_runs,
     );
     let app = Arc::new(App {
         config,
@@ -219,6 +224,7 @@ fn start(config: Config, run_as: Option<privsep::RunAs>) -> Result<(), StartErro
         retention: retention::Retention::default(),
         spare_dirs,
         spare_files,
+        run_ids,
         // A run's thread reads its script's pipes at the script's priority, so that neither
         // starves the other; requests (starting runs, streaming) keep the server's.
         run_threads: crate::workers::Workers::new("run", MAX_IDLE_RUN_THREADS)
@@ -227,6 +233,11 @@ fn start(config: Config, run_as: Option<privsep::RunAs>) -> Result<(), StartErro
         run_as,
     });
     lifecycle::recover(&app);
+    app.run_ids.remove_leftovers(&app.runs_dir);
+    // Spare files and run cgroups are made ahead while no run is going (see `ahead.rs`).
+    app.spare_files
+        .start_filling(script_nice, no_run_going(&app));
+    app.run_ids.start_filling(script_nice, no_run_going(&app));
     app.retention.start(&app);
     lifecycle::start_retention_thread(app.clone());
     let listener = Arc::new(listener);
@@ -236,8 +247,18 @@ fn start(config: Config, run_as: Option<privsep::RunAs>) -> Result<(), StartErro
     log::info!("serving runbooks from {}", app.catalog.root().display());
     http::serve(&app, &listener);
     lifecycle::stop_runs(&app);
+    app.run_ids.discard_ready();
     log::info!("stopped");
     Ok(())
+}
+
+/// Whether no run is going, asked by the threads that make things ahead of need.
+fn no_run_going(app: &Arc<App>) -> crate::ahead::Quiet {
+    let weak = Arc::downgrade(app);
+    Box::new(move || {
+        weak.upgrade()
+            .is_none_or(|app| app.runs.running_count() == 0)
+    })
 }
 
 /// The niceness scripts start with: `relative` above the server's own, at most 19. None when

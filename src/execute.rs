@@ -70,7 +70,8 @@ pub fn start(app: &Arc<App>, req: ExecuteRequest) -> Result<Arc<Run>, ExecError>
     let (path, content) = app.catalog.read(&req.file)?;
     let book = app.parsed_runbooks.parse(&path, content);
     authorize(app, &path, &book, &req.principal)?;
-    let run_id = format!("{}-{}", app.config.instance_id, uuid::Uuid::new_v4());
+    let drawn = app.run_ids.draw();
+    let run_id = drawn.as_str().to_string();
     crate::stages::begin(&run_id, entered);
     crate::stages::mark(&run_id, "runbook");
     // A sub-runbook call made with a running run's token does not count against
@@ -93,7 +94,7 @@ pub fn start(app: &Arc<App>, req: ExecuteRequest) -> Result<Arc<Run>, ExecError>
     // happens to this request.
     let handed_over = Cell::new(false);
     let launched = catch_unwind(AssertUnwindSafe(|| {
-        launch(app, req, &path, &book, &run_id, &handed_over)
+        launch(app, req, &path, &book, &drawn, &handed_over)
     }));
     let started = match launched {
         Ok(started) => started,

@@ -4,6 +4,7 @@
 // forbid here would reach `sys`, which owns the system calls and allows it.
 #![deny(unsafe_code)]
 
+mod ahead;
 mod app;
 mod auth;
 mod catalog;
@@ -35,6 +36,7 @@ mod record;
 mod result_json;
 mod retention;
 mod run;
+mod run_ids;
 mod runbook;
 mod runbook_cache;
 mod runbook_file;

@@ -120,8 +120,11 @@ pub struct Launch {
     pub nofile_soft: Option<u64>,
     /// Niceness the script starts with (None: the server's).
     pub nice: Option<i32>,
-    /// The run's own cgroup, created here and entered by the script before it execs.
+    /// The run's own cgroup, created here (unless `cgroup_made`) and entered by the script
+    /// before it execs.
     pub cgroup: Option<PathBuf>,
+    /// The cgroup exists already (made ahead, see `run_ids.rs`).
+    pub cgroup_made: bool,
     /// User and group id the script runs as (`RUN_AS_USER`); None: runbookd's own.
     pub run_as: Option<(u32, u32)>,
 }
@@ -337,6 +340,9 @@ impl Supervised {
     /// need not delay the result). The log is finished by the caller.
     pub fn supervise(mut self, limits: Limits) -> (Outcome, bool, Option<RunCgroup>) {
         let pid = self.pid;
+        if let Some(cgroup) = &mut self.cgroup {
+            cgroup.open_kill_switch();
+        }
         let deadline = crate::clock::instant_after(limits.timeout);
         let mut stop: Option<Stop> = None;
         let mut kill_at: Option<Instant> = None;
@@ -539,8 +545,7 @@ pub fn spawn(
     mask: Option<&str>,
     threads: &Workers,
 ) -> Result<Supervised, SpawnError> {
-    let (wake, waker) = io::pipe()?;
-    sys::set_nonblocking(&waker)?;
+    let (wake, waker) = sys::nonblocking_pipe()?;
     let waker = Arc::new(waker);
     // The helper (this binary again), when used, resets signal dispositions and the
     // descriptor limit, then execs the interpreter: see `sys::exec_script_interpreter`.
@@ -548,7 +553,9 @@ pub fn spawn(
         .nofile_soft
         .map_or_else(|| "-".to_string(), |s| s.to_string());
     let cgroup = match &launch.cgroup {
-        Some(path) => Some(RunCgroup::create(path).map_err(SpawnError::Cgroup)?),
+        Some(path) => {
+            Some(RunCgroup::create(path, launch.cgroup_made).map_err(SpawnError::Cgroup)?)
+        }
         None => None,
     };
     // Where the kernel can, the script starts without the helper, straight inside its cgroup
@@ -810,6 +817,7 @@ mod tests {
             nofile_soft: None,
             nice: None,
             cgroup: None,
+            cgroup_made: false,
             run_as: None,
         };
         (spawn(&launch, log.clone(), None, threads).unwrap(), log)

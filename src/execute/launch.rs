@@ -17,6 +17,7 @@ use crate::fault;
 use crate::params;
 use crate::record::{self, RunRecord, RunStatus};
 use crate::run::Run;
+use crate::run_ids::DrawnId;
 use crate::runbook::{self, Runbook};
 use crate::runenv::{self, RequestVars, SystemValues};
 use crate::runlog::{Outcome, RunLog};
@@ -37,9 +38,10 @@ pub(super) fn launch(
     req: ExecuteRequest,
     path: &Path,
     book: &Runbook,
-    run_id: &str,
+    drawn: &DrawnId,
     handed_over: &Cell<bool>,
 ) -> Result<Arc<Run>, ExecError> {
+    let run_id = drawn.as_str();
     fault::test_point("launch-early");
     let started = Instant::now();
     let (log, log_path) = create_log(app, run_id)?;
@@ -75,9 +77,12 @@ pub(super) fn launch(
     let (run_token, scope) = mint_run_token(app, &req, run_id);
     let env = build_environment(app, &req, &vars, &scope, &run_token, &work);
     crate::stages::mark(run_id, "token and env");
-    let launch = script_launch(app, run_id, &script, &work, env);
+    let launch = script_launch(app, drawn, &script, &work, env);
     let child = match supervisor::spawn(&launch, log.clone(), Some(&run_token), &app.run_threads) {
-        Ok(child) => child,
+        Ok(child) => {
+            drawn.cgroup_taken();
+            child
+        }
         Err(SpawnError::Exhausted(e)) => {
             work.remove();
             before.refused(&e);
@@ -303,7 +308,7 @@ fn build_environment(
 /// What to spawn: the interpreter named by the script's `#!` on the script file, in `work/`.
 fn script_launch(
     app: &App,
-    run_id: &str,
+    drawn: &DrawnId,
     script: &str,
     work: &RunDirs,
     env: Vec<(String, String)>,
@@ -321,7 +326,8 @@ fn script_launch(
         env,
         nofile_soft: app.nofile_soft,
         nice: app.script_nice,
-        cgroup: app.run_cgroups.as_ref().map(|c| c.run_path(run_id)),
+        cgroup: app.run_cgroups.as_ref().map(|c| c.run_path(drawn.as_str())),
+        cgroup_made: drawn.cgroup_made(),
         run_as: app.run_as.map(|r| (r.uid, r.gid)),
     }
 }

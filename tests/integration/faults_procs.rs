@@ -543,6 +543,17 @@ fn a_restart_kills_and_removes_the_cgroup_of_an_interrupted_run() {
     let id = daemon.start_run("Escape.md", &token, json!({}));
     let (pgid, guards) = escapees(&daemon, &id, &token);
     let _group = GroupGuard(pgid);
+    let run_cgroup = format!("runbookd-{id}");
+    assert!(
+        wait_until(Duration::from_secs(10), || !child_cgroups(&cgroup)
+            .iter()
+            .all(|name| *name == run_cgroup)),
+        "no run cgroup is made ahead"
+    );
+    let made_ahead: Vec<String> = child_cgroups(&cgroup)
+        .into_iter()
+        .filter(|name| *name != run_cgroup)
+        .collect();
     daemon.kill9();
     for guard in &guards {
         assert!(process_alive(guard.0), "escapees outlive a killed server");
@@ -551,6 +562,25 @@ fn a_restart_kills_and_removes_the_cgroup_of_an_interrupted_run() {
     let record = daemon.run_record(&id, &token);
     assert_eq!(record["status"], json!("interrupted"), "{record}");
     assert_all_gone(&guards, &cgroup, &id);
+    let left = child_cgroups(&cgroup);
+    let kept: Vec<&String> = made_ahead.iter().filter(|n| left.contains(n)).collect();
+    assert!(
+        kept.is_empty(),
+        "cgroups the killed server made ahead are left: {kept:?}"
+    );
+}
+
+/// The names of the cgroups directly in `cgroup`.
+fn child_cgroups(cgroup: &TestCgroup) -> Vec<String> {
+    fs::read_dir(&cgroup.0)
+        .map(|entries| {
+            entries
+                .flatten()
+                .filter(|e| e.path().is_dir())
+                .map(|e| e.file_name().to_string_lossy().into_owned())
+                .collect()
+        })
+        .unwrap_or_default()
 }
 
 #[test]
@@ -596,4 +626,9 @@ fn setsid_escapees_die_at_shutdown() {
         json!("interrupted")
     );
     assert_all_gone(&guards, &cgroup, &id);
+    assert_eq!(
+        child_cgroups(&cgroup),
+        Vec::<String>::new(),
+        "a stopped server leaves no cgroup it made ahead"
+    );
 }

@@ -1,0 +1,219 @@
+//! Things a run needs, made ahead of need by a background thread while no run is going: spare
+//! run files (`spare_files.rs`) and run ids whose cgroup is already made (`run_ids.rs`). A
+//! burst of runs takes them ready instead of making them on its requests' path, and the thread
+//! does not share the processors with the burst. Only when fewer than a quarter are left does
+//! it make more while runs go; when none is left, the caller makes its own, as if there were no
+//! pool.
+#![forbid(unsafe_code)]
+
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+use std::time::Duration;
+
+/// How long the thread waits, once it may make more, before it makes the first: the answer of
+/// the run that just ended is being written meanwhile.
+const REFILL_DELAY: Duration = Duration::from_millis(5);
+
+/// How often the thread asks whether runs are still going, while it waits for none to be.
+const QUIET_POLL: Duration = Duration::from_millis(100);
+
+/// How long the thread waits after it could not make one (a full or read-only directory).
+const RETRY_PAUSE: Duration = Duration::from_secs(1);
+
+/// Whether no run is going: the moment to make more.
+pub type Quiet = Box<dyn Fn() -> bool + Send>;
+
+/// The ready things of one kind and the condition their thread waits on.
+#[derive(Debug)]
+pub struct Pool<T> {
+    free: Mutex<Vec<T>>,
+    /// How many are kept ready.
+    target: usize,
+    /// Signalled when one was taken and the thread may have to make more.
+    taken: Condvar,
+}
+
+impl<T: Send + 'static> Pool<T> {
+    /// A pool that keeps `target` ready once [`Pool::start_filling`] is called.
+    pub fn new(target: usize) -> Pool<T> {
+        Pool {
+            free: Mutex::new(Vec::new()),
+            target,
+            taken: Condvar::new(),
+        }
+    }
+
+    fn free(&self) -> MutexGuard<'_, Vec<T>> {
+        self.free.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// How many are ready.
+    pub fn ready(&self) -> usize {
+        self.free().len()
+    }
+
+    /// Fewer ready than this: more are made even while runs go.
+    fn low_mark(&self) -> usize {
+        self.target / 4
+    }
+
+    /// A ready one, now the caller's; None when none is ready.
+    pub fn take(&self) -> Option<T> {
+        let (taken, left) = {
+            let mut free = self.free();
+            let taken = free.pop();
+            (taken, free.len())
+        };
+        // The thread waits for the first one taken from a full pool, and, while runs go, for
+        // the pool to fall below a quarter; other takes need not wake it.
+        if taken.is_some() && (left + 1 == self.target || left < self.low_mark()) {
+            self.taken.notify_one();
+        }
+        taken
+    }
+
+    /// Every ready one, taken at once (to be undone at shutdown).
+    pub fn take_all(&self) -> Vec<T> {
+        std::mem::take(&mut *self.free())
+    }
+
+    /// Starts the thread `name` that keeps the pool topped up with what `make` makes (None:
+    /// nothing can be made now), at niceness `nice` when given (work ahead of need, which
+    /// requests and runs come before), while `quiet` says no run is going, or at once when
+    /// fewer than a quarter are ready. Without that thread (it could not start) none is ever
+    /// ready.
+    pub fn start_filling(
+        self: &Arc<Pool<T>>,
+        name: &str,
+        nice: Option<i32>,
+        quiet: Quiet,
+        make: impl FnMut() -> Option<T> + Send + 'static,
+    ) {
+        let pool = self.clone();
+        let started = std::thread::Builder::new()
+            .name(name.into())
+            .stack_size(64 * 1024)
+            .spawn(move || {
+                if let Some(nice) = nice {
+                    if let Err(e) = crate::sys::set_own_nice(nice) {
+                        log::debug!("a thread making things ahead keeps its niceness: {e}");
+                    }
+                }
+                pool.keep_filled(&quiet, make)
+            });
+        if let Err(e) = started {
+            log::warn!("cannot start the thread {name}: {e}");
+        }
+    }
+
+    /// Tops the pool up to its target, one at a time while no run is going (or while fewer than
+    /// a quarter are ready), for as long as the process runs.
+    fn keep_filled(&self, quiet: &Quiet, mut make: impl FnMut() -> Option<T>) {
+        loop {
+            drop(
+                self.taken
+                    .wait_while(self.free(), |free| free.len() >= self.target)
+                    .unwrap_or_else(|p| p.into_inner()),
+            );
+            std::thread::sleep(REFILL_DELAY);
+            loop {
+                let ready = self.ready();
+                if ready >= self.target {
+                    break;
+                }
+                if ready >= self.low_mark() && !quiet() {
+                    // Runs are going: wait for one to be taken or for a moment.
+                    drop(
+                        self.taken
+                            .wait_timeout(self.free(), QUIET_POLL)
+                            .unwrap_or_else(|p| p.into_inner()),
+                    );
+                    continue;
+                }
+                match make() {
+                    Some(made) => self.free().push(made),
+                    None => drop(
+                        self.taken
+                            .wait_timeout(self.free(), RETRY_PAUSE)
+                            .unwrap_or_else(|p| p.into_inner()),
+                    ),
+                }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+    use std::time::Instant;
+
+    fn wait_for(what: &str, mut done: impl FnMut() -> bool) {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while !done() {
+            assert!(Instant::now() < deadline, "timed out waiting for {what}");
+            std::thread::sleep(Duration::from_millis(5));
+        }
+    }
+
+    fn counting_pool(target: usize, quiet: &Arc<AtomicBool>) -> Arc<Pool<usize>> {
+        let pool = Arc::new(Pool::new(target));
+        let asked = quiet.clone();
+        let made = AtomicUsize::new(0);
+        pool.start_filling(
+            "test-ahead",
+            None,
+            Box::new(move || asked.load(Ordering::SeqCst)),
+            move || Some(made.fetch_add(1, Ordering::SeqCst)),
+        );
+        pool
+    }
+
+    #[test]
+    fn while_runs_go_more_are_made_only_below_a_quarter() {
+        let quiet = Arc::new(AtomicBool::new(false));
+        let pool = counting_pool(40, &quiet);
+        // Runs go from the start: only the quarter is made.
+        wait_for("a quarter", || pool.ready() == 10);
+        std::thread::sleep(Duration::from_millis(300));
+        assert_eq!(pool.ready(), 10, "no more while runs go");
+        quiet.store(true, Ordering::SeqCst);
+        wait_for("the rest once no run goes", || pool.ready() == 40);
+        quiet.store(false, Ordering::SeqCst);
+        for _ in 0..25 {
+            pool.take().unwrap();
+        }
+        std::thread::sleep(Duration::from_millis(300));
+        assert_eq!(pool.ready(), 15, "none made while runs go above a quarter");
+        for _ in 0..6 {
+            pool.take().unwrap();
+        }
+        wait_for("back to a quarter", || pool.ready() == 10);
+        std::thread::sleep(Duration::from_millis(300));
+        assert_eq!(pool.ready(), 10);
+        quiet.store(true, Ordering::SeqCst);
+        wait_for("the target again", || pool.ready() == 40);
+    }
+
+    #[test]
+    fn each_is_taken_once_and_the_pool_is_topped_up() {
+        let quiet = Arc::new(AtomicBool::new(true));
+        let pool = counting_pool(16, &quiet);
+        wait_for("the first ones", || pool.ready() == 16);
+        let taken: Vec<usize> = (0..19).filter_map(|_| pool.take()).collect();
+        let distinct: std::collections::BTreeSet<_> = taken.iter().collect();
+        assert_eq!(distinct.len(), taken.len(), "none is handed out twice");
+        wait_for("the top-up", || pool.ready() == 16);
+        let all = pool.take_all();
+        assert_eq!(all.len(), 16);
+        assert!(all.iter().all(|n| !taken.contains(n)));
+    }
+
+    #[test]
+    fn a_pool_that_cannot_make_any_hands_out_none() {
+        let pool: Arc<Pool<usize>> = Arc::new(Pool::new(8));
+        pool.start_filling("test-ahead-none", None, Box::new(|| true), || None);
+        std::thread::sleep(Duration::from_millis(100));
+        assert_eq!(pool.take(), None);
+    }
+}
