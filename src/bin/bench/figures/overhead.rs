@@ -335,9 +335,9 @@ pub fn run(bench: &Bench) -> Result<Outcome, BenchError> {
             goal: "(reference)".into(),
             met: None,
             detail: json!({
-            "webhook_median_ms": median(&hook_times),
-            "execute_minus_webhook_median_ms": against_webhook,
-        }),
+                "webhook_median_ms": median(&hook_times),
+                "execute_minus_webhook_median_ms": against_webhook,
+            }),
         });
     }
     Ok(Outcome {
