@@ -6,6 +6,7 @@
 //! pool.
 #![forbid(unsafe_code)]
 
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::time::Duration;
 
@@ -26,6 +27,8 @@ pub type Quiet = Box<dyn Fn() -> bool + Send>;
 #[derive(Debug)]
 pub struct Pool<T> {
     free: Mutex<Vec<T>>,
+    /// Set (under `free`'s lock) by [`Pool::close`]: nothing is added any more.
+    closed: AtomicBool,
     /// How many are kept ready.
     target: usize,
     /// Signalled when one was taken and the thread may have to make more.
@@ -37,6 +40,7 @@ impl<T: Send + 'static> Pool<T> {
     pub fn new(target: usize) -> Pool<T> {
         Pool {
             free: Mutex::new(Vec::new()),
+            closed: AtomicBool::new(false),
             target,
             taken: Condvar::new(),
         }
@@ -71,13 +75,19 @@ impl<T: Send + 'static> Pool<T> {
         taken
     }
 
-    /// Every ready one, taken at once (to be undone at shutdown).
-    pub fn take_all(&self) -> Vec<T> {
-        std::mem::take(&mut *self.free())
+    /// Every ready one, taken at once, and no more made (at shutdown: the caller undoes them;
+    /// one the thread was making meanwhile it undoes itself).
+    pub fn close(&self) -> Vec<T> {
+        let mut free = self.free();
+        self.closed.store(true, Ordering::SeqCst);
+        let all = std::mem::take(&mut *free);
+        drop(free);
+        self.taken.notify_all();
+        all
     }
 
     /// Starts the thread `name` that keeps the pool topped up with what `make` makes (None:
-    /// nothing can be made now), at niceness `nice` when given (work ahead of need, which
+    /// nothing can be made now; `undo` undoes one made after [`Pool::close`]), at niceness `nice` when given (work ahead of need, which
     /// requests and runs come before), while `quiet` says no run is going, or at once when
     /// fewer than a quarter are ready. Without that thread (it could not start) none is ever
     /// ready.
@@ -87,6 +97,7 @@ impl<T: Send + 'static> Pool<T> {
         nice: Option<i32>,
         quiet: Quiet,
         make: impl FnMut() -> Option<T> + Send + 'static,
+        undo: impl Fn(T) + Send + 'static,
     ) {
         let pool = self.clone();
         let started = std::thread::Builder::new()
@@ -98,7 +109,7 @@ impl<T: Send + 'static> Pool<T> {
                         log::debug!("a thread making things ahead keeps its niceness: {e}");
                     }
                 }
-                pool.keep_filled(&quiet, make)
+                pool.keep_filled(&quiet, make, undo)
             });
         if let Err(e) = started {
             log::warn!("cannot start the thread {name}: {e}");
@@ -106,18 +117,20 @@ impl<T: Send + 'static> Pool<T> {
     }
 
     /// Tops the pool up to its target, one at a time while no run is going (or while fewer than
-    /// a quarter are ready), for as long as the process runs.
-    fn keep_filled(&self, quiet: &Quiet, mut make: impl FnMut() -> Option<T>) {
-        loop {
+    /// a quarter are ready), until it is closed.
+    fn keep_filled(&self, quiet: &Quiet, mut make: impl FnMut() -> Option<T>, undo: impl Fn(T)) {
+        while !self.closed.load(Ordering::SeqCst) {
             drop(
                 self.taken
-                    .wait_while(self.free(), |free| free.len() >= self.target)
+                    .wait_while(self.free(), |free| {
+                        free.len() >= self.target && !self.closed.load(Ordering::SeqCst)
+                    })
                     .unwrap_or_else(|p| p.into_inner()),
             );
             std::thread::sleep(REFILL_DELAY);
             loop {
                 let ready = self.ready();
-                if ready >= self.target {
+                if ready >= self.target || self.closed.load(Ordering::SeqCst) {
                     break;
                 }
                 if ready >= self.low_mark() && !quiet() {
@@ -130,7 +143,15 @@ impl<T: Send + 'static> Pool<T> {
                     continue;
                 }
                 match make() {
-                    Some(made) => self.free().push(made),
+                    Some(made) => {
+                        let mut free = self.free();
+                        if self.closed.load(Ordering::SeqCst) {
+                            drop(free);
+                            undo(made);
+                            return;
+                        }
+                        free.push(made);
+                    }
                     None => drop(
                         self.taken
                             .wait_timeout(self.free(), RETRY_PAUSE)
@@ -145,7 +166,7 @@ impl<T: Send + 'static> Pool<T> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+    use std::sync::atomic::AtomicUsize;
     use std::time::Instant;
 
     fn wait_for(what: &str, mut done: impl FnMut() -> bool) {
@@ -165,6 +186,7 @@ mod tests {
             None,
             Box::new(move || asked.load(Ordering::SeqCst)),
             move || Some(made.fetch_add(1, Ordering::SeqCst)),
+            |_| {},
         );
         pool
     }
@@ -204,16 +226,56 @@ mod tests {
         let distinct: std::collections::BTreeSet<_> = taken.iter().collect();
         assert_eq!(distinct.len(), taken.len(), "none is handed out twice");
         wait_for("the top-up", || pool.ready() == 16);
-        let all = pool.take_all();
+        let all = pool.close();
         assert_eq!(all.len(), 16);
         assert!(all.iter().all(|n| !taken.contains(n)));
+        for _ in 0..5 {
+            pool.take();
+        }
+        std::thread::sleep(Duration::from_millis(100));
+        assert_eq!(pool.ready(), 0, "none made once closed");
     }
 
     #[test]
     fn a_pool_that_cannot_make_any_hands_out_none() {
         let pool: Arc<Pool<usize>> = Arc::new(Pool::new(8));
-        pool.start_filling("test-ahead-none", None, Box::new(|| true), || None);
+        pool.start_filling("test-ahead-none", None, Box::new(|| true), || None, |_| {});
         std::thread::sleep(Duration::from_millis(100));
         assert_eq!(pool.take(), None);
+    }
+
+    #[test]
+    fn one_made_while_the_pool_closes_is_undone() {
+        // `make` blocks until the pool is closed: what it then makes must be undone, not kept.
+        let pool: Arc<Pool<u32>> = Arc::new(Pool::new(4));
+        let undone = Arc::new(AtomicUsize::new(0));
+        let gate = Arc::new((Mutex::new(false), Condvar::new()));
+        let (gate_in, undone_in) = (gate.clone(), undone.clone());
+        pool.start_filling(
+            "test-ahead-close",
+            None,
+            Box::new(|| true),
+            move || {
+                let (open, cond) = &*gate_in;
+                drop(
+                    cond.wait_while(open.lock().unwrap(), |open| !*open)
+                        .unwrap(),
+                );
+                Some(7)
+            },
+            move |_| {
+                undone_in.fetch_add(1, Ordering::SeqCst);
+            },
+        );
+        std::thread::sleep(Duration::from_millis(50));
+        assert!(pool.close().is_empty());
+        *gate.0.lock().unwrap() = true;
+        gate.1.notify_all();
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while undone.load(Ordering::SeqCst) == 0 {
+            assert!(std::time::Instant::now() < deadline, "never undone");
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        assert_eq!(pool.ready(), 0);
     }
 }

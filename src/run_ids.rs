@@ -103,9 +103,14 @@ impl RunIds {
         if self.cgroups.is_none() {
             return;
         }
-        let ids = self.clone();
-        self.pool
-            .start_filling("run-ids", nice, quiet, move || ids.make_one());
+        let (ids, undo) = (self.clone(), self.clone());
+        self.pool.start_filling(
+            "run-ids",
+            nice,
+            quiet,
+            move || ids.make_one(),
+            move |id| undo.remove_cgroup(&id),
+        );
     }
 
     /// Draws an id and makes its cgroup; None when the cgroup cannot be made.
@@ -121,13 +126,17 @@ impl RunIds {
         }
     }
 
-    /// Removes the cgroups made ahead that no run took (at shutdown).
+    /// Removes the cgroups made ahead that no run took, and makes no more (at shutdown).
     pub fn discard_ready(&self) {
-        let Some(parent) = &self.cgroups else {
-            return;
-        };
-        for id in self.pool.take_all() {
-            let _ = fs::remove_dir(parent.run_path(&id));
+        for id in self.pool.close() {
+            self.remove_cgroup(&id);
+        }
+    }
+
+    /// Removes the cgroup made ahead for `id`.
+    fn remove_cgroup(&self, id: &str) {
+        if let Some(parent) = &self.cgroups {
+            let _ = fs::remove_dir(parent.run_path(id));
         }
     }
 

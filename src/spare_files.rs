@@ -53,8 +53,15 @@ impl SpareFiles {
     /// Starts the thread that keeps the spares topped up (see [`Pool::start_filling`]).
     pub fn start_filling(self: &Arc<SpareFiles>, nice: Option<i32>, quiet: Quiet) {
         let spares = self.clone();
-        self.pool
-            .start_filling("spare-files", nice, quiet, move || spares.make_one());
+        self.pool.start_filling(
+            "spare-files",
+            nice,
+            quiet,
+            move || spares.make_one(),
+            |path| {
+                let _ = fs::remove_file(path);
+            },
+        );
     }
 
     /// An empty file of this directory that is now the caller's to rename (within the
