@@ -166,16 +166,8 @@ impl<T: Send + 'static> Pool<T> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::test_dirs::wait_for;
     use std::sync::atomic::AtomicUsize;
-    use std::time::Instant;
-
-    fn wait_for(what: &str, mut done: impl FnMut() -> bool) {
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while !done() {
-            assert!(Instant::now() < deadline, "timed out waiting for {what}");
-            std::thread::sleep(Duration::from_millis(5));
-        }
-    }
 
     fn counting_pool(target: usize, quiet: &Arc<AtomicBool>) -> Arc<Pool<usize>> {
         let pool = Arc::new(Pool::new(target));

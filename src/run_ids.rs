@@ -172,16 +172,8 @@ impl RunIds {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::test_dirs::wait_for;
     use crate::test_dirs::TempDir;
-    use std::time::{Duration, Instant};
-
-    fn wait_for(what: &str, mut done: impl FnMut() -> bool) {
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while !done() {
-            assert!(Instant::now() < deadline, "timed out waiting for {what}");
-            std::thread::sleep(Duration::from_millis(5));
-        }
-    }
 
     fn made(dir: &Path) -> usize {
         fs::read_dir(dir).unwrap().count()

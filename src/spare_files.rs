@@ -106,17 +106,9 @@ pub fn create_appendable(spares: Option<&SpareFiles>, path: &Path) -> io::Result
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::test_dirs::wait_for;
     use crate::test_dirs::TempDir;
     use std::io::Write;
-    use std::time::{Duration, Instant};
-
-    fn wait_for(what: &str, mut done: impl FnMut() -> bool) {
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while !done() {
-            assert!(Instant::now() < deadline, "timed out waiting for {what}");
-            std::thread::sleep(Duration::from_millis(5));
-        }
-    }
 
     #[test]
     fn spares_are_made_ahead_taken_once_and_topped_up() {

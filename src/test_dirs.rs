@@ -1,4 +1,5 @@
-//! Unit-test helper: fresh, uniquely named directories under the system temp dir.
+//! Unit-test helpers: fresh, uniquely named directories under the system temp dir, FIFOs, and
+//! waiting for what a background thread does.
 #![forbid(unsafe_code)]
 
 use std::fs;
@@ -17,6 +18,18 @@ pub fn fresh_dir(label: &str) -> PathBuf {
     let _ = fs::remove_dir_all(&dir);
     fs::create_dir_all(&dir).expect("cannot create a test directory");
     dir
+}
+
+/// Waits until `done` (polled every 5 ms), failing the test after 10 s with `what`.
+pub fn wait_for(what: &str, mut done: impl FnMut() -> bool) {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while !done() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "timed out waiting for {what}"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(5));
+    }
 }
 
 /// Makes a FIFO at `path` (with `mkfifo`, so that the tests need no unsafe code).

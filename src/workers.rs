@@ -105,16 +105,9 @@ impl Workers {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::test_dirs::wait_for;
     use std::sync::Mutex;
-    use std::time::{Duration, Instant};
-
-    fn wait_for(what: &str, done: impl Fn() -> bool) {
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while !done() {
-            assert!(Instant::now() < deadline, "timed out waiting for {what}");
-            std::thread::sleep(Duration::from_millis(2));
-        }
-    }
+    use std::time::Duration;
 
     const MAX_IDLE: usize = 16;
 
