@@ -235,10 +235,14 @@ impl RunCgroup {
     /// Creates the cgroup at `path` (a new directory: an existing one is an error), or, with
     /// `made`, takes the one made ahead there (made again if it has gone meanwhile).
     pub fn create(path: &Path, made: bool) -> io::Result<RunCgroup> {
-        match fs::create_dir(path) {
-            Ok(()) => {}
-            Err(e) if made && e.kind() == io::ErrorKind::AlreadyExists => {}
-            Err(e) => return Err(e),
+        // A look-up, not a `mkdir` that finds it: that would wait for the parent's lock, which
+        // every cgroup being made or removed beside it holds meanwhile.
+        if !(made && path.is_dir()) {
+            match fs::create_dir(path) {
+                Ok(()) => {}
+                Err(e) if made && e.kind() == io::ErrorKind::AlreadyExists => {}
+                Err(e) => return Err(e),
+            }
         }
         Ok(RunCgroup {
             path: path.to_path_buf(),
