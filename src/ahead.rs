@@ -75,6 +75,14 @@ impl<T: Send + 'static> Pool<T> {
         taken
     }
 
+    /// A copy of the ready ones.
+    pub fn snapshot(&self) -> Vec<T>
+    where
+        T: Clone,
+    {
+        self.free().clone()
+    }
+
     /// Every ready one, taken at once, and no more made (at shutdown: the caller undoes them;
     /// one the thread was making meanwhile it undoes itself).
     pub fn close(&self) -> Vec<T> {

@@ -206,6 +206,7 @@ fn start(config: Config, run_as: Option<privsep::RunAs>) -> Result<(), StartErro
         &config.instance_id,
         run_cgroups.clone(),
         config.max_concurrent_runs,
+        &runs_dir,
     );
     let app = Arc::new(App {
         config,

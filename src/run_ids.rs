@@ -3,8 +3,10 @@
 //! run's path, paid by a background thread while no run is going (`ahead.rs`). Without run
 //! cgroups, or when none is ready, an id is drawn when asked and its cgroup made at spawn, as
 //! before. A made cgroup is removed again when its run never got to its script ([`DrawnId`]
-//! dropped unused), at shutdown when no run took it, and, after a kill, at the next start (an
-//! empty cgroup whose run has no record: `rmdir` only, never a kill).
+//! dropped unused), at shutdown when no run took it, and, after a kill, at the next start. The
+//! ids made ahead are listed in a ledger in the server's own runs directory, so that the next
+//! start removes only this server's (`rmdir` of an empty cgroup whose run has no record, never
+//! a kill), never those of another server sharing the cgroup.
 #![forbid(unsafe_code)]
 
 use std::cell::Cell;
@@ -13,7 +15,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use crate::ahead::{Pool, Quiet};
-use crate::cgroup::{Parent, RUN_PREFIX};
+use crate::cgroup::Parent;
 
 /// Most run cgroups made ahead, whatever the number of runs at once allowed: each is a kernel
 /// object an operator sees in the service's cgroup.
@@ -28,6 +30,13 @@ pub struct RunIds {
     /// The directory run cgroups are made in; None: ids are only drawn when asked.
     cgroups: Option<Parent>,
     pool: Arc<Pool<String>>,
+    /// The file listing the ids whose cgroup was made ahead and not yet known to be gone.
+    ledger: PathBuf,
+}
+
+/// Name of the ledger in the runs directory (hidden: never taken for a run's file).
+fn ledger_name(instance_id: &str) -> String {
+    format!(".cgroups-ahead-{instance_id}")
 }
 
 /// A run id for one execute, with its cgroup when that was made ahead. Dropped before
@@ -68,12 +77,32 @@ impl RunIds {
     /// Ids of instance `instance_id`; with `cgroups`, `target` of them (at least
     /// [`FEWEST_AHEAD`], at most [`MOST_AHEAD`]) are kept drawn with their cgroup made once
     /// [`RunIds::start_filling`] is called.
-    pub fn new(instance_id: &str, cgroups: Option<Parent>, target: usize) -> Arc<RunIds> {
+    /// The ledger is kept in `runs_dir`.
+    pub fn new(
+        instance_id: &str,
+        cgroups: Option<Parent>,
+        target: usize,
+        runs_dir: &Path,
+    ) -> Arc<RunIds> {
         Arc::new(RunIds {
             instance_id: instance_id.to_string(),
             cgroups,
             pool: Arc::new(Pool::new(target.clamp(FEWEST_AHEAD, MOST_AHEAD))),
+            ledger: runs_dir.join(ledger_name(instance_id)),
         })
+    }
+
+    /// Writes the ledger: the ids ready now and `more`. An id taken since stays listed until the
+    /// next write (its run is recorded by then, or its cgroup removed).
+    fn write_ledger(&self, more: Option<&str>) {
+        let mut text = String::new();
+        for id in self.pool.snapshot().iter().map(String::as_str).chain(more) {
+            text.push_str(id);
+            text.push('\n');
+        }
+        if let Err(e) = crate::record::write_over(&self.ledger, text.as_bytes(), true) {
+            log::debug!("cannot write the ledger of run cgroups made ahead: {e}");
+        }
     }
 
     fn new_id(&self) -> String {
@@ -117,6 +146,8 @@ impl RunIds {
     fn make_one(&self) -> Option<String> {
         let parent = self.cgroups.as_ref()?;
         let id = self.new_id();
+        // Listed before it is made: a server killed in between leaves nothing unlisted.
+        self.write_ledger(Some(&id));
         match fs::create_dir(parent.run_path(&id)) {
             Ok(()) => Some(id),
             Err(e) => {
@@ -128,9 +159,13 @@ impl RunIds {
 
     /// Removes the cgroups made ahead that no run took, and makes no more (at shutdown).
     pub fn discard_ready(&self) {
+        if self.cgroups.is_none() {
+            return;
+        }
         for id in self.pool.close() {
             self.remove_cgroup(&id);
         }
+        self.write_ledger(None);
     }
 
     /// Removes the cgroup made ahead for `id`.
@@ -140,41 +175,39 @@ impl RunIds {
         }
     }
 
-    /// Removes the empty cgroups of this instance's ids whose run has no record in
-    /// `runs_dir`: made ahead by a server that was killed. `rmdir` only: a cgroup with
-    /// processes in it is left alone.
+    /// Removes the cgroups a killed server of this runs directory made ahead (listed in its
+    /// ledger) whose run has no record in `runs_dir`. `rmdir` only: a cgroup with processes in
+    /// it is left alone.
     pub fn remove_leftovers(&self, runs_dir: &Path) {
-        let Some(parent) = &self.cgroups else {
+        let (Some(parent), Ok(listed)) = (&self.cgroups, fs::read_to_string(&self.ledger)) else {
             return;
         };
-        let Ok(entries) = fs::read_dir(parent.dir()) else {
-            return;
-        };
-        let prefix = format!("{RUN_PREFIX}{}-", self.instance_id);
-        for entry in entries.flatten() {
-            let name = entry.file_name().to_string_lossy().into_owned();
-            let Some(id) = name.strip_prefix(RUN_PREFIX) else {
-                continue;
-            };
-            if !name.starts_with(&prefix) || !crate::record::is_valid_run_id(id) {
+        let prefix = format!("{}-", self.instance_id);
+        for id in listed.lines() {
+            if !id.starts_with(&prefix) || !crate::record::is_valid_run_id(id) {
                 continue;
             }
-            if !crate::record::record_path(runs_dir, id).exists() {
-                match fs::remove_dir(entry.path()) {
-                    Ok(()) => log::debug!("removed the unused run cgroup {name}"),
-                    Err(e) => log::warn!("left the run cgroup {name} of no known run: {e}"),
-                }
+            if crate::record::record_path(runs_dir, id).exists() {
+                continue;
+            }
+            let path = parent.run_path(id);
+            match fs::remove_dir(&path) {
+                Ok(()) => log::debug!("removed the unused run cgroup {}", path.display()),
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                Err(e) => log::warn!("left the run cgroup {}: {e}", path.display()),
             }
         }
+        let _ = fs::remove_file(&self.ledger);
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::test_dirs::wait_for;
-    use crate::test_dirs::TempDir;
+    use crate::cgroup::RUN_PREFIX;
+    use crate::test_dirs::{wait_for, TempDir};
 
+    /// The run cgroups made in `dir`.
     fn made(dir: &Path) -> usize {
         fs::read_dir(dir).unwrap().count()
     }
@@ -183,7 +216,8 @@ mod tests {
     fn ids_come_with_their_cgroup_made_and_an_unused_one_is_removed() {
         // A plain directory stands for the cgroup parent: only mkdir and rmdir happen in it.
         let parent = TempDir::new("run-ids");
-        let ids = RunIds::new("r7", Some(Parent::at(parent.path())), 1);
+        let runs = TempDir::new("run-ids-runs");
+        let ids = RunIds::new("r7", Some(Parent::at(parent.path())), 1, runs.path());
         ids.start_filling(None, Box::new(|| true));
         wait_for("the ids drawn ahead", || {
             made(parent.path()) == FEWEST_AHEAD
@@ -225,7 +259,8 @@ mod tests {
 
     #[test]
     fn without_run_cgroups_ids_are_drawn_when_asked() {
-        let ids = RunIds::new("r1", None, 64);
+        let runs = TempDir::new("run-ids-none");
+        let ids = RunIds::new("r1", None, 64, runs.path());
         ids.start_filling(None, Box::new(|| true));
         let a = ids.draw();
         let b = ids.draw();
@@ -235,39 +270,64 @@ mod tests {
     }
 
     #[test]
-    fn leftovers_of_a_killed_server_go_unless_a_run_or_another_instance_has_them() {
+    fn a_killed_servers_cgroups_go_at_the_next_start_and_no_one_elses() {
         let parent = TempDir::new("run-ids-leftovers");
         let runs = TempDir::new("run-ids-records");
-        let id = |n: u32| format!("r1-00000000-0000-4000-8000-{n:012}");
-        let cgroup = |name: &str| parent.path().join(format!("{RUN_PREFIX}{name}"));
-        let ahead = id(1);
-        let recorded = id(2);
-        let busy = id(3);
-        let other = "r2-00000000-0000-4000-8000-000000000004".to_string();
-        for name in [
-            &ahead,
-            &recorded,
-            &busy,
-            &other,
-            &"r1-not-a-run-id".to_string(),
-        ] {
-            fs::create_dir(cgroup(name)).unwrap();
-        }
-        fs::write(crate::record::record_path(runs.path(), &recorded), "{}").unwrap();
+        let cgroup = |id: &str| parent.path().join(format!("{RUN_PREFIX}{id}"));
+        // A server of this runs directory makes its cgroups ahead, and is killed.
+        let killed = RunIds::new("r1", Some(Parent::at(parent.path())), 4, runs.path());
+        let quiet = Arc::new(std::sync::atomic::AtomicBool::new(true));
+        let asked = quiet.clone();
+        killed.start_filling(
+            None,
+            Box::new(move || asked.load(std::sync::atomic::Ordering::SeqCst)),
+        );
+        wait_for("the cgroups made ahead", || {
+            made(parent.path()) == FEWEST_AHEAD
+        });
+        // Runs go from now on: the two taken below are not made again, so the ledger still
+        // lists them as it did when it was last written.
+        quiet.store(false, std::sync::atomic::Ordering::SeqCst);
+        let ahead: Vec<String> = killed.pool.snapshot();
+        let recorded = killed.draw();
+        recorded.cgroup_taken();
+        fs::write(
+            crate::record::record_path(runs.path(), recorded.as_str()),
+            "{}",
+        )
+        .unwrap();
+        let busy = killed.draw();
+        busy.cgroup_taken();
         // A cgroup with processes in it cannot be removed: a non-empty directory stands for it.
-        fs::create_dir(cgroup(&busy).join("child")).unwrap();
-        let ids = RunIds::new("r1", Some(Parent::at(parent.path())), 4);
-        ids.remove_leftovers(runs.path());
-        assert!(!cgroup(&ahead).exists(), "made ahead, never used: removed");
+        fs::create_dir(cgroup(busy.as_str()).join("child")).unwrap();
+        drop(killed);
+        // Another server with the same instance id and cgroup parent: its cgroup is not listed.
+        let other = "r1-00000000-0000-4000-8000-000000000009";
+        fs::create_dir(cgroup(other)).unwrap();
+        let restarted = RunIds::new("r1", Some(Parent::at(parent.path())), 4, runs.path());
+        let listed = fs::read_to_string(runs.path().join(ledger_name("r1"))).unwrap();
+        assert!(listed.contains(busy.as_str()) && listed.contains(recorded.as_str()));
+        restarted.remove_leftovers(runs.path());
+        let unused: Vec<&String> = ahead
+            .iter()
+            .filter(|id| **id != recorded.as_str() && **id != busy.as_str())
+            .collect();
+        assert!(!unused.is_empty());
+        for id in unused {
+            assert!(!cgroup(id).exists(), "made ahead, never used: removed");
+        }
         assert!(
-            cgroup(&recorded).is_dir(),
-            "a recorded run's is recovery's to judge"
+            cgroup(recorded.as_str()).is_dir(),
+            "a recorded run's is recovery's"
         );
         assert!(
-            cgroup(&busy).is_dir(),
+            cgroup(busy.as_str()).is_dir(),
             "never killed, only removed when empty"
         );
-        assert!(cgroup(&other).is_dir(), "another instance's is left alone");
-        assert!(cgroup("r1-not-a-run-id").is_dir());
+        assert!(cgroup(other).is_dir(), "another server's is left alone");
+        assert!(
+            !runs.path().join(ledger_name("r1")).exists(),
+            "the ledger goes with them"
+        );
     }
 }
