@@ -93,15 +93,20 @@ impl RunIds {
     }
 
     /// Writes the ledger: the ids ready now and `more`. An id taken since stays listed until the
-    /// next write (its run is recorded by then, or its cgroup removed).
-    fn write_ledger(&self, more: Option<&str>) {
+    /// next write (its run is recorded by then, or its cgroup removed). False when it cannot be
+    /// written.
+    fn write_ledger(&self, more: Option<&str>) -> bool {
         let mut text = String::new();
         for id in self.pool.snapshot().iter().map(String::as_str).chain(more) {
             text.push_str(id);
             text.push('\n');
         }
-        if let Err(e) = crate::record::write_over(&self.ledger, text.as_bytes(), true) {
-            log::debug!("cannot write the ledger of run cgroups made ahead: {e}");
+        match crate::record::write_over(&self.ledger, text.as_bytes(), true) {
+            Ok(()) => true,
+            Err(e) => {
+                log::debug!("cannot write the ledger of run cgroups made ahead: {e}");
+                false
+            }
         }
     }
 
@@ -146,8 +151,11 @@ impl RunIds {
     fn make_one(&self) -> Option<String> {
         let parent = self.cgroups.as_ref()?;
         let id = self.new_id();
-        // Listed before it is made: a server killed in between leaves nothing unlisted.
-        self.write_ledger(Some(&id));
+        // Listed before it is made: a server killed in between leaves nothing unlisted. None
+        // is made that could not be listed (a full or read-only state directory).
+        if !self.write_ledger(Some(&id)) {
+            return None;
+        }
         match fs::create_dir(parent.run_path(&id)) {
             Ok(()) => Some(id),
             Err(e) => {
@@ -165,7 +173,7 @@ impl RunIds {
         for id in self.pool.close() {
             self.remove_cgroup(&id);
         }
-        self.write_ledger(None);
+        let _ = fs::remove_file(&self.ledger);
     }
 
     /// Removes the cgroup made ahead for `id`.
@@ -254,6 +262,23 @@ mod tests {
             left,
             vec![used_path],
             "only the taken one is left at shutdown"
+        );
+    }
+
+    #[test]
+    fn no_cgroup_is_made_ahead_that_the_ledger_cannot_list() {
+        let parent = TempDir::new("run-ids-unlisted");
+        let runs = TempDir::new("run-ids-unlisted-runs");
+        // The ledger's path is taken by a directory: it cannot be written.
+        fs::create_dir(runs.path().join(ledger_name("r1"))).unwrap();
+        let ids = RunIds::new("r1", Some(Parent::at(parent.path())), 4, runs.path());
+        ids.start_filling(None, Box::new(|| true));
+        std::thread::sleep(std::time::Duration::from_millis(200));
+        assert_eq!(made(parent.path()), 0);
+        let drawn = ids.draw();
+        assert!(
+            !drawn.cgroup_made(),
+            "drawn when asked, its cgroup made at spawn"
         );
     }
 
