@@ -38,8 +38,13 @@ pub struct Pool<T> {
 impl<T: Send + 'static> Pool<T> {
     /// A pool that keeps `target` ready once [`Pool::start_filling`] is called.
     pub fn new(target: usize) -> Pool<T> {
+        Pool::with_ready(target, Vec::new())
+    }
+
+    /// The same, with `ready` ready already.
+    pub fn with_ready(target: usize, ready: Vec<T>) -> Pool<T> {
         Pool {
-            free: Mutex::new(Vec::new()),
+            free: Mutex::new(ready),
             closed: AtomicBool::new(false),
             target,
             taken: Condvar::new(),

@@ -9,6 +9,7 @@
 
 use std::fs::{self, File, OpenOptions};
 use std::io;
+use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -31,13 +32,31 @@ pub struct SpareFiles {
 }
 
 impl SpareFiles {
-    /// Removes the spares instance `instance_id` left in `dir`; `target` are to be kept ready
-    /// (at least [`FEWEST`], at most [`MOST`]) once [`SpareFiles::start_filling`] is called.
+    /// Takes the spares instance `instance_id` left in `dir` back (empty regular files with one
+    /// link: freeing and making them again would only slow the file system down); anything else
+    /// of their names is removed. `target` are to be kept ready (at least [`FEWEST`], at most
+    /// [`MOST`]) once [`SpareFiles::start_filling`] is called.
     pub fn new(dir: &Path, instance_id: &str, target: usize) -> Arc<SpareFiles> {
         let prefix = format!(".spare-{instance_id}-");
+        let target = target.clamp(FEWEST, MOST);
+        let mut kept = Vec::new();
+        let mut next = 0;
         if let Ok(entries) = fs::read_dir(dir) {
             for entry in entries.flatten() {
-                if entry.file_name().to_string_lossy().starts_with(&prefix) {
+                let name = entry.file_name().to_string_lossy().into_owned();
+                let Some(n) = name.strip_prefix(&prefix) else {
+                    continue;
+                };
+                let number = n.parse::<u64>().ok();
+                // New spares are numbered past every name seen.
+                next = number.map_or(next, |n| next.max(n.saturating_add(1)));
+                let reusable = number.is_some()
+                    && kept.len() < target
+                    && fs::symlink_metadata(entry.path())
+                        .is_ok_and(|m| m.is_file() && m.len() == 0 && m.nlink() == 1);
+                if reusable {
+                    kept.push(entry.path());
+                } else {
                     let _ = fs::remove_file(entry.path());
                 }
             }
@@ -45,8 +64,8 @@ impl SpareFiles {
         Arc::new(SpareFiles {
             dir: dir.to_path_buf(),
             prefix,
-            pool: Arc::new(Pool::new(target.clamp(FEWEST, MOST))),
-            next: AtomicU64::new(0),
+            pool: Arc::new(Pool::with_ready(target, kept)),
+            next: AtomicU64::new(next),
         })
     }
 
@@ -114,13 +133,23 @@ mod tests {
     fn spares_are_made_ahead_taken_once_and_topped_up() {
         let dir = TempDir::new("spare-files");
         fs::write(dir.path().join(".spare-r1-99"), "left by a stopped server").unwrap();
+        fs::write(dir.path().join(".spare-r1-7"), "").unwrap();
+        fs::write(dir.path().join(".spare-r1-8"), "").unwrap();
+        fs::hard_link(dir.path().join(".spare-r1-8"), dir.path().join("linked")).unwrap();
         fs::write(dir.path().join(".spare-r2-1"), "another instance's").unwrap();
         // Asked for fewer than the fewest: the fewest are kept.
         let spares = SpareFiles::new(dir.path(), "r1", 1);
         spares.start_filling(None, Box::new(|| true));
         const TARGET: usize = FEWEST;
         wait_for("the first spares", || spares.pool.ready() == TARGET);
-        assert!(!dir.path().join(".spare-r1-99").exists());
+        assert!(
+            !dir.path().join(".spare-r1-99").exists(),
+            "one with content goes"
+        );
+        assert!(
+            !dir.path().join(".spare-r1-8").exists(),
+            "one linked elsewhere goes"
+        );
         assert!(dir.path().join(".spare-r2-1").exists());
         let mut taken = Vec::new();
         for _ in 0..TARGET + 3 {
@@ -131,6 +160,10 @@ mod tests {
         }
         let distinct: std::collections::BTreeSet<_> = taken.iter().collect();
         assert_eq!(distinct.len(), taken.len(), "no spare is handed out twice");
+        assert!(
+            taken.contains(&dir.path().join(".spare-r1-7")),
+            "an empty one a stopped server left is taken back"
+        );
         wait_for("the top-up", || spares.pool.ready() == TARGET);
     }
 
