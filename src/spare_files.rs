@@ -93,8 +93,20 @@ impl SpareFiles {
     fn make_one(&self) -> Option<PathBuf> {
         let n = self.next.fetch_add(1, Ordering::Relaxed);
         let path = self.dir.join(format!("{}{n}", self.prefix));
-        match OpenOptions::new().write(true).create_new(true).open(&path) {
-            Ok(_) => Some(path),
+        // Made without holding the directory's lock where the system can, so that a run
+        // renaming its files into the directory never waits for a spare being made.
+        let made = crate::sys::create_unlocked(&path, 0o666).or_else(|e| {
+            if e.kind() == io::ErrorKind::AlreadyExists {
+                return Err(e);
+            }
+            OpenOptions::new()
+                .write(true)
+                .create_new(true)
+                .open(&path)
+                .map(drop)
+        });
+        match made {
+            Ok(()) => Some(path),
             Err(e) => {
                 log::debug!("cannot make a spare run file: {e}");
                 None

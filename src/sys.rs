@@ -353,6 +353,35 @@ pub fn set_nonblocking(fd: &impl AsFd) -> io::Result<()> {
     Ok(())
 }
 
+/// Makes an empty file at `path` in two steps: an unnamed file in its directory (`O_TMPFILE`),
+/// then a name for it (`linkat` through `/proc/self/fd`). The costly part of making a file on
+/// some file systems, finding a free inode, then happens without the directory's lock, which
+/// `open(O_CREAT)` holds throughout (and every rename into that directory waits for). An
+/// existing `path` is an error (`AlreadyExists`); where either step is not available (no
+/// `O_TMPFILE` on the file system, no `/proc`), the error says so and the caller makes the file
+/// the usual way.
+pub fn create_unlocked(path: &std::path::Path, mode: u32) -> io::Result<()> {
+    use std::os::unix::fs::OpenOptionsExt;
+    let dir = match path.parent() {
+        Some(dir) if !dir.as_os_str().is_empty() => dir,
+        _ => std::path::Path::new("."),
+    };
+    let file = std::fs::OpenOptions::new()
+        .write(true)
+        .mode(mode)
+        .custom_flags(libc::O_TMPFILE)
+        .open(dir)?;
+    let proc_path = format!("/proc/self/fd/{}", file.as_raw_fd());
+    nix::unistd::linkat(
+        nix::fcntl::AT_FDCWD,
+        proc_path.as_str(),
+        nix::fcntl::AT_FDCWD,
+        path,
+        nix::fcntl::AtFlags::AT_SYMLINK_FOLLOW,
+    )?;
+    Ok(())
+}
+
 /// A pipe whose both ends are non-blocking (and close on exec), made in one system call.
 pub fn nonblocking_pipe() -> io::Result<(std::io::PipeReader, std::io::PipeWriter)> {
     use nix::fcntl::OFlag;
@@ -812,6 +841,22 @@ mod tests {
     use super::*;
     use std::io::Write;
     use std::os::fd::AsRawFd;
+
+    #[test]
+    fn a_file_made_unlocked_is_empty_and_never_replaces_one() {
+        let dir = crate::test_dirs::TempDir::new("sys-create-unlocked");
+        let path = dir.path().join("made");
+        create_unlocked(&path, 0o640).unwrap();
+        let meta = std::fs::metadata(&path).unwrap();
+        assert!(meta.is_file());
+        assert_eq!(meta.len(), 0);
+        std::fs::write(&path, b"kept").unwrap();
+        let again = create_unlocked(&path, 0o640).unwrap_err();
+        assert_eq!(again.kind(), io::ErrorKind::AlreadyExists);
+        assert_eq!(std::fs::read(&path).unwrap(), b"kept");
+        let entries = std::fs::read_dir(dir.path()).unwrap().count();
+        assert_eq!(entries, 1, "nothing else is left in the directory");
+    }
 
     #[test]
     fn read_appending_adds_what_came_after_what_was_there() {
