@@ -111,6 +111,9 @@ fn watch_termination(app: Arc<App>, listener: Arc<TcpListener>) {
             log::info!("signal {signal:?} received: shutting down");
             app.shutting_down.store(true, Ordering::SeqCst);
             http::stop_listening(&listener);
+            // No run starts any more: the cgroups made ahead go now, not after the runs'
+            // grace, which a supervisor may cut short with a kill.
+            app.run_ids.discard_ready();
         });
     if let Err(e) = spawned {
         log::error!("cannot watch for termination signals: {e}");

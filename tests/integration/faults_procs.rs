@@ -632,3 +632,44 @@ fn setsid_escapees_die_at_shutdown() {
         "a stopped server leaves no cgroup it made ahead"
     );
 }
+
+#[test]
+#[ignore = "needs root and cgroup v2; CI runs it"]
+fn a_stop_signal_removes_the_cgroups_made_ahead_before_the_runs_grace() {
+    let cgroup = TestCgroup::create();
+    // The run ignores SIGTERM, so the stop waits out its grace: a supervisor may kill the
+    // server meanwhile, and the cgroups made ahead must be gone by then.
+    let script = "trap '' TERM\necho started\nsleep 300\n";
+    let mut daemon = Daemon::start(
+        &[("Stubborn.md", Runbook::new("Stubborn", script).render())],
+        &[
+            ("RUN_CGROUP", &cgroup.path()),
+            ("SHUTDOWN_GRACE_SECONDS", "30"),
+        ],
+    );
+    let token = dev_token();
+    let id = daemon.start_run("Stubborn.md", &token, json!({}));
+    daemon.wait_output(&id, &token, "stdout", "its first line", &|t| {
+        t.contains("started")
+    });
+    let run_cgroup = format!("runbookd-{id}");
+    assert!(
+        wait_until(Duration::from_secs(10), || child_cgroups(&cgroup)
+            .iter()
+            .any(|name| *name != run_cgroup)),
+        "no run cgroup is made ahead"
+    );
+    daemon.sigterm();
+    assert!(
+        wait_until(Duration::from_secs(10), || child_cgroups(&cgroup)
+            == vec![run_cgroup.clone()]),
+        "the cgroups made ahead outlive the stop signal: {:?}",
+        child_cgroups(&cgroup)
+    );
+    assert!(
+        daemon.wait_exit(Duration::from_millis(500)).is_none(),
+        "the server should still be waiting for its run"
+    );
+    // A supervisor cuts the grace short; the run's cgroup (and the run) go with the test's.
+    daemon.kill9();
+}

@@ -476,8 +476,7 @@ fn a_file_size_limit_is_an_error_not_a_death() {
     let alive = child.try_wait().unwrap().is_none();
     let health = request(port, "GET", "/healthz", &[], None).status;
     let stderr = std::fs::read_to_string(root.join("server.stderr")).unwrap_or_default();
-    let _ = child.kill();
-    let _ = child.wait();
+    stop_server(&mut child);
     let _ = std::fs::remove_dir_all(&root);
     assert!(
         alive,

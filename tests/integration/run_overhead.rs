@@ -11,8 +11,8 @@ use std::time::{Duration, Instant};
 use serde_json::{json, Value};
 
 use crate::util::{
-    dev_token, request, spawn_listening, unique_root, wrapped_server_env, Runbook, Server,
-    ServerOpts,
+    dev_token, request, spawn_listening, stop_server, unique_root, wrapped_server_env, Runbook,
+    Server, ServerOpts,
 };
 
 /// Prints the script's cgroup and soft descriptor limit, then its blocked and ignored signal
@@ -108,8 +108,7 @@ fn probe_both_limits(run_cgroup: &str) -> Vec<String> {
         assert!(hup.success());
         let health = request(port, "GET", "/healthz", &[], None).status;
         let alive = child.try_wait().unwrap().is_none();
-        let _ = child.kill();
-        let _ = child.wait();
+        stop_server(&mut child);
         let _ = std::fs::remove_dir_all(&root);
         assert!(alive && health == 200, "{label}: SIGHUP ended the server");
         let stdout = body["stdout"].as_str().unwrap_or_default().to_string();

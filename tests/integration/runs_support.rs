@@ -593,9 +593,10 @@ impl Daemon {
 
 impl Drop for Daemon {
     fn drop(&mut self) {
+        // Stopped as a supervisor stops it, so that it removes what it made ahead (the run
+        // cgroups are the host's, not the test directory's).
         if let Some(mut child) = self.child.take() {
-            let _ = child.kill();
-            let _ = child.wait();
+            stop_server(&mut child);
         }
         if thread::panicking() {
             let stderr = self.stderr();
