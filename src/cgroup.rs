@@ -238,11 +238,7 @@ impl RunCgroup {
         // A look-up, not a `mkdir` that finds it: that would wait for the parent's lock, which
         // every cgroup being made or removed beside it holds meanwhile.
         if !(made && path.is_dir()) {
-            match fs::create_dir(path) {
-                Ok(()) => {}
-                Err(e) if made && e.kind() == io::ErrorKind::AlreadyExists => {}
-                Err(e) => return Err(e),
-            }
+            fs::create_dir(path)?;
         }
         Ok(RunCgroup {
             path: path.to_path_buf(),

@@ -71,15 +71,15 @@ pub fn start(app: &Arc<App>, req: ExecuteRequest) -> Result<Arc<Run>, ExecError>
     let book = app.parsed_runbooks.parse(&path, content);
     authorize(app, &path, &book, &req.principal)?;
     let drawn = app.run_ids.draw();
-    let run_id = drawn.as_str().to_string();
-    crate::stages::begin(&run_id, entered);
-    crate::stages::mark(&run_id, "runbook");
+    let run_id = drawn.as_str();
+    crate::stages::begin(run_id, entered);
+    crate::stages::mark(run_id, "runbook");
     // A sub-runbook call made with a running run's token does not count against
     // MAX_CONCURRENT_RUNS (so chains cannot starve) up to MAX_SUBRUNS_PER_RUN per tree.
     let parent = req.principal.run_scope.as_ref().map(|s| s.run_id.as_str());
     app.runs
         .admit(
-            &run_id,
+            run_id,
             &req.file,
             parent,
             &AdmitLimits {
@@ -89,7 +89,7 @@ pub fn start(app: &Arc<App>, req: ExecuteRequest) -> Result<Arc<Run>, ExecError>
             },
         )
         .map_err(ExecError::Admission)?;
-    crate::stages::mark(&run_id, "admission");
+    crate::stages::mark(run_id, "admission");
     // Set once the run thread owns the run: from then on it concludes the run, whatever
     // happens to this request.
     let handed_over = Cell::new(false);
@@ -98,10 +98,10 @@ pub fn start(app: &Arc<App>, req: ExecuteRequest) -> Result<Arc<Run>, ExecError>
     }));
     let started = match launched {
         Ok(started) => started,
-        Err(payload) => launch_panicked(app, &run_id, &path, &handed_over, payload.as_ref()),
+        Err(payload) => launch_panicked(app, run_id, &path, &handed_over, payload.as_ref()),
     };
     if started.is_err() {
-        app.runs.release(&run_id);
+        app.runs.release(run_id);
     }
     started
 }
