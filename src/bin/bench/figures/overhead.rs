@@ -6,7 +6,9 @@
 //! script calling runbooks in a loop would, so what a server does in the background after a
 //! request (runbookd makes the next run's spare files and cgroup) lands on its own next
 //! request rather than on another kind's. The figure is the median over rounds of (execute −
-//! healthz), each side the median of its block; goal ≤ 1.5 ms and no more than webhook's. The same execute against a second
+//! healthz), each side the median of its block; goal ≤ 1.5 ms and no more than webhook's. curl
+//! also reports each request's server side (request sent to first byte), which leaves out curl's
+//! own start, connect and exit, the noisiest part of a request here. The same execute against a second
 //! server with `RUN_CGROUP=off` is measured in the same rounds (moving a script into its run's
 //! cgroup is most of a run's cost where cgroups are used). A third server with
 //! `RUST_LOG=runbookd::stages=debug` then gives the median time of each stage of a run.
@@ -51,6 +53,43 @@ fn timed(mut command: Command, what: &str) -> Result<(f64, Vec<u8>), BenchError>
         )));
     }
     Ok((ms, output.stdout))
+}
+
+/// Marks the line curl's `--write-out` adds after the body.
+const SERVER_TIME_MARK: &str = "\n@@first-byte ";
+
+/// [`timed`] with curl also telling how long the server took: from the request sent to the
+/// first byte of the answer (`time_starttransfer - time_pretransfer`), without curl's own start,
+/// connect and exit. Wall ms, server ms, body.
+fn timed_with_server_time(
+    mut command: Command,
+    what: &str,
+) -> Result<(f64, f64, Vec<u8>), BenchError> {
+    command.arg("--write-out").arg(format!(
+        "{SERVER_TIME_MARK}%{{time_pretransfer}} %{{time_starttransfer}}"
+    ));
+    let (ms, mut out) = timed(command, what)?;
+    let server_ms = split_server_time(&mut out)
+        .ok_or_else(|| BenchError::Protocol(format!("{what}: curl wrote no readable timing")))?;
+    Ok((ms, server_ms, out))
+}
+
+/// Takes the timing line [`timed_with_server_time`] has curl add off the end of `out`; the
+/// server's ms. None (and `out` unchanged) without a readable one.
+fn split_server_time(out: &mut Vec<u8>) -> Option<f64> {
+    let mark = SERVER_TIME_MARK.as_bytes();
+    let at = out.windows(mark.len()).rposition(|w| w == mark)?;
+    let line = std::str::from_utf8(&out[at + mark.len()..]).ok()?;
+    let seconds: Vec<f64> = line
+        .split_whitespace()
+        .map(str::parse)
+        .collect::<Result<_, _>>()
+        .ok()?;
+    let [sent, first] = seconds[..] else {
+        return None;
+    };
+    out.truncate(at);
+    Some((first - sent) * 1000.0)
 }
 
 /// `webhook` serving the same `echo hi` script, killed when dropped.
@@ -203,25 +242,35 @@ pub fn run(bench: &Bench) -> Result<Outcome, BenchError> {
     let mut exec = Vec::new();
     let mut hook_times = Vec::new();
     let mut plain = Vec::new();
+    // The servers' share of each request (curl's time from request sent to first byte), per
+    // kind in the same order: [healthz, execute, execute without cgroup, webhook].
+    let mut first_byte: [Vec<f64>; 4] = Default::default();
     for round in 0..WARM_UP_ROUNDS + ROUNDS {
         // Rotate the order so that no kind always follows the same other one.
         let mut times = [None, None, None, None];
         for k in 0..4 {
             let which = (round + k) % 4;
             let mut block = Vec::with_capacity(BLOCK);
+            let mut block_first_byte = Vec::with_capacity(BLOCK);
             for _ in 0..BLOCK {
-                let ms = match which {
-                    0 => Some(timed(client.healthz(), "healthz")?.0),
-                    1 => Some(timed(client.execute(ECHO.file), "execute echo")?.0),
-                    2 => Some(timed(plain_client.execute(ECHO.file), "execute echo")?.0),
-                    _ => match &webhook {
-                        Some(hook) => Some(timed(webhook_call(&hook.url), "webhook")?.0),
-                        None => None,
-                    },
+                let command = match which {
+                    0 => Some((client.healthz(), "healthz")),
+                    1 => Some((client.execute(ECHO.file), "execute echo")),
+                    2 => Some((plain_client.execute(ECHO.file), "execute echo")),
+                    _ => webhook
+                        .as_ref()
+                        .map(|hook| (webhook_call(&hook.url), "webhook")),
                 };
-                block.extend(ms);
+                if let Some((command, what)) = command {
+                    let (ms, server_ms, _) = timed_with_server_time(command, what)?;
+                    block.push(ms);
+                    block_first_byte.push(server_ms);
+                }
             }
             times[which] = (!block.is_empty()).then(|| median(&block));
+            if round >= WARM_UP_ROUNDS && !block_first_byte.is_empty() {
+                first_byte[which].push(median(&block_first_byte));
+            }
         }
         if round < WARM_UP_ROUNDS {
             continue;
@@ -269,6 +318,22 @@ pub fn run(bench: &Bench) -> Result<Outcome, BenchError> {
         "  the same with RUN_CGROUP=off: {plain_overhead:.3} ms above /healthz (median {:.3} ms); goal <= {GOAL_MS} ms: {}",
         median(&plain),
         verdict(plain_met)
+    );
+    let [health_fb, exec_fb, plain_fb, hook_fb] = &first_byte;
+    // Each round's execute against the webhook call of the same round, server side only.
+    let exec_minus_hook_fb = (!hook_fb.is_empty()).then(|| {
+        let diffs: Vec<f64> = exec_fb.iter().zip(hook_fb).map(|(e, w)| e - w).collect();
+        median(&diffs)
+    });
+    println!(
+        "  server side (curl's request sent to first byte, without curl's start, connect and exit), medians: healthz {:.3} ms, execute {:.3} ms, with RUN_CGROUP=off {:.3} ms{}",
+        median(health_fb),
+        median(exec_fb),
+        median(plain_fb),
+        match exec_minus_hook_fb {
+            Some(d) => format!(", webhook {:.3} ms; execute minus webhook {d:+.3} ms", median(hook_fb)),
+            None => String::new(),
+        }
     );
     note_server_stderr(&server);
     note_server_stderr(&plain_server);
@@ -321,6 +386,13 @@ pub fn run(bench: &Bench) -> Result<Outcome, BenchError> {
             "healthz_median_ms": median(&health),
             "execute_median_ms": median(&exec),
             "webhook_median_ms": (!hook_times.is_empty()).then(|| median(&hook_times)),
+            "first_byte_median_ms": {
+                "healthz": median(health_fb),
+                "execute": median(exec_fb),
+                "execute_no_cgroup": median(plain_fb),
+                "webhook": (!hook_fb.is_empty()).then(|| median(hook_fb)),
+                "execute_minus_webhook": exec_minus_hook_fb,
+            },
             "stages_median_us": stage_detail,
         }),
     }];
@@ -371,5 +443,27 @@ mod tests {
             Some(vec![("to execute".into(), 120.0), ("spawn".into(), 900.0)])
         );
         assert_eq!(parse_stage_line("[x INFO runbookd::access] GET"), None);
+    }
+
+    #[test]
+    fn the_timing_line_is_taken_off_the_body() {
+        let mut out = b"{\"stdout\":\"hi\\n\"}\n@@first-byte 0.000210 0.001460".to_vec();
+        let ms = split_server_time(&mut out).unwrap();
+        assert!((ms - 1.25).abs() < 1e-9, "{ms}");
+        assert_eq!(out, b"{\"stdout\":\"hi\\n\"}");
+    }
+
+    #[test]
+    fn a_body_without_a_readable_timing_line_is_left_alone() {
+        for text in [
+            &b"hi\n"[..],
+            b"hi\n@@first-byte 0.1",
+            b"hi\n@@first-byte 0.1 x",
+            b"hi\n@@first-byte 0.1 0.2 0.3",
+        ] {
+            let mut out = text.to_vec();
+            assert_eq!(split_server_time(&mut out), None, "{text:?}");
+            assert_eq!(out, text);
+        }
     }
 }
