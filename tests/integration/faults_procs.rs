@@ -89,6 +89,18 @@ fn orphaned_group() -> (u32, u32, GroupGuard) {
     (pgid, member, GroupGuard(pgid))
 }
 
+#[test]
+fn a_group_guard_kills_what_is_left_of_its_group() {
+    // The tests below rely on it: a failing or finished test leaves no `sleep 300` behind.
+    let (pgid, member, guard) = orphaned_group();
+    assert!(process_alive(member));
+    drop(guard);
+    assert!(
+        wait_until(DEATH_TIMEOUT, || !process_alive(member)),
+        "the member of group {pgid} outlived its guard"
+    );
+}
+
 fn forged_run_id(n: u32) -> String {
     format!("r1-{:08x}-0000-4000-8000-{:012x}", std::process::id(), n)
 }

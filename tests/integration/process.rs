@@ -262,16 +262,6 @@ fn setsid_escapee_cannot_keep_the_run_open() {
     assert!(!stdout.contains("late"));
 }
 
-/// Sends SIGKILL to the process group `pgid` (a process this test caused to be started).
-fn kill_group(pgid: u32) {
-    if pgid > 1 {
-        let _ = std::process::Command::new("/bin/sh")
-            .arg("-c")
-            .arg(format!("kill -KILL -- -{pgid} 2>/dev/null"))
-            .status();
-    }
-}
-
 #[test]
 fn backgrounded_grandchild_does_not_hold_the_run() {
     let server = Server::start(

@@ -449,11 +449,8 @@ pub struct GroupGuard(pub u32);
 
 impl Drop for GroupGuard {
     fn drop(&mut self) {
-        if self.0 > 1 && !group_members(self.0).is_empty() {
-            let _ = std::process::Command::new("/bin/sh")
-                .arg("-c")
-                .arg(format!("kill -KILL -- -{} 2>/dev/null", self.0))
-                .status();
+        if !group_members(self.0).is_empty() {
+            kill_group(self.0);
         }
     }
 }

@@ -1,4 +1,5 @@
-//! Process checks and waiting: whether a pid is alive, and polling a condition until it holds.
+//! Process checks and waiting: whether a pid is alive, and polling a condition until it holds;
+//! killing a process group a test caused to be started.
 
 use std::fs;
 use std::path::Path;
@@ -98,4 +99,18 @@ pub fn stop_server(child: &mut Child) {
     }
     let _ = child.kill();
     let _ = child.wait();
+}
+
+/// Sends SIGKILL to process group `pgid` (one this test caused to be started); nothing for 0
+/// or 1, or a group that is gone.
+pub fn kill_group(pgid: u32) {
+    let Ok(raw) = i32::try_from(pgid) else {
+        return;
+    };
+    if raw > 1 {
+        let _ = nix::sys::signal::killpg(
+            nix::unistd::Pid::from_raw(raw),
+            nix::sys::signal::Signal::SIGKILL,
+        );
+    }
 }
