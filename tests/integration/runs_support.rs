@@ -449,9 +449,7 @@ pub struct GroupGuard(pub u32);
 
 impl Drop for GroupGuard {
     fn drop(&mut self) {
-        if !group_members(self.0).is_empty() {
-            kill_group(self.0);
-        }
+        kill_group(self.0);
     }
 }
 

@@ -243,10 +243,11 @@ pub fn run(bench: &Bench) -> Result<Outcome, BenchError> {
     let mut hook_times = Vec::new();
     let mut plain = Vec::new();
     // The servers' share of each request (curl's time from request sent to first byte), per
-    // kind in the same order: [healthz, execute, execute without cgroup, webhook].
+    // kind: [healthz, execute, execute without cgroup, webhook].
     let mut first_byte: [Vec<f64>; 4] = Default::default();
     for round in 0..WARM_UP_ROUNDS + ROUNDS {
-        // Rotate the order so that no kind always follows the same other one.
+        // Rotate the order so that no kind always follows the same other one. Each kind's
+        // block medians: (wall, server side).
         let mut times = [None, None, None, None];
         for k in 0..4 {
             let which = (round + k) % 4;
@@ -267,20 +268,20 @@ pub fn run(bench: &Bench) -> Result<Outcome, BenchError> {
                     block_first_byte.push(server_ms);
                 }
             }
-            times[which] = (!block.is_empty()).then(|| median(&block));
-            if round >= WARM_UP_ROUNDS && !block_first_byte.is_empty() {
-                first_byte[which].push(median(&block_first_byte));
-            }
+            times[which] = (!block.is_empty()).then(|| (median(&block), median(&block_first_byte)));
         }
         if round < WARM_UP_ROUNDS {
             continue;
         }
+        for (kind, time) in first_byte.iter_mut().zip(&times) {
+            kind.extend(time.map(|(_, server)| server));
+        }
         if let [Some(h), Some(e), Some(p), w] = times {
-            health.push(h);
-            exec.push(e);
-            plain.push(p);
+            health.push(h.0);
+            exec.push(e.0);
+            plain.push(p.0);
             if let Some(w) = w {
-                hook_times.push(w);
+                hook_times.push(w.0);
             }
         }
     }
