@@ -231,6 +231,15 @@ pub const SETTINGS: &[Setting] = &[
         "comma-separated names of server variables never passed to scripts",
     ),
     ranged(
+        "SPARE_RUN_FILES",
+        "1024",
+        "empty files kept ready in the runs directory for new runs' logs and records (two a \
+         run; at least two for each run MAX_CONCURRENT_RUNS allows), made while no run has \
+         ended for a moment",
+        16,
+        20_000,
+    ),
+    ranged(
         "MAX_SUBRUNS_PER_RUN",
         "64",
         "sub-runs alive at once in one run's tree that MAX_CONCURRENT_RUNS does not count \
@@ -332,6 +341,8 @@ pub struct Config {
     pub viewer_stall: Duration,
     pub secret_env_vars: Vec<String>,
     pub max_concurrent_runs: usize,
+    /// Spare run files kept ready (`SPARE_RUN_FILES`).
+    pub spare_run_files: usize,
     pub cancel_grace: Duration,
     pub shutdown_grace: Duration,
     pub run_retention_days: u64,
@@ -548,6 +559,7 @@ impl Config {
             .map(String::from)
             .collect();
         let max_concurrent_runs = r.number::<usize>("MAX_CONCURRENT_RUNS", 1)?;
+        let spare_run_files = r.number::<usize>("SPARE_RUN_FILES", 16)?;
         let cancel_grace = Duration::from_secs(r.number::<u64>("CANCEL_GRACE_SECONDS", 0)?);
         let shutdown_grace = Duration::from_secs(r.number::<u64>("SHUTDOWN_GRACE_SECONDS", 1)?);
         let run_retention_days = r.number::<u64>("RUN_RETENTION_DAYS", 0)?;
@@ -595,6 +607,7 @@ impl Config {
             logs_max_lines,
             run_as_user,
             max_concurrent_runs,
+            spare_run_files,
             cancel_grace,
             shutdown_grace,
             run_retention_days,

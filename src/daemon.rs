@@ -198,11 +198,14 @@ fn start(config: Config, run_as: Option<privsep::RunAs>) -> Result<(), StartErro
             0
         },
     ));
-    // Two files a run (its log and first record): enough for as many runs as may start at once.
+    // Two files a run (its log and first record): enough for a loop of back-to-back runs
+    // between two quiet moments, and at least for as many runs as may start at once.
     let spare_files = crate::spare_files::SpareFiles::new(
         &runs_dir,
         &config.instance_id,
-        config.max_concurrent_runs.saturating_mul(2),
+        config
+            .spare_run_files
+            .max(config.max_concurrent_runs.saturating_mul(2)),
     );
     // Run cgroups made ahead: as many as runs may run at once, within run_ids' bounds.
     let run_ids = crate::run_ids::RunIds::new(
@@ -238,10 +241,9 @@ fn start(config: Config, run_as: Option<privsep::RunAs>) -> Result<(), StartErro
     });
     lifecycle::recover(&app);
     app.run_ids.remove_leftovers(&app.runs_dir);
-    // Spare files and run cgroups are made ahead while no run is going (see `ahead.rs`).
-    app.spare_files
-        .start_filling(script_nice, no_run_going(&app));
-    app.run_ids.start_filling(script_nice, no_run_going(&app));
+    // Spare files and run cgroups are made ahead while the runs are quiet (see `ahead.rs`).
+    app.spare_files.start_filling(script_nice, runs_quiet(&app));
+    app.run_ids.start_filling(script_nice, runs_quiet(&app));
     app.retention.start(&app);
     lifecycle::start_retention_thread(app.clone());
     let listener = Arc::new(listener);
@@ -256,12 +258,13 @@ fn start(config: Config, run_as: Option<privsep::RunAs>) -> Result<(), StartErro
     Ok(())
 }
 
-/// Whether no run is going, asked by the threads that make things ahead of need.
-fn no_run_going(app: &Arc<App>) -> crate::ahead::Quiet {
+/// Whether no run is going and none ended within [`crate::ahead::QUIET_AFTER`], asked by the
+/// threads that make things ahead of need.
+fn runs_quiet(app: &Arc<App>) -> crate::ahead::Quiet {
     let weak = Arc::downgrade(app);
     Box::new(move || {
         weak.upgrade()
-            .is_none_or(|app| app.runs.running_count() == 0)
+            .is_none_or(|app| app.runs.quiet_for(crate::ahead::QUIET_AFTER))
     })
 }
 

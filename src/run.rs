@@ -8,6 +8,7 @@ use std::collections::HashMap;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
 
 use crate::supervisor::{StopRequest, StopSender};
 
@@ -165,6 +166,8 @@ struct Inner {
     running: HashMap<String, (String, bool)>,
     /// Run id -> its parent and root, for runs admitted since the server started.
     lineage: HashMap<String, Lineage>,
+    /// When a running slot was last freed.
+    last_release: Option<Instant>,
 }
 
 /// Every run this server knows, and which of them are running.
@@ -249,6 +252,7 @@ impl Registry {
     pub fn release(&self, run_id: &str) {
         let mut inner = lock(&self.inner);
         inner.running.remove(run_id);
+        inner.last_release = Some(Instant::now());
         if !inner.runs.contains_key(run_id) {
             inner.lineage.remove(run_id);
         }
@@ -284,6 +288,12 @@ impl Registry {
 
     pub fn is_running(&self, id: &str) -> bool {
         lock(&self.inner).running.contains_key(id)
+    }
+
+    /// Whether no run is going and none ended within `span`.
+    pub fn quiet_for(&self, span: Duration) -> bool {
+        let inner = lock(&self.inner);
+        inner.running.is_empty() && inner.last_release.is_none_or(|at| at.elapsed() >= span)
     }
 
     pub fn running_count(&self) -> usize {
@@ -322,6 +332,19 @@ mod tests {
             max_subruns,
             per_runbook: None,
         }
+    }
+
+    #[test]
+    fn the_runs_are_quiet_only_a_while_after_the_last_one_ended() {
+        let runs = Registry::default();
+        let hour = Duration::from_secs(3600);
+        assert!(runs.quiet_for(hour), "no run yet: quiet");
+        runs.admit("a", "A.md", None, &limits(4, 4)).unwrap();
+        assert!(!runs.quiet_for(Duration::ZERO), "a run is going");
+        runs.release("a");
+        assert!(!runs.quiet_for(hour), "one just ended");
+        std::thread::sleep(Duration::from_millis(20));
+        assert!(runs.quiet_for(Duration::from_millis(10)));
     }
 
     #[test]

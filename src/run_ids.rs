@@ -1,6 +1,6 @@
 //! Run ids (`<INSTANCE_ID>-<uuid>`), drawn ahead with their run cgroup (`runbookd-<run id>`,
 //! see `cgroup.rs`) already made: a `mkdir` in the cgroup file system is about 50 µs of a short
-//! run's path, paid by a background thread while no run is going (`ahead.rs`). Without run
+//! run's path, paid by a background thread while the runs are quiet (`ahead.rs`). Without run
 //! cgroups, or when none is ready, an id is drawn when asked and its cgroup made at spawn, as
 //! before. A made cgroup is removed again when its run never got to its script ([`DrawnId`]
 //! dropped unused), at shutdown when no run took it, and, after a kill, at the next start. The

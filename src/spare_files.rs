@@ -2,8 +2,9 @@
 //! run's log and first record are renamed into place instead of created while a request waits.
 //! On file systems where making an inode is the costly part of a run's bookkeeping (ext4
 //! without a journal scans past every inode freed in the last minutes: up to a millisecond of
-//! processor time per file here), that cost is paid ahead (see `ahead.rs`: while no run is
-//! going). When none is left, the caller creates the file itself. Spares a stopped server left
+//! processor time per file here), that cost is paid ahead (see `ahead.rs`: while the runs are
+//! quiet), and a loop of back-to-back runs does not pay it between its runs while spares last
+//! (`SPARE_RUN_FILES`, 1024 by default: a loop of 384 runs before more are made while it goes). When none is left, the caller creates the file itself. Spares a stopped server left
 //! behind are removed at start.
 #![forbid(unsafe_code)]
 
@@ -19,8 +20,9 @@ use crate::ahead::{Pool, Quiet};
 /// Fewest spare files kept ready.
 pub const FEWEST: usize = 16;
 
-/// Most spare files kept ready, whatever the number of runs at once allowed.
-pub const MOST: usize = 2048;
+/// Most spare files kept ready (`SPARE_RUN_FILES` at most, or two for each of
+/// `MAX_CONCURRENT_RUNS` at most).
+pub const MOST: usize = 20_000;
 
 /// The ready spare files of one directory.
 #[derive(Debug)]

@@ -1,8 +1,9 @@
 //! Issue 11's hot path: what the spawn of a script must keep while it is made cheaper (no
 //! signal blocked or ignored, the server's original soft descriptor limit, whatever limit and
 //! ignored signals the server inherited, and a server that inherited SIGHUP ignored keeps
-//! ignoring it), `RUST_LOG=runbookd::stages=debug` logging each run's stages, and finished run
-//! directories reused by the next runs only empty and as they were made.
+//! ignoring it), `RUST_LOG=runbookd::stages=debug` logging each run's stages, finished run
+//! directories reused by the next runs only empty and as they were made, and spare run files
+//! made only once the runs are quiet, not between the runs of a loop.
 
 use std::path::Path;
 use std::process::Command;
@@ -280,5 +281,58 @@ fn the_next_run_gets_a_finished_run_directory_emptied_under_its_own_name() {
     assert_ne!(
         mode, "700",
         "a directory whose mode a script changed is not reused"
+    );
+}
+
+/// The spare files in the server's runs directory.
+fn spare_files(server: &Server) -> usize {
+    std::fs::read_dir(server.state_dir().join("runs"))
+        .unwrap()
+        .flatten()
+        .filter(|e| e.file_name().to_string_lossy().starts_with(".spare-"))
+        .count()
+}
+
+/// How long after the last run ended the server starts making spares again (`ahead.rs`).
+const QUIET_AFTER: Duration = Duration::from_millis(250);
+
+#[test]
+fn a_loop_of_runs_takes_spare_files_and_they_are_made_again_once_the_runs_are_quiet() {
+    let server = Server::start(
+        ServerOpts::new()
+            .runbook("Echo.md", Runbook::new("Echo", "echo hi\n"))
+            .env("SPARE_RUN_FILES", "40")
+            .env("MAX_CONCURRENT_RUNS", "2"),
+    );
+    assert!(
+        crate::util::wait_until(Duration::from_secs(20), || spare_files(&server) == 40),
+        "the spares were not made at start: {}",
+        spare_files(&server)
+    );
+    let token = dev_token();
+    let mut before = 40;
+    let mut checked = 0;
+    for _ in 0..8 {
+        let sent = Instant::now();
+        let resp = server.execute("Echo.md", &token, json!({}));
+        assert_eq!(resp.status, 200, "{}", resp.text());
+        // Long enough for spares made between runs (as before: 5 ms after a run) to show,
+        // short enough that the run, which ended after `sent`, ended less than QUIET_AFTER ago.
+        std::thread::sleep(Duration::from_millis(60));
+        let now = spare_files(&server);
+        if sent.elapsed() < QUIET_AFTER - Duration::from_millis(20) {
+            assert_eq!(now, before - 2, "the run took its log and record from the spares, and none was made between the loop's runs");
+            checked += 1;
+        }
+        before = now;
+    }
+    assert!(
+        checked > 0,
+        "every request of the loop took longer than {QUIET_AFTER:?}: nothing checked"
+    );
+    assert!(
+        crate::util::wait_until(Duration::from_secs(20), || spare_files(&server) == 40),
+        "the spares were not made again once the runs were quiet: {}",
+        spare_files(&server)
     );
 }
