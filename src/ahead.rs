@@ -109,8 +109,8 @@ impl<T: Send + 'static> Pool<T> {
     /// Starts the thread `name` that keeps the pool topped up with what `make` makes (None:
     /// nothing can be made now; `undo` undoes one made after [`Pool::close`]), at niceness
     /// `nice` when given (work ahead of need, which requests and runs come before), while
-    /// `quiet` says the runs are quiet, or at once when fewer than a quarter are ready. Without that thread (it could not start) none is ever
-    /// ready.
+    /// `quiet` says the runs are quiet, or at once when fewer than a quarter are ready.
+    /// Without that thread (it could not start) none is ever ready.
     pub fn start_filling(
         self: &Arc<Pool<T>>,
         name: &str,

@@ -234,8 +234,8 @@ pub const SETTINGS: &[Setting] = &[
         "SPARE_RUN_FILES",
         "1024",
         "empty files kept ready in the runs directory for new runs' logs and records (two a \
-         run; at least two for each run MAX_CONCURRENT_RUNS allows), made while no run has \
-         ended for a moment",
+         run; at least two for each run MAX_CONCURRENT_RUNS allows), made while no run is \
+         going and none ended in the last 250 ms",
         16,
         20_000,
     ),
